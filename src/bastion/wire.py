@@ -1,0 +1,233 @@
+"""The wire contract between the Bastion SDK and the Bastion server.
+
+Everything that crosses the network is described here, once: URL paths, request and
+response shapes (as ``TypedDict``s, because the SDK returns plain dicts), session and
+job states, and the table of machine-readable error codes with the HTTP status each
+one travels with.  The server imports this module to build its responses; the SDK
+imports it to parse them.  Neither side defines a shape of its own, so they cannot
+drift apart.
+
+This module has no dependencies beyond the standard library.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from typing_extensions import NotRequired, TypedDict  # pydantic needs these before 3.12
+
+API_PREFIX = "/v1"
+
+#: Header carrying an idempotency key on create requests (safe retries).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class SessionStatus(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+#: Job states after which nothing about the job changes any more.
+FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+
+SessionStatusName = Literal["created", "running", "stopped", "deleted"]
+JobStatusName = Literal["queued", "running", "completed", "failed"]
+FileType = Literal["file", "directory", "symlink", "other"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorCode(StrEnum):
+    """Every machine-readable error code the server sends.
+
+    The body of every error response is ``{"error": {"code": ..., "message": ...}}``.
+    """
+
+    # generic request problems
+    INVALID_REQUEST = "invalid_request"
+    MALFORMED_JSON = "malformed_json"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL_ERROR = "internal_error"
+    # sessions
+    SESSION_NOT_FOUND = "session_not_found"
+    SESSION_STATE = "session_state"
+    SESSION_START_FAILED = "session_start_failed"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    # jobs
+    JOB_NOT_FOUND = "job_not_found"
+    INVALID_COMMAND = "invalid_command"
+    # files
+    INVALID_PATH = "invalid_path"
+    FILE_NOT_FOUND = "file_not_found"
+    NOT_A_DIRECTORY = "not_a_directory"
+    IS_A_DIRECTORY = "is_a_directory"
+    FILE_TOO_LARGE = "file_too_large"
+    FILE_OPERATION_FAILED = "file_operation_failed"
+
+
+#: The HTTP status each error code is sent with.
+ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 422,
+    ErrorCode.MALFORMED_JSON: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.SESSION_STATE: 409,
+    ErrorCode.SESSION_START_FAILED: 500,
+    ErrorCode.LIMIT_EXCEEDED: 422,
+    ErrorCode.JOB_NOT_FOUND: 404,
+    ErrorCode.INVALID_COMMAND: 422,
+    ErrorCode.INVALID_PATH: 422,
+    ErrorCode.FILE_NOT_FOUND: 404,
+    ErrorCode.NOT_A_DIRECTORY: 409,
+    ErrorCode.IS_A_DIRECTORY: 409,
+    ErrorCode.FILE_TOO_LARGE: 413,
+    ErrorCode.FILE_OPERATION_FAILED: 500,
+}
+
+
+class ErrorDetail(TypedDict):
+    code: str
+    message: str
+
+
+class ErrorBody(TypedDict):
+    error: ErrorDetail
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class SessionLimits(TypedDict, total=False):
+    """Resource limits of one session; omitted fields take the server's defaults."""
+
+    memory_mb: int
+    pids: int
+    cpus: float
+
+
+class CreateSessionRequest(TypedDict, total=False):
+    limits: SessionLimits
+    metadata: dict[str, str]
+
+
+class SessionInfo(TypedDict):
+    session_id: str
+    status: SessionStatusName
+    created_at: str
+    updated_at: str
+    limits: SessionLimits
+    metadata: dict[str, str]
+    #: Why the session is in its state when the server changed it (restart, failure).
+    status_reason: NotRequired[str | None]
+
+
+class SessionList(TypedDict):
+    sessions: list[SessionInfo]
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class RunJobRequest(TypedDict):
+    command: list[str]
+    env: NotRequired[dict[str, str]]
+    cwd: NotRequired[str]
+    #: Seconds after which the server kills the job's processes; ``None`` = no limit.
+    timeout: NotRequired[float | None]
+
+
+class JobOutput(TypedDict):
+    console_output: str
+    errout: str
+    status_code: int | None
+
+
+class JobResult(TypedDict):
+    job_id: str
+    status: JobStatusName
+    output: JobOutput | None
+
+
+class JobInfo(JobResult):
+    session_id: str
+    command: list[str]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    #: Why a failed job failed when it is not its own exit code ("timeout", "not_found", ...).
+    failure_reason: str | None
+
+
+class JobList(TypedDict):
+    jobs: list[JobInfo]
+
+
+# --------------------------------------------------------------------------- files
+
+
+class FileEntry(TypedDict):
+    name: str
+    path: str
+    size: int
+    type: FileType
+    modified_at: str
+    mode: str
+
+
+class FileList(TypedDict):
+    path: str
+    files: list[FileEntry]
+
+
+class FileUploadResult(TypedDict):
+    path: str
+    size: int
+
+
+class FileDeleteResult(TypedDict):
+    path: str
+    deleted: bool
+
+
+# --------------------------------------------------------------------------- service
+
+
+class HealthInfo(TypedDict):
+    status: Literal["ok"]
+    version: str
+    runtime: str
+
+
+# --------------------------------------------------------------------------- limits
+
+#: Longest path the file API accepts (bytes of UTF-8), as Linux's PATH_MAX.
+MAX_PATH_LENGTH = 4096
+#: Longest single path component (NAME_MAX).
+MAX_NAME_LENGTH = 255
+#: Longest time (seconds) the server holds one ``GET .../jobs/{jid}/wait?timeout=S``
+#: request before answering with the job in its current state; a larger ``timeout``
+#: is capped to this.  ``timeout`` may be fractional.
+JOB_WAIT_MAX_HOLD = 60.0
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def session_path(session_id: str = "") -> str:
+    return f"{API_PREFIX}/sessions" + (f"/{session_id}" if session_id else "")

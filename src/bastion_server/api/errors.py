@@ -1,0 +1,80 @@
+"""The one table from exception to error response.
+
+Every error leaves the server as ``{"error": {"code": ..., "message": ...}}`` with the
+HTTP status the wire contract assigns to its code.  Domain code raises
+:class:`ServiceError`; framework errors (validation, unknown routes) are mapped here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bastion.wire import ERROR_HTTP_STATUS, ErrorCode
+from bastion_server.service.errors import ServiceError
+
+log = logging.getLogger("bastion.api")
+
+
+def error_response(code: ErrorCode, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code.value, "message": message}},
+                        status_code=ERROR_HTTP_STATUS[code], headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.code == ErrorCode.UNAUTHORIZED else None
+    return error_response(exc.code, exc.message, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" or _unparsable_body(e) for e in errors):
+        return error_response(ErrorCode.MALFORMED_JSON, "the request body is not valid JSON")
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return error_response(ErrorCode.INVALID_REQUEST, "invalid request: " + "; ".join(parts))
+
+
+def _unparsable_body(error: Any) -> bool:
+    """A body sent without a JSON content type that is not JSON either."""
+    raw = error.get("input")
+    if tuple(error.get("loc", ())) != ("body",) or not isinstance(raw, bytes | str):
+        return False
+    try:
+        json.loads(raw)
+    except ValueError:
+        return True
+    return False
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(ErrorCode.NOT_FOUND, f"no such endpoint: {request.url.path}")
+    if exc.status_code == 405:
+        return error_response(ErrorCode.METHOD_NOT_ALLOWED,
+                              f"{request.method} is not allowed on {request.url.path}")
+    return error_response(ErrorCode.INVALID_REQUEST, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return error_response(ErrorCode.INTERNAL_ERROR, "internal server error (see the server log)")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,60 @@
+"""/v1/sessions: create, list, status, start, stop, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header
+
+from bastion.wire import IDEMPOTENCY_HEADER, CreateSessionRequest, SessionInfo, SessionList
+from bastion_server.api.auth import owner
+from bastion_server.api.deps import services
+from bastion_server.api.views import session_view
+from bastion_server.service.container import Services
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+Owner = Annotated[str, Depends(owner)]
+Svc = Annotated[Services, Depends(services)]
+
+
+@router.post("", status_code=201, response_model=SessionInfo)
+async def create_session(
+    who: Owner, svc: Svc, body: CreateSessionRequest | None = None,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None,
+) -> SessionInfo:
+    """Create a session (status ``created``); nothing runs until it is started."""
+    body = body or {}
+    record = await svc.sessions.create(
+        who, limits=dict(body.get("limits") or {}), metadata=body.get("metadata"),
+        idempotency_key=idempotency_key,
+    )
+    return session_view(record)
+
+
+@router.get("", response_model=SessionList)
+async def list_sessions(who: Owner, svc: Svc) -> SessionList:
+    """Every session of the caller's key that is not deleted."""
+    return {"sessions": [session_view(r) for r in svc.sessions.list(who)]}
+
+
+@router.get("/{session_id}", response_model=SessionInfo)
+async def get_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    return session_view(svc.sessions.get(who, session_id))
+
+
+@router.post("/{session_id}/start", response_model=SessionInfo)
+async def start_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    """Start the session's sandbox: ``created`` or ``stopped`` -> ``running``."""
+    return session_view(await svc.sessions.start(who, session_id))
+
+
+@router.post("/{session_id}/stop", response_model=SessionInfo)
+async def stop_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    """Stop every process of the session; its files are kept. ``running`` -> ``stopped``."""
+    return session_view(await svc.sessions.stop(who, session_id))
+
+
+@router.delete("/{session_id}", response_model=SessionInfo)
+async def delete_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    """Delete the session and all its files, irreversibly."""
+    return session_view(await svc.sessions.delete(who, session_id))

@@ -1,0 +1,72 @@
+"""Server settings: one dataclass, filled from command-line flags or environment."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("/var/lib/bastion")
+DEFAULT_IMAGES_DIR = Path("/var/lib/bastion/images")
+
+
+class ConfigError(ValueError):
+    """The settings cannot work together; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int
+    pids: int
+    cpus: float
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = DEFAULT_DATA_DIR
+    images_dir: Path = DEFAULT_IMAGES_DIR
+    image: str = "default"
+    api_keys: tuple[str, ...] = ()
+    runtime: str = "crun"
+    #: Limits a session gets when it asks for none.
+    default_limits: Limits = field(default_factory=lambda: Limits(512, 256, 1.0))
+    #: The most a session may ask for.
+    max_limits: Limits = field(
+        default_factory=lambda: Limits(8192, 4096, float(os.cpu_count() or 1))
+    )
+    max_upload_bytes: int = 4 * 1024**3
+    #: Output kept per job and stream; the rest is counted and dropped.
+    max_output_bytes: int = 64 * 1024**2
+    #: Longest a single ``/wait`` request is held open.
+    max_wait_seconds: float = 60.0
+    log_level: str = "info"
+
+    def check(self) -> None:
+        """Refuse settings that would expose sandboxes to the network unauthenticated."""
+        if not self.api_keys and not _is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to serve on {self.host} without an API key: anyone who can reach "
+                "it could run code on this machine. Pass --api-key (or BASTION_API_KEYS) "
+                "or serve on a loopback address such as 127.0.0.1."
+            )
+        if any(not k or len(k) < 8 for k in self.api_keys):
+            raise ConfigError("API keys must be at least 8 characters long")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def env_api_keys() -> tuple[str, ...]:
+    raw = os.environ.get("BASTION_API_KEYS") or os.environ.get("BASTION_API_KEY") or ""
+    return tuple(k.strip() for k in raw.split(",") if k.strip())

@@ -1,0 +1,117 @@
+"""The runtime interface: what the service layer may ask of a sandbox backend.
+
+The service layer reaches sandboxes only through :class:`Runtime`.  A backend knows
+nothing of HTTP, API keys or job records; it creates, starts, stops and deletes
+sandboxes named by a session id, runs processes in them and exposes their files.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bastion_server.runtime.sandbox_fs import SandboxFS
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed for a reason the caller cannot fix by retrying."""
+
+
+class SandboxNotRunning(SandboxError):
+    """The sandbox is not running (stopped, crashed, or never started)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_mb: int
+    pids: int
+    cpus: float
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    timeout: float | None = None
+    pty: bool = False
+    rows: int = 24
+    cols: int = 80
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    stream: str  # "stdout" | "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    #: None for a process that ran and exited; else why it did not finish normally:
+    #: "not_found", "exec_failed", "start_failed", "timeout", "killed", "lost".
+    error: str | None = None
+    message: str | None = None
+
+
+class Process(abc.ABC):
+    """A process running in a sandbox, as a stream of events ending in one ExitEvent."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[OutputEvent | ExitEvent]: ...
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the process and everything it started."""
+
+    @abc.abstractmethod
+    async def send_input(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Drop the connection; a process still running is killed with its tree."""
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def prepare_host(self) -> None:
+        """Check and fix what the host needs before any sandbox can start."""
+
+    @abc.abstractmethod
+    async def create(self, session_id: str) -> None:
+        """Allocate the sandbox's storage; nothing runs yet."""
+
+    @abc.abstractmethod
+    async def start(self, session_id: str, limits: SandboxLimits) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self, session_id: str) -> None:
+        """Kill every process; the sandbox's own files are kept."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> None:
+        """Stop if needed and remove every trace of the sandbox."""
+
+    @abc.abstractmethod
+    async def is_running(self, session_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_sandboxes(self) -> set[str]:
+        """Session ids of every sandbox this runtime has running or on disk."""
+
+    @abc.abstractmethod
+    async def exec(self, session_id: str, spec: ExecSpec) -> Process: ...
+
+    @abc.abstractmethod
+    def files(self, session_id: str) -> SandboxFS:
+        """File access confined to the sandbox's root filesystem."""

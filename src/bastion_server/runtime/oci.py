@@ -1,0 +1,314 @@
+"""Sandboxes as OCI containers run by crun (or runc, or any OCI runtime by name).
+
+Each session owns a directory under ``<data_dir>/sessions/<id>/``::
+
+    upper/  work/   the overlay's writable layer: the session's own files (kept on stop)
+    rootfs/         the overlay mount point: image (read-only lower) + upper
+    bundle/         the OCI bundle (config.json) handed to the runtime
+    run/            bind-mounted at /run/bastion: the agent's socket (mode 0700)
+    agent.log       the agent's stderr
+
+Everything the sandbox is allowed (namespaces, id mappings, limits, capabilities,
+masked paths, rlimits) is written into ``config.json``; the OCI runtime enforces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bastion_server.runtime import agent as agent_module
+from bastion_server.runtime import host
+from bastion_server.runtime.agent_client import AgentProcess, ping
+from bastion_server.runtime.base import (
+    ExecSpec,
+    Process,
+    Runtime,
+    SandboxError,
+    SandboxLimits,
+    SandboxNotRunning,
+)
+from bastion_server.runtime.sandbox_fs import SandboxFS
+
+log = logging.getLogger("bastion.runtime")
+
+#: Container uid/gid 0..ID_RANGE-1 map to host ids starting here (the image is built
+#: with its ownership shifted by the same amount).
+ID_RANGE = 65536
+AGENT_DIR_IN_SANDBOX = "/run/bastion-agent"
+AGENT_START_TIMEOUT = 15.0
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Root of the user namespace (the agent) keeps only what it needs to start jobs as the
+# sandbox user, signal them and hand them a pty.  Jobs keep none (they run as a
+# non-zero uid without ambient capabilities).
+_AGENT_CAPABILITIES = [
+    "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+]
+
+
+@dataclass(frozen=True)
+class SandboxImage:
+    """What the runtime needs to know of the root filesystem image."""
+
+    rootfs: str
+    uid_shift: int
+    sandbox_uid: int
+    sandbox_gid: int
+    home: str
+
+
+class OciRuntime(Runtime):
+    """A :class:`Runtime` backed by an OCI runtime binary (crun by default)."""
+
+    def __init__(self, data_dir: Path, image: SandboxImage, binary: str = "crun") -> None:
+        self.name = binary
+        self.data_dir = data_dir
+        self.image = image
+        self.sessions_dir = data_dir / "sessions"
+        # One runtime state root per data dir: two servers on one host never see (or
+        # reap) each other's containers.
+        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        self.state_root = f"/run/bastion/{tag}"
+        self.cgroup_parent = f"/bastion-{tag}"
+        self.agent_source = data_dir / "agent" / "agent.py"
+        self._binary = binary
+        self._binary_path = ""
+
+    # -- paths ----------------------------------------------------------------------
+
+    def _dir(self, session_id: str) -> Path:
+        return self.sessions_dir / session_id
+
+    def socket_path(self, session_id: str) -> str:
+        return str(self._dir(session_id) / "run" / agent_module.SOCKET_NAME)
+
+    # -- host -----------------------------------------------------------------------
+
+    async def prepare_host(self) -> None:
+        self._binary_path = host.find_runtime_binary(self._binary)
+        if host.fix_hybrid_cgroups():
+            log.info("moved stray cgroup-v2 controllers to v1 hierarchies for %s", self._binary)
+        if not os.path.isdir(self.image.rootfs):
+            raise host.HostNotReady(
+                f"image root filesystem {self.image.rootfs} is missing: run `bastion image build`"
+            )
+        os.makedirs(self.state_root, mode=0o700, exist_ok=True)
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        # The sandbox's root (a host uid in the mapped range) must be able to reach the
+        # bind-mount sources: keep the path down to them traversable, nothing readable.
+        for path in (self.data_dir, self.sessions_dir):
+            os.chmod(path, 0o711)
+        # A private copy of the agent: the sandbox never sees the server's install tree.
+        self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(self.agent_source.parent, 0o755)
+        source = Path(agent_module.__file__).read_bytes()
+        if not self.agent_source.exists() or self.agent_source.read_bytes() != source:
+            temp = self.agent_source.with_suffix(".tmp")
+            temp.write_bytes(source)
+            os.chmod(temp, 0o644)
+            temp.replace(self.agent_source)
+
+    async def _run(self, *args: str, check: bool = True, stdout: Any = asyncio.subprocess.PIPE,
+                   stderr: Any = asyncio.subprocess.PIPE) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            self._binary_path or self._binary, "--root", self.state_root, *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        )
+        out, err = await proc.communicate()
+        text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
+        if check and proc.returncode != 0:
+            raise SandboxError(f"{self._binary} {args[0]} failed: {text.strip()}")
+        return proc.returncode or 0, text
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def create(self, session_id: str) -> None:
+        base = self._dir(session_id)
+        for sub in ("upper", "work", "rootfs", "bundle", "run"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o711)
+        # The merged root takes the upper layer's owner: the sandbox's root.
+        os.chown(base / "upper", self.image.uid_shift, self.image.uid_shift)
+        os.chmod(base / "upper", 0o755)
+        # Only the sandbox's root (the agent) may reach its socket, not the sandbox user.
+        os.chown(base / "run", self.image.uid_shift, self.image.uid_shift)
+        os.chmod(base / "run", 0o700)
+
+    async def start(self, session_id: str, limits: SandboxLimits) -> None:
+        base = self._dir(session_id)
+        if not base.is_dir():
+            raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
+        rootfs = base / "rootfs"
+        if not os.path.ismount(rootfs):
+            host.mount("overlay", str(rootfs), "overlay",
+                       f"lowerdir={self.image.rootfs},upperdir={base / 'upper'},"
+                       f"workdir={base / 'work'}")
+        config = self._config(session_id, limits)
+        (base / "bundle" / "config.json").write_text(json.dumps(config))
+        try:
+            os.unlink(self.socket_path(session_id))
+        except FileNotFoundError:
+            pass
+        # A leftover container of the same name (crash between start and record) goes.
+        await self._run("delete", "--force", session_id, check=False)
+        with open(base / "agent.log", "ab") as agent_log:
+            await self._run("run", "--detach", "--bundle", str(base / "bundle"), session_id,
+                            stdout=agent_log, stderr=agent_log)
+        try:
+            await self._wait_for_agent(session_id)
+        except BaseException:
+            await self.stop(session_id)
+            raise
+
+    async def _wait_for_agent(self, session_id: str) -> None:
+        path = self.socket_path(session_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + AGENT_START_TIMEOUT
+        delay = 0.001
+        while loop.time() < deadline:
+            if os.path.exists(path) and await ping(path):
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        log_tail = ""
+        try:
+            log_tail = (self._dir(session_id) / "agent.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            pass
+        raise SandboxError(f"sandbox agent did not start within {AGENT_START_TIMEOUT}s: "
+                           f"{log_tail.strip()}")
+
+    async def stop(self, session_id: str) -> None:
+        await self._run("delete", "--force", session_id, check=False)
+        rootfs = self._dir(session_id) / "rootfs"
+        if os.path.ismount(rootfs):
+            host.umount(str(rootfs))
+
+    async def delete(self, session_id: str) -> None:
+        await self.stop(session_id)
+        base = self._dir(session_id)
+        if base.exists():
+            await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+
+    async def is_running(self, session_id: str) -> bool:
+        code, out = await self._run("state", session_id, check=False,
+                                    stderr=asyncio.subprocess.DEVNULL)
+        if code != 0:
+            return False
+        try:
+            return bool(json.loads(out).get("status") == "running")
+        except ValueError:
+            return False
+
+    async def list_sandboxes(self) -> set[str]:
+        found = set()
+        if self.sessions_dir.is_dir():
+            found |= {p.name for p in self.sessions_dir.iterdir() if p.is_dir()}
+        code, out = await self._run("list", "--quiet", check=False)
+        if code == 0:
+            found |= {line.strip() for line in out.splitlines() if line.strip()}
+        return found
+
+    async def exec(self, session_id: str, spec: ExecSpec) -> Process:
+        path = self.socket_path(session_id)
+        if not os.path.exists(path):
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        env = {
+            "PATH": _DEFAULT_PATH, "HOME": self.image.home, "USER": "user", "LOGNAME": "user",
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            **({"TERM": "xterm-256color"} if spec.pty else {}),
+            **spec.env,
+        }
+        spec = ExecSpec(argv=spec.argv, env=env, cwd=spec.cwd or self.image.home,
+                        timeout=spec.timeout, pty=spec.pty, rows=spec.rows, cols=spec.cols)
+        return await AgentProcess.start(path, spec)
+
+    def files(self, session_id: str) -> SandboxFS:
+        rootfs = self._dir(session_id) / "rootfs"
+        if not os.path.ismount(rootfs):
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        return SandboxFS(str(rootfs), self.image.uid_shift + self.image.sandbox_uid,
+                         self.image.uid_shift + self.image.sandbox_gid)
+
+    # -- the OCI config -------------------------------------------------------------
+
+    def _config(self, session_id: str, limits: SandboxLimits) -> dict[str, Any]:
+        base = self._dir(session_id)
+        shift = self.image.uid_shift
+        nofile = min(8192, host.hard_limit(resource.RLIMIT_NOFILE))
+        memory = limits.memory_mb * 1024 * 1024
+        period = 100_000
+        caps = list(_AGENT_CAPABILITIES)
+        return {
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": False,
+                "user": {"uid": 0, "gid": 0},
+                "args": ["/usr/bin/python3", "-I", "-S",
+                         f"{AGENT_DIR_IN_SANDBOX}/agent.py"],
+                "env": [
+                    f"PATH={_DEFAULT_PATH}",
+                    f"BASTION_UID={self.image.sandbox_uid}",
+                    f"BASTION_GID={self.image.sandbox_gid}",
+                    f"BASTION_HOME={self.image.home}",
+                    f"BASTION_SOCKET_DIR={agent_module.SOCKET_DIR}",
+                ],
+                "cwd": "/",
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+                "rlimits": [
+                    {"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile},
+                    {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                ],
+                "noNewPrivileges": True,
+            },
+            "root": {"path": str(base / "rootfs"), "readonly": False},
+            "hostname": "sandbox",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": AGENT_DIR_IN_SANDBOX, "type": "bind",
+                 "source": str(self.agent_source.parent),
+                 "options": ["rbind", "ro", "nosuid", "nodev"]},
+                {"destination": agent_module.SOCKET_DIR, "type": "bind",
+                 "source": str(base / "run"), "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]},
+            ],
+            "linux": {
+                "uidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
+                "gidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
+                "namespaces": [{"type": t} for t in
+                               ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")],
+                "cgroupsPath": f"{self.cgroup_parent}/{session_id}",
+                "resources": {
+                    "devices": [{"allow": False, "access": "rwm"}],
+                    "memory": {"limit": memory, "swap": memory},
+                    "pids": {"limit": limits.pids},
+                    "cpu": {"quota": int(limits.cpus * period), "period": period},
+                },
+                "maskedPaths": [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                    "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+                ],
+                "readonlyPaths": [
+                    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+                ],
+            },
+        }

@@ -1,0 +1,58 @@
+"""The service layer assembled: store, runtime and the three services over them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bastion_server.config import ServerConfig
+from bastion_server.runtime.base import Runtime
+from bastion_server.service.files import FileService
+from bastion_server.service.jobs import JobService
+from bastion_server.service.sessions import SessionService
+from bastion_server.store.sqlite import Store
+
+log = logging.getLogger("bastion.server")
+
+
+def make_runtime(config: ServerConfig) -> Runtime:
+    """The OCI runtime over the configured image (built by `bastion image build`)."""
+    from bastion_server.image.builder import resolve_image
+    from bastion_server.runtime.oci import OciRuntime, SandboxImage
+
+    info = resolve_image(config.images_dir, config.image)
+    image = SandboxImage(
+        rootfs=str(info.rootfs), uid_shift=info.uid_shift, sandbox_uid=info.sandbox_uid,
+        sandbox_gid=info.sandbox_gid, home=info.home,
+    )
+    return OciRuntime(config.data_dir, image, binary=config.runtime)
+
+
+@dataclass
+class Services:
+    config: ServerConfig
+    store: Store
+    runtime: Runtime
+    sessions: SessionService
+    jobs: JobService
+    files: FileService
+
+    @classmethod
+    async def start(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
+        runtime = runtime or make_runtime(config)
+        await runtime.prepare_host()
+        store = Store(config.data_dir / "bastion.db")
+        sessions = SessionService(store, runtime, config)
+        jobs = JobService(store, runtime, sessions, config)
+        files = FileService(runtime, sessions, config)
+        jobs.recover()
+        await sessions.reconcile()
+        log.info("services ready", extra={"runtime": runtime.name,
+                                          "data_dir": str(config.data_dir)})
+        return cls(config, store, runtime, sessions, jobs, files)
+
+    async def close(self) -> None:
+        # Sandboxes keep running across a server restart (the next start adopts them);
+        # jobs cannot, since their output flows through this process.
+        await self.jobs.shutdown()
+        self.store.close()

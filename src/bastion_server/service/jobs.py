@@ -1,0 +1,282 @@
+"""Jobs: commands run in a session's sandbox in the background, with durable results.
+
+A job is recorded ``queued`` and answered at once; a task then starts it through the
+runtime (``running``), appends its output to the job's log file as it arrives, and
+records the end (``completed`` for exit status 0, else ``failed`` with a reason).
+Waiters are woken by an event per job, so ``wait`` holds a request open without
+polling.  The job's timeout is enforced inside the sandbox by the agent (it kills the
+job's whole process tree), with a server-side backstop a little later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bastion.wire import ErrorCode, JobStatus
+from bastion_server.config import ServerConfig
+from bastion_server.runtime.base import (
+    ExecSpec,
+    ExitEvent,
+    OutputEvent,
+    Process,
+    Runtime,
+    SandboxError,
+)
+from bastion_server.service.errors import ServiceError, invalid, job_not_found
+from bastion_server.service.sessions import SessionService, new_id, now_iso
+from bastion_server.store.joblog import JobLogWriter, read_output
+from bastion_server.store.sqlite import JobRecord, Store
+
+log = logging.getLogger("bastion.jobs")
+
+MAX_ARGS = 4096
+MAX_ARG_BYTES = 128 * 1024
+MAX_ENV = 1024
+MAX_TIMEOUT = 7 * 24 * 3600.0
+#: How long after its timeout the server stops waiting for the agent to end a job.
+TIMEOUT_BACKSTOP = 5.0
+
+_FAILURE_MESSAGES = {
+    "timeout": "the job ran past its timeout of {timeout}s and was killed",
+    "session_stopped": "the session was stopped while the job ran",
+    "session_deleted": "the session was deleted while the job ran",
+    "server_restarted": "the server restarted while the job ran; its processes were killed",
+    "lost": "the sandbox went away while the job ran",
+    "killed": "the job was killed",
+}
+
+
+@dataclass
+class _LiveJob:
+    """What only a running job has: its process, waiters and a reason to stop it."""
+
+    record: JobRecord
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    process: Process | None = None
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None
+
+
+class JobService:
+    def __init__(self, store: Store, runtime: Runtime, sessions: SessionService,
+                 config: ServerConfig) -> None:
+        self.store, self.runtime, self.sessions, self.config = store, runtime, sessions, config
+        self.logs_dir = config.data_dir / "jobs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._live: dict[str, _LiveJob] = {}
+        sessions.before_sandbox_stops.append(self.stop_session_jobs)
+
+    def log_path(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    # -- validation -----------------------------------------------------------------
+
+    @staticmethod
+    def _validate(command: Any, env: Any, cwd: Any, timeout: Any) -> None:
+        if not isinstance(command, list) or not command:
+            raise ServiceError(ErrorCode.INVALID_COMMAND,
+                               "command must be a non-empty list of strings")
+        if len(command) > MAX_ARGS or not all(isinstance(a, str) for a in command):
+            raise ServiceError(ErrorCode.INVALID_COMMAND,
+                               f"command must be at most {MAX_ARGS} strings")
+        if not command[0]:
+            raise ServiceError(ErrorCode.INVALID_COMMAND, "command[0] must not be empty")
+        if any("\x00" in a for a in command) or sum(len(a.encode()) for a in command) > MAX_ARG_BYTES:
+            raise ServiceError(ErrorCode.INVALID_COMMAND,
+                               f"command must hold no NUL bytes and at most {MAX_ARG_BYTES} bytes")
+        if env is not None:
+            if not isinstance(env, dict) or len(env) > MAX_ENV:
+                raise invalid(f"env must be an object of at most {MAX_ENV} strings")
+            for k, v in env.items():
+                if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k \
+                        or "\x00" in k or "\x00" in v:
+                    raise invalid(f"env entry {k!r} is not a valid NAME=value pair")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")
+                                or "\x00" in cwd or len(cwd) > 4096):
+            raise invalid("cwd must be an absolute path")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float)
+                                    or not 0 < timeout <= MAX_TIMEOUT):
+            raise invalid(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}]")
+
+    # -- commands -------------------------------------------------------------------
+
+    async def run(self, owner: str, session_id: str, command: Any, *, env: Any = None,
+                  cwd: Any = None, timeout: Any = None) -> JobRecord:
+        self._validate(command, env, cwd, timeout)
+        self.sessions.require_running(owner, session_id)
+        record = JobRecord(
+            id=new_id("job"), session_id=session_id, status=JobStatus.QUEUED,
+            command=list(command),
+            spec={"env": env or {}, "cwd": cwd, "timeout": timeout},
+            created_at=now_iso(),
+        )
+        self.store.insert_job(record)
+        live = _LiveJob(record)
+        self._live[record.id] = live
+        live.task = asyncio.create_task(self._execute(live), name=f"job {record.id}")
+        return record
+
+    def get(self, owner: str, session_id: str, job_id: str) -> JobRecord:
+        self.sessions.get(owner, session_id)
+        live = self._live.get(job_id)
+        record = live.record if live else self.store.get_job(job_id)
+        if record is None or record.session_id != session_id:
+            raise job_not_found(job_id)
+        return record
+
+    def list(self, owner: str, session_id: str) -> list[JobRecord]:
+        self.sessions.get(owner, session_id)
+        stored = self.store.list_jobs(session_id)
+        return [self._live[j.id].record if j.id in self._live else j for j in stored]
+
+    async def wait(self, owner: str, session_id: str, job_id: str,
+                   timeout: float | None) -> JobRecord:
+        """The job once it is final, or as it is when ``timeout`` passes."""
+        record = self.get(owner, session_id, job_id)
+        hold = self.config.max_wait_seconds if timeout is None else min(
+            max(timeout, 0.0), self.config.max_wait_seconds)
+        live = self._live.get(job_id)
+        if live is None or record.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            return record
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(hold):
+                while live.record.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
+                    live.changed.clear()
+                    await live.changed.wait()
+        return live.record
+
+    def output(self, record: JobRecord) -> tuple[str, str]:
+        stdout, stderr = read_output(self.log_path(record.id))
+        if record.error_message:
+            stderr = (stderr + ("\n" if stderr and not stderr.endswith("\n") else "")
+                      + f"bastion: {record.error_message}\n")
+        return stdout, stderr
+
+    async def stop_session_jobs(self, session_id: str, reason: str) -> None:
+        """Kill every running job of a session and wait until each is recorded."""
+        victims = [j for j in self._live.values() if j.record.session_id == session_id]
+        for live in victims:
+            live.stop_reason = reason
+            if live.process is not None:
+                await live.process.kill()
+        tasks = [j.task for j in victims if j.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if reason == "session_deleted":
+            # Delete is irreversible: the output of the session's jobs goes with it.
+            for record in self.store.list_jobs(session_id):
+                with contextlib.suppress(FileNotFoundError):
+                    self.log_path(record.id).unlink()
+
+    async def shutdown(self) -> None:
+        """Server shutdown: running jobs end as failed (their processes are killed)."""
+        for live in list(self._live.values()):
+            live.stop_reason = "server_restarted"
+            if live.task is not None:
+                live.task.cancel()
+        tasks = [j.task for j in self._live.values() if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    def recover(self) -> None:
+        """After a restart: jobs the previous server left unfinished are failed."""
+        for record in self.store.unfinished_jobs():
+            self._finish(record, exit_code=None, reason="server_restarted")
+
+    # -- execution ------------------------------------------------------------------
+
+    def _set(self, live: _LiveJob, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(live.record, key, value)
+        self.store.update_job(live.record)
+        live.changed.set()
+
+    def _finish(self, record: JobRecord, exit_code: int | None, reason: str | None,
+                message: str | None = None) -> None:
+        record.exit_code = exit_code
+        record.finished_at = now_iso()
+        if reason is None and exit_code == 0:
+            record.status = JobStatus.COMPLETED
+        else:
+            record.status = JobStatus.FAILED
+            record.failure_reason = reason or "nonzero_exit"
+            if reason is not None:
+                record.error_message = message or _FAILURE_MESSAGES.get(reason, reason).format(
+                    timeout=record.spec.get("timeout"))
+        self.store.update_job(record)
+
+    async def _execute(self, live: _LiveJob) -> None:
+        record = live.record
+        writer = JobLogWriter(self.log_path(record.id), self.config.max_output_bytes)
+        exit_event: ExitEvent | None = None
+        try:
+            spec = ExecSpec(argv=record.command, env=dict(record.spec["env"]),
+                            cwd=record.spec.get("cwd"), timeout=record.spec.get("timeout"))
+            try:
+                live.process = await self.runtime.exec(record.session_id, spec)
+            except SandboxError as exc:
+                exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
+                return
+            self._set(live, status=JobStatus.RUNNING, started_at=now_iso())
+            backstop = (spec.timeout + TIMEOUT_BACKSTOP) if spec.timeout else None
+            try:
+                async with asyncio.timeout(backstop):
+                    async for event in live.process.events():
+                        if isinstance(event, OutputEvent):
+                            writer.append(event.stream, event.data)
+                        else:
+                            exit_event = event
+            except TimeoutError:
+                await live.process.kill()
+                exit_event = ExitEvent(exit_code=None, timed_out=True, error="timeout")
+        except asyncio.CancelledError:
+            exit_event = None
+        finally:
+            if live.process is not None:
+                await live.process.close()
+            writer.close()
+            self._record_end(live, exit_event, writer.dropped)
+            self._live.pop(record.id, None)
+            live.changed.set()
+
+    def _record_end(self, live: _LiveJob, event: ExitEvent | None,
+                    dropped: dict[str, int]) -> None:
+        record = live.record
+        reason: str | None = None
+        message: str | None = None
+        if live.stop_reason is not None and (event is None or event.error in ("killed", "lost")
+                                             or event.exit_code is None):
+            reason = live.stop_reason
+        elif event is None:
+            reason = "server_restarted"
+        elif event.timed_out:
+            reason = "timeout"
+        elif event.error in ("not_found", "exec_failed", "start_failed"):
+            reason = event.error
+            message = (f"command not found: {record.command[0]}" if event.error == "not_found"
+                       else f"cannot run {record.command[0]}: {event.message}")
+        elif event.error is not None:
+            reason, message = event.error, event.message
+        if any(dropped.values()):
+            log.warning("job output truncated", extra={"job_id": record.id, "dropped": dropped})
+        exit_code = event.exit_code if event is not None else None
+        self._finish(record, exit_code, reason, message)
+        if any(dropped.values()):
+            note = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
+            record.error_message = ((record.error_message + "; ") if record.error_message else "") \
+                + f"output truncated at {self.config.max_output_bytes} bytes per stream ({note} dropped)"
+            self.store.update_job(record)
+        log.info("job finished", extra={"job_id": record.id, "session_id": record.session_id,
+                                        "status": record.status, "exit_code": exit_code,
+                                        "reason": record.failure_reason})
+

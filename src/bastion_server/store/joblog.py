@@ -1,0 +1,78 @@
+"""A job's output as an append-only log file: stdout and stderr interleaved in order.
+
+Each record is ``stream (1 byte: 'O' or 'E') | length (4 bytes) | bytes``.  Keeping the
+two streams in one file keeps their relative order, so the output can be replayed to
+a late follower exactly as it was produced, and the final result is rebuilt from it
+after a server restart.  What a job writes past the configured cap is counted, not
+kept: an output flood costs disk up to the cap and nothing more.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+_HEADER = struct.Struct(">cI")
+STDOUT, STDERR = b"O", b"E"
+_STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+_STREAM_CODES = {v: k for k, v in _STREAM_NAMES.items()}
+
+
+class JobLogWriter:
+    def __init__(self, path: Path, max_bytes_per_stream: int) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._max = max_bytes_per_stream
+        self.kept = {"stdout": 0, "stderr": 0}
+        self.dropped = {"stdout": 0, "stderr": 0}
+
+    def append(self, stream: str, data: bytes) -> bytes:
+        """Record ``data``; returns the part that was kept (empty past the cap)."""
+        room = self._max - self.kept[stream]
+        kept = data[: max(room, 0)]
+        self.dropped[stream] += len(data) - len(kept)
+        if kept:
+            self.kept[stream] += len(kept)
+            os.write(self._fd, _HEADER.pack(_STREAM_CODES[stream], len(kept)) + kept)
+        return kept
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_records(path: Path, offset: int = 0) -> Iterator[tuple[str, bytes, int]]:
+    """Yield ``(stream, data, next_offset)`` for every complete record from ``offset``."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in finally; generator may stop early
+    except FileNotFoundError:
+        return
+    try:
+        f.seek(offset)
+        while True:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            code, length = _HEADER.unpack(header)
+            data = f.read(length)
+            if len(data) < length:
+                return  # a record still being written
+            offset += _HEADER.size + length
+            yield _STREAM_NAMES[code], data, offset
+    finally:
+        f.close()
+
+
+def read_output(path: Path) -> tuple[str, str]:
+    """The whole stdout and stderr of a job as text (UTF-8, bad bytes replaced)."""
+    decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+    parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    for stream, data, _ in read_records(path):
+        parts[stream].append(decoders[stream].decode(data))
+    for name, decoder in decoders.items():
+        parts[name].append(decoder.decode(b"", final=True))
+    return "".join(parts["stdout"]), "".join(parts["stderr"])

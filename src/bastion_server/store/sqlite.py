@@ -1,0 +1,179 @@
+"""Durable records of sessions and jobs: one SQLite database in the data directory.
+
+WAL mode, one connection used from the event loop's thread: every statement here is a
+short indexed read or write (well under a millisecond), so the loop never waits long,
+and one writer means no lock contention.  Job output is not stored here but in log
+files beside the database (see :mod:`bastion_server.store.joblog`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_reason TEXT,
+    limits TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    idempotency_key TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_idempotency
+    ON sessions(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    status TEXT NOT NULL,
+    command TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    exit_code INTEGER,
+    failure_reason TEXT,
+    error_message TEXT,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id, created_at);
+"""
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    owner: str
+    status: str
+    limits: dict[str, Any]
+    metadata: dict[str, str]
+    created_at: str
+    updated_at: str
+    status_reason: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass
+class JobRecord:
+    id: str
+    session_id: str
+    status: str
+    command: list[str]
+    spec: dict[str, Any]
+    created_at: str
+    exit_code: int | None = None
+    failure_reason: str | None = None
+    error_message: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- sessions -------------------------------------------------------------------
+
+    @staticmethod
+    def _session(row: sqlite3.Row) -> SessionRecord:
+        return SessionRecord(
+            id=row["id"], owner=row["owner"], status=row["status"],
+            status_reason=row["status_reason"], limits=json.loads(row["limits"]),
+            metadata=json.loads(row["metadata"]), idempotency_key=row["idempotency_key"],
+            created_at=row["created_at"], updated_at=row["updated_at"],
+        )
+
+    def insert_session(self, s: SessionRecord) -> None:
+        self._db.execute(
+            "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
+            " idempotency_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (s.id, s.owner, s.status, s.status_reason, json.dumps(s.limits),
+             json.dumps(s.metadata), s.idempotency_key, s.created_at, s.updated_at),
+        )
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return self._session(row) if row else None
+
+    def find_session_by_idempotency_key(self, owner: str, key: str) -> SessionRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM sessions WHERE owner = ? AND idempotency_key = ?", (owner, key)
+        ).fetchone()
+        return self._session(row) if row else None
+
+    def list_sessions(self, owner: str | None = None, *,
+                      include_deleted: bool = False) -> list[SessionRecord]:
+        query, args = "SELECT * FROM sessions WHERE 1=1", []
+        if owner is not None:
+            query += " AND owner = ?"
+            args.append(owner)
+        if not include_deleted:
+            query += " AND status != 'deleted'"
+        rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
+        return [self._session(r) for r in rows]
+
+    def update_session_status(self, session_id: str, status: str, updated_at: str,
+                              reason: str | None = None) -> None:
+        self._db.execute(
+            "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ? WHERE id = ?",
+            (status, reason, updated_at, session_id),
+        )
+
+    # -- jobs -----------------------------------------------------------------------
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> JobRecord:
+        return JobRecord(
+            id=row["id"], session_id=row["session_id"], status=row["status"],
+            command=json.loads(row["command"]), spec=json.loads(row["spec"]),
+            exit_code=row["exit_code"], failure_reason=row["failure_reason"],
+            error_message=row["error_message"], created_at=row["created_at"],
+            started_at=row["started_at"], finished_at=row["finished_at"],
+        )
+
+    def insert_job(self, j: JobRecord) -> None:
+        self._db.execute(
+            "INSERT INTO jobs (id, session_id, status, command, spec, created_at)"
+            " VALUES (?,?,?,?,?,?)",
+            (j.id, j.session_id, j.status, json.dumps(j.command), json.dumps(j.spec),
+             j.created_at),
+        )
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def list_jobs(self, session_id: str) -> list[JobRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE session_id = ? ORDER BY created_at, id", (session_id,)
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def update_job(self, j: JobRecord) -> None:
+        self._db.execute(
+            "UPDATE jobs SET status = ?, exit_code = ?, failure_reason = ?, error_message = ?,"
+            " started_at = ?, finished_at = ? WHERE id = ?",
+            (j.status, j.exit_code, j.failure_reason, j.error_message, j.started_at,
+             j.finished_at, j.id),
+        )
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running')"
+        ).fetchall()
+        return [self._job(r) for r in rows]
