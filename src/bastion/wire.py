@@ -15,7 +15,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from typing_extensions import NotRequired, TypedDict  # pydantic needs these before 3.12
+# pydantic (the server's validation) accepts only typing_extensions' TypedDict before 3.12
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035
 
 API_PREFIX = "/v1"
 
@@ -74,6 +75,7 @@ class ErrorCode(StrEnum):
     FILE_NOT_FOUND = "file_not_found"
     NOT_A_DIRECTORY = "not_a_directory"
     IS_A_DIRECTORY = "is_a_directory"
+    DIRECTORY_NOT_EMPTY = "directory_not_empty"
     FILE_TOO_LARGE = "file_too_large"
     FILE_OPERATION_FAILED = "file_operation_failed"
 
@@ -96,6 +98,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FILE_NOT_FOUND: 404,
     ErrorCode.NOT_A_DIRECTORY: 409,
     ErrorCode.IS_A_DIRECTORY: 409,
+    ErrorCode.DIRECTORY_NOT_EMPTY: 409,
     ErrorCode.FILE_TOO_LARGE: 413,
     ErrorCode.FILE_OPERATION_FAILED: 500,
 }

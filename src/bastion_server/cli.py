@@ -14,6 +14,7 @@ from bastion_server.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_IMAGES_DIR,
     ConfigError,
+    Limits,
     ServerConfig,
     env_api_keys,
 )
@@ -50,6 +51,15 @@ def register_serve(subparsers: Any) -> None:
     p.add_argument("--max-upload-bytes", type=int,
                    default=int(_env("BASTION_MAX_UPLOAD_BYTES", str(4 * 1024**3))),
                    help="largest accepted upload (BASTION_MAX_UPLOAD_BYTES; default 4 GiB)")
+    p.add_argument("--default-memory-mb", type=int,
+                   default=int(_env("BASTION_DEFAULT_MEMORY_MB", "512")),
+                   help="memory (and memory+swap) of a session that asks for none "
+                        "(BASTION_DEFAULT_MEMORY_MB; default 512)")
+    p.add_argument("--default-pids", type=int, default=int(_env("BASTION_DEFAULT_PIDS", "256")),
+                   help="process limit of a session that asks for none (BASTION_DEFAULT_PIDS)")
+    p.add_argument("--default-cpus", type=float,
+                   default=float(_env("BASTION_DEFAULT_CPUS", "1.0")),
+                   help="CPU cores of a session that asks for none (BASTION_DEFAULT_CPUS)")
     p.add_argument("--log-level", default=_env("BASTION_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"],
                    help="(BASTION_LOG_LEVEL; default info)")
@@ -67,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         images_dir=args.images_dir.absolute(),
         api_keys=tuple(args.api_keys) if args.api_keys else env_api_keys(),
         runtime=args.runtime, max_upload_bytes=args.max_upload_bytes, log_level=args.log_level,
+        default_limits=Limits(args.default_memory_mb, args.default_pids, args.default_cpus),
     )
     try:
         config.check()

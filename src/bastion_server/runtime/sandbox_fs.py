@@ -68,6 +68,10 @@ class IsADirectory(FsError):
     kind = "is_a_directory"
 
 
+class NotEmpty(FsError):
+    kind = "not_empty"
+
+
 class TooLarge(FsError):
     kind = "too_large"
 
@@ -133,7 +137,7 @@ def _translate(exc: OSError, path: str) -> FsError:
     if exc.errno == errno.EISDIR:
         return IsADirectory(f"is a directory: {path}")
     if exc.errno == errno.ENOTEMPTY:
-        return FsError(f"directory not empty (use recursive=true): {path}")
+        return NotEmpty(f"directory not empty (delete it with recursive=true): {path}")
     if exc.errno in (errno.EXDEV, errno.ELOOP):
         return InvalidPath(f"path leaves the sandbox or loops: {path}")
     if exc.errno == errno.ENOSPC:

@@ -17,6 +17,7 @@ _CODES = {
     "not_found": ErrorCode.FILE_NOT_FOUND,
     "not_a_directory": ErrorCode.NOT_A_DIRECTORY,
     "is_a_directory": ErrorCode.IS_A_DIRECTORY,
+    "not_empty": ErrorCode.DIRECTORY_NOT_EMPTY,
     "too_large": ErrorCode.FILE_TOO_LARGE,
     "failed": ErrorCode.FILE_OPERATION_FAILED,
 }

@@ -1,0 +1,113 @@
+"""Bastion: the Python SDK of a self-hosted sandboxed execution runtime.
+
+    from bastion import Bastion
+
+    with Bastion() as bastion:                       # $BASTION_URL, $BASTION_API_KEY
+        sid = bastion.sessions.create()["session_id"]
+        bastion.sessions.start(sid)
+        bastion.files.upload(sid, b'print("hi")', "/main.py")
+        result = bastion.jobs.run_and_wait(sid, ["python3", "/main.py"])
+        print(result["output"]["console_output"])    # hi
+        bastion.sessions.delete(sid)
+
+Responses are plain dicts typed by the ``TypedDict``s re-exported here (defined in
+:mod:`bastion.wire`); every exception derives from :class:`BastionError`.
+"""
+
+from ._base import __version__
+from ._client import Bastion
+from ._exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    BastionError,
+    FileDeleteError,
+    FileDownloadError,
+    FileError,
+    FileListError,
+    FileUploadError,
+    InvalidCommandError,
+    InvalidRequestError,
+    JobError,
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    NotFoundError,
+    ServerError,
+    SessionError,
+    SessionNotFoundError,
+    SessionStartError,
+    SessionStateError,
+    TerminalConnectionError,
+    TerminalError,
+    TerminalSendError,
+)
+from .wire import (
+    CreateSessionRequest,
+    ErrorBody,
+    ErrorCode,
+    ErrorDetail,
+    FileDeleteResult,
+    FileEntry,
+    FileList,
+    FileUploadResult,
+    HealthInfo,
+    JobInfo,
+    JobList,
+    JobOutput,
+    JobResult,
+    JobStatus,
+    RunJobRequest,
+    SessionInfo,
+    SessionLimits,
+    SessionList,
+    SessionStatus,
+)
+
+__all__ = [
+    "APIConnectionError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "Bastion",
+    "BastionError",
+    "CreateSessionRequest",
+    "ErrorBody",
+    "ErrorCode",
+    "ErrorDetail",
+    "FileDeleteError",
+    "FileDeleteResult",
+    "FileDownloadError",
+    "FileEntry",
+    "FileError",
+    "FileList",
+    "FileListError",
+    "FileUploadError",
+    "FileUploadResult",
+    "HealthInfo",
+    "InvalidCommandError",
+    "InvalidRequestError",
+    "JobError",
+    "JobFailedError",
+    "JobInfo",
+    "JobList",
+    "JobNotFoundError",
+    "JobOutput",
+    "JobResult",
+    "JobStatus",
+    "JobTimeoutError",
+    "NotFoundError",
+    "RunJobRequest",
+    "ServerError",
+    "SessionError",
+    "SessionInfo",
+    "SessionLimits",
+    "SessionList",
+    "SessionNotFoundError",
+    "SessionStartError",
+    "SessionStateError",
+    "SessionStatus",
+    "TerminalConnectionError",
+    "TerminalError",
+    "TerminalSendError",
+    "__version__",
+]

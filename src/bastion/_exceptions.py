@@ -1,0 +1,314 @@
+"""Exceptions raised by the Bastion SDK.
+
+Every exception the SDK raises on purpose derives from :class:`BastionError`, which
+carries the server's machine-readable error ``code`` (a :class:`bastion.wire.ErrorCode`
+value, or ``None`` when the failure did not come from an error response) and the HTTP
+``status_code``.  Classes that also derive from a built-in say so in brackets::
+
+    BastionError
+    ├── APIConnectionError            server unreachable, connection dropped mid-request
+    │   └── APITimeoutError           [TimeoutError] connect/read/write/pool timeout
+    ├── AuthenticationError           unauthorized (401, 403)
+    ├── InvalidRequestError           invalid_request, malformed_json, method_not_allowed,
+    │                                 limit_exceeded, any other 4xx
+    ├── NotFoundError                 not_found (unknown URL); base of the two *NotFound below
+    ├── ServerError                   internal_error, other 5xx, non-JSON error pages
+    ├── SessionError                  any session_* code, whatever the operation
+    │   ├── SessionNotFoundError      [NotFoundError] session_not_found
+    │   ├── SessionStateError         session_state: wrong state for the operation
+    │   └── SessionStartError         session_start_failed
+    ├── JobError
+    │   ├── JobNotFoundError          [NotFoundError] job_not_found
+    │   ├── InvalidCommandError       invalid_command
+    │   ├── JobFailedError            [Mapping] the job ended "failed"; it *is* the result
+    │   └── JobTimeoutError           [TimeoutError] wait()/watch() deadline passed
+    ├── FileError                     file codes, as the class of the operation performed
+    │   ├── FileUploadError
+    │   ├── FileListError
+    │   ├── FileDeleteError
+    │   └── FileDownloadError
+    └── TerminalError
+        ├── TerminalConnectionError
+        └── TerminalSendError
+
+Low-level ``httpx`` transport errors never escape the SDK: they are translated to
+:class:`APIConnectionError` / :class:`APITimeoutError` at one choke point, with the
+original exception chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from .wire import JobInfo
+
+__all__ = [
+    "APIConnectionError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BastionError",
+    "FileDeleteError",
+    "FileDownloadError",
+    "FileError",
+    "FileListError",
+    "FileUploadError",
+    "InvalidCommandError",
+    "InvalidRequestError",
+    "JobError",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobTimeoutError",
+    "NotFoundError",
+    "ServerError",
+    "SessionError",
+    "SessionNotFoundError",
+    "SessionStartError",
+    "SessionStateError",
+    "TerminalConnectionError",
+    "TerminalError",
+    "TerminalSendError",
+]
+
+
+class BastionError(Exception):
+    """Base class of every exception the SDK raises.
+
+    Attributes:
+        message: Human-readable description (also what ``str(exc)`` returns).
+        code: The server's machine-readable error code (see ``bastion.wire.ErrorCode``),
+            or ``None`` when the error did not come from an error response.
+        status_code: The HTTP status of the error response, or ``None``.  (For
+            :class:`JobFailedError` it is the job's exit status instead; see there.)
+    """
+
+    message: str
+    code: str | None
+    status_code: int | None
+
+    def __init__(
+        self, message: str, *, code: str | None = None, status_code: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status_code = status_code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, code={self.code!r}, "
+            f"status_code={self.status_code!r})"
+        )
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class APIConnectionError(BastionError):
+    """The server could not be reached, or the connection failed mid-request."""
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """An HTTP request timed out (connect, read, write or connection-pool timeout)."""
+
+
+# --------------------------------------------------------------------------- generic API
+
+
+class AuthenticationError(BastionError):
+    """The API key is missing or wrong (``unauthorized``)."""
+
+
+class InvalidRequestError(BastionError):
+    """The server rejected the request as malformed or over a limit."""
+
+
+class NotFoundError(BastionError):
+    """Something addressed by the request does not exist."""
+
+
+class ServerError(BastionError):
+    """The server failed (``internal_error`` or any other 5xx answer)."""
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class SessionError(BastionError):
+    """A session operation failed."""
+
+
+class SessionNotFoundError(SessionError, NotFoundError):
+    """No session has this id (it may have been deleted)."""
+
+
+class SessionStateError(SessionError):
+    """The session is not in a state that allows the operation (e.g. not running)."""
+
+
+class SessionStartError(SessionError):
+    """The server could not start the session's sandbox."""
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobError(BastionError):
+    """A job operation failed."""
+
+
+class JobNotFoundError(JobError, NotFoundError):
+    """No job has this id in this session."""
+
+
+class InvalidCommandError(JobError):
+    """The command is empty or otherwise unusable."""
+
+
+class JobFailedError(JobError, Mapping[str, object]):
+    """A job finished with status ``"failed"``.
+
+    The exception *is* the job's result: it is a read-only ``Mapping`` over the job's
+    ``JobInfo`` dict, so ``err["output"]["errout"]`` and ``dict(err)`` work, and the
+    usual fields are attributes too.  (It cannot subclass ``dict``: ``dict`` and
+    ``Exception`` have incompatible C layouts.)  Equality and hashing stay those of an
+    exception (identity); compare ``dict(err)`` to compare results.
+
+    Attributes:
+        result: The final ``JobInfo`` dict.
+        job_id: The job's id.
+        status_code: The process's exit status, or ``None`` when the job produced no
+            output (it never started, or was killed before reporting one).  No HTTP
+            error happened here, so this does not hold an HTTP status.
+        console_output: Captured standard output (``""`` when there is no output).
+        errout: Captured standard error (``""`` when there is no output).
+        failure_reason: Why the server failed the job when it is not its own exit
+            status (``"timeout"``, ``"not_found"``, ...), else ``None``.
+    """
+
+    result: JobInfo
+
+    def __init__(self, result: JobInfo, message: str | None = None) -> None:
+        output = result.get("output")
+        exit_status = output["status_code"] if output else None
+        super().__init__(
+            message if message is not None else _describe_failure(result, exit_status),
+            status_code=exit_status,
+        )
+        # ``args`` is what pickling passes back to ``__init__``; keep it rebuildable.
+        self.args = (result, self.message)
+        self.result = result
+        self._mapping: Mapping[str, object] = result
+
+    @property
+    def job_id(self) -> str:
+        return self.result["job_id"]
+
+    @property
+    def console_output(self) -> str:
+        output = self.result.get("output")
+        return output["console_output"] if output else ""
+
+    @property
+    def errout(self) -> str:
+        output = self.result.get("output")
+        return output["errout"] if output else ""
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self.result.get("failure_reason")
+
+    def __getitem__(self, key: str) -> object:
+        return self._mapping[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping)
+
+    def __len__(self) -> int:
+        return len(self._mapping)
+
+    # Mapping defines value equality and so sets __hash__ to None; an exception must
+    # stay hashable (logging, traceback and task frameworks put them in sets).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+class JobTimeoutError(JobError, TimeoutError):
+    """A job did not reach a final state before the caller's deadline.
+
+    Only the client stopped waiting: the job itself keeps running on the server (pass
+    ``timeout=`` to ``jobs.run`` for a server-side limit that kills it).
+
+    Attributes:
+        job_id: The job's id.
+        job: The last ``JobInfo`` the server returned, or ``None``.
+        timeout: The deadline in seconds that passed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        job: JobInfo | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status_code=status_code)
+        self.job = job
+        self.job_id = job["job_id"] if job is not None else None
+        self.timeout = timeout
+
+
+# --------------------------------------------------------------------------- files
+
+
+class FileError(BastionError):
+    """A file operation failed."""
+
+
+class FileUploadError(FileError):
+    """Uploading a file failed (bad path, too large, parent is a file, ...)."""
+
+
+class FileListError(FileError):
+    """Listing a directory failed (no such directory, not a directory, ...)."""
+
+
+class FileDeleteError(FileError):
+    """Deleting a path failed (no such path, non-empty directory, ...)."""
+
+
+class FileDownloadError(FileError):
+    """Downloading a file failed (no such file, is a directory, ...)."""
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+class TerminalError(BastionError):
+    """A terminal operation failed."""
+
+
+class TerminalConnectionError(TerminalError):
+    """The terminal WebSocket could not be opened, or it closed unexpectedly."""
+
+
+class TerminalSendError(TerminalError):
+    """Input could not be sent to the terminal."""
+
+
+def _describe_failure(result: JobInfo, exit_status: int | None) -> str:
+    parts = [f"job {result['job_id']} failed"]
+    if exit_status is not None:
+        parts.append(f"with exit status {exit_status}")
+    reason = result.get("failure_reason")
+    if reason:
+        parts.append(f"({reason})")
+    message = " ".join(parts)
+    output = result.get("output")
+    # The tail of stderr is what a reader of a traceback needs first.
+    tail = output["errout"].strip()[-300:] if output else ""
+    return f"{message}: {tail}" if tail else message

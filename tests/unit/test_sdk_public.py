@@ -1,0 +1,98 @@
+"""The public surface of the ``bastion`` package."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from pathlib import Path
+
+import bastion
+from bastion import wire
+
+EXCEPTIONS = {
+    "BastionError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "ServerError",
+    "SessionError",
+    "SessionNotFoundError",
+    "SessionStateError",
+    "SessionStartError",
+    "JobError",
+    "JobNotFoundError",
+    "InvalidCommandError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "FileError",
+    "FileUploadError",
+    "FileListError",
+    "FileDeleteError",
+    "FileDownloadError",
+    "TerminalError",
+    "TerminalConnectionError",
+    "TerminalSendError",
+}
+# typing.is_typeddict misses typing_extensions.TypedDict classes; their marks do not.
+WIRE_TYPES = {
+    name
+    for name, value in vars(wire).items()
+    if isinstance(value, type) and hasattr(value, "__required_keys__") and not name.startswith("_")
+}
+ENUMS = {"ErrorCode", "JobStatus", "SessionStatus"}
+
+
+def test_public_surface() -> None:
+    assert set(bastion.__all__) == {"Bastion", "__version__"} | EXCEPTIONS | WIRE_TYPES | ENUMS
+    assert len(bastion.__all__) == len(set(bastion.__all__))
+    for name in bastion.__all__:
+        assert hasattr(bastion, name), name
+
+
+def test_every_wire_typeddict_is_exported_as_is() -> None:
+    assert {"SessionInfo", "JobInfo", "JobResult", "FileList", "HealthInfo"} <= WIRE_TYPES
+    for name in WIRE_TYPES:
+        assert getattr(bastion, name) is getattr(wire, name)
+
+
+def test_version_matches_pyproject() -> None:
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert bastion.__version__ == version
+
+
+def test_public_methods_are_documented() -> None:
+    client = bastion.Bastion("http://bastion.test")
+    try:
+        for resource in (client.sessions, client.jobs, client.files):
+            for name, method in inspect.getmembers(resource, inspect.ismethod):
+                if name.startswith("_"):
+                    continue
+                doc = inspect.getdoc(method) or ""
+                assert doc, f"{type(resource).__name__}.{name} has no docstring"
+                if name != "status":  # an alias, documented as one
+                    assert "Returns:" in doc or "Yields:" in doc, name
+    finally:
+        client.close()
+
+
+def test_product_page_signatures() -> None:
+    sig = inspect.signature(bastion.Bastion)
+    assert list(sig.parameters)[:3] == ["base_url", "api_key", "timeout"]
+    assert sig.parameters["timeout"].default == 30.0
+    assert sig.parameters["transport"].kind is inspect.Parameter.KEYWORD_ONLY
+    client = bastion.Bastion("http://bastion.test")
+    try:
+        params = inspect.signature(client.jobs.run_and_wait).parameters
+        assert list(params) == ["session_id", "command", "env", "cwd", "timeout", "wait_timeout"]
+        assert list(inspect.signature(client.jobs.watch).parameters) == [
+            "session_id",
+            "job_id",
+            "on_update",
+            "timeout",
+        ]
+        assert inspect.signature(client.files.list).parameters["path"].default == "/"
+    finally:
+        client.close()
