@@ -65,6 +65,7 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
     ErrorCode.FILE_NOT_FOUND: FILE,
     ErrorCode.NOT_A_DIRECTORY: FILE,
     ErrorCode.IS_A_DIRECTORY: FILE,
+    ErrorCode.DIRECTORY_NOT_EMPTY: FILE,
     ErrorCode.FILE_TOO_LARGE: FILE,
     ErrorCode.FILE_OPERATION_FAILED: FILE,
 }
