@@ -234,3 +234,10 @@ JOB_WAIT_MAX_HOLD = 60.0
 
 def session_path(session_id: str = "") -> str:
     return f"{API_PREFIX}/sessions" + (f"/{session_id}" if session_id else "")
+
+
+# Request bodies reject keys they do not define: a misspelt limit ("memory" for
+# "memory_mb") must be an error, not silently ignored.  The attribute is read by the
+# server's validation (pydantic) and means nothing to anything else.
+for _request_type in (SessionLimits, CreateSessionRequest, RunJobRequest):
+    setattr(_request_type, "__pydantic_config__", {"extra": "forbid"})  # noqa: B010

@@ -28,41 +28,79 @@ def _env(name: str, default: str) -> str:
 
 def register_serve(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "serve", help="run the Bastion server",
+        "serve",
+        help="run the Bastion server",
         description="Run the Bastion server. Every option can also be set by the "
-                    "environment variable named in its help.",
+        "environment variable named in its help.",
     )
-    p.add_argument("--host", default=_env("BASTION_HOST", "127.0.0.1"),
-                   help="address to listen on (BASTION_HOST; default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(_env("BASTION_PORT", "8080")),
-                   help="port (BASTION_PORT; default 8080)")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(_env("BASTION_DATA_DIR", str(DEFAULT_DATA_DIR))),
-                   help=f"records, session files and job output (BASTION_DATA_DIR; "
-                        f"default {DEFAULT_DATA_DIR})")
-    p.add_argument("--images-dir", type=Path,
-                   default=Path(_env("BASTION_IMAGES_DIR", str(DEFAULT_IMAGES_DIR))),
-                   help=f"built sandbox images (BASTION_IMAGES_DIR; default {DEFAULT_IMAGES_DIR})")
-    p.add_argument("--api-key", action="append", dest="api_keys", default=None,
-                   help="accept this API key; repeat for several (BASTION_API_KEYS, "
-                        "comma-separated). Without any, only loopback addresses are served.")
-    p.add_argument("--runtime", default=_env("BASTION_RUNTIME", "crun"),
-                   help="OCI runtime binary: crun, runc, or another by name (BASTION_RUNTIME)")
-    p.add_argument("--max-upload-bytes", type=int,
-                   default=int(_env("BASTION_MAX_UPLOAD_BYTES", str(4 * 1024**3))),
-                   help="largest accepted upload (BASTION_MAX_UPLOAD_BYTES; default 4 GiB)")
-    p.add_argument("--default-memory-mb", type=int,
-                   default=int(_env("BASTION_DEFAULT_MEMORY_MB", "512")),
-                   help="memory (and memory+swap) of a session that asks for none "
-                        "(BASTION_DEFAULT_MEMORY_MB; default 512)")
-    p.add_argument("--default-pids", type=int, default=int(_env("BASTION_DEFAULT_PIDS", "256")),
-                   help="process limit of a session that asks for none (BASTION_DEFAULT_PIDS)")
-    p.add_argument("--default-cpus", type=float,
-                   default=float(_env("BASTION_DEFAULT_CPUS", "1.0")),
-                   help="CPU cores of a session that asks for none (BASTION_DEFAULT_CPUS)")
-    p.add_argument("--log-level", default=_env("BASTION_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"],
-                   help="(BASTION_LOG_LEVEL; default info)")
+    p.add_argument(
+        "--host",
+        default=_env("BASTION_HOST", "127.0.0.1"),
+        help="address to listen on (BASTION_HOST; default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("BASTION_PORT", "8080")),
+        help="port (BASTION_PORT; default 8080)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("BASTION_DATA_DIR", str(DEFAULT_DATA_DIR))),
+        help=f"records, session files and job output (BASTION_DATA_DIR; "
+        f"default {DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        default=Path(_env("BASTION_IMAGES_DIR", str(DEFAULT_IMAGES_DIR))),
+        help=f"built sandbox images (BASTION_IMAGES_DIR; default {DEFAULT_IMAGES_DIR})",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        default=None,
+        help="accept this API key; repeat for several (BASTION_API_KEYS, "
+        "comma-separated). Without any, only loopback addresses are served.",
+    )
+    p.add_argument(
+        "--runtime",
+        default=_env("BASTION_RUNTIME", "crun"),
+        help="OCI runtime binary: crun, runc, or another by name (BASTION_RUNTIME)",
+    )
+    p.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=int(_env("BASTION_MAX_UPLOAD_BYTES", str(4 * 1024**3))),
+        help="largest accepted upload (BASTION_MAX_UPLOAD_BYTES; default 4 GiB)",
+    )
+    p.add_argument(
+        "--default-memory-mb",
+        type=int,
+        default=int(_env("BASTION_DEFAULT_MEMORY_MB", "512")),
+        help="memory (and memory+swap) of a session that asks for none "
+        "(BASTION_DEFAULT_MEMORY_MB; default 512)",
+    )
+    p.add_argument(
+        "--default-pids",
+        type=int,
+        default=int(_env("BASTION_DEFAULT_PIDS", "256")),
+        help="process limit of a session that asks for none (BASTION_DEFAULT_PIDS)",
+    )
+    p.add_argument(
+        "--default-cpus",
+        type=float,
+        default=float(_env("BASTION_DEFAULT_CPUS", "1.0")),
+        help="CPU cores of a session that asks for none (BASTION_DEFAULT_CPUS)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("BASTION_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="(BASTION_LOG_LEVEL; default info)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -73,10 +111,14 @@ def serve(args: argparse.Namespace) -> int:
     from bastion_server.api.app import create_app
 
     config = ServerConfig(
-        host=args.host, port=args.port, data_dir=args.data_dir.absolute(),
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir.absolute(),
         images_dir=args.images_dir.absolute(),
         api_keys=tuple(args.api_keys) if args.api_keys else env_api_keys(),
-        runtime=args.runtime, max_upload_bytes=args.max_upload_bytes, log_level=args.log_level,
+        runtime=args.runtime,
+        max_upload_bytes=args.max_upload_bytes,
+        log_level=args.log_level,
         default_limits=Limits(args.default_memory_mb, args.default_pids, args.default_cpus),
     )
     try:
@@ -85,25 +127,44 @@ def serve(args: argparse.Namespace) -> int:
         print(f"bastion serve: {exc}", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("bastion serve: must run as root (it mounts overlays and runs an OCI runtime)",
-              file=sys.stderr)
+        print(
+            "bastion serve: must run as root (it mounts overlays and runs an OCI runtime)",
+            file=sys.stderr,
+        )
         return 2
     logs.configure(config.log_level)
     from bastion_server.image.builder import ImageError
+    from bastion_server.runtime.host import HostNotReady
     from bastion_server.service.container import make_runtime
 
     try:
         runtime = make_runtime(config)
-    except ImageError as exc:
+        asyncio.run(runtime.prepare_host())  # fail here, with a plain message, not mid-start
+    except (ImageError, HostNotReady) as exc:
         print(f"bastion serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(config, runtime)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, access_log=False,
-        lifespan="on", timeout_graceful_shutdown=10, ws_ping_interval=20, ws_ping_timeout=20,
-    ))
-    log.info("starting", extra={"host": config.host, "port": config.port,
-                                "auth": "api-keys" if config.api_keys else "none (loopback)"})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+            ws_ping_interval=20,
+            ws_ping_timeout=20,
+        )
+    )
+    log.info(
+        "starting",
+        extra={
+            "host": config.host,
+            "port": config.port,
+            "auth": "api-keys" if config.api_keys else "none (loopback)",
+        },
+    )
     # uvicorn's own handlers do a graceful shutdown on SIGINT and SIGTERM: stop
     # accepting, let requests finish (up to timeout_graceful_shutdown), then run the
     # lifespan shutdown, which ends running jobs and closes the store.

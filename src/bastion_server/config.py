@@ -55,8 +55,9 @@ class ServerConfig:
         if any(not k or len(k) < 8 for k in self.api_keys):
             raise ConfigError("API keys must be at least 8 characters long")
         d, m = self.default_limits, self.max_limits
-        if not (32 <= d.memory_mb <= m.memory_mb and 8 <= d.pids <= m.pids
-                and 0.01 <= d.cpus <= m.cpus):
+        if not (
+            32 <= d.memory_mb <= m.memory_mb and 8 <= d.pids <= m.pids and 0.01 <= d.cpus <= m.cpus
+        ):
             raise ConfigError(f"default limits {d} must lie within the maxima {m}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")

@@ -42,11 +42,16 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            log.info("request", extra={
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "ms": round((time.perf_counter() - start) * 1000, 2),
-                "owner": scope.get("bastion.owner"),
-            })
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round((time.perf_counter() - start) * 1000, 2),
+                    "owner": scope.get("bastion.owner"),
+                },
+            )
 
 
 def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:

@@ -35,8 +35,9 @@ def authenticate(keys: tuple[str, ...], supplied: str | None) -> str:
     if not keys:
         return ANONYMOUS
     if supplied is None:
-        raise ServiceError(ErrorCode.UNAUTHORIZED,
-                           "an API key is required (Authorization: Bearer <key>)")
+        raise ServiceError(
+            ErrorCode.UNAUTHORIZED, "an API key is required (Authorization: Bearer <key>)"
+        )
     given = supplied.encode()
     matched: str | None = None
     for key in keys:

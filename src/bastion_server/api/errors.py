@@ -22,10 +22,14 @@ from bastion_server.service.errors import ServiceError
 log = logging.getLogger("bastion.api")
 
 
-def error_response(code: ErrorCode, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code.value, "message": message}},
-                        status_code=ERROR_HTTP_STATUS[code], headers=headers)
+def error_response(
+    code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code.value, "message": message}},
+        status_code=ERROR_HTTP_STATUS[code],
+        headers=headers,
+    )
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -63,8 +67,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         return error_response(ErrorCode.NOT_FOUND, f"no such endpoint: {request.url.path}")
     if exc.status_code == 405:
-        return error_response(ErrorCode.METHOD_NOT_ALLOWED,
-                              f"{request.method} is not allowed on {request.url.path}")
+        return error_response(
+            ErrorCode.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}"
+        )
     return error_response(ErrorCode.INVALID_REQUEST, str(exc.detail))
 
 

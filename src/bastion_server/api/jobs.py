@@ -21,7 +21,11 @@ Svc = Annotated[Services, Depends(services)]
 async def run_job(session_id: str, body: RunJobRequest, who: Owner, svc: Svc) -> JobInfo:
     """Start a command in the background; answers at once with the job id."""
     record = await svc.jobs.run(
-        who, session_id, body.get("command"), env=body.get("env"), cwd=body.get("cwd"),
+        who,
+        session_id,
+        body.get("command"),
+        env=body.get("env"),
+        cwd=body.get("cwd"),
         timeout=body.get("timeout"),
     )
     return job_view(record, svc.jobs)
@@ -39,7 +43,10 @@ async def get_job(session_id: str, job_id: str, who: Owner, svc: Svc) -> JobInfo
 
 @router.get("/{job_id}/wait", response_model=JobInfo)
 async def wait_job(
-    session_id: str, job_id: str, who: Owner, svc: Svc,
+    session_id: str,
+    job_id: str,
+    who: Owner,
+    svc: Svc,
     timeout: Annotated[float | None, Query(ge=0)] = None,
 ) -> JobInfo:
     """Hold the request until the job is final or ``timeout`` seconds pass (at most the

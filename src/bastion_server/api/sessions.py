@@ -19,13 +19,17 @@ Svc = Annotated[Services, Depends(services)]
 
 @router.post("", status_code=201, response_model=SessionInfo)
 async def create_session(
-    who: Owner, svc: Svc, body: CreateSessionRequest | None = None,
+    who: Owner,
+    svc: Svc,
+    body: CreateSessionRequest | None = None,
     idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None,
 ) -> SessionInfo:
     """Create a session (status ``created``); nothing runs until it is started."""
     body = body or {}
     record = await svc.sessions.create(
-        who, limits=dict(body.get("limits") or {}), metadata=body.get("metadata"),
+        who,
+        limits=dict(body.get("limits") or {}),
+        metadata=body.get("metadata"),
         idempotency_key=idempotency_key,
     )
     return session_view(record)

@@ -40,7 +40,10 @@ def job_view(record: JobRecord, jobs: JobService) -> JobInfo:
 
 def file_view(entry: Entry) -> FileEntry:
     return {
-        "name": entry.name, "path": entry.path, "size": entry.size,
+        "name": entry.name,
+        "path": entry.path,
+        "size": entry.size,
         "type": entry.type,  # type: ignore[typeddict-item]
-        "modified_at": entry.modified_at, "mode": entry.mode,
+        "modified_at": entry.modified_at,
+        "mode": entry.mode,
     }

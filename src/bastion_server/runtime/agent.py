@@ -47,6 +47,7 @@ import sys
 import termios
 import threading
 import time
+from typing import Any
 
 FRAME_HEADER = struct.Struct(">cI")
 FRAME_JSON = b"J"
@@ -158,7 +159,7 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
 class Job:
     """One running command: its supervisor, pipes (or pty) and status channel."""
 
-    def __init__(self, request: dict, uid: int, gid: int, home: str) -> None:
+    def __init__(self, request: dict[str, Any], uid: int, gid: int, home: str) -> None:
         self.pty = bool(request.get("pty"))
         argv = [str(a) for a in request["argv"]]
         env = {str(k): str(v) for k, v in (request.get("env") or {}).items()}
@@ -203,7 +204,17 @@ class Job:
         os.close(err_r)
         self.exec_errno = int(data) if data else 0
 
-    def _supervise(self, argv, env, cwd, uid, gid, fds, status_w, err_w) -> None:
+    def _supervise(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        uid: int,
+        gid: int,
+        fds: tuple[int, int, int],
+        status_w: int,
+        err_w: int,
+    ) -> None:
         # Runs in the forked child of a threaded process: only simple os calls here.
         # Drop every descriptor another thread had open at the fork (other jobs' pipes
         # and sockets): a stray copy of a pipe's write end would hold off its EOF.
@@ -294,31 +305,59 @@ class Agent:
         except Exception as exc:  # one bad connection must never take the agent down
             print(f"bastion-agent: connection failed: {exc!r}", file=sys.stderr, flush=True)
 
-    def _exec(self, conn, request, reader, pending) -> None:
+    def _exec(
+        self,
+        conn: socket.socket,
+        request: dict[str, Any],
+        reader: FrameReader,
+        pending: list[tuple[bytes, bytes]],
+    ) -> None:
         try:
             job = Job(request, self.uid, self.gid, self.home)
         except (OSError, KeyError, TypeError, ValueError) as exc:
-            conn.sendall(encode_json({"event": "exit", "exit_code": None, "signal": None,
-                                      "timed_out": False, "error": "start_failed",
-                                      "message": str(exc)}))
+            conn.sendall(
+                encode_json(
+                    {
+                        "event": "exit",
+                        "exit_code": None,
+                        "signal": None,
+                        "timed_out": False,
+                        "error": "start_failed",
+                        "message": str(exc),
+                    }
+                )
+            )
             return
         if job.exec_errno:
             os.waitpid(job.pid, 0)
             for fd in [*job.out_fds, job.status_fd]:
                 os.close(fd)
-            conn.sendall(encode_json({
-                "event": "exit", "exit_code": 127 if job.exec_errno == errno.ENOENT else 126,
-                "signal": None, "timed_out": False,
-                "error": "not_found" if job.exec_errno == errno.ENOENT else "exec_failed",
-                "message": f"{request['argv'][0]}: {os.strerror(job.exec_errno)}",
-            }))
+            conn.sendall(
+                encode_json(
+                    {
+                        "event": "exit",
+                        "exit_code": 127 if job.exec_errno == errno.ENOENT else 126,
+                        "signal": None,
+                        "timed_out": False,
+                        "error": "not_found" if job.exec_errno == errno.ENOENT else "exec_failed",
+                        "message": f"{request['argv'][0]}: {os.strerror(job.exec_errno)}",
+                    }
+                )
+            )
             return
         conn.sendall(encode_json({"event": "started", "pid": job.pid}))
         timeout = request.get("timeout")
         deadline = time.monotonic() + float(timeout) if timeout else None
         self._pump(conn, job, reader, pending, deadline)
 
-    def _pump(self, conn, job, reader, pending, deadline) -> None:
+    def _pump(
+        self,
+        conn: socket.socket,
+        job: Job,
+        reader: FrameReader,
+        pending: list[tuple[bytes, bytes]],
+        deadline: float | None,
+    ) -> None:
         sel = selectors.DefaultSelector()
         for fd in job.out_fds:
             sel.register(fd, selectors.EVENT_READ, "out")
@@ -329,7 +368,7 @@ class Agent:
         drain_until: float | None = None
         open_outputs = set(job.out_fds)
 
-        def handle_frames(frames) -> bool:
+        def handle_frames(frames: list[tuple[bytes, bytes]]) -> bool:
             nonlocal killed
             for kind, payload in frames:
                 if kind == FRAME_STDIN and job.input_fd is not None:
@@ -394,13 +433,17 @@ class Agent:
                 except OSError:
                     pass
         signum = -exit_code if exit_code is not None and exit_code < 0 else None
-        conn.sendall(encode_json({
-            "event": "exit",
-            "exit_code": 128 + signum if signum else exit_code,
-            "signal": signum,
-            "timed_out": timed_out,
-            "error": "timeout" if timed_out else ("killed" if killed else None),
-        }))
+        conn.sendall(
+            encode_json(
+                {
+                    "event": "exit",
+                    "exit_code": 128 + signum if signum else exit_code,
+                    "signal": signum,
+                    "timed_out": timed_out,
+                    "error": "timeout" if timed_out else ("killed" if killed else None),
+                }
+            )
+        )
 
 
 def _reap_forever(agent_pid: int) -> None:
@@ -416,7 +459,10 @@ def _reap_forever(agent_pid: int) -> None:
 
 
 def main() -> None:
-    uid, gid = int(os.environ.get("BASTION_UID", "1000")), int(os.environ.get("BASTION_GID", "1000"))
+    uid, gid = (
+        int(os.environ.get("BASTION_UID", "1000")),
+        int(os.environ.get("BASTION_GID", "1000")),
+    )
     home = os.environ.get("BASTION_HOME", "/")
     sock_dir = os.environ.get("BASTION_SOCKET_DIR", SOCKET_DIR)
     agent_pid = os.fork()

@@ -27,10 +27,20 @@ class AgentProcess(Process):
             )
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
-        writer.write(protocol.encode_json({
-            "op": "exec", "argv": spec.argv, "env": spec.env, "cwd": spec.cwd,
-            "timeout": spec.timeout, "pty": spec.pty, "rows": spec.rows, "cols": spec.cols,
-        }))
+        writer.write(
+            protocol.encode_json(
+                {
+                    "op": "exec",
+                    "argv": spec.argv,
+                    "env": spec.env,
+                    "cwd": spec.cwd,
+                    "timeout": spec.timeout,
+                    "pty": spec.pty,
+                    "rows": spec.rows,
+                    "cols": spec.cols,
+                }
+            )
+        )
         await writer.drain()
         return cls(reader, writer)
 
@@ -50,8 +60,11 @@ class AgentProcess(Process):
                 frame = await self._read_frame()
                 if frame is None:
                     self._exited = True
-                    yield ExitEvent(exit_code=None, error="lost",
-                                    message="the sandbox went away while the process ran")
+                    yield ExitEvent(
+                        exit_code=None,
+                        error="lost",
+                        message="the sandbox went away while the process ran",
+                    )
                     return
                 kind, payload = frame
                 if kind in _STREAMS:

@@ -10,7 +10,10 @@ import shutil
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 
-_V2_CONTROLLER_FILES = ("/sys/fs/cgroup/unified/cgroup.controllers", "/sys/fs/cgroup/cgroup.controllers")
+_V2_CONTROLLER_FILES = (
+    "/sys/fs/cgroup/unified/cgroup.controllers",
+    "/sys/fs/cgroup/cgroup.controllers",
+)
 
 
 class HostNotReady(Exception):
@@ -18,8 +21,7 @@ class HostNotReady(Exception):
 
 
 def mount(source: str, target: str, fstype: str, options: str, flags: int = 0) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
-                   options.encode()) != 0:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, options.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
 
@@ -70,3 +72,8 @@ def hard_limit(kind: int) -> int:
     """The host's hard rlimit; OCI rlimits above it make the sandbox start fail."""
     hard = resource.getrlimit(kind)[1]
     return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+if __name__ == "__main__":  # `python -m bastion_server.runtime.host`: used by `make setup`
+    if fix_hybrid_cgroups():
+        print("prepare-host: moved stray cgroup-v2 controllers to v1 hierarchies")

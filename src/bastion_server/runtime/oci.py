@@ -50,7 +50,12 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # sandbox user, signal them and hand them a pty.  Jobs keep none (they run as a
 # non-zero uid without ambient capabilities).
 _AGENT_CAPABILITIES = [
-    "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_KILL",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
 ]
 
 
@@ -106,6 +111,8 @@ class OciRuntime(Runtime):
         # bind-mount sources: keep the path down to them traversable, nothing readable.
         for path in (self.data_dir, self.sessions_dir):
             os.chmod(path, 0o711)
+        self._check_reachable(self.data_dir)
+        self._check_reachable(Path(self.image.rootfs))
         # A private copy of the agent: the sandbox never sees the server's install tree.
         self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
         os.chmod(self.agent_source.parent, 0o755)
@@ -116,11 +123,33 @@ class OciRuntime(Runtime):
             os.chmod(temp, 0o644)
             temp.replace(self.agent_source)
 
-    async def _run(self, *args: str, check: bool = True, stdout: Any = asyncio.subprocess.PIPE,
-                   stderr: Any = asyncio.subprocess.PIPE) -> tuple[int, str]:
+    @staticmethod
+    def _check_reachable(path: Path) -> None:
+        """The sandbox's root is an unprivileged host uid: it must be able to walk down
+        to its root filesystem and bind-mount sources (search permission, nothing more)."""
+        for parent in [path.absolute(), *path.absolute().parents]:
+            if parent.exists() and not os.stat(parent).st_mode & 0o001:
+                raise host.HostNotReady(
+                    f"{parent} is not searchable by other users (mode "
+                    f"{oct(os.stat(parent).st_mode & 0o777)}), so sandboxes cannot reach "
+                    f"{path}; run `chmod o+x {parent}` or choose another directory"
+                )
+
+    async def _run(
+        self,
+        *args: str,
+        check: bool = True,
+        stdout: Any = asyncio.subprocess.PIPE,
+        stderr: Any = asyncio.subprocess.PIPE,
+    ) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            self._binary_path or self._binary, "--root", self.state_root, *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            self._binary_path or self._binary,
+            "--root",
+            self.state_root,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
         )
         out, err = await proc.communicate()
         text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
@@ -148,9 +177,12 @@ class OciRuntime(Runtime):
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
         rootfs = base / "rootfs"
         if not os.path.ismount(rootfs):
-            host.mount("overlay", str(rootfs), "overlay",
-                       f"lowerdir={self.image.rootfs},upperdir={base / 'upper'},"
-                       f"workdir={base / 'work'}")
+            host.mount(
+                "overlay",
+                str(rootfs),
+                "overlay",
+                f"lowerdir={self.image.rootfs},upperdir={base / 'upper'},workdir={base / 'work'}",
+            )
         config = self._config(session_id, limits)
         (base / "bundle" / "config.json").write_text(json.dumps(config))
         try:
@@ -159,9 +191,27 @@ class OciRuntime(Runtime):
             pass
         # A leftover container of the same name (crash between start and record) goes.
         await self._run("delete", "--force", session_id, check=False)
-        with open(base / "agent.log", "ab") as agent_log:
-            await self._run("run", "--detach", "--bundle", str(base / "bundle"), session_id,
-                            stdout=agent_log, stderr=agent_log)
+        # The container inherits crun's stdio, so crun writes to the agent's log file
+        # (a pipe would stay open as long as the sandbox runs).
+        log_path = base / "agent.log"
+        with open(log_path, "ab") as agent_log:
+            offset = agent_log.tell()
+            code, _ = await self._run(
+                "run",
+                "--detach",
+                "--bundle",
+                str(base / "bundle"),
+                session_id,
+                check=False,
+                stdout=agent_log,
+                stderr=agent_log,
+            )
+        if code != 0:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                reason = f.read(4000).decode(errors="replace").strip()
+            await self.stop(session_id)
+            raise SandboxError(f"{self._binary} run failed: {reason or f'exit status {code}'}")
         try:
             await self._wait_for_agent(session_id)
         except BaseException:
@@ -183,8 +233,9 @@ class OciRuntime(Runtime):
             log_tail = (self._dir(session_id) / "agent.log").read_text(errors="replace")[-2000:]
         except OSError:
             pass
-        raise SandboxError(f"sandbox agent did not start within {AGENT_START_TIMEOUT}s: "
-                           f"{log_tail.strip()}")
+        raise SandboxError(
+            f"sandbox agent did not start within {AGENT_START_TIMEOUT}s: {log_tail.strip()}"
+        )
 
     async def stop(self, session_id: str) -> None:
         await self._run("delete", "--force", session_id, check=False)
@@ -199,8 +250,9 @@ class OciRuntime(Runtime):
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
     async def is_running(self, session_id: str) -> bool:
-        code, out = await self._run("state", session_id, check=False,
-                                    stderr=asyncio.subprocess.DEVNULL)
+        code, out = await self._run(
+            "state", session_id, check=False, stderr=asyncio.subprocess.DEVNULL
+        )
         if code != 0:
             return False
         try:
@@ -222,21 +274,35 @@ class OciRuntime(Runtime):
         if not os.path.exists(path):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
         env = {
-            "PATH": _DEFAULT_PATH, "HOME": self.image.home, "USER": "user", "LOGNAME": "user",
-            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "PATH": _DEFAULT_PATH,
+            "HOME": self.image.home,
+            "USER": "user",
+            "LOGNAME": "user",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
             **({"TERM": "xterm-256color"} if spec.pty else {}),
             **spec.env,
         }
-        spec = ExecSpec(argv=spec.argv, env=env, cwd=spec.cwd or self.image.home,
-                        timeout=spec.timeout, pty=spec.pty, rows=spec.rows, cols=spec.cols)
+        spec = ExecSpec(
+            argv=spec.argv,
+            env=env,
+            cwd=spec.cwd or self.image.home,
+            timeout=spec.timeout,
+            pty=spec.pty,
+            rows=spec.rows,
+            cols=spec.cols,
+        )
         return await AgentProcess.start(path, spec)
 
     def files(self, session_id: str) -> SandboxFS:
         rootfs = self._dir(session_id) / "rootfs"
         if not os.path.ismount(rootfs):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
-        return SandboxFS(str(rootfs), self.image.uid_shift + self.image.sandbox_uid,
-                         self.image.uid_shift + self.image.sandbox_gid)
+        return SandboxFS(
+            str(rootfs),
+            self.image.uid_shift + self.image.sandbox_uid,
+            self.image.uid_shift + self.image.sandbox_gid,
+        )
 
     # -- the OCI config -------------------------------------------------------------
 
@@ -252,8 +318,7 @@ class OciRuntime(Runtime):
             "process": {
                 "terminal": False,
                 "user": {"uid": 0, "gid": 0},
-                "args": ["/usr/bin/python3", "-I", "-S",
-                         f"{AGENT_DIR_IN_SANDBOX}/agent.py"],
+                "args": ["/usr/bin/python3", "-I", "-S", f"{AGENT_DIR_IN_SANDBOX}/agent.py"],
                 "env": [
                     f"PATH={_DEFAULT_PATH}",
                     f"BASTION_UID={self.image.sandbox_uid}",
@@ -272,29 +337,61 @@ class OciRuntime(Runtime):
             "root": {"path": str(base / "rootfs"), "readonly": False},
             "hostname": "sandbox",
             "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                 "options": ["nosuid", "noexec", "nodev", "ro"]},
-                {"destination": AGENT_DIR_IN_SANDBOX, "type": "bind",
-                 "source": str(self.agent_source.parent),
-                 "options": ["rbind", "ro", "nosuid", "nodev"]},
-                {"destination": agent_module.SOCKET_DIR, "type": "bind",
-                 "source": str(base / "run"), "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]},
+                {
+                    "destination": "/proc",
+                    "type": "proc",
+                    "source": "proc",
+                    "options": ["nosuid", "noexec", "nodev"],
+                },
+                {
+                    "destination": "/dev",
+                    "type": "tmpfs",
+                    "source": "tmpfs",
+                    "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+                },
+                {
+                    "destination": "/dev/pts",
+                    "type": "devpts",
+                    "source": "devpts",
+                    "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+                },
+                {
+                    "destination": "/dev/shm",
+                    "type": "tmpfs",
+                    "source": "shm",
+                    "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+                },
+                {
+                    "destination": "/dev/mqueue",
+                    "type": "mqueue",
+                    "source": "mqueue",
+                    "options": ["nosuid", "noexec", "nodev"],
+                },
+                {
+                    "destination": "/sys",
+                    "type": "sysfs",
+                    "source": "sysfs",
+                    "options": ["nosuid", "noexec", "nodev", "ro"],
+                },
+                {
+                    "destination": AGENT_DIR_IN_SANDBOX,
+                    "type": "bind",
+                    "source": str(self.agent_source.parent),
+                    "options": ["rbind", "ro", "nosuid", "nodev"],
+                },
+                {
+                    "destination": agent_module.SOCKET_DIR,
+                    "type": "bind",
+                    "source": str(base / "run"),
+                    "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
+                },
             ],
             "linux": {
                 "uidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
                 "gidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
-                "namespaces": [{"type": t} for t in
-                               ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")],
+                "namespaces": [
+                    {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")
+                ],
                 "cgroupsPath": f"{self.cgroup_parent}/{session_id}",
                 "resources": {
                     "devices": [{"allow": False, "access": "rwm"}],
@@ -303,12 +400,24 @@ class OciRuntime(Runtime):
                     "cpu": {"quota": int(limits.cpus * period), "period": period},
                 },
                 "maskedPaths": [
-                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                    "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+                    "/proc/acpi",
+                    "/proc/asound",
+                    "/proc/kcore",
+                    "/proc/keys",
+                    "/proc/latency_stats",
+                    "/proc/timer_list",
+                    "/proc/timer_stats",
+                    "/proc/sched_debug",
+                    "/proc/scsi",
+                    "/sys/firmware",
+                    "/sys/devices/virtual/powercap",
                 ],
                 "readonlyPaths": [
-                    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+                    "/proc/bus",
+                    "/proc/fs",
+                    "/proc/irq",
+                    "/proc/sys",
+                    "/proc/sysrq-trigger",
                 ],
             },
         }

@@ -184,8 +184,9 @@ class SandboxFS:
                     except FileExistsError:
                         pass  # raced with the sandbox; the next open checks what it is
                     else:
-                        os.chown(parts[depth - 1], self.uid, self.gid, dir_fd=up,
-                                 follow_symlinks=False)
+                        os.chown(
+                            parts[depth - 1], self.uid, self.gid, dir_fd=up, follow_symlinks=False
+                        )
                 finally:
                     os.close(up)
                 fd = self._open(parts[:depth], os.O_PATH | os.O_DIRECTORY)
@@ -208,8 +209,12 @@ class SandboxFS:
             raise _translate(exc, path) from exc
         temp = f".bastion-upload-{secrets.token_hex(8)}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=parent)
+            fd = os.open(
+                temp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=parent,
+            )
         except OSError as exc:
             os.close(parent)
             raise _translate(exc, path) from exc
@@ -222,7 +227,7 @@ class SandboxFS:
                     raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.close(fd)
             fd = -1
             try:
@@ -262,14 +267,16 @@ class SandboxFS:
                         st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
                     except OSError:
                         continue  # removed by the sandbox while we listed
-                    entries.append(Entry(
-                        name=item.name,
-                        path=base.rstrip("/") + "/" + item.name,
-                        size=st.st_size,
-                        type=_file_type(st.st_mode),
-                        modified_at=_iso(st.st_mtime),
-                        mode=stat.filemode(st.st_mode),
-                    ))
+                    entries.append(
+                        Entry(
+                            name=item.name,
+                            path=base.rstrip("/") + "/" + item.name,
+                            size=st.st_size,
+                            type=_file_type(st.st_mode),
+                            modified_at=_iso(st.st_mtime),
+                            mode=stat.filemode(st.st_mode),
+                        )
+                    )
                     if len(entries) >= MAX_LIST_ENTRIES:
                         break
         finally:

@@ -22,8 +22,11 @@ def make_runtime(config: ServerConfig) -> Runtime:
 
     info = resolve_image(config.images_dir, config.image)
     image = SandboxImage(
-        rootfs=str(info.rootfs), uid_shift=info.uid_shift, sandbox_uid=info.sandbox_uid,
-        sandbox_gid=info.sandbox_gid, home=info.home,
+        rootfs=str(info.rootfs),
+        uid_shift=info.uid_shift,
+        sandbox_uid=info.sandbox_uid,
+        sandbox_gid=info.sandbox_gid,
+        home=info.home,
     )
     return OciRuntime(config.data_dir, image, binary=config.runtime)
 
@@ -47,8 +50,9 @@ class Services:
         files = FileService(runtime, sessions, config)
         jobs.recover()
         await sessions.reconcile()
-        log.info("services ready", extra={"runtime": runtime.name,
-                                          "data_dir": str(config.data_dir)})
+        log.info(
+            "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
+        )
         return cls(config, store, runtime, sessions, jobs, files)
 
     async def close(self) -> None:

@@ -46,13 +46,21 @@ class FileService:
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
 
-    async def upload(self, owner: str, session_id: str, path: str,
-                     chunks: AsyncIterator[bytes], declared_size: int | None) -> int:
+    async def upload(
+        self,
+        owner: str,
+        session_id: str,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        declared_size: int | None,
+    ) -> int:
         self.check_path(path)
         limit = self.config.max_upload_bytes
         if declared_size is not None and declared_size > limit:
-            raise ServiceError(ErrorCode.FILE_TOO_LARGE,
-                               f"upload of {declared_size} bytes exceeds the limit of {limit}")
+            raise ServiceError(
+                ErrorCode.FILE_TOO_LARGE,
+                f"upload of {declared_size} bytes exceeds the limit of {limit}",
+            )
         fs = self._fs(owner, session_id)
         try:
             return await fs.write(path, chunks, limit)

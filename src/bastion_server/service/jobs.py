@@ -63,8 +63,9 @@ class _LiveJob:
 
 
 class JobService:
-    def __init__(self, store: Store, runtime: Runtime, sessions: SessionService,
-                 config: ServerConfig) -> None:
+    def __init__(
+        self, store: Store, runtime: Runtime, sessions: SessionService, config: ServerConfig
+    ) -> None:
         self.store, self.runtime, self.sessions, self.config = store, runtime, sessions, config
         self.logs_dir = config.data_dir / "jobs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -79,39 +80,65 @@ class JobService:
     @staticmethod
     def _validate(command: Any, env: Any, cwd: Any, timeout: Any) -> None:
         if not isinstance(command, list) or not command:
-            raise ServiceError(ErrorCode.INVALID_COMMAND,
-                               "command must be a non-empty list of strings")
+            raise ServiceError(
+                ErrorCode.INVALID_COMMAND, "command must be a non-empty list of strings"
+            )
         if len(command) > MAX_ARGS or not all(isinstance(a, str) for a in command):
-            raise ServiceError(ErrorCode.INVALID_COMMAND,
-                               f"command must be at most {MAX_ARGS} strings")
+            raise ServiceError(
+                ErrorCode.INVALID_COMMAND, f"command must be at most {MAX_ARGS} strings"
+            )
         if not command[0]:
             raise ServiceError(ErrorCode.INVALID_COMMAND, "command[0] must not be empty")
-        if any("\x00" in a for a in command) or sum(len(a.encode()) for a in command) > MAX_ARG_BYTES:
-            raise ServiceError(ErrorCode.INVALID_COMMAND,
-                               f"command must hold no NUL bytes and at most {MAX_ARG_BYTES} bytes")
+        if (
+            any("\x00" in a for a in command)
+            or sum(len(a.encode()) for a in command) > MAX_ARG_BYTES
+        ):
+            raise ServiceError(
+                ErrorCode.INVALID_COMMAND,
+                f"command must hold no NUL bytes and at most {MAX_ARG_BYTES} bytes",
+            )
         if env is not None:
             if not isinstance(env, dict) or len(env) > MAX_ENV:
                 raise invalid(f"env must be an object of at most {MAX_ENV} strings")
             for k, v in env.items():
-                if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k \
-                        or "\x00" in k or "\x00" in v:
+                if (
+                    not isinstance(k, str)
+                    or not isinstance(v, str)
+                    or not k
+                    or "=" in k
+                    or "\x00" in k
+                    or "\x00" in v
+                ):
                     raise invalid(f"env entry {k!r} is not a valid NAME=value pair")
-        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")
-                                or "\x00" in cwd or len(cwd) > 4096):
+        if cwd is not None and (
+            not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd or len(cwd) > 4096
+        ):
             raise invalid("cwd must be an absolute path")
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, int | float)
-                                    or not 0 < timeout <= MAX_TIMEOUT):
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_TIMEOUT
+        ):
             raise invalid(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}]")
 
     # -- commands -------------------------------------------------------------------
 
-    async def run(self, owner: str, session_id: str, command: Any, *, env: Any = None,
-                  cwd: Any = None, timeout: Any = None) -> JobRecord:
+    async def run(
+        self,
+        owner: str,
+        session_id: str,
+        command: Any,
+        *,
+        env: Any = None,
+        cwd: Any = None,
+        timeout: Any = None,
+    ) -> JobRecord:
         self._validate(command, env, cwd, timeout)
         self.sessions.require_running(owner, session_id)
         record = JobRecord(
-            id=new_id("job"), session_id=session_id, status=JobStatus.QUEUED,
+            id=new_id("job"),
+            session_id=session_id,
+            status=JobStatus.QUEUED,
             command=list(command),
             spec={"env": env or {}, "cwd": cwd, "timeout": timeout},
             created_at=now_iso(),
@@ -135,12 +162,16 @@ class JobService:
         stored = self.store.list_jobs(session_id)
         return [self._live[j.id].record if j.id in self._live else j for j in stored]
 
-    async def wait(self, owner: str, session_id: str, job_id: str,
-                   timeout: float | None) -> JobRecord:
+    async def wait(
+        self, owner: str, session_id: str, job_id: str, timeout: float | None
+    ) -> JobRecord:
         """The job once it is final, or as it is when ``timeout`` passes."""
         record = self.get(owner, session_id, job_id)
-        hold = self.config.max_wait_seconds if timeout is None else min(
-            max(timeout, 0.0), self.config.max_wait_seconds)
+        hold = (
+            self.config.max_wait_seconds
+            if timeout is None
+            else min(max(timeout, 0.0), self.config.max_wait_seconds)
+        )
         live = self._live.get(job_id)
         if live is None or record.status in (JobStatus.COMPLETED, JobStatus.FAILED):
             return record
@@ -154,8 +185,11 @@ class JobService:
     def output(self, record: JobRecord) -> tuple[str, str]:
         stdout, stderr = read_output(self.log_path(record.id))
         if record.error_message:
-            stderr = (stderr + ("\n" if stderr and not stderr.endswith("\n") else "")
-                      + f"bastion: {record.error_message}\n")
+            stderr = (
+                stderr
+                + ("\n" if stderr and not stderr.endswith("\n") else "")
+                + f"bastion: {record.error_message}\n"
+            )
         return stdout, stderr
 
     async def stop_session_jobs(self, session_id: str, reason: str) -> None:
@@ -201,8 +235,13 @@ class JobService:
         self.store.update_job(live.record)
         live.changed.set()
 
-    def _finish(self, record: JobRecord, exit_code: int | None, reason: str | None,
-                message: str | None = None) -> None:
+    def _finish(
+        self,
+        record: JobRecord,
+        exit_code: int | None,
+        reason: str | None,
+        message: str | None = None,
+    ) -> None:
         record.exit_code = exit_code
         record.finished_at = now_iso()
         if reason is None and exit_code == 0:
@@ -212,7 +251,8 @@ class JobService:
             record.failure_reason = reason or "nonzero_exit"
             if reason is not None:
                 record.error_message = message or _FAILURE_MESSAGES.get(reason, reason).format(
-                    timeout=record.spec.get("timeout"))
+                    timeout=record.spec.get("timeout")
+                )
         self.store.update_job(record)
 
     async def _execute(self, live: _LiveJob) -> None:
@@ -220,8 +260,12 @@ class JobService:
         writer = JobLogWriter(self.log_path(record.id), self.config.max_output_bytes)
         exit_event: ExitEvent | None = None
         try:
-            spec = ExecSpec(argv=record.command, env=dict(record.spec["env"]),
-                            cwd=record.spec.get("cwd"), timeout=record.spec.get("timeout"))
+            spec = ExecSpec(
+                argv=record.command,
+                env=dict(record.spec["env"]),
+                cwd=record.spec.get("cwd"),
+                timeout=record.spec.get("timeout"),
+            )
             try:
                 live.process = await self.runtime.exec(record.session_id, spec)
             except SandboxError as exc:
@@ -249,13 +293,13 @@ class JobService:
             self._live.pop(record.id, None)
             live.changed.set()
 
-    def _record_end(self, live: _LiveJob, event: ExitEvent | None,
-                    dropped: dict[str, int]) -> None:
+    def _record_end(self, live: _LiveJob, event: ExitEvent | None, dropped: dict[str, int]) -> None:
         record = live.record
         reason: str | None = None
         message: str | None = None
-        if live.stop_reason is not None and (event is None or event.error in ("killed", "lost")
-                                             or event.exit_code is None):
+        if live.stop_reason is not None and (
+            event is None or event.error in ("killed", "lost") or event.exit_code is None
+        ):
             reason = live.stop_reason
         elif event is None:
             reason = "server_restarted"
@@ -263,8 +307,11 @@ class JobService:
             reason = "timeout"
         elif event.error in ("not_found", "exec_failed", "start_failed"):
             reason = event.error
-            message = (f"command not found: {record.command[0]}" if event.error == "not_found"
-                       else f"cannot run {record.command[0]}: {event.message}")
+            message = (
+                f"command not found: {record.command[0]}"
+                if event.error == "not_found"
+                else f"cannot run {record.command[0]}: {event.message}"
+            )
         elif event.error is not None:
             reason, message = event.error, event.message
         if any(dropped.values()):
@@ -273,10 +320,19 @@ class JobService:
         self._finish(record, exit_code, reason, message)
         if any(dropped.values()):
             note = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
-            record.error_message = ((record.error_message + "; ") if record.error_message else "") \
-                + f"output truncated at {self.config.max_output_bytes} bytes per stream ({note} dropped)"
+            record.error_message = (
+                ((record.error_message + "; ") if record.error_message else "")
+                + f"output truncated at {self.config.max_output_bytes} bytes per stream "
+                f"({note} dropped)"
+            )
             self.store.update_job(record)
-        log.info("job finished", extra={"job_id": record.id, "session_id": record.session_id,
-                                        "status": record.status, "exit_code": exit_code,
-                                        "reason": record.failure_reason})
-
+        log.info(
+            "job finished",
+            extra={
+                "job_id": record.id,
+                "session_id": record.session_id,
+                "status": record.status,
+                "exit_code": exit_code,
+                "reason": record.failure_reason,
+            },
+        )

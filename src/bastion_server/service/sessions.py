@@ -69,7 +69,8 @@ class SessionService:
             raise ServiceError(
                 ErrorCode.SESSION_STATE,
                 f"session {session_id!r} is {record.status}; it must be running for this "
-                "operation (start it first)" if record.status != SessionStatus.DELETED
+                "operation (start it first)"
+                if record.status != SessionStatus.DELETED
                 else f"session {session_id!r} is deleted",
             )
         return record
@@ -100,9 +101,14 @@ class SessionService:
             values[name] = value
         return Limits(**values)
 
-    async def create(self, owner: str, *, limits: dict[str, Any] | None = None,
-                     metadata: dict[str, str] | None = None,
-                     idempotency_key: str | None = None) -> SessionRecord:
+    async def create(
+        self,
+        owner: str,
+        *,
+        limits: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
                 raise invalid("Idempotency-Key must be at most 255 characters")
@@ -112,17 +118,25 @@ class SessionService:
         chosen = self._limits(limits)
         metadata = dict(metadata or {})
         if len(metadata) > _MAX_METADATA_ITEMS or any(
-            not isinstance(k, str) or not isinstance(v, str)
-            or len(k) > _MAX_METADATA_LENGTH or len(v) > _MAX_METADATA_LENGTH
+            not isinstance(k, str)
+            or not isinstance(v, str)
+            or len(k) > _MAX_METADATA_LENGTH
+            or len(v) > _MAX_METADATA_LENGTH
             for k, v in metadata.items()
         ):
-            raise invalid(f"metadata must be at most {_MAX_METADATA_ITEMS} string pairs "
-                          f"of at most {_MAX_METADATA_LENGTH} characters")
+            raise invalid(
+                f"metadata must be at most {_MAX_METADATA_ITEMS} string pairs "
+                f"of at most {_MAX_METADATA_LENGTH} characters"
+            )
         stamp = now_iso()
         record = SessionRecord(
-            id=new_id("ses"), owner=owner, status=SessionStatus.CREATED,
+            id=new_id("ses"),
+            owner=owner,
+            status=SessionStatus.CREATED,
             limits={"memory_mb": chosen.memory_mb, "pids": chosen.pids, "cpus": chosen.cpus},
-            metadata=metadata, created_at=stamp, updated_at=stamp,
+            metadata=metadata,
+            created_at=stamp,
+            updated_at=stamp,
             idempotency_key=idempotency_key,
         )
         await self.runtime.create(record.id)
@@ -149,11 +163,13 @@ class SessionService:
             try:
                 await self.runtime.start(session_id, limits)
             except (SandboxError, OSError) as exc:
-                log.error("session start failed", extra={"session_id": session_id,
-                                                          "error": str(exc)})
-                raise ServiceError(ErrorCode.SESSION_START_FAILED,
-                                   f"the sandbox of session {session_id!r} failed to start: "
-                                   f"{exc}") from exc
+                log.error(
+                    "session start failed", extra={"session_id": session_id, "error": str(exc)}
+                )
+                raise ServiceError(
+                    ErrorCode.SESSION_START_FAILED,
+                    f"the sandbox of session {session_id!r} failed to start: {exc}",
+                ) from exc
             self._set_status(record, SessionStatus.RUNNING)
             log.info("session started", extra={"session_id": session_id})
             return record
@@ -200,8 +216,9 @@ class SessionService:
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
             await self.runtime.stop(record.id)  # unmount what a dead sandbox left
-            self._set_status(record, SessionStatus.STOPPED,
-                             "the sandbox was not running when the server started")
+            self._set_status(
+                record, SessionStatus.STOPPED, "the sandbox was not running when the server started"
+            )
             log.warning("session marked stopped", extra={"session_id": record.id})
         for sandbox_id in await self.runtime.list_sandboxes():
             owner_record = records.get(sandbox_id)

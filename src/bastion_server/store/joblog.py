@@ -48,7 +48,7 @@ class JobLogWriter:
 def read_records(path: Path, offset: int = 0) -> Iterator[tuple[str, bytes, int]]:
     """Yield ``(stream, data, next_offset)`` for every complete record from ``offset``."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally; generator may stop early
+        f = open(path, "rb")
     except FileNotFoundError:
         return
     try:
@@ -69,7 +69,9 @@ def read_records(path: Path, offset: int = 0) -> Iterator[tuple[str, bytes, int]
 
 def read_output(path: Path) -> tuple[str, str]:
     """The whole stdout and stderr of a job as text (UTF-8, bad bytes replaced)."""
-    decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+    decoders = {
+        name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
+    }
     parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
     for stream, data, _ in read_records(path):
         parts[stream].append(decoders[stream].decode(data))

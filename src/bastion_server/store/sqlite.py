@@ -92,18 +92,32 @@ class Store:
     @staticmethod
     def _session(row: sqlite3.Row) -> SessionRecord:
         return SessionRecord(
-            id=row["id"], owner=row["owner"], status=row["status"],
-            status_reason=row["status_reason"], limits=json.loads(row["limits"]),
-            metadata=json.loads(row["metadata"]), idempotency_key=row["idempotency_key"],
-            created_at=row["created_at"], updated_at=row["updated_at"],
+            id=row["id"],
+            owner=row["owner"],
+            status=row["status"],
+            status_reason=row["status_reason"],
+            limits=json.loads(row["limits"]),
+            metadata=json.loads(row["metadata"]),
+            idempotency_key=row["idempotency_key"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
         )
 
     def insert_session(self, s: SessionRecord) -> None:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
             " idempotency_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-            (s.id, s.owner, s.status, s.status_reason, json.dumps(s.limits),
-             json.dumps(s.metadata), s.idempotency_key, s.created_at, s.updated_at),
+            (
+                s.id,
+                s.owner,
+                s.status,
+                s.status_reason,
+                json.dumps(s.limits),
+                json.dumps(s.metadata),
+                s.idempotency_key,
+                s.created_at,
+                s.updated_at,
+            ),
         )
 
     def get_session(self, session_id: str) -> SessionRecord | None:
@@ -116,8 +130,9 @@ class Store:
         ).fetchone()
         return self._session(row) if row else None
 
-    def list_sessions(self, owner: str | None = None, *,
-                      include_deleted: bool = False) -> list[SessionRecord]:
+    def list_sessions(
+        self, owner: str | None = None, *, include_deleted: bool = False
+    ) -> list[SessionRecord]:
         query, args = "SELECT * FROM sessions WHERE 1=1", []
         if owner is not None:
             query += " AND owner = ?"
@@ -127,8 +142,9 @@ class Store:
         rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
         return [self._session(r) for r in rows]
 
-    def update_session_status(self, session_id: str, status: str, updated_at: str,
-                              reason: str | None = None) -> None:
+    def update_session_status(
+        self, session_id: str, status: str, updated_at: str, reason: str | None = None
+    ) -> None:
         self._db.execute(
             "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ? WHERE id = ?",
             (status, reason, updated_at, session_id),
@@ -139,19 +155,24 @@ class Store:
     @staticmethod
     def _job(row: sqlite3.Row) -> JobRecord:
         return JobRecord(
-            id=row["id"], session_id=row["session_id"], status=row["status"],
-            command=json.loads(row["command"]), spec=json.loads(row["spec"]),
-            exit_code=row["exit_code"], failure_reason=row["failure_reason"],
-            error_message=row["error_message"], created_at=row["created_at"],
-            started_at=row["started_at"], finished_at=row["finished_at"],
+            id=row["id"],
+            session_id=row["session_id"],
+            status=row["status"],
+            command=json.loads(row["command"]),
+            spec=json.loads(row["spec"]),
+            exit_code=row["exit_code"],
+            failure_reason=row["failure_reason"],
+            error_message=row["error_message"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
         )
 
     def insert_job(self, j: JobRecord) -> None:
         self._db.execute(
             "INSERT INTO jobs (id, session_id, status, command, spec, created_at)"
             " VALUES (?,?,?,?,?,?)",
-            (j.id, j.session_id, j.status, json.dumps(j.command), json.dumps(j.spec),
-             j.created_at),
+            (j.id, j.session_id, j.status, json.dumps(j.command), json.dumps(j.spec), j.created_at),
         )
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -168,8 +189,15 @@ class Store:
         self._db.execute(
             "UPDATE jobs SET status = ?, exit_code = ?, failure_reason = ?, error_message = ?,"
             " started_at = ?, finished_at = ? WHERE id = ?",
-            (j.status, j.exit_code, j.failure_reason, j.error_message, j.started_at,
-             j.finished_at, j.id),
+            (
+                j.status,
+                j.exit_code,
+                j.failure_reason,
+                j.error_message,
+                j.started_at,
+                j.finished_at,
+                j.id,
+            ),
         )
 
     def unfinished_jobs(self) -> list[JobRecord]:
