@@ -241,3 +241,80 @@ def session_path(session_id: str = "") -> str:
 # server's validation (pydantic) and means nothing to anything else.
 for _request_type in (SessionLimits, CreateSessionRequest, RunJobRequest):
     setattr(_request_type, "__pydantic_config__", {"extra": "forbid"})  # noqa: B010
+
+
+# --------------------------------------------------------------------------- terminal
+#
+# WebSocket at /v1/sessions/{session_id}/terminal?rows=24&cols=80, authenticated like
+# every request (Authorization: Bearer KEY or X-API-Key).  Every frame is a JSON text
+# message {"type": ..., "payload": {...}}.
+#
+# server -> client:
+#   {"type": "init", "payload": TerminalInit}                 first message, once
+#   {"type": "term_output", "payload": {"data": str}}          pty output, valid UTF-8
+#   {"type": "exit", "payload": TerminalExit}                  last message, then close
+#   {"type": "error", "payload": {"code": str, "message": str}}  before a 44xx close
+#   {"type": "pong", "payload": {}}                            answer to a client ping
+# client -> server:
+#   {"type": "input", "payload": {"data": str}}
+#   {"type": "resize", "payload": {"rows": int, "cols": int}}
+#   {"type": "ping", "payload": {}}                            optional app-level ping
+# The server also sends WebSocket pings (every 20 s) so idle terminals stay open.
+
+
+class TerminalCloseCode:
+    """WebSocket close codes of the terminal endpoint."""
+
+    #: The shell exited (an "exit" message came first).
+    NORMAL = 1000
+    #: A server-side failure (the sandbox could not start the shell).
+    INTERNAL_ERROR = 1011
+    #: Missing or invalid API key.
+    UNAUTHORIZED = 4001
+    #: No such session (or it belongs to another key).
+    SESSION_NOT_FOUND = 4004
+    #: The session is not running, or was stopped or deleted while attached.
+    SESSION_NOT_RUNNING = 4009
+    #: The client sent a message the server cannot understand.
+    BAD_MESSAGE = 4400
+
+
+TerminalMessageType = Literal["init", "term_output", "exit", "error", "pong"]
+
+
+class TerminalInit(TypedDict):
+    terminal_id: str
+    session_id: str
+    shell: str
+    rows: int
+    cols: int
+
+
+class TerminalExit(TypedDict):
+    exit_code: int | None
+    #: "exited" when the shell ended by itself; else "session_stopped",
+    #: "session_deleted", "server_shutdown" or "lost".
+    reason: str
+
+
+class TerminalMessage(TypedDict):
+    type: str
+    payload: dict[str, object]
+
+
+# --------------------------------------------------------------------------- job events
+#
+# GET /v1/sessions/{session_id}/jobs/{job_id}/events streams the job as NDJSON (one JSON
+# object per line, Content-Type application/x-ndjson).  A follower that comes late gets
+# everything from the start (replay), then live events; the stream ends with "end",
+# which always comes after the last byte of output.
+#   {"type": "status", "status": "queued"|"running"|...}      each status change
+#   {"type": "stdout", "data": str} / {"type": "stderr", "data": str}  output, in order
+#   {"type": "end", "job": JobInfo}                            the final job, last line
+
+
+class JobEvent(TypedDict):
+    type: Literal["status", "stdout", "stderr", "end"]
+    status: NotRequired[JobStatusName]
+    data: NotRequired[str]
+    job: NotRequired[JobInfo]

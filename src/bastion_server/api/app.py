@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import API_PREFIX, HealthInfo
 from bastion_server import __version__
-from bastion_server.api import errors, files, jobs, sessions
+from bastion_server.api import errors, files, jobs, sessions, terminal
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import Runtime
 from bastion_server.service.container import Services
@@ -76,7 +76,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     )
     app.state.config = config
     errors.install(app)
-    for module in (sessions, jobs, files):
+    for module in (sessions, jobs, files, terminal):
         app.include_router(module.router)
 
     @app.get(f"{API_PREFIX}/health", response_model=HealthInfo, tags=["service"])

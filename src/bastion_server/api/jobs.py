@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 
 from bastion.wire import JobInfo, JobList, RunJobRequest
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
-from bastion_server.api.views import job_view
 from bastion_server.service.container import Services
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/jobs", tags=["jobs"])
@@ -28,17 +30,17 @@ async def run_job(session_id: str, body: RunJobRequest, who: Owner, svc: Svc) ->
         cwd=body.get("cwd"),
         timeout=body.get("timeout"),
     )
-    return job_view(record, svc.jobs)
+    return svc.jobs.view(record)
 
 
 @router.get("", response_model=JobList)
 async def list_jobs(session_id: str, who: Owner, svc: Svc) -> JobList:
-    return {"jobs": [job_view(r, svc.jobs) for r in svc.jobs.list(who, session_id)]}
+    return {"jobs": [svc.jobs.view(r) for r in svc.jobs.list(who, session_id)]}
 
 
 @router.get("/{job_id}", response_model=JobInfo)
 async def get_job(session_id: str, job_id: str, who: Owner, svc: Svc) -> JobInfo:
-    return job_view(svc.jobs.get(who, session_id, job_id), svc.jobs)
+    return svc.jobs.view(svc.jobs.get(who, session_id, job_id))
 
 
 @router.get("/{job_id}/wait", response_model=JobInfo)
@@ -51,4 +53,27 @@ async def wait_job(
 ) -> JobInfo:
     """Hold the request until the job is final or ``timeout`` seconds pass (at most the
     server's maximum hold), then answer with the job as it is."""
-    return job_view(await svc.jobs.wait(who, session_id, job_id, timeout), svc.jobs)
+    return svc.jobs.view(await svc.jobs.wait(who, session_id, job_id, timeout))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def job_events(session_id: str, job_id: str, who: Owner, svc: Svc) -> StreamingResponse:
+    """The job's status changes and output as NDJSON, from its start (replayed) to its
+    end: the last line is ``{"type": "end", "job": ...}``, after the last output."""
+    events = svc.jobs.follow(who, session_id, job_id)
+    first = await anext(events)  # unknown ids fail here, as a plain error response
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield json.dumps(first).encode() + b"\n"
+        async for event in events:
+            yield json.dumps(event).encode() + b"\n"
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

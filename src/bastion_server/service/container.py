@@ -10,6 +10,7 @@ from bastion_server.runtime.base import Runtime
 from bastion_server.service.files import FileService
 from bastion_server.service.jobs import JobService
 from bastion_server.service.sessions import SessionService
+from bastion_server.service.terminals import TerminalService
 from bastion_server.store.sqlite import Store
 
 log = logging.getLogger("bastion.server")
@@ -39,6 +40,7 @@ class Services:
     sessions: SessionService
     jobs: JobService
     files: FileService
+    terminals: TerminalService
 
     @classmethod
     async def start(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
@@ -48,15 +50,17 @@ class Services:
         sessions = SessionService(store, runtime, config)
         jobs = JobService(store, runtime, sessions, config)
         files = FileService(runtime, sessions, config)
+        terminals = TerminalService(runtime, sessions)
         jobs.recover()
         await sessions.reconcile()
         log.info(
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
-        return cls(config, store, runtime, sessions, jobs, files)
+        return cls(config, store, runtime, sessions, jobs, files, terminals)
 
     async def close(self) -> None:
         # Sandboxes keep running across a server restart (the next start adopts them);
         # jobs cannot, since their output flows through this process.
+        await self.terminals.shutdown()
         await self.jobs.shutdown()
         self.store.close()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.wire import ErrorCode, JobStatus
+from bastion.wire import FINAL_JOB_STATUSES, ErrorCode, JobEvent, JobInfo, JobOutput, JobStatus
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -29,7 +30,12 @@ from bastion_server.runtime.base import (
 )
 from bastion_server.service.errors import ServiceError, invalid, job_not_found
 from bastion_server.service.sessions import SessionService, new_id, now_iso
-from bastion_server.store.joblog import JobLogWriter, read_output
+from bastion_server.store.joblog import (
+    JobLogWriter,
+    read_output,
+    read_records,
+    stream_decoders,
+)
 from bastion_server.store.sqlite import JobRecord, Store
 
 log = logging.getLogger("bastion.jobs")
@@ -56,10 +62,15 @@ class _LiveJob:
     """What only a running job has: its process, waiters and a reason to stop it."""
 
     record: JobRecord
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     process: Process | None = None
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
+    #: One event per waiter or follower, set on every status change or new output.
+    wakers: set[asyncio.Event] = field(default_factory=set)
+
+    def notify(self) -> None:
+        for waker in self.wakers:
+            waker.set()
 
 
 class JobService:
@@ -173,14 +184,85 @@ class JobService:
             else min(max(timeout, 0.0), self.config.max_wait_seconds)
         )
         live = self._live.get(job_id)
-        if live is None or record.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        if live is None or record.status in FINAL_JOB_STATUSES:
             return record
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(hold):
-                while live.record.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
-                    live.changed.clear()
-                    await live.changed.wait()
+        waker = asyncio.Event()
+        live.wakers.add(waker)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(hold):
+                    while live.record.status not in FINAL_JOB_STATUSES:
+                        waker.clear()
+                        await waker.wait()
+        finally:
+            live.wakers.discard(waker)
         return live.record
+
+    async def follow(self, owner: str, session_id: str, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's status changes and output from its start, live, then its end.
+
+        Output is replayed from the job's log, so a follower that comes late (even
+        after the job finished, or after a server restart) misses nothing.  The final
+        status and the "end" event come only after the last byte of output.
+        """
+        self.get(owner, session_id, job_id)
+        path = self.log_path(job_id)
+        decoders = stream_decoders()
+        waker = asyncio.Event()
+        live = self._live.get(job_id)
+        if live is not None:
+            live.wakers.add(waker)
+        offset, last_status = 0, None
+        try:
+            while True:
+                waker.clear()
+                current = self._live.get(job_id)
+                record = current.record if current else self.store.get_job(job_id)
+                if record is None:  # its session was deleted while we followed
+                    return
+                status = record.status  # read before the output: final means all written
+                final = status in FINAL_JOB_STATUSES
+                if not final and status != last_status:
+                    last_status = status
+                    yield {"type": "status", "status": status}  # type: ignore[typeddict-item]
+                for stream, data, next_offset in read_records(path, offset):
+                    offset = next_offset
+                    text = decoders[stream].decode(data)
+                    if text:
+                        yield {"type": stream, "data": text}  # type: ignore[typeddict-item]
+                if final:
+                    for stream, decoder in decoders.items():
+                        if text := decoder.decode(b"", final=True):
+                            yield {"type": stream, "data": text}  # type: ignore[typeddict-item]
+                    yield {"type": "status", "status": status}  # type: ignore[typeddict-item]
+                    yield {"type": "end", "job": self.view(record)}
+                    return
+                if current is None:
+                    continue  # finished between our two reads: go round once more
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await waker.wait()
+        finally:
+            if live is not None:
+                live.wakers.discard(waker)
+
+    def view(self, record: JobRecord) -> JobInfo:
+        """The job as the wire shows it; the output only once the job is final."""
+        output: JobOutput | None = None
+        if record.status in FINAL_JOB_STATUSES:
+            stdout, stderr = self.output(record)
+            output = {"console_output": stdout, "errout": stderr, "status_code": record.exit_code}
+        return {
+            "job_id": record.id,
+            "session_id": record.session_id,
+            "status": record.status,  # type: ignore[typeddict-item]
+            "command": record.command,
+            "output": output,
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "failure_reason": record.failure_reason,
+        }
 
     def output(self, record: JobRecord) -> tuple[str, str]:
         stdout, stderr = read_output(self.log_path(record.id))
@@ -233,7 +315,7 @@ class JobService:
         for key, value in changes.items():
             setattr(live.record, key, value)
         self.store.update_job(live.record)
-        live.changed.set()
+        live.notify()
 
     def _finish(
         self,
@@ -277,7 +359,8 @@ class JobService:
                 async with asyncio.timeout(backstop):
                     async for event in live.process.events():
                         if isinstance(event, OutputEvent):
-                            writer.append(event.stream, event.data)
+                            if writer.append(event.stream, event.data):
+                                live.notify()
                         else:
                             exit_event = event
             except TimeoutError:
@@ -291,7 +374,7 @@ class JobService:
             writer.close()
             self._record_end(live, exit_event, writer.dropped)
             self._live.pop(record.id, None)
-            live.changed.set()
+            live.notify()
 
     def _record_end(self, live: _LiveJob, event: ExitEvent | None, dropped: dict[str, int]) -> None:
         record = live.record

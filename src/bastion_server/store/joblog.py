@@ -67,11 +67,15 @@ def read_records(path: Path, offset: int = 0) -> Iterator[tuple[str, bytes, int]
         f.close()
 
 
+def stream_decoders() -> dict[str, codecs.IncrementalDecoder]:
+    """One incremental UTF-8 decoder per stream: a character split across two records
+    is decoded whole; bytes that are not UTF-8 become U+FFFD."""
+    return {name: codecs.getincrementaldecoder("utf-8")("replace") for name in _STREAM_CODES}
+
+
 def read_output(path: Path) -> tuple[str, str]:
     """The whole stdout and stderr of a job as text (UTF-8, bad bytes replaced)."""
-    decoders = {
-        name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")
-    }
+    decoders = stream_decoders()
     parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
     for stream, data, _ in read_records(path):
         parts[stream].append(decoders[stream].decode(data))

@@ -1,0 +1,92 @@
+"""Terminals: interactive shells on a real pty inside a session, several per session.
+
+A terminal is a shell the agent starts on a pseudo-terminal as the sandbox user, with
+its own session and controlling tty (so job control works: Ctrl-C reaches the
+foreground command).  The service keeps a registry per session so that stopping or
+deleting a session ends its terminals, each told why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from bastion.wire import ErrorCode
+from bastion_server.runtime.base import ExecSpec, Process, Runtime, SandboxError
+from bastion_server.runtime.sandbox_fs import FsError
+from bastion_server.service.errors import ServiceError
+from bastion_server.service.sessions import SessionService, new_id
+
+log = logging.getLogger("bastion.terminals")
+
+MAX_ROWS_COLS = 1000
+_SHELLS = ("/bin/bash", "/bin/sh")
+
+
+@dataclass
+class Terminal:
+    id: str
+    session_id: str
+    shell: str
+    rows: int
+    cols: int
+    process: Process
+    #: Set when the server ends the terminal ("session_stopped", "session_deleted", ...).
+    end_reason: str | None = field(default=None)
+
+
+def check_size(rows: int, cols: int) -> None:
+    if not (1 <= rows <= MAX_ROWS_COLS and 1 <= cols <= MAX_ROWS_COLS):
+        raise ServiceError(
+            ErrorCode.INVALID_REQUEST, f"rows and cols must be between 1 and {MAX_ROWS_COLS}"
+        )
+
+
+class TerminalService:
+    def __init__(self, runtime: Runtime, sessions: SessionService) -> None:
+        self.runtime, self.sessions = runtime, sessions
+        self._open: dict[str, dict[str, Terminal]] = {}
+        sessions.before_sandbox_stops.append(self.close_session_terminals)
+
+    def _shell(self, session_id: str) -> str:
+        """bash where the image has it, else sh (looked up inside the sandbox's root)."""
+        fs = self.runtime.files(session_id)
+        for shell in _SHELLS:
+            try:
+                fd, _ = fs.open_read(shell)
+            except FsError:
+                continue
+            os.close(fd)
+            return shell
+        return _SHELLS[-1]
+
+    async def open(self, owner: str, session_id: str, rows: int, cols: int) -> Terminal:
+        check_size(rows, cols)
+        self.sessions.require_running(owner, session_id)
+        shell = self._shell(session_id)
+        try:
+            process = await self.runtime.exec(
+                session_id, ExecSpec(argv=[shell, "-l"], pty=True, rows=rows, cols=cols)
+            )
+        except SandboxError as exc:
+            raise ServiceError(ErrorCode.SESSION_STATE, f"cannot open a terminal: {exc}") from exc
+        terminal = Terminal(new_id("term"), session_id, shell, rows, cols, process)
+        self._open.setdefault(session_id, {})[terminal.id] = terminal
+        log.info("terminal opened", extra={"session_id": session_id, "terminal_id": terminal.id})
+        return terminal
+
+    async def release(self, terminal: Terminal) -> None:
+        """Forget a terminal and make sure its shell and everything it started end."""
+        self._open.get(terminal.session_id, {}).pop(terminal.id, None)
+        await terminal.process.close()
+        log.info("terminal closed", extra={"terminal_id": terminal.id})
+
+    async def close_session_terminals(self, session_id: str, reason: str) -> None:
+        for terminal in list(self._open.get(session_id, {}).values()):
+            terminal.end_reason = reason
+            await terminal.process.kill()
+
+    async def shutdown(self) -> None:
+        for session_id in list(self._open):
+            await self.close_session_terminals(session_id, "server_shutdown")
