@@ -166,7 +166,9 @@ def auth_server(data_root: Path) -> Iterator[ServerProcess]:
 def private_server(data_root: Path) -> Iterator[ServerProcess]:
     """A server of this test's own (for restarts and settings of its own); not started."""
     _require_image()
-    srv = ServerProcess(Path(tempfile.mkdtemp(dir=data_root)) / "data")
+    parent = Path(tempfile.mkdtemp(dir=data_root))
+    parent.chmod(0o711)
+    srv = ServerProcess(parent / "data")
     yield srv
     if srv.proc is None:
         try:

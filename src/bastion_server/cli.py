@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,10 @@ def serve(args: argparse.Namespace) -> int:
     # uvicorn's own handlers do a graceful shutdown on SIGINT and SIGTERM: stop
     # accepting, let requests finish (up to timeout_graceful_shutdown), then run the
     # lifespan shutdown, which ends running jobs and closes the store.
+    # uvicorn re-raises the signal it shut down on once it has restored the handlers it
+    # found; finding no-op handlers, a signalled shutdown ends with exit status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     asyncio.run(server.serve())
     if not server.started:
         return 1

@@ -78,16 +78,24 @@ class OciRuntime(Runtime):
         self.data_dir = data_dir
         self.image = image
         self.sessions_dir = data_dir / "sessions"
-        # One runtime state root per data dir: two servers on one host never see (or
-        # reap) each other's containers.
-        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
-        self.state_root = f"/run/bastion/{tag}"
+        tag = self._tag(data_dir)
+        self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion-{tag}"
         self.agent_source = data_dir / "agent" / "agent.py"
         self._binary = binary
         self._binary_path = ""
 
     # -- paths ----------------------------------------------------------------------
+
+    @staticmethod
+    def _tag(data_dir: Path) -> str:
+        return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+
+    @classmethod
+    def state_root_for(cls, data_dir: Path) -> str:
+        """The OCI runtime's state directory for a data dir: one per data dir, so two
+        servers on one host never see (or reap) each other's containers."""
+        return f"/run/bastion/{cls._tag(data_dir)}"
 
     def _dir(self, session_id: str) -> Path:
         return self.sessions_dir / session_id
