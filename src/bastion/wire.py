@@ -77,6 +77,7 @@ class ErrorCode(StrEnum):
     IS_A_DIRECTORY = "is_a_directory"
     DIRECTORY_NOT_EMPTY = "directory_not_empty"
     FILE_TOO_LARGE = "file_too_large"
+    DISK_FULL = "disk_full"
     FILE_OPERATION_FAILED = "file_operation_failed"
 
 
@@ -100,6 +101,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.IS_A_DIRECTORY: 409,
     ErrorCode.DIRECTORY_NOT_EMPTY: 409,
     ErrorCode.FILE_TOO_LARGE: 413,
+    ErrorCode.DISK_FULL: 507,
     ErrorCode.FILE_OPERATION_FAILED: 500,
 }
 
@@ -119,14 +121,38 @@ class ErrorBody(TypedDict):
 class SessionLimits(TypedDict, total=False):
     """Resource limits of one session; omitted fields take the server's defaults."""
 
+    #: Memory (and memory+swap) in MiB; past it the kernel kills the biggest process.
     memory_mb: int
+    #: Most processes and threads at once (a fork bomb stops here).
     pids: int
+    #: CPU time as a number of cores (0.5 = half a core), enforced by CFS quota.
     cpus: float
+    #: Size of the session's writable layer in MiB; writing past it fails with ENOSPC.
+    disk_mb: int
+
+
+ExpiryAction = Literal["stop", "delete"]
 
 
 class CreateSessionRequest(TypedDict, total=False):
     limits: SessionLimits
     metadata: dict[str, str]
+    #: Stop (or delete) the session after this many seconds without activity: no job
+    #: or terminal running and no request touching it.
+    idle_timeout: float | None
+    #: Stop (or delete) the session this many seconds after it was created.
+    max_lifetime: float | None
+    #: What happens when either timeout passes (default "stop").
+    on_timeout: ExpiryAction
+
+
+class SessionUsage(TypedDict):
+    """What a running session consumes now (None where the host cannot tell)."""
+
+    cpu_seconds: float | None
+    memory_bytes: int | None
+    processes: int | None
+    disk_bytes: int | None
 
 
 class SessionInfo(TypedDict):
@@ -136,8 +162,13 @@ class SessionInfo(TypedDict):
     updated_at: str
     limits: SessionLimits
     metadata: dict[str, str]
-    #: Why the session is in its state when the server changed it (restart, failure).
-    status_reason: NotRequired[str | None]
+    idle_timeout: float | None
+    max_lifetime: float | None
+    on_timeout: ExpiryAction
+    #: Why the session is in its state when the server changed it (restart, timeout).
+    status_reason: str | None
+    #: Current consumption; only on a single running session's status.
+    usage: NotRequired[SessionUsage | None]
 
 
 class SessionList(TypedDict):

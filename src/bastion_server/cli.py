@@ -97,6 +97,13 @@ def register_serve(subparsers: Any) -> None:
         help="CPU cores of a session that asks for none (BASTION_DEFAULT_CPUS)",
     )
     p.add_argument(
+        "--default-disk-mb",
+        type=int,
+        default=int(_env("BASTION_DEFAULT_DISK_MB", "1024")),
+        help="size of a session's writable layer when it asks for none "
+        "(BASTION_DEFAULT_DISK_MB; default 1024)",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("BASTION_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -120,7 +127,9 @@ def serve(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         max_upload_bytes=args.max_upload_bytes,
         log_level=args.log_level,
-        default_limits=Limits(args.default_memory_mb, args.default_pids, args.default_cpus),
+        default_limits=Limits(
+            args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
+        ),
     )
     try:
         config.check()

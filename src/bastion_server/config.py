@@ -20,6 +20,7 @@ class Limits:
     memory_mb: int
     pids: int
     cpus: float
+    disk_mb: int
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,13 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     runtime: str = "crun"
     #: Limits a session gets when it asks for none.
-    default_limits: Limits = field(default_factory=lambda: Limits(512, 256, 1.0))
+    default_limits: Limits = field(default_factory=lambda: Limits(512, 256, 1.0, 1024))
     #: The most a session may ask for.
     max_limits: Limits = field(
-        default_factory=lambda: Limits(8192, 4096, float(os.cpu_count() or 1))
+        default_factory=lambda: Limits(8192, 4096, float(os.cpu_count() or 1), 65536)
     )
+    #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).
+    reaper_interval: float = 1.0
     max_upload_bytes: int = 4 * 1024**3
     #: Output kept per job and stream; the rest is counted and dropped.
     max_output_bytes: int = 64 * 1024**2
@@ -56,7 +59,10 @@ class ServerConfig:
             raise ConfigError("API keys must be at least 8 characters long")
         d, m = self.default_limits, self.max_limits
         if not (
-            32 <= d.memory_mb <= m.memory_mb and 8 <= d.pids <= m.pids and 0.01 <= d.cpus <= m.cpus
+            32 <= d.memory_mb <= m.memory_mb
+            and 8 <= d.pids <= m.pids
+            and 0.01 <= d.cpus <= m.cpus
+            and 16 <= d.disk_mb <= m.disk_mb
         ):
             raise ConfigError(f"default limits {d} must lie within the maxima {m}")
         if not 0 < self.port < 65536:

@@ -169,7 +169,7 @@ def test_one_gigabyte_streams_through_without_filling_memory(
         f.write(b"end")
     client_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with Bastion(base_url=private_server.url, timeout=300) as c:
-        sid = c.sessions.create()["session_id"]
+        sid = c.sessions.create(limits={"disk_mb": 1200})["session_id"]
         c.sessions.start(sid)
         with open(source, "rb") as f:
             assert c.files.upload(sid, f, "/home/user/big.bin")["size"] == size

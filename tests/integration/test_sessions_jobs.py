@@ -47,7 +47,7 @@ def test_session_lifecycle_and_states(client: Bastion) -> None:
     sid = info["session_id"]
     assert info["status"] == "created"
     assert info["metadata"] == {"owner": "test"}
-    assert info["limits"] == {"memory_mb": 512, "pids": 256, "cpus": 1.0}
+    assert info["limits"] == {"memory_mb": 512, "pids": 256, "cpus": 1.0, "disk_mb": 1024}
     with pytest.raises(SessionStateError):
         client.sessions.stop(sid)  # not running yet
     with pytest.raises(SessionStateError):
@@ -87,7 +87,7 @@ def test_session_limits_are_validated(client: Bastion) -> None:
         client.sessions.create(limits={"bogus": 1})  # type: ignore[typeddict-unknown-key]
     info = client.sessions.create(limits={"memory_mb": 256, "pids": 100, "cpus": 0.5})
     try:
-        assert info["limits"] == {"memory_mb": 256, "pids": 100, "cpus": 0.5}
+        assert info["limits"] == {"memory_mb": 256, "pids": 100, "cpus": 0.5, "disk_mb": 1024}
     finally:
         client.sessions.delete(info["session_id"])
 

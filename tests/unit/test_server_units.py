@@ -84,4 +84,4 @@ def test_config_refuses_open_non_loopback() -> None:
     with pytest.raises(ConfigError):
         ServerConfig(api_keys=("short",)).check()
     with pytest.raises(ConfigError):
-        ServerConfig(default_limits=Limits(10**6, 10, 1.0)).check()
+        ServerConfig(default_limits=Limits(10**6, 10, 1.0, 1024)).check()

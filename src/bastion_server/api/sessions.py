@@ -31,6 +31,9 @@ async def create_session(
         limits=dict(body.get("limits") or {}),
         metadata=body.get("metadata"),
         idempotency_key=idempotency_key,
+        idle_timeout=body.get("idle_timeout"),
+        max_lifetime=body.get("max_lifetime"),
+        on_timeout=body.get("on_timeout", "stop"),
     )
     return session_view(record)
 
@@ -43,7 +46,9 @@ async def list_sessions(who: Owner, svc: Svc) -> SessionList:
 
 @router.get("/{session_id}", response_model=SessionInfo)
 async def get_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
-    return session_view(svc.sessions.get(who, session_id))
+    """The session's status, limits and, while it runs, its current usage."""
+    record = svc.sessions.get(who, session_id)
+    return session_view(record, await svc.sessions.usage(record))
 
 
 @router.post("/{session_id}/start", response_model=SessionInfo)

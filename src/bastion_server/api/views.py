@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-from bastion.wire import FileEntry, SessionInfo
+from bastion.wire import FileEntry, SessionInfo, SessionUsage
+from bastion_server.runtime.base import SandboxUsage
 from bastion_server.runtime.sandbox_fs import Entry
 from bastion_server.store.sqlite import SessionRecord
 
 
-def session_view(record: SessionRecord) -> SessionInfo:
-    return {
+def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> SessionInfo:
+    view: SessionInfo = {
         "session_id": record.id,
         "status": record.status,  # type: ignore[typeddict-item]
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "limits": record.limits,  # type: ignore[typeddict-item]
         "metadata": record.metadata,
+        "idle_timeout": record.idle_timeout,
+        "max_lifetime": record.max_lifetime,
+        "on_timeout": record.on_timeout,  # type: ignore[typeddict-item]
         "status_reason": record.status_reason,
+    }
+    if usage is not None:
+        view["usage"] = usage_view(usage)
+    return view
+
+
+def usage_view(usage: SandboxUsage) -> SessionUsage:
+    return {
+        "cpu_seconds": usage.cpu_seconds,
+        "memory_bytes": usage.memory_bytes,
+        "processes": usage.processes,
+        "disk_bytes": usage.disk_bytes,
     }
 
 

@@ -29,6 +29,17 @@ class SandboxLimits:
     memory_mb: int
     pids: int
     cpus: float
+    disk_mb: int
+
+
+@dataclass(frozen=True)
+class SandboxUsage:
+    """What a running sandbox consumes now (None where the host cannot tell)."""
+
+    cpu_seconds: float | None
+    memory_bytes: int | None
+    processes: int | None
+    disk_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -88,8 +99,8 @@ class Runtime(abc.ABC):
         """Check and fix what the host needs before any sandbox can start."""
 
     @abc.abstractmethod
-    async def create(self, session_id: str) -> None:
-        """Allocate the sandbox's storage; nothing runs yet."""
+    async def create(self, session_id: str, limits: SandboxLimits) -> None:
+        """Allocate the sandbox's storage (of ``limits.disk_mb``); nothing runs yet."""
 
     @abc.abstractmethod
     async def start(self, session_id: str, limits: SandboxLimits) -> None: ...
@@ -108,6 +119,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list_sandboxes(self) -> set[str]:
         """Session ids of every sandbox this runtime has running or on disk."""
+
+    @abc.abstractmethod
+    async def usage(self, session_id: str) -> SandboxUsage:
+        """Current consumption of a running sandbox."""
 
     @abc.abstractmethod
     async def exec(self, session_id: str, spec: ExecSpec) -> Process: ...

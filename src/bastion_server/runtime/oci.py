@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion_server.runtime import agent as agent_module
-from bastion_server.runtime import host
+from bastion_server.runtime import host, seccomp
 from bastion_server.runtime.agent_client import AgentProcess, ping
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -35,6 +35,7 @@ from bastion_server.runtime.base import (
     SandboxError,
     SandboxLimits,
     SandboxNotRunning,
+    SandboxUsage,
 )
 from bastion_server.runtime.sandbox_fs import SandboxFS
 
@@ -59,6 +60,26 @@ _AGENT_CAPABILITIES = [
 ]
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_stat(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class SandboxImage:
     """What the runtime needs to know of the root filesystem image."""
@@ -78,9 +99,8 @@ class OciRuntime(Runtime):
         self.data_dir = data_dir
         self.image = image
         self.sessions_dir = data_dir / "sessions"
-        tag = self._tag(data_dir)
         self.state_root = self.state_root_for(data_dir)
-        self.cgroup_parent = f"/bastion-{tag}"
+        self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
         self.agent_source = data_dir / "agent" / "agent.py"
         self._binary = binary
         self._binary_path = ""
@@ -167,30 +187,67 @@ class OciRuntime(Runtime):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def create(self, session_id: str) -> None:
+    async def create(self, session_id: str, limits: SandboxLimits) -> None:
         base = self._dir(session_id)
-        for sub in ("upper", "work", "rootfs", "bundle", "run"):
+        for sub in ("layer", "rootfs", "bundle", "run"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o711)
-        # The merged root takes the upper layer's owner: the sandbox's root.
-        os.chown(base / "upper", self.image.uid_shift, self.image.uid_shift)
-        os.chmod(base / "upper", 0o755)
         # Only the sandbox's root (the agent) may reach its socket, not the sandbox user.
         os.chown(base / "run", self.image.uid_shift, self.image.uid_shift)
         os.chmod(base / "run", 0o700)
+        # The writable layer lives in a filesystem of its own (a sparse file): writing
+        # past the session's disk limit fails with ENOSPC inside the sandbox and takes
+        # nothing from anyone else.  Its root belongs to the sandbox's root.
+        disk = base / "disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(limits.disk_mb * 1024 * 1024)
+        await self._mkfs(disk)
 
-    async def start(self, session_id: str, limits: SandboxLimits) -> None:
-        base = self._dir(session_id)
-        if not base.is_dir():
-            raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
-        rootfs = base / "rootfs"
+    async def _mkfs(self, disk: Path) -> None:
+        shift = self.image.uid_shift
+        proc = await asyncio.create_subprocess_exec(
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            f"nodiscard,root_owner={shift}:{shift}",
+            str(disk),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise SandboxError(f"mkfs.ext4 failed: {out.decode(errors='replace').strip()}")
+
+    def _mount_layers(self, base: Path) -> None:
+        layer, rootfs = base / "layer", base / "rootfs"
+        if not os.path.ismount(layer):
+            host.mount_loop(
+                str(base / "disk.img"), str(layer), "ext4", flags=host.MS_NOSUID | host.MS_NODEV
+            )
+        for sub in ("upper", "work"):
+            path = layer / sub
+            if not path.is_dir():
+                path.mkdir()
+                # The merged root takes the upper layer's owner: the sandbox's root.
+                os.chown(path, self.image.uid_shift, self.image.uid_shift)
+                os.chmod(path, 0o755)
         if not os.path.ismount(rootfs):
             host.mount(
                 "overlay",
                 str(rootfs),
                 "overlay",
-                f"lowerdir={self.image.rootfs},upperdir={base / 'upper'},workdir={base / 'work'}",
+                f"lowerdir={self.image.rootfs},upperdir={layer / 'upper'},workdir={layer / 'work'}",
             )
+
+    async def start(self, session_id: str, limits: SandboxLimits) -> None:
+        base = self._dir(session_id)
+        if not (base / "disk.img").is_file():
+            raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
+        self._mount_layers(base)
         config = self._config(session_id, limits)
         (base / "bundle" / "config.json").write_text(json.dumps(config))
         try:
@@ -247,15 +304,41 @@ class OciRuntime(Runtime):
 
     async def stop(self, session_id: str) -> None:
         await self._run("delete", "--force", session_id, check=False)
-        rootfs = self._dir(session_id) / "rootfs"
-        if os.path.ismount(rootfs):
-            host.umount(str(rootfs))
+        base = self._dir(session_id)
+        for mountpoint in (base / "rootfs", base / "layer"):
+            if os.path.ismount(mountpoint):
+                host.umount(str(mountpoint))
 
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
         base = self._dir(session_id)
         if base.exists():
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+
+    async def usage(self, session_id: str) -> SandboxUsage:
+        cgroup = f"{self.cgroup_parent}/{session_id}"
+        v1, v2 = "/sys/fs/cgroup/{}" + cgroup + "/{}", "/sys/fs/cgroup" + cgroup + "/{}"
+        cpu_ns = _read_int(v1.format("cpuacct", "cpuacct.usage"))
+        if cpu_ns is None:
+            usec = _read_stat(v2.format("cpu.stat"), "usage_usec")
+            cpu_ns = usec * 1000 if usec is not None else None
+        memory = _read_int(v1.format("memory", "memory.usage_in_bytes"))
+        if memory is None:
+            memory = _read_int(v2.format("memory.current"))
+        pids = _read_int(v1.format("pids", "pids.current"))
+        if pids is None:
+            pids = _read_int(v2.format("pids.current"))
+        disk: int | None = None
+        layer = self._dir(session_id) / "layer"
+        if os.path.ismount(layer):
+            st = os.statvfs(layer)
+            disk = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return SandboxUsage(
+            cpu_seconds=cpu_ns / 1e9 if cpu_ns is not None else None,
+            memory_bytes=memory,
+            processes=pids,
+            disk_bytes=disk,
+        )
 
     async def is_running(self, session_id: str) -> bool:
         code, out = await self._run(
@@ -407,6 +490,7 @@ class OciRuntime(Runtime):
                     "pids": {"limit": limits.pids},
                     "cpu": {"quota": int(limits.cpus * period), "period": period},
                 },
+                "seccomp": seccomp.profile(),
                 "maskedPaths": [
                     "/proc/acpi",
                     "/proc/asound",

@@ -72,6 +72,10 @@ class NotEmpty(FsError):
     kind = "not_empty"
 
 
+class DiskFull(FsError):
+    kind = "disk_full"
+
+
 class TooLarge(FsError):
     kind = "too_large"
 
@@ -141,7 +145,7 @@ def _translate(exc: OSError, path: str) -> FsError:
     if exc.errno in (errno.EXDEV, errno.ELOOP):
         return InvalidPath(f"path leaves the sandbox or loops: {path}")
     if exc.errno == errno.ENOSPC:
-        return FsError(f"no space left in the sandbox for {path}")
+        return DiskFull(f"no space left on the session's disk for {path} (raise limits.disk_mb)")
     return FsError(f"{exc.strerror or 'error'}: {path}")
 
 

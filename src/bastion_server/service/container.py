@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ class Services:
     jobs: JobService
     files: FileService
     terminals: TerminalService
+    reaper: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
@@ -56,11 +59,17 @@ class Services:
         log.info(
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
-        return cls(config, store, runtime, sessions, jobs, files, terminals)
+        services = cls(config, store, runtime, sessions, jobs, files, terminals)
+        services.reaper = asyncio.create_task(sessions.run_reaper(), name="reaper")
+        return services
 
     async def close(self) -> None:
         # Sandboxes keep running across a server restart (the next start adopts them);
         # jobs cannot, since their output flows through this process.
+        if self.reaper is not None:
+            self.reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reaper
         await self.terminals.shutdown()
         await self.jobs.shutdown()
         self.store.close()

@@ -19,6 +19,7 @@ _CODES = {
     "is_a_directory": ErrorCode.IS_A_DIRECTORY,
     "not_empty": ErrorCode.DIRECTORY_NOT_EMPTY,
     "too_large": ErrorCode.FILE_TOO_LARGE,
+    "disk_full": ErrorCode.DISK_FULL,
     "failed": ErrorCode.FILE_OPERATION_FAILED,
 }
 

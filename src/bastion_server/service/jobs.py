@@ -82,6 +82,10 @@ class JobService:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._live: dict[str, _LiveJob] = {}
         sessions.before_sandbox_stops.append(self.stop_session_jobs)
+        sessions.busy_checks.append(self.has_running_jobs)
+
+    def has_running_jobs(self, session_id: str) -> bool:
+        return any(j.record.session_id == session_id for j in self._live.values())
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -375,6 +379,7 @@ class JobService:
             self._record_end(live, exit_event, writer.dropped)
             self._live.pop(record.id, None)
             live.notify()
+            self.sessions.touch(record.session_id)  # idle time counts from the job's end
 
     def _record_end(self, live: _LiveJob, event: ExitEvent | None, dropped: dict[str, int]) -> None:
         record = live.record

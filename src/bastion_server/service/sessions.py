@@ -1,24 +1,30 @@
-"""Sessions: the state machine, ownership, and reconciliation with the runtime.
+"""Sessions: the state machine, ownership, lifetimes, and reconciliation with the runtime.
 
 States move only along ``created -> running <-> stopped``, and from any of those to
 ``deleted``, which is final.  Transitions of one session are serialised by a
 per-session lock so that, say, a stop and a delete racing each other both see a
 consistent state.  A session belongs to the API key that created it; to any other key
 it does not exist (not found, never forbidden: its existence is not revealed).
+
+Nothing runs that nobody owns: a reaper stops or deletes sessions whose idle timeout
+or maximum lifetime has passed, and removes sandboxes that no record owns (left by a
+crash between two steps).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from bastion.wire import ErrorCode, SessionStatus
 from bastion_server.config import Limits, ServerConfig
-from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits
+from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits, SandboxUsage
 from bastion_server.service.errors import ServiceError, invalid, session_not_found
 from bastion_server.store.sqlite import SessionRecord, Store
 
@@ -31,6 +37,15 @@ _ALLOWED: dict[str, set[str]] = {
 }
 _MAX_METADATA_ITEMS = 64
 _MAX_METADATA_LENGTH = 1024
+_LIMIT_FIELDS = (
+    ("memory_mb", 32, int),
+    ("pids", 8, int),
+    ("cpus", 0.01, float),
+    ("disk_mb", 16, int),
+)
+_MAX_TIMEOUT = 365 * 24 * 3600.0
+#: How often (in reaper rounds) the reaper also looks for unowned sandboxes.
+_ORPHAN_SWEEP_EVERY = 60
 
 
 def now_iso() -> str:
@@ -41,16 +56,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 class SessionService:
     def __init__(self, store: Store, runtime: Runtime, config: ServerConfig) -> None:
         self.store, self.runtime, self.config = store, runtime, config
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Monotonic time of the last request or process that touched each session.
+        self._last_active: dict[str, float] = {}
         #: Called with (session_id, reason) before a session's sandbox goes away, so
-        #: that running jobs end with that reason (set by the job service).
+        #: that running jobs and terminals end with that reason.
         self.before_sandbox_stops: list[Callable[[str, str], Awaitable[None]]] = []
+        #: Each answers whether a session has work in progress (jobs, terminals): a
+        #: busy session is never idle.
+        self.busy_checks: list[Callable[[str], bool]] = []
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def touch(self, session_id: str) -> None:
+        """Record activity on a session (it is not idle now)."""
+        self._last_active[session_id] = time.monotonic()
 
     # -- reads ----------------------------------------------------------------------
 
@@ -73,25 +101,31 @@ class SessionService:
                 if record.status != SessionStatus.DELETED
                 else f"session {session_id!r} is deleted",
             )
+        self.touch(session_id)
         return record
+
+    async def usage(self, record: SessionRecord) -> SandboxUsage | None:
+        if record.status != SessionStatus.RUNNING:
+            return None
+        return await self.runtime.usage(record.id)
 
     # -- transitions ----------------------------------------------------------------
 
     def _limits(self, requested: dict[str, Any] | None) -> Limits:
         requested = dict(requested or {})
         d, m = self.config.default_limits, self.config.max_limits
-        unknown = set(requested) - {"memory_mb", "pids", "cpus"}
+        unknown = set(requested) - {name for name, _, _ in _LIMIT_FIELDS}
         if unknown:
             raise invalid(f"unknown limits: {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
-        for name, lowest, cast in (("memory_mb", 32, int), ("pids", 8, int), ("cpus", 0.01, float)):
+        for name, lowest, cast in _LIMIT_FIELDS:
             value = requested.get(name, getattr(d, name))
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise invalid(f"limits.{name} must be a number")
             if cast is int and value != int(value):
                 raise invalid(f"limits.{name} must be a whole number")
             value = cast(value)
-            if value < lowest:
+            if not math.isfinite(value) or value < lowest:
                 raise invalid(f"limits.{name} must be at least {lowest}")
             if value > getattr(m, name):
                 raise ServiceError(
@@ -101,6 +135,16 @@ class SessionService:
             values[name] = value
         return Limits(**values)
 
+    @staticmethod
+    def _timeout(name: str, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid(f"{name} must be a number of seconds or null")
+        if not (math.isfinite(value) and 0 < value <= _MAX_TIMEOUT):
+            raise invalid(f"{name} must be between 0 and {_MAX_TIMEOUT:.0f} seconds")
+        return float(value)
+
     async def create(
         self,
         owner: str,
@@ -108,6 +152,9 @@ class SessionService:
         limits: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        idle_timeout: Any = None,
+        max_lifetime: Any = None,
+        on_timeout: str = "stop",
     ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
@@ -128,19 +175,35 @@ class SessionService:
                 f"metadata must be at most {_MAX_METADATA_ITEMS} string pairs "
                 f"of at most {_MAX_METADATA_LENGTH} characters"
             )
+        if on_timeout not in ("stop", "delete"):
+            raise invalid('on_timeout must be "stop" or "delete"')
         stamp = now_iso()
         record = SessionRecord(
             id=new_id("ses"),
             owner=owner,
             status=SessionStatus.CREATED,
-            limits={"memory_mb": chosen.memory_mb, "pids": chosen.pids, "cpus": chosen.cpus},
+            limits=vars(chosen).copy(),
             metadata=metadata,
             created_at=stamp,
             updated_at=stamp,
             idempotency_key=idempotency_key,
+            idle_timeout=self._timeout("idle_timeout", idle_timeout),
+            max_lifetime=self._timeout("max_lifetime", max_lifetime),
+            on_timeout=on_timeout,
         )
-        await self.runtime.create(record.id)
+        # The record comes first: a sandbox must never exist that no record owns (the
+        # reaper would take it), and a failed allocation is recorded, not forgotten.
         self.store.insert_session(record)
+        async with self._lock(record.id):
+            try:
+                await self.runtime.create(record.id, SandboxLimits(**record.limits))
+            except (SandboxError, OSError) as exc:
+                await self.runtime.delete(record.id)
+                self._set_status(record, SessionStatus.DELETED, f"storage failed: {exc}")
+                raise ServiceError(
+                    ErrorCode.SESSION_START_FAILED, f"could not allocate the session: {exc}"
+                ) from exc
+        self.touch(record.id)
         log.info("session created", extra={"session_id": record.id})
         return record
 
@@ -159,9 +222,8 @@ class SessionService:
         async with self._lock(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "start")
-            limits = SandboxLimits(**record.limits)
             try:
-                await self.runtime.start(session_id, limits)
+                await self.runtime.start(session_id, SandboxLimits(**record.limits))
             except (SandboxError, OSError) as exc:
                 log.error(
                     "session start failed", extra={"session_id": session_id, "error": str(exc)}
@@ -171,33 +233,97 @@ class SessionService:
                     f"the sandbox of session {session_id!r} failed to start: {exc}",
                 ) from exc
             self._set_status(record, SessionStatus.RUNNING)
+            self.touch(session_id)
             log.info("session started", extra={"session_id": session_id})
             return record
 
-    async def _halt_jobs(self, session_id: str, reason: str) -> None:
+    async def _halt(self, session_id: str, reason: str) -> None:
         for hook in self.before_sandbox_stops:
             await hook(session_id, reason)
+
+    async def _stop_locked(self, record: SessionRecord, reason: str | None = None) -> None:
+        await self._halt(record.id, "session_stopped")
+        await self.runtime.stop(record.id)
+        self._set_status(record, SessionStatus.STOPPED, reason)
+        log.info("session stopped", extra={"session_id": record.id, "reason": reason})
+
+    async def _delete_locked(self, record: SessionRecord, reason: str | None = None) -> None:
+        await self._halt(record.id, "session_deleted")
+        await self.runtime.delete(record.id)
+        self._set_status(record, SessionStatus.DELETED, reason)
+        self._last_active.pop(record.id, None)
+        log.info("session deleted", extra={"session_id": record.id, "reason": reason})
 
     async def stop(self, owner: str, session_id: str) -> SessionRecord:
         async with self._lock(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "stop")
-            await self._halt_jobs(session_id, "session_stopped")
-            await self.runtime.stop(session_id)
-            self._set_status(record, SessionStatus.STOPPED)
-            log.info("session stopped", extra={"session_id": session_id})
+            await self._stop_locked(record)
             return record
 
     async def delete(self, owner: str, session_id: str) -> SessionRecord:
         async with self._lock(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "delete")
-            await self._halt_jobs(session_id, "session_deleted")
-            await self.runtime.delete(session_id)
-            self._set_status(record, SessionStatus.DELETED)
-            log.info("session deleted", extra={"session_id": session_id})
+            await self._delete_locked(record)
         self._locks.pop(session_id, None)
         return record
+
+    # -- lifetimes ------------------------------------------------------------------
+
+    def _expiry_reason(self, record: SessionRecord, now_wall: float, now: float) -> str | None:
+        if record.max_lifetime is not None and now_wall - _epoch(record.created_at) >= (
+            record.max_lifetime
+        ):
+            return f"its maximum lifetime of {record.max_lifetime:g}s passed"
+        if record.idle_timeout is not None and record.status == SessionStatus.RUNNING:
+            if any(check(record.id) for check in self.busy_checks):
+                self.touch(record.id)
+                return None
+            last = self._last_active.setdefault(record.id, now)
+            if now - last >= record.idle_timeout:
+                return f"it was idle for {record.idle_timeout:g}s"
+        return None
+
+    async def expire_sessions(self) -> None:
+        """Stop or delete every session whose idle timeout or lifetime has passed."""
+        now_wall, now = time.time(), time.monotonic()
+        for record in self.store.list_expirable_sessions():
+            reason = self._expiry_reason(record, now_wall, now)
+            if reason is None:
+                continue
+            async with self._lock(record.id):
+                current = self.store.get_session(record.id)
+                if current is None or current.status == SessionStatus.DELETED:
+                    continue
+                if current.on_timeout == "delete":
+                    await self._delete_locked(current, f"deleted because {reason}")
+                elif current.status == SessionStatus.RUNNING:
+                    await self._stop_locked(current, f"stopped because {reason}")
+
+    async def reap_orphans(self) -> None:
+        """Remove sandboxes that no live record owns (left by a crash mid-operation)."""
+        for sandbox_id in await self.runtime.list_sandboxes():
+            lock = self._locks.get(sandbox_id)
+            if lock is not None and lock.locked():
+                continue  # being created or deleted right now
+            record = self.store.get_session(sandbox_id)
+            if record is None or record.status == SessionStatus.DELETED:
+                log.warning("removing unowned sandbox", extra={"session_id": sandbox_id})
+                await self.runtime.delete(sandbox_id)
+
+    async def run_reaper(self) -> None:
+        """Forever: expire sessions every round, sweep for orphans now and then."""
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.config.reaper_interval)
+            rounds += 1
+            try:
+                await self.expire_sessions()
+                if rounds % _ORPHAN_SWEEP_EVERY == 0:
+                    await self.reap_orphans()
+            except Exception:  # the reaper must outlive any one bad round
+                log.exception("reaper round failed")
 
     # -- restart --------------------------------------------------------------------
 
@@ -205,23 +331,22 @@ class SessionService:
         """Make records and sandboxes agree after a (re)start of the server.
 
         A session recorded as running whose sandbox still runs is adopted as it is; one
-        whose sandbox is gone is marked stopped (its files are kept).  A sandbox that
-        no live record owns (left by a crash mid-delete) is removed.
+        whose sandbox is gone is marked stopped (its files are kept).  A sandbox running
+        for a session recorded as stopped is stopped; one that no live record owns is
+        removed.
         """
-        records = {r.id: r for r in self.store.list_sessions(include_deleted=True)}
-        for record in records.values():
-            if record.status != SessionStatus.RUNNING:
-                continue
-            if await self.runtime.is_running(record.id):
+        for record in self.store.list_sessions():
+            running = await self.runtime.is_running(record.id)
+            if record.status == SessionStatus.RUNNING and running:
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
-            await self.runtime.stop(record.id)  # unmount what a dead sandbox left
-            self._set_status(
-                record, SessionStatus.STOPPED, "the sandbox was not running when the server started"
-            )
-            log.warning("session marked stopped", extra={"session_id": record.id})
-        for sandbox_id in await self.runtime.list_sandboxes():
-            owner_record = records.get(sandbox_id)
-            if owner_record is None or owner_record.status == SessionStatus.DELETED:
-                log.warning("removing unowned sandbox", extra={"session_id": sandbox_id})
-                await self.runtime.delete(sandbox_id)
+            if record.status == SessionStatus.RUNNING or running:
+                await self.runtime.stop(record.id)  # unmount what a dead sandbox left
+            if record.status == SessionStatus.RUNNING:
+                self._set_status(
+                    record,
+                    SessionStatus.STOPPED,
+                    "the sandbox was not running when the server started",
+                )
+                log.warning("session marked stopped", extra={"session_id": record.id})
+        await self.reap_orphans()

@@ -48,6 +48,7 @@ class TerminalService:
         self.runtime, self.sessions = runtime, sessions
         self._open: dict[str, dict[str, Terminal]] = {}
         sessions.before_sandbox_stops.append(self.close_session_terminals)
+        sessions.busy_checks.append(lambda session_id: bool(self._open.get(session_id)))
 
     def _shell(self, session_id: str) -> str:
         """bash where the image has it, else sh (looked up inside the sandbox's root)."""
@@ -79,6 +80,7 @@ class TerminalService:
     async def release(self, terminal: Terminal) -> None:
         """Forget a terminal and make sure its shell and everything it started end."""
         self._open.get(terminal.session_id, {}).pop(terminal.id, None)
+        self.sessions.touch(terminal.session_id)
         await terminal.process.close()
         log.info("terminal closed", extra={"terminal_id": terminal.id})
 

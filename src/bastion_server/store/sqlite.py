@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     limits TEXT NOT NULL,
     metadata TEXT NOT NULL,
     idempotency_key TEXT,
+    idle_timeout REAL,
+    max_lifetime REAL,
+    on_timeout TEXT NOT NULL DEFAULT 'stop',
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -57,6 +60,9 @@ class SessionRecord:
     updated_at: str
     status_reason: str | None = None
     idempotency_key: str | None = None
+    idle_timeout: float | None = None
+    max_lifetime: float | None = None
+    on_timeout: str = "stop"
 
 
 @dataclass
@@ -99,6 +105,9 @@ class Store:
             limits=json.loads(row["limits"]),
             metadata=json.loads(row["metadata"]),
             idempotency_key=row["idempotency_key"],
+            idle_timeout=row["idle_timeout"],
+            max_lifetime=row["max_lifetime"],
+            on_timeout=row["on_timeout"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
@@ -106,7 +115,8 @@ class Store:
     def insert_session(self, s: SessionRecord) -> None:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
-            " idempotency_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            " idempotency_key, idle_timeout, max_lifetime, on_timeout, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.owner,
@@ -115,6 +125,9 @@ class Store:
                 json.dumps(s.limits),
                 json.dumps(s.metadata),
                 s.idempotency_key,
+                s.idle_timeout,
+                s.max_lifetime,
+                s.on_timeout,
                 s.created_at,
                 s.updated_at,
             ),
@@ -140,6 +153,14 @@ class Store:
         if not include_deleted:
             query += " AND status != 'deleted'"
         rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
+        return [self._session(r) for r in rows]
+
+    def list_expirable_sessions(self) -> list[SessionRecord]:
+        """Sessions not deleted that have an idle timeout or a maximum lifetime."""
+        rows = self._db.execute(
+            "SELECT * FROM sessions WHERE status != 'deleted'"
+            " AND (idle_timeout IS NOT NULL OR max_lifetime IS NOT NULL)"
+        ).fetchall()
         return [self._session(r) for r in rows]
 
     def update_session_status(
