@@ -85,3 +85,23 @@ def test_config_refuses_open_non_loopback() -> None:
         ServerConfig(api_keys=("short",)).check()
     with pytest.raises(ConfigError):
         ServerConfig(default_limits=Limits(10**6, 10, 1.0, 1024)).check()
+
+
+def test_store_migrates_a_version_1_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bastion_server.store.sqlite import SCHEMA_VERSION, Store
+
+    old = sqlite3.connect(tmp_path / "b.db")
+    old.executescript(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL,"
+        " status_reason TEXT, limits TEXT NOT NULL, metadata TEXT NOT NULL,"
+        " idempotency_key TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
+        "INSERT INTO sessions VALUES ('ses_1', 'o', 'stopped', NULL, '{}', '{}', NULL, 't', 't');"
+    )
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "b.db")
+    (record,) = store.list_sessions()
+    assert record.id == "ses_1" and record.on_timeout == "stop" and record.idle_timeout is None
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -50,7 +50,7 @@ from typing import Any, ClassVar, TypeVar
 
 #: Bump when the build steps change in a way that changes the resulting tree: every
 #: machine then rebuilds its images, as it would for a recipe change.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: Where images live unless ``BASTION_IMAGES_DIR`` says otherwise.
 DEFAULT_IMAGES_DIR = Path("/var/lib/bastion/images")
@@ -447,6 +447,11 @@ def _populate_rootfs(
 
     (rootfs / "tmp").mkdir(exist_ok=True)
     os.chmod(rootfs / "tmp", 0o1777)
+    # debootstrap copies the build host's name; a sandbox must not learn it.
+    (rootfs / "etc/hostname").write_text("sandbox\n")
+    (rootfs / "etc/hosts").write_text(
+        "127.0.0.1\tlocalhost\n127.0.1.1\tsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
     # The runtime bind-mounts its in-sandbox agent here.
     (rootfs / "run/bastion").mkdir(parents=True, exist_ok=True)
     os.chmod(rootfs / "run/bastion", 0o755)

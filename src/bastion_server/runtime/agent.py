@@ -279,8 +279,36 @@ class Agent:
         os.chmod(path, 0o600)
         listener.listen(128)
         while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # out of descriptors or memory: the agent itself must live on
+                time.sleep(0.05)
+                continue
+            try:
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            except RuntimeError:
+                # Threads count against the sandbox's process limit; when a job has
+                # used it up, refuse this request rather than die with the sandbox.
+                self._refuse(conn, "the session's process limit is reached; try again later")
+
+    @staticmethod
+    def _refuse(conn: socket.socket, message: str) -> None:
+        try:
+            conn.sendall(
+                encode_json(
+                    {
+                        "event": "exit",
+                        "exit_code": None,
+                        "signal": None,
+                        "timed_out": False,
+                        "error": "start_failed",
+                        "message": message,
+                    }
+                )
+            )
+        except OSError:
+            pass
+        conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:

@@ -81,6 +81,7 @@ class JobService:
         self.logs_dir = config.data_dir / "jobs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._live: dict[str, _LiveJob] = {}
+        self._background: set[asyncio.Task[None]] = set()
         sessions.before_sandbox_stops.append(self.stop_session_jobs)
         sessions.busy_checks.append(self.has_running_jobs)
 
@@ -406,6 +407,11 @@ class JobService:
             log.warning("job output truncated", extra={"job_id": record.id, "dropped": dropped})
         exit_code = event.exit_code if event is not None else None
         self._finish(record, exit_code, reason, message)
+        if reason == "lost":
+            # The sandbox may have died under the job: let the session say so.
+            task = asyncio.create_task(self.sessions.check_sandbox(record.session_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if any(dropped.values()):
             note = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
             record.error_message = (

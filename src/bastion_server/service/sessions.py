@@ -301,6 +301,28 @@ class SessionService:
                 elif current.status == SessionStatus.RUNNING:
                     await self._stop_locked(current, f"stopped because {reason}")
 
+    async def check_sandbox(self, session_id: str) -> None:
+        """Mark a session stopped if its sandbox died under it (crash, OOM of PID 1)."""
+        async with self._lock(session_id):
+            record = self.store.get_session(session_id)
+            if record is None or record.status != SessionStatus.RUNNING:
+                return
+            if await self.runtime.is_running(session_id):
+                return
+            await self._halt(session_id, "session_stopped")
+            await self.runtime.stop(session_id)
+            self._set_status(
+                record,
+                SessionStatus.STOPPED,
+                "the sandbox exited unexpectedly; start the session again (files are kept)",
+            )
+            log.warning("sandbox died", extra={"session_id": session_id})
+
+    async def check_running_sandboxes(self) -> None:
+        for record in self.store.list_sessions():
+            if record.status == SessionStatus.RUNNING:
+                await self.check_sandbox(record.id)
+
     async def reap_orphans(self) -> None:
         """Remove sandboxes that no live record owns (left by a crash mid-operation)."""
         for sandbox_id in await self.runtime.list_sandboxes():
@@ -322,6 +344,7 @@ class SessionService:
                 await self.expire_sessions()
                 if rounds % _ORPHAN_SWEEP_EVERY == 0:
                     await self.reap_orphans()
+                    await self.check_running_sandboxes()
             except Exception:  # the reaper must outlive any one bad round
                 log.exception("reaper round failed")
 

@@ -49,6 +49,20 @@ CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id, created_at);
 """
 
 
+#: Changes to databases made by earlier versions, in order: (version, statements).
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        2,
+        [
+            "ALTER TABLE sessions ADD COLUMN idle_timeout REAL",
+            "ALTER TABLE sessions ADD COLUMN max_lifetime REAL",
+            "ALTER TABLE sessions ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'stop'",
+        ],
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
 @dataclass
 class SessionRecord:
     id: str
@@ -88,7 +102,26 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older database up to it (PRAGMA user_version)."""
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='sessions'"
+        ).fetchone()
+        if not exists:
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
+        version = self._db.execute("PRAGMA user_version").fetchone()[0] or 1
+        for target, statements in MIGRATIONS:
+            if version < target:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    for statement in statements:
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version={target}")
+                version = target
 
     def close(self) -> None:
         self._db.close()
