@@ -134,6 +134,24 @@ class SessionLimits(TypedDict, total=False):
 ExpiryAction = Literal["stop", "delete"]
 
 
+class NetworkRequest(TypedDict, total=False):
+    """Outbound network for a session; off unless ``enabled``.
+
+    Even with network on, a session never reaches the host itself (any of its
+    addresses), loopback or link-local addresses.  ``allow`` narrows it further to
+    these networks (CIDRs such as ``"203.0.113.0/24"``) and host names (resolved when
+    the session starts); empty means any other destination.
+    """
+
+    enabled: bool
+    allow: list[str]
+
+
+class NetworkInfo(TypedDict):
+    enabled: bool
+    allow: list[str]
+
+
 class CreateSessionRequest(TypedDict, total=False):
     limits: SessionLimits
     metadata: dict[str, str]
@@ -144,6 +162,7 @@ class CreateSessionRequest(TypedDict, total=False):
     max_lifetime: float | None
     #: What happens when either timeout passes (default "stop").
     on_timeout: ExpiryAction
+    network: NetworkRequest
 
 
 class SessionUsage(TypedDict):
@@ -165,6 +184,7 @@ class SessionInfo(TypedDict):
     idle_timeout: float | None
     max_lifetime: float | None
     on_timeout: ExpiryAction
+    network: NetworkInfo
     #: Why the session is in its state when the server changed it (restart, timeout).
     status_reason: str | None
     #: Current consumption; only on a single running session's status.
@@ -267,11 +287,12 @@ def session_path(session_id: str = "") -> str:
     return f"{API_PREFIX}/sessions" + (f"/{session_id}" if session_id else "")
 
 
-# Request bodies reject keys they do not define: a misspelt limit ("memory" for
-# "memory_mb") must be an error, not silently ignored.  The attribute is read by the
-# server's validation (pydantic) and means nothing to anything else.
-for _request_type in (SessionLimits, CreateSessionRequest, RunJobRequest):
-    setattr(_request_type, "__pydantic_config__", {"extra": "forbid"})  # noqa: B010
+# Request bodies reject keys they do not define (a misspelt limit such as "memory" for
+# "memory_mb" must be an error, not silently ignored) and values of the wrong type ("yes"
+# is not a boolean).  The attribute is read by the server's validation (pydantic) and
+# means nothing to anything else.
+for _request_type in (SessionLimits, CreateSessionRequest, RunJobRequest, NetworkRequest):
+    setattr(_request_type, "__pydantic_config__", {"extra": "forbid", "strict": True})  # noqa: B010
 
 
 # --------------------------------------------------------------------------- terminal

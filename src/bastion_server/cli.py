@@ -104,6 +104,12 @@ def register_serve(subparsers: Any) -> None:
         "(BASTION_DEFAULT_DISK_MB; default 1024)",
     )
     p.add_argument(
+        "--no-network",
+        action="store_true",
+        default=_env("BASTION_NO_NETWORK", "") not in ("", "0"),
+        help="refuse sessions that ask for outbound network (BASTION_NO_NETWORK=1)",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("BASTION_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -127,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         max_upload_bytes=args.max_upload_bytes,
         log_level=args.log_level,
+        allow_network=not args.no_network,
         default_limits=Limits(
             args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
         ),

@@ -38,6 +38,8 @@ class ServerConfig:
     max_limits: Limits = field(
         default_factory=lambda: Limits(8192, 4096, float(os.cpu_count() or 1), 65536)
     )
+    #: Whether sessions may ask for outbound network at all.
+    allow_network: bool = True
     #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).
     reaper_interval: float = 1.0
     max_upload_bytes: int = 4 * 1024**3

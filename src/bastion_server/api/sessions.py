@@ -34,6 +34,7 @@ async def create_session(
         idle_timeout=body.get("idle_timeout"),
         max_lifetime=body.get("max_lifetime"),
         on_timeout=body.get("on_timeout", "stop"),
+        network=dict(body.get("network") or {}),
     )
     return session_view(record)
 

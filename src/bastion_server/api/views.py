@@ -19,6 +19,10 @@ def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> Se
         "idle_timeout": record.idle_timeout,
         "max_lifetime": record.max_lifetime,
         "on_timeout": record.on_timeout,  # type: ignore[typeddict-item]
+        "network": {
+            "enabled": bool(record.network.get("enabled")),
+            "allow": list(record.network.get("allow") or []),
+        },
         "status_reason": record.status_reason,
     }
     if usage is not None:

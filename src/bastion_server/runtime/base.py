@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from bastion_server.runtime.network import NetworkPolicy
     from bastion_server.runtime.sandbox_fs import SandboxFS
 
 
@@ -103,7 +104,10 @@ class Runtime(abc.ABC):
         """Allocate the sandbox's storage (of ``limits.disk_mb``); nothing runs yet."""
 
     @abc.abstractmethod
-    async def start(self, session_id: str, limits: SandboxLimits) -> None: ...
+    async def start(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
+    ) -> None:
+        """Run the sandbox; with an enabled ``network`` it also gets outbound access."""
 
     @abc.abstractmethod
     async def stop(self, session_id: str) -> None:

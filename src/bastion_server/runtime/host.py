@@ -14,6 +14,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_BIND = 4096
 
 _V2_CONTROLLER_FILES = (
     "/sys/fs/cgroup/unified/cgroup.controllers",

@@ -37,6 +37,7 @@ from bastion_server.runtime.base import (
     SandboxNotRunning,
     SandboxUsage,
 )
+from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
 
 log = logging.getLogger("bastion.runtime")
@@ -102,6 +103,7 @@ class OciRuntime(Runtime):
         self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
         self.agent_source = data_dir / "agent" / "agent.py"
+        self.network = NetworkManager(Path(self.state_root))
         self._binary = binary
         self._binary_path = ""
 
@@ -139,11 +141,16 @@ class OciRuntime(Runtime):
         # bind-mount sources: keep the path down to them traversable, nothing readable.
         for path in (self.data_dir, self.sessions_dir):
             os.chmod(path, 0o711)
+        await self.network.prepare()
         self._check_reachable(self.data_dir)
         self._check_reachable(Path(self.image.rootfs))
         # A private copy of the agent: the sandbox never sees the server's install tree.
         self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
         os.chmod(self.agent_source.parent, 0o755)
+        # The sandbox's resolver: slirp4netns answers DNS at 10.0.2.3 (with network on).
+        resolv = self.agent_source.parent / "resolv.conf"
+        resolv.write_text("nameserver 10.0.2.3\n")
+        os.chmod(resolv, 0o644)
         source = Path(agent_module.__file__).read_bytes()
         if not self.agent_source.exists() or self.agent_source.read_bytes() != source:
             temp = self.agent_source.with_suffix(".tmp")
@@ -243,7 +250,9 @@ class OciRuntime(Runtime):
                 f"lowerdir={self.image.rootfs},upperdir={layer / 'upper'},workdir={layer / 'work'}",
             )
 
-    async def start(self, session_id: str, limits: SandboxLimits) -> None:
+    async def start(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
+    ) -> None:
         base = self._dir(session_id)
         if not (base / "disk.img").is_file():
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
@@ -279,9 +288,18 @@ class OciRuntime(Runtime):
             raise SandboxError(f"{self._binary} run failed: {reason or f'exit status {code}'}")
         try:
             await self._wait_for_agent(session_id)
+            if network is not None and network.enabled:
+                await self.network.attach(session_id, await self._pid(session_id), network)
         except BaseException:
             await self.stop(session_id)
             raise
+
+    async def _pid(self, session_id: str) -> int:
+        _, out = await self._run("state", session_id)
+        try:
+            return int(json.loads(out)["pid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SandboxError(f"cannot read the sandbox's pid: {out[:200]}") from exc
 
     async def _wait_for_agent(self, session_id: str) -> None:
         path = self.socket_path(session_id)
@@ -303,6 +321,7 @@ class OciRuntime(Runtime):
         )
 
     async def stop(self, session_id: str) -> None:
+        await self.network.detach(session_id)
         await self._run("delete", "--force", session_id, check=False)
         base = self._dir(session_id)
         for mountpoint in (base / "rootfs", base / "layer"):
@@ -469,6 +488,12 @@ class OciRuntime(Runtime):
                     "type": "bind",
                     "source": str(self.agent_source.parent),
                     "options": ["rbind", "ro", "nosuid", "nodev"],
+                },
+                {
+                    "destination": "/etc/resolv.conf",
+                    "type": "bind",
+                    "source": str(self.agent_source.parent / "resolv.conf"),
+                    "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
                 },
                 {
                     "destination": agent_module.SOCKET_DIR,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from typing import Any
 from bastion.wire import ErrorCode, SessionStatus
 from bastion_server.config import Limits, ServerConfig
 from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits, SandboxUsage
+from bastion_server.runtime.network import NetworkPolicy
 from bastion_server.service.errors import ServiceError, invalid, session_not_found
 from bastion_server.store.sqlite import SessionRecord, Store
 
@@ -44,6 +46,9 @@ _LIMIT_FIELDS = (
     ("disk_mb", 16, int),
 )
 _MAX_TIMEOUT = 365 * 24 * 3600.0
+_MAX_ALLOW = 64
+#: A CIDR / address (v4 or v6) or a DNS name; checked for real when the session starts.
+_ALLOW_ENTRY = re.compile(r"[0-9A-Za-z.:\-/]{1,253}")
 #: How often (in reaper rounds) the reaper also looks for unowned sandboxes.
 _ORPHAN_SWEEP_EVERY = 60
 
@@ -135,6 +140,28 @@ class SessionService:
             values[name] = value
         return Limits(**values)
 
+    def _network(self, requested: dict[str, Any]) -> NetworkPolicy:
+        enabled = requested.get("enabled", False)
+        allow = requested.get("allow") or []
+        if not isinstance(enabled, bool):
+            raise invalid("network.enabled must be true or false")
+        if (
+            not isinstance(allow, list)
+            or len(allow) > _MAX_ALLOW
+            or not all(isinstance(a, str) and _ALLOW_ENTRY.fullmatch(a) for a in allow)
+        ):
+            raise invalid(
+                f"network.allow must be at most {_MAX_ALLOW} CIDRs or host names "
+                '(such as "203.0.113.0/24" or "pypi.org")'
+            )
+        if allow and not enabled:
+            raise invalid("network.allow needs network.enabled: true")
+        if enabled and not self.config.allow_network:
+            raise ServiceError(
+                ErrorCode.LIMIT_EXCEEDED, "this server does not give sessions network access"
+            )
+        return NetworkPolicy(enabled=enabled, allow=tuple(allow))
+
     @staticmethod
     def _timeout(name: str, value: Any) -> float | None:
         if value is None:
@@ -155,6 +182,7 @@ class SessionService:
         idle_timeout: Any = None,
         max_lifetime: Any = None,
         on_timeout: str = "stop",
+        network: dict[str, Any] | None = None,
     ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
@@ -177,6 +205,7 @@ class SessionService:
             )
         if on_timeout not in ("stop", "delete"):
             raise invalid('on_timeout must be "stop" or "delete"')
+        policy = self._network(network or {})
         stamp = now_iso()
         record = SessionRecord(
             id=new_id("ses"),
@@ -190,6 +219,7 @@ class SessionService:
             idle_timeout=self._timeout("idle_timeout", idle_timeout),
             max_lifetime=self._timeout("max_lifetime", max_lifetime),
             on_timeout=on_timeout,
+            network={"enabled": policy.enabled, "allow": list(policy.allow)},
         )
         # The record comes first: a sandbox must never exist that no record owns (the
         # reaper would take it), and a failed allocation is recorded, not forgotten.
@@ -223,7 +253,14 @@ class SessionService:
             record = self.get(owner, session_id)
             self._check_transition(record, "start")
             try:
-                await self.runtime.start(session_id, SandboxLimits(**record.limits))
+                await self.runtime.start(
+                    session_id,
+                    SandboxLimits(**record.limits),
+                    NetworkPolicy(
+                        enabled=bool(record.network.get("enabled")),
+                        allow=tuple(record.network.get("allow") or ()),
+                    ),
+                )
             except (SandboxError, OSError) as exc:
                 log.error(
                     "session start failed", extra={"session_id": session_id, "error": str(exc)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     idle_timeout REAL,
     max_lifetime REAL,
     on_timeout TEXT NOT NULL DEFAULT 'stop',
+    network TEXT NOT NULL DEFAULT '{"enabled": false, "allow": []}',
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -59,6 +60,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE sessions ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'stop'",
         ],
     ),
+    (
+        3,
+        [
+            "ALTER TABLE sessions ADD COLUMN network TEXT NOT NULL"
+            """ DEFAULT '{"enabled": false, "allow": []}'""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -77,6 +85,7 @@ class SessionRecord:
     idle_timeout: float | None = None
     max_lifetime: float | None = None
     on_timeout: str = "stop"
+    network: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "allow": []})
 
 
 @dataclass
@@ -141,6 +150,7 @@ class Store:
             idle_timeout=row["idle_timeout"],
             max_lifetime=row["max_lifetime"],
             on_timeout=row["on_timeout"],
+            network=json.loads(row["network"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
@@ -148,8 +158,8 @@ class Store:
     def insert_session(self, s: SessionRecord) -> None:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
-            " idempotency_key, idle_timeout, max_lifetime, on_timeout, created_at, updated_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " idempotency_key, idle_timeout, max_lifetime, on_timeout, network, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.owner,
@@ -161,6 +171,7 @@ class Store:
                 s.idle_timeout,
                 s.max_lifetime,
                 s.on_timeout,
+                json.dumps(s.network),
                 s.created_at,
                 s.updated_at,
             ),
