@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from tests.conftest import ServerProcess
 
 from bastion import Bastion, InvalidRequestError
-from tests.conftest import ServerProcess
 
 pytestmark = [
     pytest.mark.integration,
