@@ -6,10 +6,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 
-from bastion.wire import JobInfo, JobList, RunJobRequest
+from bastion.wire import FINAL_JOB_STATUSES, JobInfo, JobList, RunJobRequest
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
 from bastion_server.service.container import Services
@@ -20,8 +20,20 @@ Svc = Annotated[Services, Depends(services)]
 
 
 @router.post("", status_code=202, response_model=JobInfo)
-async def run_job(session_id: str, body: RunJobRequest, who: Owner, svc: Svc) -> JobInfo:
-    """Start a command in the background; answers at once with the job id."""
+async def run_job(
+    session_id: str,
+    body: RunJobRequest,
+    who: Owner,
+    svc: Svc,
+    response: Response,
+    wait: Annotated[float | None, Query(ge=0)] = None,
+) -> JobInfo:
+    """Start a command in the background; answers at once with the job id (202).
+
+    With ``wait=SECONDS`` the answer is held until the job ends or that time passes
+    (at most the server's maximum hold): a short job's result comes back in this one
+    round trip (200 when the job is final, 202 if it still runs).
+    """
     record = await svc.jobs.run(
         who,
         session_id,
@@ -30,6 +42,10 @@ async def run_job(session_id: str, body: RunJobRequest, who: Owner, svc: Svc) ->
         cwd=body.get("cwd"),
         timeout=body.get("timeout"),
     )
+    if wait is not None:
+        record = await svc.jobs.wait(who, session_id, record.id, wait)
+        if record.status in FINAL_JOB_STATUSES:
+            response.status_code = 200
     return svc.jobs.view(record)
 
 
