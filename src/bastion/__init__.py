@@ -8,6 +8,9 @@
         bastion.files.upload(sid, b'print("hi")', "/main.py")
         result = bastion.jobs.run_and_wait(sid, ["python3", "/main.py"])
         print(result["output"]["console_output"])    # hi
+        bastion.jobs.run_and_wait(sid, "make", on_stdout=print)   # live output
+        with bastion.terminal.connect(session_id=sid, on_message=print) as term:
+            term.exec("echo hello")                  # a live shell
         bastion.sessions.delete(sid)
 
 Responses are plain dicts typed by the ``TypedDict``s re-exported here (defined in
@@ -38,10 +41,16 @@ from ._exceptions import (
     SessionNotFoundError,
     SessionStartError,
     SessionStateError,
+    TerminalAuthenticationError,
     TerminalConnectionError,
     TerminalError,
     TerminalSendError,
+    TerminalSessionNotFoundError,
+    TerminalSessionStateError,
+    TerminalTimeoutError,
 )
+from ._resources.jobs import JobEventStream
+from ._terminal import Terminal
 from .wire import (
     CreateSessionRequest,
     ErrorBody,
@@ -52,16 +61,23 @@ from .wire import (
     FileList,
     FileUploadResult,
     HealthInfo,
+    JobEvent,
     JobInfo,
     JobList,
     JobOutput,
     JobResult,
     JobStatus,
+    NetworkInfo,
+    NetworkRequest,
     RunJobRequest,
     SessionInfo,
     SessionLimits,
     SessionList,
     SessionStatus,
+    SessionUsage,
+    TerminalExit,
+    TerminalInit,
+    TerminalMessage,
 )
 
 __all__ = [
@@ -87,6 +103,8 @@ __all__ = [
     "InvalidCommandError",
     "InvalidRequestError",
     "JobError",
+    "JobEvent",
+    "JobEventStream",
     "JobFailedError",
     "JobInfo",
     "JobList",
@@ -95,6 +113,8 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "JobTimeoutError",
+    "NetworkInfo",
+    "NetworkRequest",
     "NotFoundError",
     "RunJobRequest",
     "ServerError",
@@ -106,8 +126,17 @@ __all__ = [
     "SessionStartError",
     "SessionStateError",
     "SessionStatus",
+    "SessionUsage",
+    "Terminal",
+    "TerminalAuthenticationError",
     "TerminalConnectionError",
     "TerminalError",
+    "TerminalExit",
+    "TerminalInit",
+    "TerminalMessage",
     "TerminalSendError",
+    "TerminalSessionNotFoundError",
+    "TerminalSessionStateError",
+    "TerminalTimeoutError",
     "__version__",
 ]

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, cast
 from urllib.parse import quote
 
 import httpx
@@ -48,7 +48,10 @@ from .wire import (
     JOB_WAIT_MAX_HOLD,
     CreateSessionRequest,
     ErrorCode,
+    ExpiryAction,
+    JobEvent,
     JobInfo,
+    NetworkRequest,
     RunJobRequest,
     SessionLimits,
 )
@@ -149,6 +152,15 @@ class BaseBastion:
                 quoted.append(quote(segment, safe=""))
         return API_PREFIX + "/" + "/".join(quoted)
 
+    def _event_stream_timeout(self, read: float | None) -> httpx.Timeout:
+        """HTTP timeouts for an event stream: the client's, but ``read`` between lines.
+
+        A job can be silent for as long as it runs, so a stream followed without a
+        deadline has no read timeout at all (``read=None``).
+        """
+        base = self.timeout
+        return httpx.Timeout(connect=base.connect, read=read, write=base.write, pool=base.pool)
+
     def _long_poll_timeout(self, hold: float) -> httpx.Timeout:
         """HTTP timeouts for a request the server holds up to ``hold`` seconds.
 
@@ -190,6 +202,7 @@ _FILE_CODES: frozenset[str] = frozenset(
         ErrorCode.IS_A_DIRECTORY,
         ErrorCode.DIRECTORY_NOT_EMPTY,
         ErrorCode.FILE_TOO_LARGE,
+        ErrorCode.DISK_FULL,
         ErrorCode.FILE_OPERATION_FAILED,
     }
 )
@@ -292,13 +305,27 @@ def translate_transport_errors() -> Iterator[None]:
 
 
 def create_session_body(
-    limits: SessionLimits | None, metadata: Mapping[str, str] | None
+    limits: SessionLimits | None,
+    metadata: Mapping[str, str] | None,
+    *,
+    idle_timeout: float | None = None,
+    max_lifetime: float | None = None,
+    on_timeout: ExpiryAction | None = None,
+    network: NetworkRequest | None = None,
 ) -> CreateSessionRequest:
     body: CreateSessionRequest = {}
     if limits is not None:
         body["limits"] = limits
     if metadata is not None:
         body["metadata"] = dict(metadata)
+    if idle_timeout is not None:
+        body["idle_timeout"] = idle_timeout
+    if max_lifetime is not None:
+        body["max_lifetime"] = max_lifetime
+    if on_timeout is not None:
+        body["on_timeout"] = on_timeout
+    if network is not None:
+        body["network"] = network
     return body
 
 
@@ -462,14 +489,133 @@ def watch_hold(job: JobInfo) -> float:
     return WATCH_QUEUED_HOLD if job["status"] == "queued" else JOB_WAIT_MAX_HOLD
 
 
+#: The order of job states; a status never goes back to a lower rank.
+_STATUS_RANK = {"queued": 0, "running": 1, "completed": 2, "failed": 2}
+
+
 class StatusTracker:
-    """Tells which job snapshots ``watch()`` must deliver: each change of status."""
+    """Tells which job snapshots ``watch()`` must deliver: each change of status.
+
+    Only forward changes count: an event stream replays a job's history from the
+    start, so a follower that already saw ``running`` must not report ``queued``.
+    """
 
     def __init__(self) -> None:
         self._last: str | None = None
 
+    def is_new(self, status: str) -> bool:
+        if status == self._last:
+            return False
+        if self._last is None:
+            return True
+        rank, last_rank = _STATUS_RANK.get(status), _STATUS_RANK.get(self._last)
+        return rank is None or last_rank is None or rank > last_rank
+
     def changed(self, job: JobInfo) -> bool:
-        if job["status"] == self._last:
+        if not self.is_new(job["status"]):
             return False
         self._last = job["status"]
         return True
+
+
+# --------------------------------------------------------------------------- job events
+
+#: Media type of the job event stream (one JSON object per line).
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+OutputCallback: TypeAlias = Callable[[str], object]
+EventCallback: TypeAlias = Callable[[JobEvent], object]
+
+
+def parse_job_event(line: str) -> JobEvent | None:
+    """One line of the NDJSON job event stream; ``None`` for a blank (keep-alive) line.
+
+    Events of a type this SDK does not know are returned as they are, so a newer
+    server can add some; callers ignore what they do not handle.
+
+    Raises:
+        BastionError: The line is not a JSON object with a string ``type``, or an
+            ``end`` event carries no job.
+    """
+    text = line.strip()
+    if not text:
+        return None
+    try:
+        event = json.loads(text)
+    except ValueError as exc:
+        raise BastionError(f"malformed job event (not JSON): {text[:200]!r}") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise BastionError(f"malformed job event (no type): {text[:200]!r}")
+    if event["type"] == "end" and not isinstance(event.get("job"), dict):
+        raise BastionError(f"malformed job event (end without job): {text[:200]!r}")
+    if event["type"] in ("stdout", "stderr") and not isinstance(event.get("data"), str):
+        raise BastionError(f"malformed job event (output without data): {text[:200]!r}")
+    return cast(JobEvent, event)
+
+
+class JobFollower:
+    """Follows one job through its event stream, without doing any I/O.
+
+    The I/O side feeds each event to :meth:`feed` (which calls the output callbacks,
+    in order) and stops once :attr:`final` is set; between events it calls
+    :meth:`check_deadline`.
+
+    Args:
+        job: The job as last known (from ``run()`` or ``get()``); its status follows
+            the stream's ``status`` events, for the timeout error.
+        timeout: Seconds the caller follows at most, ``None`` for ever.
+        on_stdout: Called with each stdout chunk.
+        on_stderr: Called with each stderr chunk.
+        on_output: Called with each ``stdout``/``stderr`` event as a whole.
+    """
+
+    def __init__(
+        self,
+        job: JobInfo,
+        timeout: float | None,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_output: EventCallback | None = None,
+    ) -> None:
+        self.job = job
+        self.poll = LongPoll(timeout)
+        self.final: JobInfo | None = None
+        self._on_stdout = on_stdout
+        self._on_stderr = on_stderr
+        self._on_output = on_output
+
+    def read_timeout(self) -> float | None:
+        """The read timeout for the stream: the time left (a silent stream is given up
+        once the deadline has passed), ``None`` without a deadline."""
+        return self.poll.remaining()
+
+    def feed(self, event: JobEvent) -> None:
+        kind = event["type"]
+        if kind == "stdout" or kind == "stderr":
+            data = event.get("data", "")
+            callback = self._on_stdout if kind == "stdout" else self._on_stderr
+            if callback is not None and data:
+                callback(data)
+            if self._on_output is not None:
+                self._on_output(event)
+        elif kind == "status":
+            status = event.get("status")
+            if status is not None:
+                self.job = cast(JobInfo, {**self.job, "status": status})
+        elif kind == "end":
+            self.final = event["job"]
+            self.job = self.final
+
+    def check_deadline(self) -> None:
+        """Raise :class:`JobTimeoutError` if the deadline passed before the end."""
+        if self.final is None and self.poll.expired():
+            raise self.timeout_error()
+
+    def timeout_error(self) -> JobTimeoutError:
+        return job_timeout_error(self.job, self.poll.timeout)
+
+
+def stream_ended_early(job_id: str) -> APIConnectionError:
+    """The stream closed without its ``end`` event (the server went away mid-stream)."""
+    return APIConnectionError(f"the event stream of job {job_id} ended before the job did")

@@ -21,6 +21,7 @@ from ._base import (
 from ._resources.files import Files
 from ._resources.jobs import Jobs
 from ._resources.sessions import Sessions
+from ._terminal import Terminals
 from .wire import API_PREFIX, HealthInfo
 
 __all__ = ["Bastion"]
@@ -50,11 +51,13 @@ class Bastion(BaseBastion):
         sessions: Create, start, stop and delete sessions.
         jobs: Run commands in a session and wait for their results.
         files: Upload, list, download and delete files in a session.
+        terminal: Attach live shells to a session over a WebSocket.
     """
 
     sessions: Sessions
     jobs: Jobs
     files: Files
+    terminal: Terminals
 
     def __init__(
         self,
@@ -74,6 +77,7 @@ class Bastion(BaseBastion):
         self.sessions = Sessions(self)
         self.jobs = Jobs(self)
         self.files = Files(self)
+        self.terminal = Terminals(self)
 
     def health(self) -> HealthInfo:
         """The server's health, version and runtime.
@@ -84,8 +88,14 @@ class Bastion(BaseBastion):
         return cast(HealthInfo, self._request("GET", f"{API_PREFIX}/health"))
 
     def close(self) -> None:
-        """Close the client's connections.  The client cannot be used afterwards."""
-        self._http.close()
+        """Close the client's connections and its open terminals.
+
+        The client cannot be used afterwards.
+        """
+        try:
+            self.terminal.close_all()
+        finally:
+            self._http.close()
 
     @property
     def is_closed(self) -> bool:
@@ -177,10 +187,20 @@ class Bastion(BaseBastion):
         url: str,
         *,
         params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
         file_op: FileOperation | None = None,
     ) -> Iterator[httpx.Response]:
         """A successful response with its body unread, closed when the block exits."""
-        response = self._send(method, url, params=params, stream=True, file_op=file_op)
+        response = self._send(
+            method,
+            url,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+            stream=True,
+            file_op=file_op,
+        )
         try:
             yield response
         finally:
@@ -196,3 +216,14 @@ class Bastion(BaseBastion):
             if chunk is None:
                 return
             yield chunk
+
+    @staticmethod
+    def _iter_lines(response: httpx.Response) -> Iterator[str]:
+        """The lines of a streamed text response as they arrive, errors translated."""
+        lines = response.iter_lines()
+        while True:
+            with translate_transport_errors():
+                line = next(lines, None)
+            if line is None:
+                return
+            yield line

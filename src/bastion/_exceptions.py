@@ -28,8 +28,12 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   ├── FileDeleteError
     │   └── FileDownloadError
     └── TerminalError
-        ├── TerminalConnectionError
-        └── TerminalSendError
+        ├── TerminalConnectionError   the WebSocket could not be opened, or broke
+        │   ├── TerminalAuthenticationError  [AuthenticationError] close 4001, HTTP 401/403
+        │   ├── TerminalSessionNotFoundError [SessionNotFoundError] close 4004, HTTP 404
+        │   └── TerminalSessionStateError    [SessionStateError] close 4009, HTTP 409
+        ├── TerminalSendError         input sent after close or on a broken connection
+        └── TerminalTimeoutError      [TimeoutError] Terminal.wait() deadline passed
 
 Low-level ``httpx`` transport errors never escape the SDK: they are translated to
 :class:`APIConnectionError` / :class:`APITimeoutError` at one choke point, with the
@@ -64,9 +68,13 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStartError",
     "SessionStateError",
+    "TerminalAuthenticationError",
     "TerminalConnectionError",
     "TerminalError",
     "TerminalSendError",
+    "TerminalSessionNotFoundError",
+    "TerminalSessionStateError",
+    "TerminalTimeoutError",
 ]
 
 
@@ -293,11 +301,47 @@ class TerminalError(BastionError):
 
 
 class TerminalConnectionError(TerminalError):
-    """The terminal WebSocket could not be opened, or it closed unexpectedly."""
+    """The terminal WebSocket could not be opened, or it closed unexpectedly.
+
+    Attributes:
+        close_code: The WebSocket close code the server sent (see
+            ``bastion.wire.TerminalCloseCode``), or ``None`` when the connection was
+            refused before the WebSocket opened or broke without a close frame.
+        status_code: The HTTP status when the server refused the WebSocket handshake.
+    """
+
+    close_code: int | None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        close_code: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status_code=status_code)
+        self.close_code = close_code
+
+
+class TerminalAuthenticationError(TerminalConnectionError, AuthenticationError):
+    """The server refused the terminal: missing or invalid API key (close code 4001)."""
+
+
+class TerminalSessionNotFoundError(TerminalConnectionError, SessionNotFoundError):
+    """No session has this id, or it belongs to another key (close code 4004)."""
+
+
+class TerminalSessionStateError(TerminalConnectionError, SessionStateError):
+    """The session is not running, or was stopped or deleted while attached (4009)."""
 
 
 class TerminalSendError(TerminalError):
-    """Input could not be sent to the terminal."""
+    """Input could not be sent: the terminal is closed or its connection broke."""
+
+
+class TerminalTimeoutError(TerminalError, TimeoutError):
+    """``Terminal.wait()`` gave up before the shell exited (the shell keeps running)."""
 
 
 def _describe_failure(result: JobInfo, exit_status: int | None) -> str:

@@ -1,7 +1,9 @@
 """The ``bastion`` command line.
 
 Client commands (``bastion sessions ...``, ``bastion jobs ...``) talk to a server
-given by ``--url``/``$BASTION_URL`` and print JSON.  Other packages add commands
+given by ``--url``/``$BASTION_URL`` and print JSON; ``bastion exec`` streams a
+command's output live and ``bastion shell`` attaches the local terminal to a shell in
+a session, both exiting with the remote exit status.  Other packages add commands
 through the ``bastion.commands`` entry-point group: each entry point loads to a
 function ``register(subparsers)`` that adds one sub-parser and sets its ``func``
 default to a callable ``func(args) -> int``.  The server's commands (``bastion serve``)
@@ -12,25 +14,41 @@ them says how to install it.
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import json
+import os
+import select
+import shutil
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from types import FrameType
+from typing import Any, TextIO
 
 import httpx
 
 from ._base import __version__
 from ._client import Bastion
-from ._exceptions import APIConnectionError, BastionError, JobFailedError
-from .wire import SessionLimits
+from ._exceptions import APIConnectionError, BastionError, JobFailedError, TerminalError
+from ._terminal import Terminal
+from ._terminal_base import DEFAULT_COLS, DEFAULT_ROWS
+from .wire import SessionLimits, TerminalMessage
 
 __all__ = ["main"]
 
 ENTRY_POINT_GROUP = "bastion.commands"
-_BUILTIN_COMMANDS = frozenset({"sessions", "jobs"})
+_BUILTIN_COMMANDS = frozenset({"sessions", "jobs", "exec", "shell"})
 
+#: Prints its result as JSON.
 Handler = Callable[[Bastion, argparse.Namespace], Any]
+#: Does its own output and returns the exit status (``exec``, ``shell``).
+Runner = Callable[[Bastion, argparse.Namespace], int]
+
+#: Exit status after Ctrl-C, as a shell reports it (128 + SIGINT).
+_INTERRUPTED = 130
 
 
 def main(
@@ -64,7 +82,8 @@ def main(
         parser.print_help(sys.stderr)
         return 2
     handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:  # a command registered through an entry point
+    runner: Runner | None = getattr(args, "runner", None)
+    if handler is None and runner is None:  # a command registered through an entry point
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             parser.error(f"command {args.command!r} set no func")
@@ -72,6 +91,9 @@ def main(
     client = Bastion(args.url, args.api_key, transport=transport)
     try:
         with client:
+            if runner is not None:
+                return runner(client, args)
+            assert handler is not None
             return _output(handler(client, args))
     except JobFailedError as exc:
         _print_json(dict(exc))
@@ -105,6 +127,8 @@ def build_parser(
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_session_commands(subparsers)
     _add_job_commands(subparsers)
+    _add_exec_command(subparsers)
+    _add_shell_command(subparsers)
 
     missing: dict[str, str] = {}
     for entry_point in commands:
@@ -195,13 +219,7 @@ def _add_job_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Run a command and print its result; exits with the job's exit status "
         "if it fails. Put the command after --, e.g.: bastion jobs run SESSION -- ls -la /",
     )
-    run.add_argument("session_id", metavar="SESSION")
-    run.add_argument("argv", nargs="+", metavar="CMD", help="the command and its arguments")
-    run.add_argument("--shell", action="store_true", help="run the words with /bin/sh -c")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=_key_value)
-    run.add_argument("--cwd", help="working directory in the session")
-    run.add_argument("--timeout", type=float, help="server-side time limit in seconds")
-    run.add_argument("--wait-timeout", type=float, help="seconds to wait for the result")
+    _add_job_options(run)
     run.add_argument("--no-wait", action="store_true", help="print the queued job and exit")
     run.set_defaults(handler=_jobs_run)
 
@@ -227,6 +245,203 @@ def _jobs_run(client: Bastion, args: argparse.Namespace) -> Any:
     return client.jobs.run_and_wait(
         args.session_id, command, wait_timeout=args.wait_timeout, **options
     )
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("session_id", metavar="SESSION")
+    parser.add_argument("argv", nargs="+", metavar="CMD", help="the command and its arguments")
+    parser.add_argument("--shell", action="store_true", help="run the words with /bin/sh -c")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=_key_value)
+    parser.add_argument("--cwd", help="working directory in the session")
+    parser.add_argument("--timeout", type=float, help="server-side time limit in seconds")
+    parser.add_argument("--wait-timeout", type=float, help="seconds to wait for the result")
+
+
+def _add_exec_command(subparsers: argparse._SubParsersAction[Any]) -> None:
+    exec_ = subparsers.add_parser(
+        "exec",
+        help="run a command in a session, streaming its output",
+        description="Run a command, copy its stdout and stderr here as they are produced, "
+        "and exit with its exit status. Put the command after --, e.g.: "
+        "bastion exec SESSION -- python3 -u train.py",
+    )
+    _add_job_options(exec_)
+    exec_.set_defaults(runner=_exec)
+
+
+def _exec(client: Bastion, args: argparse.Namespace) -> int:
+    command: str | list[str] = " ".join(args.argv) if args.shell else list(args.argv)
+    try:
+        job = client.jobs.run_and_wait(
+            args.session_id,
+            command,
+            env=dict(args.env) if args.env else None,
+            cwd=args.cwd,
+            timeout=args.timeout,
+            wait_timeout=args.wait_timeout,
+            on_stdout=lambda text: _write_live(sys.stdout, text),
+            on_stderr=lambda text: _write_live(sys.stderr, text),
+        )
+    except JobFailedError as exc:
+        return _failed_job_status(exc)
+    except KeyboardInterrupt:
+        # Only the client stops: the job runs on unless it has a --timeout.
+        print("bastion: interrupted (the job keeps running in the session)", file=sys.stderr)
+        return _INTERRUPTED
+    output = job.get("output")
+    status = output["status_code"] if output else None
+    return 0 if status is None else _exit_status(status)
+
+
+def _failed_job_status(exc: JobFailedError) -> int:
+    """The exit status for a failed job, saying why when its own status does not."""
+    status = exc.status_code
+    if status is None or exc.failure_reason not in (None, "nonzero_exit"):
+        # The job's stderr has been streamed already; only the reason is news (a
+        # plain non-zero exit says it all through the exit status).
+        parts = [f"bastion: job {exc.job_id} failed"]
+        if status is not None:
+            parts.append(f"with exit status {status}")
+        if exc.failure_reason:
+            parts.append(f"({exc.failure_reason})")
+        print(" ".join(parts), file=sys.stderr)
+    return 1 if status is None else _exit_status(status)
+
+
+def _exit_status(status: int) -> int:
+    """A remote exit status as a local one (1 when it does not fit in 1..255)."""
+    return status if 0 <= status < 256 else 1
+
+
+def _write_live(stream: TextIO, text: str) -> None:
+    """Write output as it arrives: as UTF-8 to the byte stream when there is one (the
+    local locale must not break on remote output), flushed at once."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(text)
+    else:
+        stream.flush()
+        buffer.write(text.encode("utf-8", "replace"))
+        buffer.flush()
+    stream.flush()
+
+
+# --------------------------------------------------------------------------- shell
+
+
+def _add_shell_command(subparsers: argparse._SubParsersAction[Any]) -> None:
+    shell = subparsers.add_parser(
+        "shell",
+        help="attach this terminal to a shell in a session",
+        description="Open an interactive shell in a running session. Exits with the "
+        "shell's exit status. Without a terminal on stdin, stdin is sent as input "
+        "until it ends (then the shell gets Ctrl-D).",
+    )
+    shell.add_argument("session_id", metavar="SESSION")
+    shell.set_defaults(runner=_shell)
+
+
+def _shell(client: Bastion, args: argparse.Namespace) -> int:
+    stdin_fd = sys.stdin.fileno()
+    interactive = os.isatty(stdin_fd)
+    out = sys.stdout
+
+    def on_message(message: TerminalMessage) -> None:
+        if message["type"] == "term_output":
+            data = message["payload"].get("data")
+            if isinstance(data, str):
+                _write_live(out, data)
+
+    rows, cols = _window_size()
+    terminal = client.terminal.connect(args.session_id, on_message, rows=rows, cols=cols)
+    try:
+        with _raw_mode(stdin_fd if interactive else None), _forward_resizes(terminal):
+            _forward_input(terminal, stdin_fd)
+            exit_info = terminal.wait()
+    except KeyboardInterrupt:
+        return _INTERRUPTED
+    finally:
+        terminal.close()
+    reason = exit_info.get("reason")
+    if reason != "exited":
+        print(f"bastion: shell ended: {reason}", file=sys.stderr)
+    status = exit_info.get("exit_code")
+    return 1 if status is None else _exit_status(status)
+
+
+@contextlib.contextmanager
+def _raw_mode(fd: int | None) -> Iterator[None]:
+    """Put the local tty in raw mode (keys go to the remote shell as typed, Ctrl-C
+    included) and restore it however the block ends."""
+    if fd is None:
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _forward_resizes(terminal: Terminal) -> Iterator[None]:
+    """Send the local window size to the shell on each SIGWINCH."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def on_winch(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(TerminalError, ValueError):
+            terminal.resize(*_window_size())
+
+    previous = signal.signal(signal.SIGWINCH, on_winch)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+
+
+def _window_size() -> tuple[int, int]:
+    """``(rows, cols)`` of the local terminal, 24x80 when there is none."""
+    for stream in (sys.stdout, sys.stdin, sys.stderr):
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            continue
+        if size.lines > 0 and size.columns > 0:
+            return size.lines, size.columns
+    size = shutil.get_terminal_size((DEFAULT_COLS, DEFAULT_ROWS))
+    return max(1, size.lines), max(1, size.columns)
+
+
+def _forward_input(terminal: Terminal, fd: int) -> None:
+    """Send what arrives on ``fd`` to the shell until it ends or the terminal closes.
+
+    The loop wakes up every 0.1 s to notice a terminal that closed (the shell exited)
+    while nothing was typed.  At the end of the input the shell gets Ctrl-D, which
+    ends a shell reading from an empty line.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while not terminal.closed:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # e.g. EIO: the tty went away
+            data = b""
+        text = decoder.decode(data, final=not data) + ("" if data else "\x04")
+        try:
+            if text:
+                terminal.send_input(text)
+        except TerminalError:
+            return  # closed meanwhile; wait() tells how
+        if not data:
+            return
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -224,7 +224,9 @@ class JobInfo(JobResult):
     created_at: str
     started_at: str | None
     finished_at: str | None
-    #: Why a failed job failed when it is not its own exit code ("timeout", "not_found", ...).
+    #: Why a failed job failed: "nonzero_exit" (its own exit status, in output.status_code),
+    #: "not_found", "exec_failed", "start_failed", "timeout", "session_stopped",
+    #: "session_deleted", "server_restarted", "lost"; None unless failed.
     failure_reason: str | None
 
 

@@ -66,6 +66,7 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
     ErrorCode.NOT_A_DIRECTORY: FILE,
     ErrorCode.IS_A_DIRECTORY: FILE,
     ErrorCode.DIRECTORY_NOT_EMPTY: FILE,
+    ErrorCode.DISK_FULL: FILE,
     ErrorCode.FILE_TOO_LARGE: FILE,
     ErrorCode.FILE_OPERATION_FAILED: FILE,
 }

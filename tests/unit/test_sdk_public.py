@@ -34,7 +34,13 @@ EXCEPTIONS = {
     "TerminalError",
     "TerminalConnectionError",
     "TerminalSendError",
+    "TerminalAuthenticationError",
+    "TerminalSessionNotFoundError",
+    "TerminalSessionStateError",
+    "TerminalTimeoutError",
 }
+#: Classes of the SDK that are not exceptions or wire types.
+CLASSES = {"Bastion", "Terminal", "JobEventStream"}
 # typing.is_typeddict misses typing_extensions.TypedDict classes; their marks do not.
 WIRE_TYPES = {
     name
@@ -45,7 +51,7 @@ ENUMS = {"ErrorCode", "JobStatus", "SessionStatus"}
 
 
 def test_public_surface() -> None:
-    assert set(bastion.__all__) == {"Bastion", "__version__"} | EXCEPTIONS | WIRE_TYPES | ENUMS
+    assert set(bastion.__all__) == {"__version__"} | CLASSES | EXCEPTIONS | WIRE_TYPES | ENUMS
     assert len(bastion.__all__) == len(set(bastion.__all__))
     for name in bastion.__all__:
         assert hasattr(bastion, name), name
@@ -66,7 +72,7 @@ def test_version_matches_pyproject() -> None:
 def test_public_methods_are_documented() -> None:
     client = bastion.Bastion("http://bastion.test")
     try:
-        for resource in (client.sessions, client.jobs, client.files):
+        for resource in (client.sessions, client.jobs, client.files, client.terminal):
             for name, method in inspect.getmembers(resource, inspect.ismethod):
                 if name.startswith("_"):
                     continue
@@ -86,13 +92,25 @@ def test_product_page_signatures() -> None:
     client = bastion.Bastion("http://bastion.test")
     try:
         params = inspect.signature(client.jobs.run_and_wait).parameters
-        assert list(params) == ["session_id", "command", "env", "cwd", "timeout", "wait_timeout"]
+        assert list(params) == [
+            "session_id",
+            "command",
+            "env",
+            "cwd",
+            "timeout",
+            "wait_timeout",
+            "on_stdout",
+            "on_stderr",
+        ]
         assert list(inspect.signature(client.jobs.watch).parameters) == [
             "session_id",
             "job_id",
             "on_update",
             "timeout",
+            "on_output",
         ]
+        connect = inspect.signature(client.terminal.connect).parameters
+        assert list(connect)[:2] == ["session_id", "on_message"]
         assert inspect.signature(client.files.list).parameters["path"].default == "/"
     finally:
         client.close()

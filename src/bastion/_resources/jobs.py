@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, cast
 
 from .._base import (
+    NDJSON_MEDIA_TYPE,
+    EventCallback,
+    JobFollower,
     LongPoll,
+    OutputCallback,
     StatusTracker,
     check_job_result,
     format_hold,
     is_final,
     job_timeout_error,
+    parse_job_event,
     run_job_body,
+    stream_ended_early,
     watch_hold,
 )
-from ..wire import JOB_WAIT_MAX_HOLD, JobInfo, JobList
+from .._exceptions import APITimeoutError, BastionError
+from ..wire import JOB_WAIT_MAX_HOLD, JobEvent, JobInfo, JobList
 
 if TYPE_CHECKING:
     from .._client import Bastion
@@ -113,8 +121,10 @@ class Jobs:
         cwd: str | None = None,
         timeout: float | None = None,
         wait_timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> JobInfo:
-        """Run a command and wait for its result.
+        """Run a command and wait for its result, optionally watching its output live.
 
         Args:
             session_id: A running session's id.
@@ -123,9 +133,16 @@ class Jobs:
             cwd: Working directory inside the session.
             timeout: Server-side limit in seconds; the server kills the job after it.
             wait_timeout: Seconds the client waits at most; ``None`` waits for ever.
+                With output callbacks it is checked as each piece of output arrives,
+                and a job silent for ``wait_timeout`` seconds is given up.
+            on_stdout: Called in this thread with each chunk of standard output as
+                it is produced (the job's event stream is followed).
+            on_stderr: Likewise for standard error.  All chunks of both have been
+                delivered, in order, before this returns or raises.
 
         Returns:
-            The final ``JobInfo``; ``result["output"]["console_output"]`` is stdout.
+            The final ``JobInfo``; ``result["output"]["console_output"]`` is stdout
+            (the whole of it, also when it was streamed to ``on_stdout``).
 
         Raises:
             JobFailedError: The job failed (non-zero exit, killed, timed out); the
@@ -135,7 +152,42 @@ class Jobs:
             SessionStateError: The session is not running.
         """
         job = self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
-        return self.wait(session_id, job["job_id"], timeout=wait_timeout)
+        if on_stdout is None and on_stderr is None:
+            return self.wait(session_id, job["job_id"], timeout=wait_timeout)
+        follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+        return check_job_result(self._follow(session_id, job["job_id"], follower))
+
+    def stream(self, session_id: str, job_id: str) -> JobEventStream:
+        """Follow a job's events as they happen: status changes, output, the end.
+
+        The server replays what happened before (so nothing is missed by starting
+        late), then sends events live; the stream ends after the ``end`` event::
+
+            with bastion.jobs.stream(sid, job["job_id"]) as events:
+                for event in events:
+                    if event["type"] == "stdout":
+                        print(event["data"], end="")
+
+        The request is sent when iteration starts, so errors are raised by the first
+        ``next()``.  The connection is released when the stream is exhausted or
+        closed (``with``, ``close()``); there is no read timeout, a job may be silent
+        for as long as it runs.
+
+        Args:
+            session_id: The session's id.
+            job_id: The job's id.
+
+        Returns:
+            An iterator (and context manager) of event dicts:
+            ``{"type": "status", "status"}``, ``{"type": "stdout" | "stderr", "data"}``
+            and last ``{"type": "end", "job": JobInfo}``.
+
+        Raises:
+            JobNotFoundError: No job has this id in this session.
+            APIConnectionError: The connection broke, or the stream ended before
+                ``end``.
+        """
+        return JobEventStream(self._iter_complete_events(session_id, job_id))
 
     def watch(
         self,
@@ -144,6 +196,7 @@ class Jobs:
         on_update: Callable[[JobInfo], object],
         *,
         timeout: float | None = None,
+        on_output: EventCallback | None = None,
     ) -> JobInfo:
         """Call ``on_update(job_info)`` for each status the job goes through.
 
@@ -158,6 +211,10 @@ class Jobs:
             on_update: Called in this thread with each new ``JobInfo``; what it raises
                 propagates and ends the watch.
             timeout: Seconds to watch at most; ``None`` watches until the job ends.
+            on_output: Called in this thread with each ``{"type": "stdout" |
+                "stderr", "data"}`` event, in order, all of them before the final
+                ``on_update`` (the job's event stream is followed; output the job
+                produced before the watch started is delivered too).
 
         Returns:
             The final ``JobInfo``.  A failed job is returned, not raised.
@@ -166,6 +223,8 @@ class Jobs:
             JobTimeoutError: The job was not final within ``timeout``.
             JobNotFoundError: No job has this id in this session.
         """
+        if on_output is not None:
+            return self._watch_events(session_id, job_id, on_update, timeout, on_output)
         poll = LongPoll(timeout)
         tracker = StatusTracker()
         job = self.get(session_id, job_id)
@@ -192,6 +251,102 @@ class Jobs:
         """
         data = self._client._request("GET", self._client._url("sessions", session_id, "jobs"))
         return cast(JobList, data)
+
+    def _watch_events(
+        self,
+        session_id: str,
+        job_id: str,
+        on_update: Callable[[JobInfo], object],
+        timeout: float | None,
+        on_output: EventCallback,
+    ) -> JobInfo:
+        """``watch()`` over the event stream, for callers that want the output too."""
+        tracker = StatusTracker()
+        job = self.get(session_id, job_id)
+        if tracker.changed(job):
+            on_update(job)
+
+        def on_status(status: str) -> None:
+            # Status events carry only the name; the snapshot callers get is the
+            # job's full JobInfo.  The final one comes with "end", after all output.
+            if status in ("completed", "failed") or not tracker.is_new(status):
+                return
+            snapshot = self.get(session_id, job_id)
+            if not is_final(snapshot) and tracker.changed(snapshot):
+                on_update(snapshot)
+
+        follower = JobFollower(job, timeout, on_output=on_output)
+        final = self._follow(session_id, job_id, follower, on_status=on_status)
+        if tracker.changed(final):
+            on_update(final)
+        return final
+
+    def _follow(
+        self,
+        session_id: str,
+        job_id: str,
+        follower: JobFollower,
+        *,
+        on_status: Callable[[str], object] | None = None,
+    ) -> JobInfo:
+        """Feed the job's event stream to ``follower`` until the final job arrives."""
+        events = self._iter_events(session_id, job_id, follower.read_timeout())
+        try:
+            for event in events:
+                follower.feed(event)
+                if follower.final is not None:
+                    return follower.final
+                if on_status is not None and event["type"] == "status" and "status" in event:
+                    on_status(event["status"])
+                follower.check_deadline()
+        except APITimeoutError as exc:
+            # The read timeout is the time that was left: silence past the deadline.
+            if follower.poll.expired():
+                raise follower.timeout_error() from exc
+            raise
+        finally:
+            events.close()
+        # The stream ended without "end": the session was deleted meanwhile (the get
+        # raises SessionNotFoundError), or the server went away.
+        cut_short = stream_ended_early(job_id)
+        try:
+            self.get(session_id, job_id)
+        except BastionError as exc:
+            raise exc from cut_short
+        raise cut_short
+
+    def _iter_complete_events(
+        self, session_id: str, job_id: str
+    ) -> Generator[JobEvent, None, None]:
+        """:meth:`_iter_events` without a deadline, raising if it ends before ``end``."""
+        events = self._iter_events(session_id, job_id, None)
+        last: JobEvent | None = None
+        try:
+            for last in events:
+                yield last
+        finally:
+            events.close()  # at once, not when the garbage collector gets to it
+        if last is None or last["type"] != "end":
+            raise stream_ended_early(job_id)
+
+    def _iter_events(
+        self, session_id: str, job_id: str, read_timeout: float | None
+    ) -> Generator[JobEvent, None, None]:
+        """The NDJSON event stream, one parsed event at a time, ending after ``end``
+        (or earlier, if the server ends the stream early)."""
+        with self._client._stream(
+            "GET",
+            self._client._url("sessions", session_id, "jobs", job_id, "events"),
+            headers={"Accept": NDJSON_MEDIA_TYPE},
+            timeout=self._client._event_stream_timeout(read_timeout),
+        ) as response:
+            for line in self._client._iter_lines(response):
+                event = parse_job_event(line)
+                if event is None:
+                    continue
+                yield event
+                if event["type"] == "end":
+                    return
 
     def _wait_final(self, session_id: str, job_id: str, timeout: float | None) -> JobInfo:
         poll = LongPoll(timeout)
@@ -220,3 +375,36 @@ class Jobs:
             if pause > 0:
                 time.sleep(pause)
         return job
+
+
+class JobEventStream(Iterator[JobEvent]):
+    """The events of one job (what :meth:`Jobs.stream` returns).
+
+    An iterator of ``JobEvent`` dicts that holds an HTTP response open while it is
+    being read: exhaust it, or close it (``close()``, or use it in a ``with`` block)
+    to release the connection.
+    """
+
+    def __init__(self, events: Generator[JobEvent, None, None]) -> None:
+        self._events = events
+
+    def __iter__(self) -> JobEventStream:
+        return self
+
+    def __next__(self) -> JobEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop reading and release the connection (idempotent)."""
+        self._events.close()
+
+    def __enter__(self) -> JobEventStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -6,7 +6,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from .._base import create_session_body, new_idempotency_key
-from ..wire import IDEMPOTENCY_HEADER, SessionInfo, SessionLimits, SessionList
+from ..wire import (
+    IDEMPOTENCY_HEADER,
+    ExpiryAction,
+    NetworkRequest,
+    SessionInfo,
+    SessionLimits,
+    SessionList,
+)
 
 if TYPE_CHECKING:
     from .._client import Bastion
@@ -24,13 +31,24 @@ class Sessions:
         limits: SessionLimits | None = None,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+        on_timeout: ExpiryAction | None = None,
+        network: NetworkRequest | None = None,
     ) -> SessionInfo:
         """Create a session (status ``"created"``; call :meth:`start` to run it).
 
         Args:
-            limits: Resource limits (``memory_mb``, ``pids``, ``cpus``); omitted fields
-                take the server's defaults.
+            limits: Resource limits (``memory_mb``, ``pids``, ``cpus``, ``disk_mb``);
+                omitted fields take the server's defaults.
             metadata: Free-form string labels stored with the session.
+            idle_timeout: Seconds without activity (no job, terminal or request) after
+                which the server stops the session (or deletes it, see ``on_timeout``).
+            max_lifetime: Seconds after creation when the same happens regardless.
+            on_timeout: ``"stop"`` (default; files kept) or ``"delete"``.
+            network: Outbound network, off by default: ``{"enabled": True}`` and
+                optionally ``"allow": ["203.0.113.0/24", "pypi.org"]``.  A session never
+                reaches the host's own addresses.
             idempotency_key: Sent as the ``Idempotency-Key`` header; a fresh one is made
                 per call.  Pass your own to retry a create whose answer was lost (for
                 example after :class:`APIConnectionError`) without making a second
@@ -46,7 +64,14 @@ class Sessions:
         data = self._client._request(
             "POST",
             self._client._url("sessions"),
-            json=create_session_body(limits, metadata),
+            json=create_session_body(
+                limits,
+                metadata,
+                idle_timeout=idle_timeout,
+                max_lifetime=max_lifetime,
+                on_timeout=on_timeout,
+                network=network,
+            ),
             headers={IDEMPOTENCY_HEADER: idempotency_key or new_idempotency_key()},
         )
         return cast(SessionInfo, data)

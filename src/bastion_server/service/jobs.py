@@ -217,7 +217,7 @@ class JobService:
         live = self._live.get(job_id)
         if live is not None:
             live.wakers.add(waker)
-        offset, last_status = 0, None
+        offset, last_status, last_stderr = 0, None, ""
         try:
             while True:
                 waker.clear()
@@ -234,11 +234,16 @@ class JobService:
                     offset = next_offset
                     text = decoders[stream].decode(data)
                     if text:
+                        last_stderr = text if stream == "stderr" else last_stderr
                         yield {"type": stream, "data": text}  # type: ignore[typeddict-item]
                 if final:
                     for stream, decoder in decoders.items():
                         if text := decoder.decode(b"", final=True):
+                            last_stderr = text if stream == "stderr" else last_stderr
                             yield {"type": stream, "data": text}  # type: ignore[typeddict-item]
+                    # The stream says what errout says, to the letter.
+                    if note := self._server_note(record, last_stderr):
+                        yield {"type": "stderr", "data": note}
                     yield {"type": "status", "status": status}  # type: ignore[typeddict-item]
                     yield {"type": "end", "job": self.view(record)}
                     return
@@ -271,13 +276,15 @@ class JobService:
 
     def output(self, record: JobRecord) -> tuple[str, str]:
         stdout, stderr = read_output(self.log_path(record.id))
-        if record.error_message:
-            stderr = (
-                stderr
-                + ("\n" if stderr and not stderr.endswith("\n") else "")
-                + f"bastion: {record.error_message}\n"
-            )
-        return stdout, stderr
+        return stdout, stderr + self._server_note(record, stderr)
+
+    @staticmethod
+    def _server_note(record: JobRecord, stderr_so_far: str) -> str:
+        """What the server adds to a job's stderr: why it ended, or what was dropped."""
+        if not record.error_message:
+            return ""
+        newline = "\n" if stderr_so_far and not stderr_so_far.endswith("\n") else ""
+        return f"{newline}bastion: {record.error_message}\n"
 
     async def stop_session_jobs(self, session_id: str, reason: str) -> None:
         """Kill every running job of a session and wait until each is recorded."""
