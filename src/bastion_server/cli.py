@@ -104,6 +104,13 @@ def register_serve(subparsers: Any) -> None:
         "(BASTION_DEFAULT_DISK_MB; default 1024)",
     )
     p.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=int(_env("BASTION_MAX_OUTPUT_BYTES", str(16 * 1024**2))),
+        help="output kept per job and stream; the rest is counted and dropped "
+        "(BASTION_MAX_OUTPUT_BYTES; default 16 MiB)",
+    )
+    p.add_argument(
         "--no-network",
         action="store_true",
         default=_env("BASTION_NO_NETWORK", "") not in ("", "0"),
@@ -134,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes,
         log_level=args.log_level,
         allow_network=not args.no_network,
+        max_output_bytes=args.max_output_bytes,
         default_limits=Limits(
             args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
         ),

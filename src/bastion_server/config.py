@@ -44,7 +44,7 @@ class ServerConfig:
     reaper_interval: float = 1.0
     max_upload_bytes: int = 4 * 1024**3
     #: Output kept per job and stream; the rest is counted and dropped.
-    max_output_bytes: int = 64 * 1024**2
+    max_output_bytes: int = 16 * 1024**2
     #: Longest a single ``/wait`` request is held open.
     max_wait_seconds: float = 60.0
     log_level: str = "info"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from bastion.wire import FINAL_JOB_STATUSES, JobInfo, JobList, RunJobRequest
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
 from bastion_server.service.container import Services
+from bastion_server.store.sqlite import JobRecord
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/jobs", tags=["jobs"])
 Owner = Annotated[str, Depends(owner)]
@@ -25,9 +26,8 @@ async def run_job(
     body: RunJobRequest,
     who: Owner,
     svc: Svc,
-    response: Response,
     wait: Annotated[float | None, Query(ge=0)] = None,
-) -> JobInfo:
+) -> Any:
     """Start a command in the background; answers at once with the job id (202).
 
     With ``wait=SECONDS`` the answer is held until the job ends or that time passes
@@ -45,18 +45,42 @@ async def run_job(
     if wait is not None:
         record = await svc.jobs.wait(who, session_id, record.id, wait)
         if record.status in FINAL_JOB_STATUSES:
-            response.status_code = 200
+            return await _job_response(svc, record)
     return svc.jobs.view(record)
+
+
+async def _job_response(svc: Services, record: JobRecord) -> Response:
+    """A job with its output, encoded as JSON while it is streamed out.
+
+    Output runs to megabytes (and a NUL byte takes six in JSON): built whole it would
+    cost the server hundreds of MB and block everyone else.  So the output is read,
+    decoded and escaped chunk by chunk, in a worker thread."""
+    if record.status not in FINAL_JOB_STATUSES:
+        return JSONResponse(svc.jobs.view(record))
+    return StreamingResponse(_job_json(svc, record), media_type="application/json")
+
+
+def _job_json(svc: Services, record: JobRecord) -> Iterator[bytes]:
+    head: dict[str, Any] = dict(svc.jobs.view(record, with_output=False))
+    head.pop("output")
+    yield json.dumps(head)[:-1].encode() + b', "output": {"console_output": "'
+    for text in svc.jobs.iter_output(record, "stdout"):
+        yield json.dumps(text, ensure_ascii=False)[1:-1].encode()
+    yield b'", "errout": "'
+    for text in svc.jobs.iter_output(record, "stderr"):
+        yield json.dumps(text, ensure_ascii=False)[1:-1].encode()
+    yield b'", "status_code": ' + json.dumps(record.exit_code).encode() + b"}}"
 
 
 @router.get("", response_model=JobList)
 async def list_jobs(session_id: str, who: Owner, svc: Svc) -> JobList:
-    return {"jobs": [svc.jobs.view(r) for r in svc.jobs.list(who, session_id)]}
+    """The session's jobs, oldest first, without their output (get a job for that)."""
+    return {"jobs": [svc.jobs.view(r, with_output=False) for r in svc.jobs.list(who, session_id)]}
 
 
 @router.get("/{job_id}", response_model=JobInfo)
-async def get_job(session_id: str, job_id: str, who: Owner, svc: Svc) -> JobInfo:
-    return svc.jobs.view(svc.jobs.get(who, session_id, job_id))
+async def get_job(session_id: str, job_id: str, who: Owner, svc: Svc) -> Any:
+    return await _job_response(svc, svc.jobs.get(who, session_id, job_id))
 
 
 @router.get("/{job_id}/wait", response_model=JobInfo)
@@ -66,10 +90,10 @@ async def wait_job(
     who: Owner,
     svc: Svc,
     timeout: Annotated[float | None, Query(ge=0)] = None,
-) -> JobInfo:
+) -> Any:
     """Hold the request until the job is final or ``timeout`` seconds pass (at most the
     server's maximum hold), then answer with the job as it is."""
-    return svc.jobs.view(await svc.jobs.wait(who, session_id, job_id, timeout))
+    return await _job_response(svc, await svc.jobs.wait(who, session_id, job_id, timeout))
 
 
 @router.get(

@@ -103,6 +103,7 @@ class OciRuntime(Runtime):
         self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
         self.agent_source = data_dir / "agent" / "agent.py"
+        self.resolv_conf = data_dir / "sandbox-etc" / "resolv.conf"
         self.network = NetworkManager(Path(self.state_root))
         self._binary = binary
         self._binary_path = ""
@@ -148,9 +149,9 @@ class OciRuntime(Runtime):
         self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
         os.chmod(self.agent_source.parent, 0o755)
         # The sandbox's resolver: slirp4netns answers DNS at 10.0.2.3 (with network on).
-        resolv = self.agent_source.parent / "resolv.conf"
-        resolv.write_text("nameserver 10.0.2.3\n")
-        os.chmod(resolv, 0o644)
+        self.resolv_conf.parent.mkdir(mode=0o755, exist_ok=True)
+        self.resolv_conf.write_text("nameserver 10.0.2.3\n")
+        os.chmod(self.resolv_conf, 0o644)
         source = Path(agent_module.__file__).read_bytes()
         if not self.agent_source.exists() or self.agent_source.read_bytes() != source:
             temp = self.agent_source.with_suffix(".tmp")
@@ -492,7 +493,7 @@ class OciRuntime(Runtime):
                 {
                     "destination": "/etc/resolv.conf",
                     "type": "bind",
-                    "source": str(self.agent_source.parent / "resolv.conf"),
+                    "source": str(self.resolv_conf),
                     "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
                 },
                 {

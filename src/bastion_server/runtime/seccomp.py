@@ -12,7 +12,9 @@ untrusted code has no use for the call:
   flags, ``clone3`` answers ENOSYS so libc falls back to ``clone``;
 * no mount API, kernel modules, keyrings, ``bpf``, ``perf_event_open``,
   ``userfaultfd``, ``kexec``, ``reboot``, ``swapon``, ``acct``, clock setting;
-* no raw or packet sockets and no vsock (``socket`` with those arguments is refused).
+* sockets only of the families and types ordinary programs use (unix, IPv4/IPv6
+  stream and datagram, netlink): no raw, packet, vsock or other sockets;
+* only the native system call table (no 32-bit entry from a 64-bit process).
 """
 
 from __future__ import annotations
@@ -64,19 +66,24 @@ tkill truncate truncate64 ugetrlimit umask uname unlink unlinkat utime utimensat
 utimensat_time64 utimes vfork vmsplice wait4 waitid waitpid write writev
 """.split()
 
+#: machine -> (libseccomp architecture, calls only that architecture has)
 _ARCH = {
-    "x86_64": (
-        "SCMP_ARCH_X86_64",
-        ["SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        ["arch_prctl", "modify_ldt"],
-    ),
-    "aarch64": ("SCMP_ARCH_AARCH64", ["SCMP_ARCH_ARM"], []),
+    "x86_64": ("SCMP_ARCH_X86_64", ["arch_prctl", "modify_ldt"]),
+    "aarch64": ("SCMP_ARCH_AARCH64", []),
 }
 
 # clone flags that create namespaces: CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _CLONE_NAMESPACE_FLAGS = 0x7E020000
-_AF_PACKET, _AF_VSOCK = 17, 40
-_SOCK_TYPE_MASK, _SOCK_RAW, _SOCK_PACKET = 0xF, 3, 10
+_SOCK_TYPE_MASK = 0xF
+_STREAM, _DGRAM, _RAW, _SEQPACKET = 1, 2, 3, 5
+#: family -> socket types allowed: unix, IPv4/IPv6 TCP and UDP (and ICMP echo, which is
+#: SOCK_DGRAM), netlink (as `ip` uses it, confined to the sandbox's network namespace).
+_SOCKETS = {
+    1: (_STREAM, _DGRAM, _SEQPACKET),  # AF_UNIX
+    2: (_STREAM, _DGRAM),  # AF_INET
+    10: (_STREAM, _DGRAM),  # AF_INET6
+    16: (_RAW, _DGRAM),  # AF_NETLINK
+}
 # personality(2) values programs legitimately set (Linux default, UNAME26, READ_IMPLIES_EXEC
 # variants and the query value 0xffffffff), as the engines' profiles allow.
 _PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
@@ -84,7 +91,7 @@ _PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 def profile() -> dict[str, Any]:
     """The OCI ``linux.seccomp`` object for this machine's architecture."""
-    arch, sub_arches, arch_calls = _ARCH.get(platform.machine(), _ARCH["x86_64"])
+    arch, arch_calls = _ARCH.get(platform.machine(), _ARCH["x86_64"])
     eperm = errno.EPERM
     syscalls: list[dict[str, Any]] = [
         {"names": sorted(_ALLOWED + arch_calls), "action": "SCMP_ACT_ALLOW"},
@@ -109,38 +116,31 @@ def profile() -> dict[str, Any]:
             }
             for value in _PERSONALITIES
         ),
-        # socket(): allowed unless it asks for a packet socket, vsock, or a raw socket.
-        # Each refusal is its own rule; libseccomp lets the refusing action win.
-        {"names": ["socket"], "action": "SCMP_ACT_ALLOW"},
+        # socket(): only the families and types ordinary programs use.  Everything else
+        # (packet, vsock, raw IP, bluetooth, ...) stays refused by the default action.
         *(
             {
                 "names": ["socket"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": eperm,
-                "args": [{"index": 0, "value": family, "op": "SCMP_CMP_EQ"}],
-            }
-            for family in (_AF_PACKET, _AF_VSOCK)
-        ),
-        *(
-            {
-                "names": ["socket"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": eperm,
+                "action": "SCMP_ACT_ALLOW",
                 "args": [
+                    {"index": 0, "value": family, "op": "SCMP_CMP_EQ"},
                     {
                         "index": 1,
                         "value": _SOCK_TYPE_MASK,
                         "valueTwo": kind,
                         "op": "SCMP_CMP_MASKED_EQ",
-                    }
+                    },
                 ],
             }
-            for kind in (_SOCK_RAW, _SOCK_PACKET)
+            for family, kinds in _SOCKETS.items()
+            for kind in kinds
         ),
     ]
     return {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": eperm,
-        "architectures": [arch, *sub_arches],
+        # Only the native system call table: a 64-bit process calling the 32-bit entry
+        # (int 0x80, socketcall) would otherwise reach calls under other numbers.
+        "architectures": [arch],
         "syscalls": syscalls,
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from bastion_server.service.errors import ServiceError, invalid, job_not_found
 from bastion_server.service.sessions import SessionService, new_id, now_iso
 from bastion_server.store.joblog import (
     JobLogWriter,
+    iter_text,
     read_output,
     read_records,
     stream_decoders,
@@ -256,10 +257,11 @@ class JobService:
             if live is not None:
                 live.wakers.discard(waker)
 
-    def view(self, record: JobRecord) -> JobInfo:
-        """The job as the wire shows it; the output only once the job is final."""
+    def view(self, record: JobRecord, *, with_output: bool = True) -> JobInfo:
+        """The job as the wire shows it; the output only once the job is final (and
+        only when asked: a listing of many jobs carries none)."""
         output: JobOutput | None = None
-        if record.status in FINAL_JOB_STATUSES:
+        if with_output and record.status in FINAL_JOB_STATUSES:
             stdout, stderr = self.output(record)
             output = {"console_output": stdout, "errout": stderr, "status_code": record.exit_code}
         return {
@@ -277,6 +279,16 @@ class JobService:
     def output(self, record: JobRecord) -> tuple[str, str]:
         stdout, stderr = read_output(self.log_path(record.id))
         return stdout, stderr + self._server_note(record, stderr)
+
+    def iter_output(self, record: JobRecord, stream: str) -> Iterator[str]:
+        """One stream of a final job's output in chunks, as ``output()`` would give it
+        whole (the server's note ends stderr): for answers that must not hold it all."""
+        last = ""
+        for text in iter_text(self.log_path(record.id), stream):
+            last = text
+            yield text
+        if stream == "stderr" and (note := self._server_note(record, last)):
+            yield note
 
     @staticmethod
     def _server_note(record: JobRecord, stderr_so_far: str) -> str:

@@ -73,12 +73,16 @@ def stream_decoders() -> dict[str, codecs.IncrementalDecoder]:
     return {name: codecs.getincrementaldecoder("utf-8")("replace") for name in _STREAM_CODES}
 
 
+def iter_text(path: Path, stream: str) -> Iterator[str]:
+    """One stream of a job as text, chunk by chunk (UTF-8, bad bytes replaced)."""
+    decoder = stream_decoders()[stream]
+    for name, data, _ in read_records(path):
+        if name == stream and (text := decoder.decode(data)):
+            yield text
+    if tail := decoder.decode(b"", final=True):
+        yield tail
+
+
 def read_output(path: Path) -> tuple[str, str]:
     """The whole stdout and stderr of a job as text (UTF-8, bad bytes replaced)."""
-    decoders = stream_decoders()
-    parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
-    for stream, data, _ in read_records(path):
-        parts[stream].append(decoders[stream].decode(data))
-    for name, decoder in decoders.items():
-        parts[name].append(decoder.decode(b"", final=True))
-    return "".join(parts["stdout"]), "".join(parts["stderr"])
+    return "".join(iter_text(path, "stdout")), "".join(iter_text(path, "stderr"))
