@@ -4,14 +4,16 @@
 #
 #   crun, runc     OCI runtimes (crun is the default, runc a drop-in alternative)
 #   debootstrap    builds the sandbox image (+ the keyring and gpgv it verifies with)
-#   passt          user-mode networking for sandboxes
+#   slirp4netns    user-mode networking for sandboxes that ask for it
+#   nftables       the egress rules that keep networked sandboxes off the host
+#   gcc, libc6-dev build the static in-sandbox agent
 #   tmux           drives terminals in tests
 #   iproute2, procps
 #   python3-venv   only when the Python used by `make` cannot create a venv with pip
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-packages=(crun runc debootstrap debian-archive-keyring gpgv passt tmux iproute2 procps)
+packages=(crun runc debootstrap debian-archive-keyring gpgv slirp4netns nftables gcc libc6-dev tmux iproute2 procps)
 
 missing=()
 for pkg in "${packages[@]}"; do

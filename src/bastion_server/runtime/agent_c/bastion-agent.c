@@ -36,6 +36,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -58,6 +59,15 @@
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+
+/* A sanitizer cannot follow a child onto a borrowed stack: such builds fork instead. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SPAWN_WITH_FORK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer)
+#define SPAWN_WITH_FORK 1
+#endif
+#endif
 
 #ifndef SYS_close_range
 #define SYS_close_range 436
@@ -119,8 +129,7 @@ static size_t buf_avail(const struct buf *b) { return b->len - b->off; }
 
 static void buf_free(struct buf *b) {
     free(b->d);
-    b->d = NULL;
-    b->off = b->len = b->cap = 0;
+    *b = (struct buf){0};
 }
 
 static bool buf_put(struct buf *b, const void *p, size_t n) {
@@ -577,6 +586,7 @@ struct watch {
     struct sess *s;
     int fd, kind;
     uint32_t ev; /* the events epoll watches for; 0: not registered */
+    bool eof;    /* output: at its end, no longer watched, but kept open until the job ends */
 };
 
 struct sess {
@@ -641,8 +651,9 @@ static void update(struct sess *s) {
     }
     /* Backpressure: no output is read while the socket has not taken the last chunk. */
     bool relay = s->job == JOB_RUNNING && sock_open(s) && !queued;
-    wset(&s->w[W_OUT], (relay ? EPOLLIN : 0) | (buf_avail(&s->pend) ? EPOLLOUT : 0));
-    wset(&s->w[W_ERR], relay ? EPOLLIN : 0);
+    wset(&s->w[W_OUT], s->w[W_OUT].eof ? 0
+                       : (relay ? EPOLLIN : 0) | (buf_avail(&s->pend) ? EPOLLOUT : 0));
+    wset(&s->w[W_ERR], relay && !s->w[W_ERR].eof ? EPOLLIN : 0);
     wset(&s->w[W_STATUS], s->job == JOB_RUNNING ? EPOLLIN : 0);
     wset(&s->w[W_EXECERR], s->job == JOB_STARTING ? EPOLLIN : 0);
 }
@@ -986,6 +997,10 @@ fail:
     _exit(127);
 }
 
+#ifndef SPAWN_WITH_FORK
+static int job_main(void *sp) { run_job(sp); }
+#endif
+
 static void on_usr1(int sig) {
     (void)sig;
     g_killmode = 1;
@@ -1003,9 +1018,17 @@ static _Noreturn void supervise(const struct spawn *sp) {
      * early is delivered to the handler when the mask is cleared below. */
     struct sigaction sa = {.sa_handler = on_usr1};
     sigaction(SIGUSR1, &sa, NULL);
+    /* vfork-like: the job borrows this process's memory (on a stack of its own) until
+     * it execs, which spares copying page tables; this process waits until then. */
+#ifdef SPAWN_WITH_FORK
     pid_t job = fork();
     if (job == 0)
         run_job(sp);
+#else
+    static max_align_t stack[65536 / sizeof(max_align_t)];
+    pid_t job = clone(job_main, (char *)stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD,
+                      (void *)sp);
+#endif
     if (job < 0) {
         int err = errno;
         if (write(sp->err_w, &err, sizeof err) < 0) {
@@ -1043,10 +1066,6 @@ static _Noreturn void supervise(const struct spawn *sp) {
     }
 }
 
-static int set_nonblock(int fd) {
-    int fl = fcntl(fd, F_GETFL);
-    return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-}
 
 static void set_winsize(int fd, int rows, int cols) {
     struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
@@ -1070,52 +1089,46 @@ static int dimension(const struct jv *v, int dflt, bool *bad) {
 static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
     const struct jv *argv_v = jget(req, "argv"), *env_v = jget(req, "env");
     const struct jv *cwd_v = jget(req, "cwd"), *timeout_v = jget(req, "timeout");
-    if (!argv_v || argv_v->t != JARR || !argv_v->n)
-        {
-            start_failed(s, "argv must be a non-empty list of strings");
-            return;
-        }
+    if (!argv_v || argv_v->t != JARR || !argv_v->n) {
+        start_failed(s, "argv must be a non-empty list of strings");
+        return;
+    }
     char **argv = arena_alloc(a, (argv_v->n + 1) * sizeof *argv);
     size_t envn = env_v && env_v->t == JOBJ ? env_v->n : 0;
     char **envp = arena_alloc(a, (envn + 1) * sizeof *envp);
-    if (!argv || !envp)
-        {
-            start_failed(s, "out of memory");
-            return;
-        }
+    if (!argv || !envp) {
+        start_failed(s, "out of memory");
+        return;
+    }
     size_t i = 0;
     for (struct jv *k = argv_v->kids; k; k = k->next) {
-        if (!jcstr(k))
-            {
-                start_failed(s, "argv must be a non-empty list of strings");
-                return;
-            }
+        if (!jcstr(k)) {
+            start_failed(s, "argv must be a non-empty list of strings");
+            return;
+        }
         argv[i++] = k->s;
     }
     argv[i] = NULL;
-    if (env_v && env_v->t != JNULL && env_v->t != JOBJ)
-        {
-            start_failed(s, "env must be an object of strings");
-            return;
-        }
+    if (env_v && env_v->t != JNULL && env_v->t != JOBJ) {
+        start_failed(s, "env must be an object of strings");
+        return;
+    }
     i = 0;
     for (struct jv *k = envn ? env_v->kids : NULL; k; k = k->next) {
-        if (!jcstr(k) || !k->keyn || strlen(k->key) != k->keyn || memchr(k->key, '=', k->keyn))
-            {
-                start_failed(s, "env must be an object of strings (names without '=')");
-                return;
-            }
+        if (!jcstr(k) || !k->keyn || strlen(k->key) != k->keyn || memchr(k->key, '=', k->keyn)) {
+            start_failed(s, "env must be an object of strings (names without '=')");
+            return;
+        }
         bool later = false; /* a name given twice: the last value counts */
         for (struct jv *l = k->next; l && !later; l = l->next)
             later = l->keyn == k->keyn && !memcmp(l->key, k->key, k->keyn);
         if (later)
             continue;
         char *kv = arena_alloc(a, k->keyn + k->n + 2);
-        if (!kv)
-            {
-                start_failed(s, "out of memory");
-                return;
-            }
+        if (!kv) {
+            start_failed(s, "out of memory");
+            return;
+        }
         memcpy(kv, k->key, k->keyn);
         kv[k->keyn] = '=';
         memcpy(kv + k->keyn + 1, k->s, k->n + 1);
@@ -1124,20 +1137,18 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
     envp[i] = NULL;
     const char *cwd = g_home;
     if (jtruthy(cwd_v)) {
-        if (!jcstr(cwd_v))
-            {
-                start_failed(s, "cwd must be a string or null");
-                return;
-            }
+        if (!jcstr(cwd_v)) {
+            start_failed(s, "cwd must be a string or null");
+            return;
+        }
         cwd = cwd_v->s;
     }
     s->has_timeout = false;
     if (jtruthy(timeout_v)) {
-        if (timeout_v->t != JNUM && timeout_v->t != JTRUE)
-            {
-                start_failed(s, "timeout must be a number or null");
-                return;
-            }
+        if (timeout_v->t != JNUM && timeout_v->t != JTRUE) {
+            start_failed(s, "timeout must be a number or null");
+            return;
+        }
         double t = timeout_v->t == JTRUE ? 1 : timeout_v->num;
         s->has_timeout = true;
         s->timeout_ns = t <= 0 ? 0 : t > 1e9 ? (int64_t)1e18 : (int64_t)(t * 1e9);
@@ -1145,17 +1156,17 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
     bool pty = jtruthy(jget(req, "pty")), bad = false;
     int rows = pty ? dimension(jget(req, "rows"), 24, &bad) : 24;
     int cols = pty ? dimension(jget(req, "cols"), 80, &bad) : 80;
-    if (bad)
-        {
-            start_failed(s, "rows and cols must be numbers");
-            return;
-        }
+    if (bad) {
+        start_failed(s, "rows and cols must be numbers");
+        return;
+    }
 
     int status_p[2] = {-1, -1}, err_p[2] = {-1, -1}, out_p[2] = {-1, -1}, eout_p[2] = {-1, -1};
     int master = -1, slave = -1;
     const char *what = "pipe";
     struct spawn sp = {.argv = argv, .envp = envp, .cwd = cwd, .pty = pty};
-    if (pipe2(status_p, O_CLOEXEC) < 0 || pipe2(err_p, O_CLOEXEC) < 0)
+    /* Both ends non-blocking: the supervisor and the job write one word to an empty pipe. */
+    if (pipe2(status_p, O_CLOEXEC | O_NONBLOCK) < 0 || pipe2(err_p, O_CLOEXEC | O_NONBLOCK) < 0)
         goto fail;
     if (pty) {
         what = "openpty";
@@ -1195,10 +1206,11 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
     for (size_t k = 0; k < sizeof child_side / sizeof *child_side; k++)
         if (child_side[k] >= 0)
             close(child_side[k]);
-    int mine[] = {status_p[0], err_p[0], out_p[0], eout_p[0], master};
+    /* Only the agent's ends: the job's stdout and stderr stay blocking. */
+    int mine[] = {out_p[0], eout_p[0], master};
     for (size_t k = 0; k < sizeof mine / sizeof *mine; k++)
         if (mine[k] >= 0)
-            set_nonblock(mine[k]);
+            fcntl(mine[k], F_SETFL, O_NONBLOCK); /* (F_SETFL ignores the access mode) */
     s->w[W_OUT].fd = pty ? master : out_p[0];
     s->w[W_ERR].fd = pty ? -1 : eout_p[0];
     s->w[W_STATUS].fd = status_p[0];
@@ -1247,11 +1259,10 @@ static void unknown_op(struct sess *s, const struct jv *op) {
 }
 
 static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
-    if (kind != 'J')
-        {
-            unknown_op(s, NULL);
-            return;
-        }
+    if (kind != 'J') {
+        unknown_op(s, NULL);
+        return;
+    }
     struct arena a = {0};
     const char *err;
     struct jv *req = jparse(&a, p, n, &err);
@@ -1307,8 +1318,12 @@ static void protocol_error(struct sess *s, const char *what) {
 
 static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
     if (kind == 'I') {
-        if (s->pty && s->w[W_OUT].fd >= 0 && n) {
-            buf_put(&s->pend, p, n);
+        if (s->pty && s->w[W_OUT].fd >= 0 && !s->w[W_OUT].eof && n) {
+            if (!buf_put(&s->pend, p, n)) {
+                buf_free(&s->pend);
+                protocol_error(s, "out of memory");
+                return;
+            }
             write_input(s);
         }
         return;
@@ -1323,7 +1338,8 @@ static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
     } else if (jis_str(jget(msg, "op"), "kill")) {
         s->killed = true;
         start_kill(s);
-    } else if (jis_str(jget(msg, "op"), "resize") && s->pty && s->w[W_OUT].fd >= 0) {
+    } else if (jis_str(jget(msg, "op"), "resize") && s->pty && s->w[W_OUT].fd >= 0 &&
+               !s->w[W_OUT].eof) {
         /* The foreground process group learns of it by SIGWINCH. */
         const struct jv *r = jget(msg, "rows"), *c = jget(msg, "cols");
         if (r && c && r->t == JNUM && c->t == JNUM) {
@@ -1372,19 +1388,17 @@ static void on_sock(struct sess *s, uint32_t ev) {
                 continue;
             else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
                 break;
-            else
-                {
-                    disconnect(s);
-                    return;
-                }
+            else {
+                disconnect(s);
+                return;
+            }
         }
         if (!buf_avail(&s->out)) {
             buf_free(&s->out);
-            if (s->closing)
-                {
-                    close_sock(s);
-                    return;
-                }
+            if (s->closing) {
+                close_sock(s);
+                return;
+            }
         }
     }
     if (ev & EPOLLIN) {
@@ -1392,10 +1406,8 @@ static void on_sock(struct sess *s, uint32_t ev) {
         if (n > 0) {
             if (!buf_put(&s->in, g_buf, (size_t)n)) {
                 logmsg("out of memory");
-                {
-                    disconnect(s);
-                    return;
-                }
+                disconnect(s);
+                return;
             }
             process_input(s);
         } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
@@ -1415,10 +1427,19 @@ static void on_output(struct sess *s, struct watch *w, uint32_t ev) {
     if (!(w->ev & EPOLLIN) || !(ev & (EPOLLIN | EPOLLHUP | EPOLLERR)))
         return; /* paused: backpressure from the socket */
     ssize_t n = read(w->fd, g_buf, READ_CHUNK);
-    if (n > 0)
+    if (n > 0) {
         send_frame(s, w->kind == W_OUT ? 'O' : 'E', g_buf, (size_t)n);
-    else if (n == 0 || (errno != EAGAIN && errno != EINTR))
-        wclose(w); /* end of file; EIO from a pty whose last holder closed it */
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+        /* End of file, or EIO from a pty whose last holder closed it.  Not closed yet:
+         * closing a pty master hangs its terminal up, and the job that just closed its
+         * stdio may not have exited yet (SIGHUP would kill it). */
+        w->eof = true;
+        wset(w, 0);
+        if (buf_avail(&s->pend)) { /* input for a terminal nobody holds any more */
+            buf_free(&s->pend);
+            process_input(s);
+        }
+    }
 }
 
 static void on_status(struct sess *s) {
@@ -1468,10 +1489,14 @@ static void on_execerr(struct sess *s) {
 
 /* The job's main process has exited and its output is drained (or the drain is
  * over): send the exit event and close. */
+static bool outputs_open(const struct sess *s) {
+    return (s->w[W_OUT].fd >= 0 && !s->w[W_OUT].eof) || (s->w[W_ERR].fd >= 0 && !s->w[W_ERR].eof);
+}
+
 static void check_complete(struct sess *s) {
     if (s->dead || s->job != JOB_RUNNING || !s->have_status || s->killing)
         return;
-    if ((s->w[W_OUT].fd >= 0 || s->w[W_ERR].fd >= 0) && now_ns() < s->drain_until)
+    if (outputs_open(s) && now_ns() < s->drain_until)
         return;
     wclose(&s->w[W_OUT]);
     wclose(&s->w[W_ERR]);
@@ -1506,14 +1531,19 @@ static void on_accept(void) {
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if ((errno == EMFILE || errno == ENFILE) && g_reserve >= 0) {
+            if (errno == EMFILE || errno == ENFILE) {
                 /* Out of descriptors: take the connection and drop it rather than
-                 * spin on a listener that stays readable. */
-                close(g_reserve);
-                fd = accept4(g_listen, NULL, NULL, SOCK_CLOEXEC);
-                if (fd >= 0)
-                    close(fd);
-                g_reserve = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                 * spin on a listener that stays readable; without a spare descriptor
+                 * for that, stop listening until a connection ends. */
+                if (g_reserve >= 0) {
+                    close(g_reserve);
+                    fd = accept4(g_listen, NULL, NULL, SOCK_CLOEXEC);
+                    if (fd >= 0)
+                        close(fd);
+                    g_reserve = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                }
+                if (g_reserve < 0)
+                    wset(&g_wlisten, 0);
                 logmsg("out of file descriptors: connection refused");
             }
             return;
@@ -1579,7 +1609,9 @@ static int64_t run_timers(void) {
         if (s->job == JOB_RUNNING && s->has_deadline && !s->have_status &&
             (due < 0 || s->deadline < due))
             due = s->deadline;
-        if (s->job == JOB_RUNNING && s->have_status && (due < 0 || s->drain_until < due))
+        /* (While a kill runs, completion waits for it, not for the drain's end.) */
+        if (s->job == JOB_RUNNING && s->have_status && !s->killing && outputs_open(s) &&
+            (due < 0 || s->drain_until < due))
             due = s->drain_until;
         if (due >= 0 && (next < 0 || due < next))
             next = due;
@@ -1589,6 +1621,7 @@ static int64_t run_timers(void) {
 
 static void free_dead(void) {
     struct sess *s = g_sessions;
+    bool freed = false;
     while (s) {
         struct sess *next = s->next;
         if (s->dead) {
@@ -1601,8 +1634,14 @@ static void free_dead(void) {
             free(s->argv0);
             free(s->message);
             free(s);
+            freed = true;
         }
         s = next;
+    }
+    if (freed && !g_wlisten.ev) { /* descriptors came free: listen again */
+        if (g_reserve < 0)
+            g_reserve = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        wset(&g_wlisten, EPOLLIN);
     }
 }
 
