@@ -111,6 +111,13 @@ def register_serve(subparsers: Any) -> None:
         "(BASTION_MAX_OUTPUT_BYTES; default 16 MiB)",
     )
     p.add_argument(
+        "--pool-size",
+        type=int,
+        default=int(_env("BASTION_POOL_SIZE", "2")),
+        help="sandboxes kept started ahead of need for fast session starts "
+        "(BASTION_POOL_SIZE; default 2; 0 turns the warm pool off)",
+    )
+    p.add_argument(
         "--no-network",
         action="store_true",
         default=_env("BASTION_NO_NETWORK", "") not in ("", "0"),
@@ -142,6 +149,7 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         allow_network=not args.no_network,
         max_output_bytes=args.max_output_bytes,
+        pool_size=args.pool_size,
         default_limits=Limits(
             args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
         ),

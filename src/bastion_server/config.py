@@ -38,6 +38,9 @@ class ServerConfig:
     max_limits: Limits = field(
         default_factory=lambda: Limits(8192, 4096, float(os.cpu_count() or 1), 65536)
     )
+    #: Sandboxes kept started ahead of need (default limits) so a create+start is a
+    #: hand-over, not a container start.  0 turns the warm pool off.
+    pool_size: int = 2
     #: Whether sessions may ask for outbound network at all.
     allow_network: bool = True
     #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).

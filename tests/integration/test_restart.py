@@ -36,7 +36,10 @@ def test_restart_keeps_sessions_files_and_results(private_server: ServerProcess)
     assert srv.stop() == 0, srv.log_tail()
     # While the server is down, one sandbox dies (as after a reboot).
     state_root = OciRuntime.state_root_for(srv.data_dir)
-    subprocess.run(["crun", "--root", state_root, "delete", "--force", vanished], check=True)
+    # (A session from the warm pool keeps its container's pool name.)
+    name_file = srv.data_dir / "sessions" / vanished / "container"
+    container = name_file.read_text() if name_file.exists() else vanished
+    subprocess.run(["crun", "--root", state_root, "delete", "--force", container], check=True)
     srv.start()
 
     with Bastion(base_url=srv.url) as c:

@@ -29,7 +29,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SANDBOX_UID = 1000
 HOST_ID_SHIFT = 100000
-AGENT_CMDLINE = "/usr/bin/python3 -I -S /run/bastion-agent/agent.py"
+#: The agent's command line: the static C agent, or the Python one where no compiler was.
+AGENT_CMDLINES = {
+    "/run/bastion-agent/bastion-agent",
+    "/usr/bin/python3 -I -S /run/bastion-agent/agent.py",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -386,8 +390,8 @@ def test_job_sees_only_its_own_sandbox_processes(client: Bastion, sessions: Sess
     sid = sessions.new()
     rows = ps_lines(client, sid)
     by_pid = {pid: (ppid, user, args) for pid, ppid, user, args in rows}
-    assert by_pid[1][2] == AGENT_CMDLINE and by_pid[1][1] == "root", rows
-    job_rows = [r for r in rows if r[3] != AGENT_CMDLINE]
+    assert by_pid[1][2] in AGENT_CMDLINES and by_pid[1][1] == "root", rows
+    job_rows = [r for r in rows if r[3] not in AGENT_CMDLINES]
     # The agent (PID 1, its server, the job's supervisor) and the job: sh and ps.
     assert [r[3] for r in job_rows] == [
         "sh -c ps -eo pid=,ppid=,user=,args=",

@@ -99,6 +99,12 @@ class Runtime(abc.ABC):
     async def prepare_host(self) -> None:
         """Check and fix what the host needs before any sandbox can start."""
 
+    async def warm_up(self) -> None:  # noqa: B027 - optional hook, nothing by default
+        """Begin background preparation (such as a warm pool); called once serving."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing by default
+        """Release what the runtime holds for itself (never a session's sandbox)."""
+
     @abc.abstractmethod
     async def create(self, session_id: str, limits: SandboxLimits) -> None:
         """Allocate the sandbox's storage (of ``limits.disk_mb``); nothing runs yet."""

@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import struct
+import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
@@ -32,10 +33,39 @@ def mount(source: str, target: str, fstype: str, options: str, flags: int = 0) -
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
 
 
-def umount(target: str) -> None:
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
+def umount(target: str, *, wait: float = 2.0) -> None:
+    """Unmount ``target`` for real, waiting up to ``wait`` seconds while it is busy.
+
+    A lazy (detached) unmount is the last resort only: a filesystem that lingers
+    detached still holds its data, and mounting the same image again meanwhile would
+    show the old contents (the data written last would seem lost).
+    """
+    deadline = time.monotonic() + wait
+    while _libc.umount2(target.encode(), 0) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+        if err == errno.EINVAL:  # not (or no longer) a mount point
+            return
+        if err != errno.EBUSY or time.monotonic() > deadline:
+            if err == errno.EBUSY and _libc.umount2(target.encode(), MNT_DETACH) == 0:
+                return
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+        time.sleep(0.01)
+
+
+def loop_devices_backing(image: str) -> list[str]:
+    """Loop devices bound to ``image`` (a filesystem image) right now."""
+    found = []
+    real = os.path.realpath(image)
+    for entry in os.listdir("/sys/block"):
+        if not entry.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{entry}/loop/backing_file") as f:
+                if os.path.realpath(f.read().strip()) == real:
+                    found.append(f"/dev/{entry}")
+        except OSError:
+            continue
+    return found
 
 
 def fix_hybrid_cgroups() -> bool:

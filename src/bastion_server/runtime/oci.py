@@ -15,12 +15,15 @@ masked paths, rlimits) is written into ``config.json``; the OCI runtime enforces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import resource
 import shutil
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +99,15 @@ class SandboxImage:
 class OciRuntime(Runtime):
     """A :class:`Runtime` backed by an OCI runtime binary (crun by default)."""
 
-    def __init__(self, data_dir: Path, image: SandboxImage, binary: str = "crun") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        image: SandboxImage,
+        binary: str = "crun",
+        *,
+        pool_size: int = 0,
+        pool_limits: SandboxLimits | None = None,
+    ) -> None:
         self.name = binary
         self.data_dir = data_dir
         self.image = image
@@ -106,6 +117,16 @@ class OciRuntime(Runtime):
         self.agent_source = data_dir / "agent" / "agent.py"
         self.resolv_conf = data_dir / "sandbox-etc" / "resolv.conf"
         self._agent_binary: Path | None = None
+        # Warm pool: sandboxes started ahead of need (default limits, no network), handed
+        # to a session at create.  Their container keeps its pool name; the session dir
+        # records it (see _container).
+        self.pool_size = pool_size if pool_limits is not None else 0
+        self.pool_limits = pool_limits
+        self._pool: list[str] = []
+        self._preparing: set[str] = set()
+        self._pool_filler: asyncio.Task[None] | None = None
+        self._prestarted: set[str] = set()
+        self._containers: dict[str, str] = {}
         self.network = NetworkManager(Path(self.state_root))
         self._binary = binary
         self._binary_path = ""
@@ -124,6 +145,17 @@ class OciRuntime(Runtime):
 
     def _dir(self, session_id: str) -> Path:
         return self.sessions_dir / session_id
+
+    def _container(self, session_id: str) -> str:
+        """The OCI container's name: the session id, or the pool name it was born with."""
+        name = self._containers.get(session_id)
+        if name is None:
+            try:
+                name = (self._dir(session_id) / "container").read_text().strip()
+            except OSError:
+                name = session_id
+            self._containers[session_id] = name
+        return name
 
     def socket_path(self, session_id: str) -> str:
         return str(self._dir(session_id) / "run" / agent_module.SOCKET_NAME)
@@ -184,27 +216,38 @@ class OciRuntime(Runtime):
         self,
         *args: str,
         check: bool = True,
-        stdout: Any = asyncio.subprocess.PIPE,
-        stderr: Any = asyncio.subprocess.PIPE,
+        stdout: Any = subprocess.PIPE,
+        stderr: Any = subprocess.PIPE,
     ) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            self._binary_path or self._binary,
-            "--root",
-            self.state_root,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
+        """Run the OCI runtime binary in a worker thread.
+
+        Forking from the event loop's thread would stall every other request for the
+        fork and exec (milliseconds in a large process); a thread keeps them flowing.
+        """
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [self._binary_path or self._binary, "--root", self.state_root, *args],
+            stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
+            check=False,
         )
-        out, err = await proc.communicate()
-        text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
+        text = (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(
+            errors="replace"
+        )
         if check and proc.returncode != 0:
             raise SandboxError(f"{self._binary} {args[0]} failed: {text.strip()}")
-        return proc.returncode or 0, text
+        return proc.returncode, text
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def create(self, session_id: str, limits: SandboxLimits) -> None:
+        if limits == self.pool_limits and self._pool:
+            self._claim(session_id)
+            return
+        await self._allocate(session_id, limits)
+
+    async def _allocate(self, session_id: str, limits: SandboxLimits) -> None:
         base = self._dir(session_id)
         for sub in ("layer", "rootfs", "bundle", "run"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -222,26 +265,37 @@ class OciRuntime(Runtime):
 
     async def _mkfs(self, disk: Path) -> None:
         shift = self.image.uid_shift
-        proc = await asyncio.create_subprocess_exec(
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-E",
-            f"nodiscard,root_owner={shift}:{shift}",
-            str(disk),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                f"nodiscard,root_owner={shift}:{shift}",
+                str(disk),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
         )
-        out, _ = await proc.communicate()
         if proc.returncode != 0:
-            raise SandboxError(f"mkfs.ext4 failed: {out.decode(errors='replace').strip()}")
+            raise SandboxError(f"mkfs.ext4 failed: {proc.stdout.decode(errors='replace').strip()}")
 
     def _mount_layers(self, base: Path) -> None:
         layer, rootfs = base / "layer", base / "rootfs"
         if not os.path.ismount(layer):
+            # Never mount the disk while an earlier mount of it is still going away:
+            # two live mounts of one ext4 image would lose writes.
+            for _ in range(500):
+                if not host.loop_devices_backing(str(base / "disk.img")):
+                    break
+                time.sleep(0.01)
+            else:
+                raise SandboxError("the session's disk is still held by its previous run")
             host.mount_loop(
                 str(base / "disk.img"), str(layer), "ext4", flags=host.MS_NOSUID | host.MS_NODEV
             )
@@ -263,10 +317,19 @@ class OciRuntime(Runtime):
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
     ) -> None:
+        if session_id in self._prestarted and await self._still_runs(session_id):
+            self._prestarted.discard(session_id)
+            if network is not None and network.enabled:
+                try:
+                    await self.network.attach(session_id, await self._pid(session_id), network)
+                except BaseException:
+                    await self.stop(session_id)
+                    raise
+            return
         base = self._dir(session_id)
         if not (base / "disk.img").is_file():
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
-        self._mount_layers(base)
+        await asyncio.to_thread(self._mount_layers, base)
         config = self._config(session_id, limits)
         (base / "bundle" / "config.json").write_text(json.dumps(config))
         try:
@@ -277,7 +340,7 @@ class OciRuntime(Runtime):
         if code != 0 and "exist" in reason:
             # A leftover container of the same name (a crash between start and record):
             # remove it and try once more, rather than paying a delete on every start.
-            await self._run("delete", "--force", session_id, check=False)
+            await self._run("delete", "--force", self._container(session_id), check=False)
             code, reason = await self._run_container(session_id, base)
         if code != 0:
             await self.stop(session_id)
@@ -302,7 +365,7 @@ class OciRuntime(Runtime):
                 "--detach",
                 "--bundle",
                 str(base / "bundle"),
-                session_id,
+                self._container(session_id),
                 check=False,
                 stdout=agent_log,
                 stderr=agent_log,
@@ -314,7 +377,7 @@ class OciRuntime(Runtime):
             return code, f.read(4000).decode(errors="replace").strip()
 
     async def _pid(self, session_id: str) -> int:
-        _, out = await self._run("state", session_id)
+        _, out = await self._run("state", self._container(session_id))
         try:
             return int(json.loads(out)["pid"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -341,7 +404,8 @@ class OciRuntime(Runtime):
 
     async def stop(self, session_id: str) -> None:
         await self.network.detach(session_id)
-        await self._run("delete", "--force", session_id, check=False)
+        self._prestarted.discard(session_id)
+        await self._run("delete", "--force", self._container(session_id), check=False)
         base = self._dir(session_id)
         for mountpoint in (base / "rootfs", base / "layer"):
             if os.path.ismount(mountpoint):
@@ -352,9 +416,59 @@ class OciRuntime(Runtime):
         base = self._dir(session_id)
         if base.exists():
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+        self._containers.pop(session_id, None)
+
+    # -- warm pool ------------------------------------------------------------------
+
+    def _claim(self, session_id: str) -> None:
+        """Hand a pooled, running sandbox to a new session (a rename, no process work)."""
+        name = self._pool.pop()
+        os.rename(self._dir(name), self._dir(session_id))
+        (self._dir(session_id) / "container").write_text(name)
+        self._containers[session_id] = name
+        self._prestarted.add(session_id)
+        self._refill_pool()
+
+    async def _still_runs(self, session_id: str) -> bool:
+        return os.path.exists(self.socket_path(session_id))
+
+    def _refill_pool(self) -> None:
+        if self.pool_size and (self._pool_filler is None or self._pool_filler.done()):
+            self._pool_filler = asyncio.create_task(self._fill_pool(), name="sandbox pool")
+
+    async def _fill_pool(self) -> None:
+        assert self.pool_limits is not None
+        while len(self._pool) < self.pool_size:
+            name = f"pool_{os.urandom(8).hex()}"
+            self._preparing.add(name)
+            try:
+                await self._allocate(name, self.pool_limits)
+                await self.start(name, self.pool_limits)
+            except asyncio.CancelledError:
+                await self.delete(name)  # shutting down mid-way: leave nothing behind
+                raise
+            except Exception as exc:  # the pool is an optimisation: never fatal
+                log.warning("warm pool: could not prepare a sandbox: %s", exc)
+                await self.delete(name)
+                return
+            finally:
+                self._preparing.discard(name)
+            self._pool.append(name)
+
+    async def warm_up(self) -> None:
+        self._refill_pool()
+
+    async def close(self) -> None:
+        """Remove the warm pool's sandboxes (they belong to no session)."""
+        if self._pool_filler is not None:
+            self._pool_filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pool_filler
+        while self._pool:
+            await self.delete(self._pool.pop())
 
     async def usage(self, session_id: str) -> SandboxUsage:
-        cgroup = f"{self.cgroup_parent}/{session_id}"
+        cgroup = f"{self.cgroup_parent}/{self._container(session_id)}"
         v1, v2 = "/sys/fs/cgroup/{}" + cgroup + "/{}", "/sys/fs/cgroup" + cgroup + "/{}"
         cpu_ns = _read_int(v1.format("cpuacct", "cpuacct.usage"))
         if cpu_ns is None:
@@ -380,7 +494,7 @@ class OciRuntime(Runtime):
 
     async def is_running(self, session_id: str) -> bool:
         code, out = await self._run(
-            "state", session_id, check=False, stderr=asyncio.subprocess.DEVNULL
+            "state", self._container(session_id), check=False, stderr=subprocess.DEVNULL
         )
         if code != 0:
             return False
@@ -390,13 +504,18 @@ class OciRuntime(Runtime):
             return False
 
     async def list_sandboxes(self) -> set[str]:
+        """Every sandbox on disk or running, by session id; the warm pool's own are not
+        listed (they belong to no session yet), but pool leftovers of an earlier run are."""
         found = set()
         if self.sessions_dir.is_dir():
             found |= {p.name for p in self.sessions_dir.iterdir() if p.is_dir()}
+        owners = {self._container(sid): sid for sid in found}
         code, out = await self._run("list", "--quiet", check=False)
         if code == 0:
-            found |= {line.strip() for line in out.splitlines() if line.strip()}
-        return found
+            for line in out.splitlines():
+                if name := line.strip():
+                    found.add(owners.get(name, name))
+        return found - set(self._pool) - self._preparing
 
     async def exec(self, session_id: str, spec: ExecSpec) -> Process:
         path = self.socket_path(session_id)
@@ -532,7 +651,7 @@ class OciRuntime(Runtime):
                 "namespaces": [
                     {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")
                 ],
-                "cgroupsPath": f"{self.cgroup_parent}/{session_id}",
+                "cgroupsPath": f"{self.cgroup_parent}/{self._container(session_id)}",
                 "resources": {
                     "devices": [{"allow": False, "access": "rwm"}],
                     "memory": {"limit": memory, "swap": memory},

@@ -21,6 +21,7 @@ log = logging.getLogger("bastion.server")
 def make_runtime(config: ServerConfig) -> Runtime:
     """The OCI runtime over the configured image (built by `bastion image build`)."""
     from bastion_server.image.builder import resolve_image
+    from bastion_server.runtime.base import SandboxLimits
     from bastion_server.runtime.oci import OciRuntime, SandboxImage
 
     info = resolve_image(config.images_dir, config.image)
@@ -31,7 +32,14 @@ def make_runtime(config: ServerConfig) -> Runtime:
         sandbox_gid=info.sandbox_gid,
         home=info.home,
     )
-    return OciRuntime(config.data_dir, image, binary=config.runtime)
+    d = config.default_limits
+    return OciRuntime(
+        config.data_dir,
+        image,
+        binary=config.runtime,
+        pool_size=config.pool_size,
+        pool_limits=SandboxLimits(d.memory_mb, d.pids, d.cpus, d.disk_mb),
+    )
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Services:
         )
         services = cls(config, store, runtime, sessions, jobs, files, terminals)
         services.reaper = asyncio.create_task(sessions.run_reaper(), name="reaper")
+        await runtime.warm_up()
         return services
 
     async def close(self) -> None:
@@ -72,4 +81,5 @@ class Services:
                 await self.reaper
         await self.terminals.shutdown()
         await self.jobs.shutdown()
+        await self.runtime.close()
         self.store.close()
