@@ -13,12 +13,64 @@
             term.exec("echo hello")                  # a live shell
         bastion.sessions.delete(sid)
 
+The same with asyncio: :class:`AsyncBastion` has every method of :class:`Bastion`
+with the same names, arguments and results, as coroutines and async iterators::
+
+    async with AsyncBastion() as bastion:
+        sid = (await bastion.sessions.create())["session_id"]
+        await bastion.sessions.start(sid)
+        result = await bastion.jobs.run_and_wait(sid, "make", on_stdout=print)
+        async with bastion.terminal.connect(session_id=sid) as term:
+            await term.exec("echo hello; exit")
+            async for message in term:
+                print(message)
+        async with bastion.jobs.stream(sid, job_id) as events:
+            async for event in events:
+                print(event)
+
 Responses are plain dicts typed by the ``TypedDict``s re-exported here (defined in
 :mod:`bastion.wire`); every exception derives from :class:`BastionError`.
+
+Timeouts and retries
+--------------------
+``Bastion(timeout=30.0, connect_timeout=5.0, max_retries=2)`` (the defaults; the
+connect timeout is never more than ``timeout`` unless given).  ``timeout`` may be an
+``httpx.Timeout``.  A failed request is retried, at most ``max_retries`` times, after
+0.5 s, 1 s, 2 s ... (at most 8 s; up to a quarter less at random; a ``Retry-After``
+of up to 60 s is followed instead) when repeating it is safe:
+
+==============================================  =====================================
+request                                         retried on
+==============================================  =====================================
+GETs (get, list, wait, health, download,        connection errors and 502/503/504
+stream's first answer)
+``sessions.create``                             the same, with one ``Idempotency-Key``
+                                                for all attempts: one session at most
+``sessions.start`` / ``stop`` / ``delete``      the same; a retry refused with
+                                                ``session_state`` while the session is
+                                                in the target state (the lost attempt
+                                                did it) returns that state as success
+``files.delete``                                the same; ``file_not_found`` after a
+                                                lost attempt is success
+``files.upload`` of bytes / bytearray /         the same (a PUT replaces the file)
+memoryview
+``files.upload`` of a file object or            only when the connection could not be
+async iterable                                  opened (nothing was read or sent)
+``jobs.run`` (POST .../jobs)                    only when the connection could not be
+                                                opened: a repeat could run it twice
+terminal connect, reads of a body in progress   never
+==============================================  =====================================
+
+"Connection errors" are refused or reset connections, a server that closed a kept
+alive connection, connect and write timeouts.  A read timeout is not retried:
+``timeout`` bounds how long a call waits for a slow answer.  Once retries are spent
+(or not allowed) the error is raised as :class:`APIConnectionError`,
+:class:`APITimeoutError` or the error response's class.
 """
 
+from ._async_terminal import AsyncTerminal
 from ._base import __version__
-from ._client import Bastion
+from ._client import AsyncBastion, Bastion
 from ._exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -35,6 +87,7 @@ from ._exceptions import (
     JobFailedError,
     JobNotFoundError,
     JobTimeoutError,
+    LocalFileError,
     NotFoundError,
     ServerError,
     SessionError,
@@ -49,7 +102,7 @@ from ._exceptions import (
     TerminalSessionStateError,
     TerminalTimeoutError,
 )
-from ._resources.jobs import JobEventStream
+from ._resources.jobs import AsyncJobEventStream, JobEventStream
 from ._terminal import Terminal
 from .wire import (
     CreateSessionRequest,
@@ -83,6 +136,9 @@ from .wire import (
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
+    "AsyncBastion",
+    "AsyncJobEventStream",
+    "AsyncTerminal",
     "AuthenticationError",
     "Bastion",
     "BastionError",
@@ -113,6 +169,7 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "JobTimeoutError",
+    "LocalFileError",
     "NetworkInfo",
     "NetworkRequest",
     "NotFoundError",

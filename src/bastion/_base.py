@@ -1,22 +1,27 @@
 """Everything the Bastion clients share that does no I/O.
 
-The sync :class:`bastion.Bastion` (and a later ``AsyncBastion``) only send requests
-and read responses; building URLs and headers, shaping request bodies, parsing and
-mapping error responses, translating transport errors, long-poll bookkeeping and
-job-result checks all live here, once.
+:class:`bastion.Bastion` and :class:`bastion.AsyncBastion` only send requests, read
+responses and sleep between retries; building URLs, headers and whole requests,
+shaping request bodies, deciding whether and when to retry, parsing and mapping error
+responses, translating transport errors, long-poll bookkeeping and job-result checks
+all live here, once.  (Reading upload sources and writing download destinations is in
+:mod:`bastion._local_files`.)
 """
 
 from __future__ import annotations
 
-import io
+import email.utils
+import inspect
 import json
 import math
 import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol, TypeAlias, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -45,16 +50,23 @@ from ._exceptions import (
 from .wire import (
     API_PREFIX,
     FINAL_JOB_STATUSES,
+    IDEMPOTENCY_HEADER,
     JOB_WAIT_MAX_HOLD,
     CreateSessionRequest,
     ErrorCode,
     ExpiryAction,
+    FileDeleteResult,
     JobEvent,
     JobInfo,
     NetworkRequest,
     RunJobRequest,
+    SessionInfo,
     SessionLimits,
+    SessionStatus,
 )
+
+if TYPE_CHECKING:
+    from ._local_files import UploadBody
 
 #: Kept equal to ``project.version`` in pyproject.toml (a unit test checks).
 __version__ = "0.1.0"
@@ -63,6 +75,16 @@ DEFAULT_BASE_URL = "http://localhost:8080"
 ENV_BASE_URL = "BASTION_URL"
 ENV_API_KEY = "BASTION_API_KEY"
 DEFAULT_TIMEOUT = 30.0
+#: Connect timeout when only ``timeout`` is given (never more than ``timeout``): an
+#: unreachable server is reported, or retried, in seconds rather than half a minute.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_MAX_RETRIES = 2
+#: The connection pool.  ``bastion serve`` (uvicorn) drops a connection after 5 s idle;
+#: letting idle connections go a second earlier means the client never picks one the
+#: server is closing at that moment (a request on it would fail and need a retry).
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=100, max_keepalive_connections=20, keepalive_expiry=4.0
+)
 
 #: Uploads from file objects are read and sent in pieces of this size.
 UPLOAD_CHUNK_SIZE = 1024 * 1024
@@ -78,18 +100,41 @@ FileOperation = Literal["upload", "list", "delete", "download"]
 TimeoutTypes: TypeAlias = float | httpx.Timeout | None
 
 
-class SupportsReadBytes(Protocol):
-    """A binary file object: ``read(n)`` returns at most ``n`` bytes, ``b""`` at EOF."""
+class NotGiven:
+    """The default of an argument whose ``None`` already means something.
 
-    def read(self, size: int, /) -> bytes: ...
+    ``connect_timeout=None`` disables the connect timeout; leaving it out takes it
+    from ``timeout``.
+    """
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __bool__(self) -> Literal[False]:
+        return False
 
 
-class SupportsWriteBytes(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+NOT_GIVEN: Final = NotGiven()
 
 
-UploadData: TypeAlias = bytes | bytearray | memoryview | SupportsReadBytes
-DownloadDestination: TypeAlias = str | os.PathLike[str] | SupportsWriteBytes
+def build_timeout(timeout: TimeoutTypes, connect_timeout: float | NotGiven | None) -> httpx.Timeout:
+    """The client's ``httpx.Timeout`` from its ``timeout`` and ``connect_timeout``.
+
+    An ``httpx.Timeout`` is taken as it is (``connect_timeout``, if given, replaces its
+    connect part).  A number is the read, write and pool timeout, and the connect
+    timeout is ``connect_timeout``, else the smaller of that number and
+    :data:`DEFAULT_CONNECT_TIMEOUT`.  ``None`` disables the timeouts (all but the
+    connect timeout, if ``connect_timeout`` is given).
+    """
+    if isinstance(timeout, httpx.Timeout):
+        if isinstance(connect_timeout, NotGiven):
+            return timeout
+        return httpx.Timeout(
+            connect=connect_timeout, read=timeout.read, write=timeout.write, pool=timeout.pool
+        )
+    if isinstance(connect_timeout, NotGiven):
+        connect_timeout = None if timeout is None else min(timeout, DEFAULT_CONNECT_TIMEOUT)
+    return httpx.Timeout(timeout, connect=connect_timeout)
 
 
 # --------------------------------------------------------------------------- client config
@@ -101,21 +146,31 @@ class BaseBastion:
     base_url: str
     api_key: str | None
     timeout: httpx.Timeout
+    max_retries: int
+    limits: httpx.Limits
 
     def __init__(
         self,
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        *,
+        connect_timeout: float | NotGiven | None = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        limits: httpx.Limits | None = None,
     ) -> None:
         if base_url is None:
             base_url = os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
         if api_key is None:
             # An empty variable means "no key", not a key of "".
             api_key = os.environ.get(ENV_API_KEY) or None
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.timeout = build_timeout(timeout, connect_timeout)
+        self.max_retries = max_retries
+        self.limits = DEFAULT_LIMITS if limits is None else limits
 
     def __repr__(self) -> str:
         # Never show the API key.
@@ -152,6 +207,19 @@ class BaseBastion:
                 quoted.append(quote(segment, safe=""))
         return API_PREFIX + "/" + "/".join(quoted)
 
+    def _http_options(self) -> dict[str, Any]:
+        """The keyword arguments of the ``httpx`` client, sync or async."""
+        return {
+            "base_url": self.base_url,
+            "headers": self._default_headers(),
+            "timeout": self.timeout,
+            "limits": self.limits,
+        }
+
+    def _attempts(self, request: APIRequest) -> Attempts:
+        """Fresh retry bookkeeping for one call of ``request``."""
+        return Attempts(request, self.max_retries)
+
     def _event_stream_timeout(self, read: float | None) -> httpx.Timeout:
         """HTTP timeouts for an event stream: the client's, but ``read`` between lines.
 
@@ -170,6 +238,28 @@ class BaseBastion:
         base = self.timeout
         read = None if base.read is None else hold + base.read
         return httpx.Timeout(connect=base.connect, read=read, write=base.write, pool=base.pool)
+
+
+_T = TypeVar("_T", bound=type)
+
+
+def docs_from(sync_class: type) -> Callable[[_T], _T]:
+    """Class decorator: give each public method of an async class that has no
+    docstring the docstring of its sync twin (same name, same arguments; the parity
+    test keeps them so).  Methods whose behaviour differs keep their own."""
+
+    def decorate(async_class: _T) -> _T:
+        for name, member in vars(async_class).items():
+            if name.startswith("_") or not callable(member) or member.__doc__:
+                continue
+            twin = getattr(sync_class, name, None)
+            if twin is not None and twin.__doc__:
+                member.__doc__ = twin.__doc__
+        if not async_class.__doc__ and sync_class.__doc__:
+            async_class.__doc__ = sync_class.__doc__
+        return async_class
+
+    return decorate
 
 
 def new_idempotency_key() -> str:
@@ -288,17 +378,324 @@ def parse_json(response: httpx.Response) -> Any:
         ) from exc
 
 
+def map_http_error(exc: httpx.HTTPError) -> BastionError:
+    """The SDK exception for an ``httpx`` error (raise it ``from exc``).
+
+    Timeouts become :class:`APITimeoutError`; every other failure to send a request
+    or read a response (refused, reset, protocol and decoding errors) becomes
+    :class:`APIConnectionError`.
+    """
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"request timed out: {detail}")
+    if isinstance(exc, httpx.RequestError):
+        return APIConnectionError(f"connection to the Bastion server failed: {detail}")
+    return BastionError(f"HTTP error: {detail}")
+
+
 @contextmanager
 def translate_transport_errors() -> Iterator[None]:
-    """The one place where ``httpx`` transport errors become SDK exceptions."""
+    """The one place where ``httpx`` errors become SDK exceptions (see above)."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise APITimeoutError(f"request timed out: {exc or type(exc).__name__}") from exc
-    except httpx.TransportError as exc:
-        raise APIConnectionError(
-            f"connection to the Bastion server failed: {exc or type(exc).__name__}"
-        ) from exc
+    except httpx.HTTPError as exc:
+        raise map_http_error(exc) from exc
+
+
+# --------------------------------------------------------------------------- retries
+
+#: Answers worth another attempt: a proxy or load balancer in front of the server
+#: could not reach it (``bastion serve`` itself never sends these).
+RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+#: The request never left the client: retrying cannot do anything twice.
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+#: Transient failures of a request that may have been sent.  Read and pool timeouts
+#: are not among them: ``timeout`` is the caller's bound on a slow answer, and a
+#: retry would multiply it.  Local protocol errors and bad URLs do not go away.
+_TRANSIENT_ERRORS = (
+    httpx.NetworkError,  # ConnectError, ReadError, WriteError, CloseError
+    httpx.RemoteProtocolError,  # e.g. a kept-alive connection the server just closed
+    httpx.ConnectTimeout,
+    httpx.WriteTimeout,
+)
+#: Backoff: 0.5 s, 1 s, 2 s, ... up to 8 s, each shortened by up to a quarter at
+#: random so that many clients failing together do not retry together.
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+#: A ``Retry-After`` longer than this is ignored in favour of the usual backoff.
+MAX_RETRY_AFTER = 60.0
+
+
+def retry_delay(
+    retries: int, retry_after: float | None = None, *, rng: Callable[[], float] | None = None
+) -> float:
+    """Seconds to wait before retry number ``retries + 1``.
+
+    Args:
+        retries: Retries made so far.
+        retry_after: The answer's ``Retry-After`` in seconds, used when reasonable.
+        rng: A ``random.random`` to draw the jitter from (tests pass their own).
+    """
+    if retry_after is not None and 0.0 <= retry_after <= MAX_RETRY_AFTER:
+        return retry_after
+    delay = min(INITIAL_RETRY_DELAY * 2.0**retries, MAX_RETRY_DELAY)
+    return delay * (1.0 - 0.25 * (rng or random.random)())
+
+
+def parse_retry_after(headers: httpx.Headers, *, now: float | None = None) -> float | None:
+    """The ``Retry-After`` header in seconds (a number or an HTTP date), else ``None``."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() - (time.time() if now is None else now)
+
+
+class Attempts:
+    """The retry bookkeeping of one call: whether, and after how long, to try again.
+
+    The I/O loop asks :meth:`retry_after_error` after a failed send and
+    :meth:`retry_after_response` after an error response; ``None`` means "give up and
+    raise", a number the seconds to sleep before the next attempt.  The policy:
+
+    * An idempotent request (``APIRequest.idempotent``: GETs, DELETEs, PUT of a
+      buffered upload, start/stop, creates that carry an ``Idempotency-Key``) is
+      retried on transient transport errors and on 502/503/504.
+    * Any other request (``POST .../jobs``, an upload streamed from a file object) is
+      retried only when the connection could not be opened: it never left the client,
+      so nothing can happen twice.
+    * A streamed upload is never sent again once its source has been read from.
+
+    Args:
+        request: The request being sent.
+        max_retries: Retries allowed after the first attempt.
+    """
+
+    def __init__(self, request: APIRequest, max_retries: int) -> None:
+        self.request = request
+        self.max_retries = max_retries
+        self.retries = 0
+        #: An attempt that was retried may have reached the server and taken effect
+        #: (its answer was lost): a "wrong state" or "not found" answer to a later
+        #: attempt may then be the mark of the earlier one's success.
+        self.may_have_taken_effect = False
+
+    def retry_after_error(self, exc: httpx.HTTPError) -> float | None:
+        not_sent = isinstance(exc, _NOT_SENT_ERRORS)
+        transient = isinstance(exc, _TRANSIENT_ERRORS) if self.request.idempotent else not_sent
+        return self._next(transient, sent=not not_sent, retry_after=None)
+
+    def retry_after_response(self, response: httpx.Response) -> float | None:
+        transient = self.request.idempotent and response.status_code in RETRY_STATUSES
+        return self._next(transient, sent=True, retry_after=parse_retry_after(response.headers))
+
+    def _next(self, transient: bool, *, sent: bool, retry_after: float | None) -> float | None:
+        if not transient or self.retries >= self.max_retries:
+            return None
+        body = self.request.body
+        if body is not None and not body.can_resend():
+            return None
+        if sent:
+            self.may_have_taken_effect = True
+        delay = retry_delay(self.retries, retry_after)
+        self.retries += 1
+        return delay
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class APIRequest:
+    """One API call as data: what both clients send, attempt after attempt.
+
+    Attributes:
+        timeout: ``None`` means the client's timeouts.
+        body: The content of an upload (built anew for each attempt).
+        file_op: The file operation, for the class of file errors.
+        idempotent: Sending it twice has the effect of sending it once (see
+            :class:`Attempts` for what is retried).
+    """
+
+    method: str
+    url: str
+    params: Mapping[str, str] | None = None
+    json: Any = None
+    headers: Mapping[str, str] | None = None
+    timeout: httpx.Timeout | None = None
+    body: UploadBody | None = None
+    file_op: FileOperation | None = None
+    idempotent: bool = True
+
+
+def build_http_request(
+    http: httpx.Client | httpx.AsyncClient, request: APIRequest
+) -> httpx.Request:
+    """The ``httpx.Request`` for one attempt of ``request``."""
+    headers = dict(request.headers or {})
+    content = None
+    if request.body is not None:
+        headers.update(request.body.headers)
+        content = request.body.content()
+    return http.build_request(
+        request.method,
+        request.url,
+        params=request.params,
+        json=request.json,
+        content=content,
+        headers=headers,
+        timeout=httpx.USE_CLIENT_DEFAULT if request.timeout is None else request.timeout,
+    )
+
+
+def _session_url(session_id: str, *rest: str) -> str:
+    return BaseBastion._url("sessions", session_id, *rest)
+
+
+def health_request() -> APIRequest:
+    return APIRequest("GET", f"{API_PREFIX}/health")
+
+
+def create_session_request(body: CreateSessionRequest, idempotency_key: str | None) -> APIRequest:
+    """``POST /sessions``: safe to retry, the key makes the server create it once.
+
+    The key is chosen here, once per call, so every attempt carries the same one.
+    """
+    return APIRequest(
+        "POST",
+        BaseBastion._url("sessions"),
+        json=body,
+        headers={IDEMPOTENCY_HEADER: idempotency_key or new_idempotency_key()},
+    )
+
+
+def get_session_request(session_id: str) -> APIRequest:
+    return APIRequest("GET", _session_url(session_id))
+
+
+def list_sessions_request() -> APIRequest:
+    return APIRequest("GET", BaseBastion._url("sessions"))
+
+
+SessionAction = Literal["start", "stop", "delete"]
+
+#: The status each action leaves a session in.
+SESSION_ACTION_TARGETS: dict[SessionAction, SessionStatus] = {
+    "start": SessionStatus.RUNNING,
+    "stop": SessionStatus.STOPPED,
+    "delete": SessionStatus.DELETED,
+}
+
+
+def session_action_request(session_id: str, action: SessionAction) -> APIRequest:
+    """``POST .../start``, ``POST .../stop`` or ``DELETE``: idempotent in effect.
+
+    A repeat after a lost answer is refused as ``session_state`` (the session is
+    already there); :func:`session_action_recovered` tells when that is success.
+    """
+    if action == "delete":
+        return APIRequest("DELETE", _session_url(session_id))
+    return APIRequest("POST", _session_url(session_id, action))
+
+
+def session_action_recovered(error: BastionError, attempts: Attempts) -> bool:
+    """Whether ``error`` may mean an earlier attempt of a session action did its work.
+
+    If so, the caller reads the session and returns it when it is in the action's
+    target state (:data:`SESSION_ACTION_TARGETS`), else raises ``error``.
+    """
+    return attempts.may_have_taken_effect and isinstance(error, SessionStateError)
+
+
+def session_reached(action: SessionAction, info: SessionInfo) -> bool:
+    return info["status"] == SESSION_ACTION_TARGETS[action]
+
+
+def run_job_request(session_id: str, body: RunJobRequest) -> APIRequest:
+    """``POST .../jobs``: not idempotent (a repeat would run the command twice)."""
+    return APIRequest("POST", _session_url(session_id, "jobs"), json=body, idempotent=False)
+
+
+def get_job_request(session_id: str, job_id: str) -> APIRequest:
+    return APIRequest("GET", _session_url(session_id, "jobs", job_id))
+
+
+def list_jobs_request(session_id: str) -> APIRequest:
+    return APIRequest("GET", _session_url(session_id, "jobs"))
+
+
+def wait_job_request(
+    session_id: str, job_id: str, hold: float, timeout: httpx.Timeout
+) -> APIRequest:
+    """One long poll: the server answers when the job is final or ``hold`` ends."""
+    return APIRequest(
+        "GET",
+        _session_url(session_id, "jobs", job_id, "wait"),
+        params={"timeout": format_hold(hold)},
+        timeout=timeout,
+    )
+
+
+def job_events_request(session_id: str, job_id: str, timeout: httpx.Timeout) -> APIRequest:
+    return APIRequest(
+        "GET",
+        _session_url(session_id, "jobs", job_id, "events"),
+        headers={"Accept": NDJSON_MEDIA_TYPE},
+        timeout=timeout,
+    )
+
+
+def upload_request(session_id: str, path: str, body: UploadBody) -> APIRequest:
+    """``PUT .../files``: replaces the file, so idempotent when the body can be resent."""
+    return APIRequest(
+        "PUT",
+        _session_url(session_id, "files"),
+        params={"path": path},
+        body=body,
+        file_op="upload",
+        idempotent=body.buffered,
+    )
+
+
+def delete_file_request(session_id: str, path: str, recursive: bool) -> APIRequest:
+    params = {"path": path}
+    if recursive:
+        params["recursive"] = "true"
+    return APIRequest("DELETE", _session_url(session_id, "files"), params=params, file_op="delete")
+
+
+def file_delete_recovered(
+    path: str, error: BastionError, attempts: Attempts
+) -> FileDeleteResult | None:
+    """The result of a retried delete whose earlier attempt may have deleted ``path``.
+
+    A ``file_not_found`` answer after such an attempt is the mark of its success.
+    """
+    if attempts.may_have_taken_effect and error.code == ErrorCode.FILE_NOT_FOUND:
+        return {"path": path, "deleted": True}
+    return None
+
+
+def download_request(session_id: str, path: str) -> APIRequest:
+    return APIRequest(
+        "GET",
+        _session_url(session_id, "files", "content"),
+        params={"path": path},
+        file_op="download",
+    )
+
+
+def list_files_request(session_id: str, path: str) -> APIRequest:
+    return APIRequest(
+        "GET", _session_url(session_id, "files"), params={"path": path}, file_op="list"
+    )
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -360,58 +757,6 @@ def run_job_body(
     if timeout is not None:
         body["timeout"] = timeout
     return body
-
-
-def upload_body(
-    data: UploadData, chunk_size: int = UPLOAD_CHUNK_SIZE
-) -> tuple[bytes | Iterator[bytes], dict[str, str]]:
-    """Request content and headers for an upload, never holding a file in memory.
-
-    ``bytes`` go as they are; other buffers are sent in slices (no copy of the whole
-    buffer) with their length; file objects are read ``chunk_size`` bytes at a time
-    and sent with chunked transfer encoding.
-
-    Raises:
-        TypeError: ``data`` is a ``str``, a text file or no binary data at all.
-    """
-    headers = {"Content-Type": "application/octet-stream"}
-    if isinstance(data, bytes):
-        return data, headers
-    if isinstance(data, bytearray | memoryview):
-        view = memoryview(data).cast("B")
-        # httpx sends the generator with this Content-Length instead of chunked encoding.
-        headers["Content-Length"] = str(view.nbytes)
-        return _iter_buffer(view, chunk_size), headers
-    if isinstance(data, str):
-        raise TypeError("upload data must be bytes or a binary file object, not str")
-    if isinstance(data, io.TextIOBase):
-        raise TypeError("upload needs a file opened in binary mode ('rb'), not a text file")
-    if not callable(getattr(data, "read", None)):
-        raise TypeError(
-            f"upload data must be bytes or a binary file object, not {type(data).__name__}"
-        )
-    return _iter_file(data, chunk_size), headers
-
-
-def _iter_buffer(view: memoryview, chunk_size: int) -> Iterator[bytes]:
-    for start in range(0, view.nbytes, chunk_size):
-        yield bytes(view[start : start + chunk_size])
-
-
-def _iter_file(fileobj: SupportsReadBytes, chunk_size: int) -> Iterator[bytes]:
-    while True:
-        chunk: bytes | None = fileobj.read(chunk_size)
-        if chunk is None:
-            # A non-blocking file with no data ready; treating it as EOF would
-            # silently truncate the upload.
-            raise ValueError(
-                "upload file object returned None: non-blocking files are not supported"
-            )
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes | bytearray | memoryview):
-            raise TypeError(f"upload file object returned {type(chunk).__name__}, not bytes")
-        yield bytes(chunk)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -517,14 +862,33 @@ class StatusTracker:
         self._last = job["status"]
         return True
 
+    def wants_snapshot(self, status: str) -> bool:
+        """Whether a ``status`` event calls for the job's full info, to report it.
+
+        Status events carry only the name; the snapshot callers get is the job's full
+        ``JobInfo``.  The final one comes with ``end``, after all output.
+        """
+        return status not in FINAL_JOB_STATUSES and self.is_new(status)
+
 
 # --------------------------------------------------------------------------- job events
 
 #: Media type of the job event stream (one JSON object per line).
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
+#: Callbacks return nothing of use; the async client awaits what they return if it
+#: is awaitable, so ``async def`` callbacks work there.
 OutputCallback: TypeAlias = Callable[[str], object]
 EventCallback: TypeAlias = Callable[[JobEvent], object]
+#: A callback call to make: the callback with its argument bound.
+CallbackCall: TypeAlias = Callable[[], object]
+
+
+async def await_result(result: object) -> None:
+    """Await what a callback returned, if it is awaitable (the async client's callbacks
+    may be plain or ``async def`` functions)."""
+    if inspect.isawaitable(result):
+        await result
 
 
 def parse_job_event(line: str) -> JobEvent | None:
@@ -556,8 +920,8 @@ def parse_job_event(line: str) -> JobEvent | None:
 class JobFollower:
     """Follows one job through its event stream, without doing any I/O.
 
-    The I/O side feeds each event to :meth:`feed` (which calls the output callbacks,
-    in order) and stops once :attr:`final` is set; between events it calls
+    The I/O side feeds each event to :meth:`feed`, makes the callback calls it returns,
+    in order, and stops once :attr:`final` is set; between events it calls
     :meth:`check_deadline`.
 
     Args:
@@ -590,15 +954,17 @@ class JobFollower:
         once the deadline has passed), ``None`` without a deadline."""
         return self.poll.remaining()
 
-    def feed(self, event: JobEvent) -> None:
+    def feed(self, event: JobEvent) -> list[CallbackCall]:
+        """Take note of ``event``; return the callback calls it asks for, in order."""
+        calls: list[CallbackCall] = []
         kind = event["type"]
         if kind == "stdout" or kind == "stderr":
             data = event.get("data", "")
             callback = self._on_stdout if kind == "stdout" else self._on_stderr
             if callback is not None and data:
-                callback(data)
+                calls.append(_bind(callback, data))
             if self._on_output is not None:
-                self._on_output(event)
+                calls.append(_bind(self._on_output, event))
         elif kind == "status":
             status = event.get("status")
             if status is not None:
@@ -606,6 +972,7 @@ class JobFollower:
         elif kind == "end":
             self.final = event["job"]
             self.job = self.final
+        return calls
 
     def check_deadline(self) -> None:
         """Raise :class:`JobTimeoutError` if the deadline passed before the end."""
@@ -614,6 +981,10 @@ class JobFollower:
 
     def timeout_error(self) -> JobTimeoutError:
         return job_timeout_error(self.job, self.poll.timeout)
+
+
+def _bind(callback: Callable[[Any], object], argument: object) -> CallbackCall:
+    return lambda: callback(argument)
 
 
 def stream_ended_early(job_id: str) -> APIConnectionError:

@@ -1,32 +1,46 @@
-"""The synchronous Bastion client."""
+"""The Bastion clients: :class:`Bastion` (sync) and :class:`AsyncBastion`.
+
+Both take the same arguments and offer the same sub-APIs; everything that does no
+I/O (configuration, requests, retry decisions, error mapping) is in
+:class:`bastion._base.BaseBastion` and the functions beside it.  What is repeated
+here is only the I/O core: send a request with its retries, read a response.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any, cast
 
 import httpx
 
+from ._async_terminal import AsyncTerminals
 from ._base import (
+    DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    NOT_GIVEN,
+    APIRequest,
+    Attempts,
     BaseBastion,
-    FileOperation,
+    NotGiven,
     TimeoutTypes,
+    build_http_request,
+    health_request,
     make_api_error,
+    map_http_error,
     parse_json,
     translate_transport_errors,
 )
-from ._resources.files import Files
-from ._resources.jobs import Jobs
-from ._resources.sessions import Sessions
+from ._resources.files import AsyncFiles, Files
+from ._resources.jobs import AsyncJobs, Jobs
+from ._resources.sessions import AsyncSessions, Sessions
 from ._terminal import Terminals
-from .wire import API_PREFIX, HealthInfo
+from .wire import HealthInfo
 
-__all__ = ["Bastion"]
-
-_RequestContent = bytes | Iterator[bytes] | None
+__all__ = ["AsyncBastion", "Bastion"]
 
 
 class Bastion(BaseBastion):
@@ -36,11 +50,19 @@ class Bastion(BaseBastion):
         base_url: Server URL; defaults to ``$BASTION_URL``, else ``http://localhost:8080``.
         api_key: Sent as ``Authorization: Bearer <api_key>``; defaults to
             ``$BASTION_API_KEY``, else no key.
-        timeout: Seconds (or an ``httpx.Timeout``) for each HTTP request; ``None``
-            disables timeouts.  Long-poll requests (``jobs.wait``) get the server's
-            hold added to the read timeout.
+        timeout: Seconds for each HTTP request to connect, send and answer (or an
+            ``httpx.Timeout`` with each part apart); ``None`` disables timeouts.
+            Long-poll requests (``jobs.wait``) get the server's hold added to the read
+            timeout; event streams have no read timeout.
+        connect_timeout: Seconds to open a connection; defaults to the smaller of
+            ``timeout`` and 5 s (or the connect part of an ``httpx.Timeout``).
+        max_retries: Retries after a failed attempt, with exponential backoff and
+            jitter, for requests safe to repeat (see "Retries" in :mod:`bastion`);
+            ``0`` disables them.
+        limits: The connection pool's ``httpx.Limits``; connections are kept alive
+            and reused between requests.
         transport: An ``httpx`` transport to use instead of the network (tests pass
-            ``httpx.MockTransport``).
+            ``httpx.MockTransport``); ``limits`` then do not apply.
 
     Use it as a context manager, or call :meth:`close`, to release its connections::
 
@@ -65,15 +87,20 @@ class Bastion(BaseBastion):
         api_key: str | None = None,
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         *,
+        connect_timeout: float | NotGiven | None = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        limits: httpx.Limits | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout)
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=self._default_headers(),
-            timeout=self.timeout,
-            transport=transport,
+        super().__init__(
+            base_url,
+            api_key,
+            timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+            limits=limits,
         )
+        self._http = httpx.Client(**self._http_options(), transport=transport)
         self.sessions = Sessions(self)
         self.jobs = Jobs(self)
         self.files = Files(self)
@@ -82,10 +109,13 @@ class Bastion(BaseBastion):
     def health(self) -> HealthInfo:
         """The server's health, version and runtime.
 
+        Returns:
+            ``{"status", "version", "runtime"}``.
+
         Raises:
             APIConnectionError: The server cannot be reached.
         """
-        return cast(HealthInfo, self._request("GET", f"{API_PREFIX}/health"))
+        return cast(HealthInfo, self._request(health_request()))
 
     def close(self) -> None:
         """Close the client's connections and its open terminals.
@@ -115,92 +145,45 @@ class Bastion(BaseBastion):
     # ----------------------------------------------------------------------- I/O core
 
     def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        content: _RequestContent = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
-        stream: bool = False,
-        file_op: FileOperation | None = None,
+        self, request: APIRequest, *, stream: bool = False, attempts: Attempts | None = None
     ) -> httpx.Response:
-        """Send one request; return the response or raise the mapped error.
+        """Send ``request``, retrying as it allows; the response or the mapped error.
 
         Every request goes through here, so transport errors are translated once and
         an error response is always read and closed before its exception is raised.
         With ``stream=True`` a successful response is returned unread and the caller
-        must close it.  ``timeout=None`` means the client's timeouts (pass
-        ``httpx.Timeout(None)`` to disable them).
+        must close it.  Pass ``attempts`` to learn afterwards what the retries did.
         """
-        request = self._http.build_request(
-            method,
-            url,
-            params=params,
-            json=json,
-            content=content,
-            headers=headers,
-            timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
-        )
-        with translate_transport_errors():
-            response = self._http.send(request, stream=stream)
-        if response.is_success:
-            return response
-        try:
-            with translate_transport_errors():
-                response.read()
-            raise make_api_error(response, file_op)
-        finally:
-            response.close()
+        attempts = attempts or self._attempts(request)
+        while True:
+            http_request = build_http_request(self._http, request)
+            try:
+                response = self._http.send(http_request, stream=stream)
+            except httpx.HTTPError as exc:
+                delay = attempts.retry_after_error(exc)
+                if delay is None:
+                    raise map_http_error(exc) from exc
+            else:
+                if response.is_success:
+                    return response
+                try:
+                    with translate_transport_errors():
+                        response.read()
+                finally:
+                    response.close()
+                delay = attempts.retry_after_response(response)
+                if delay is None:
+                    raise make_api_error(response, request.file_op)
+            time.sleep(delay)
 
-    def _request(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        content: _RequestContent = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
-        file_op: FileOperation | None = None,
-    ) -> Any:
-        """Send one request and return its JSON body."""
-        response = self._send(
-            method,
-            url,
-            params=params,
-            json=json,
-            content=content,
-            headers=headers,
-            timeout=timeout,
-            file_op=file_op,
-        )
-        return parse_json(response)
+    def _request(self, request: APIRequest, *, attempts: Attempts | None = None) -> Any:
+        """Send ``request`` and return its JSON body."""
+        return parse_json(self._send(request, attempts=attempts))
 
     @contextmanager
-    def _stream(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
-        file_op: FileOperation | None = None,
-    ) -> Iterator[httpx.Response]:
+    def _stream(self, request: APIRequest) -> Iterator[httpx.Response]:
         """A successful response with its body unread, closed when the block exits."""
-        response = self._send(
-            method,
-            url,
-            params=params,
-            headers=headers,
-            timeout=timeout,
-            stream=True,
-            file_op=file_op,
-        )
+        response = self._send(request, stream=True)
         try:
             yield response
         finally:
@@ -227,3 +210,171 @@ class Bastion(BaseBastion):
             if line is None:
                 return
             yield line
+
+
+class AsyncBastion(BaseBastion):
+    """Async client of a Bastion server: :class:`Bastion` with coroutines.
+
+    Every method of :class:`Bastion` and of its sub-APIs is here with the same name,
+    arguments and results, as a coroutine (``await bastion.sessions.create()``) or an
+    async iterator (``jobs.stream``, ``files.iter_download``, terminal messages).
+    Callbacks (``on_stdout``, ``on_update``, ``on_message``...) may be plain
+    functions or ``async def`` functions; they are called in order, one at a time.
+
+    Args:
+        base_url: Server URL; defaults to ``$BASTION_URL``, else ``http://localhost:8080``.
+        api_key: Sent as ``Authorization: Bearer <api_key>``; defaults to
+            ``$BASTION_API_KEY``, else no key.
+        timeout: As for :class:`Bastion`.
+        connect_timeout: As for :class:`Bastion`.
+        max_retries: As for :class:`Bastion`.
+        limits: As for :class:`Bastion`.
+        transport: An ``httpx`` async transport to use instead of the network (tests
+            pass ``httpx.MockTransport`` with an ``async`` handler).
+
+    Use it with ``async with``, or await :meth:`close`, to release its connections::
+
+        async with AsyncBastion() as bastion:
+            sid = (await bastion.sessions.create())["session_id"]
+
+    Attributes:
+        sessions: Create, start, stop and delete sessions.
+        jobs: Run commands in a session and wait for their results.
+        files: Upload, list, download and delete files in a session.
+        terminal: Attach live shells to a session over a WebSocket.
+    """
+
+    sessions: AsyncSessions
+    jobs: AsyncJobs
+    files: AsyncFiles
+    terminal: AsyncTerminals
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        *,
+        connect_timeout: float | NotGiven | None = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        limits: httpx.Limits | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key,
+            timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+            limits=limits,
+        )
+        self._http = httpx.AsyncClient(**self._http_options(), transport=transport)
+        self.sessions = AsyncSessions(self)
+        self.jobs = AsyncJobs(self)
+        self.files = AsyncFiles(self)
+        self.terminal = AsyncTerminals(self)
+
+    async def health(self) -> HealthInfo:
+        """The server's health, version and runtime.
+
+        Returns:
+            ``{"status", "version", "runtime"}``.
+
+        Raises:
+            APIConnectionError: The server cannot be reached.
+        """
+        return cast(HealthInfo, await self._request(health_request()))
+
+    async def close(self) -> None:
+        """Close the client's connections and its open terminals.
+
+        The client cannot be used afterwards.
+        """
+        try:
+            await self.terminal.close_all()
+        finally:
+            await self._http.aclose()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
+    async def __aenter__(self) -> AsyncBastion:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------------- I/O core
+
+    async def _send(
+        self, request: APIRequest, *, stream: bool = False, attempts: Attempts | None = None
+    ) -> httpx.Response:
+        """As :meth:`Bastion._send`."""
+        attempts = attempts or self._attempts(request)
+        while True:
+            http_request = build_http_request(self._http, request)
+            try:
+                response = await self._http.send(http_request, stream=stream)
+            except httpx.HTTPError as exc:
+                delay = attempts.retry_after_error(exc)
+                if delay is None:
+                    raise map_http_error(exc) from exc
+            else:
+                if response.is_success:
+                    return response
+                try:
+                    with translate_transport_errors():
+                        await response.aread()
+                finally:
+                    await response.aclose()
+                delay = attempts.retry_after_response(response)
+                if delay is None:
+                    raise make_api_error(response, request.file_op)
+            await asyncio.sleep(delay)
+
+    async def _request(self, request: APIRequest, *, attempts: Attempts | None = None) -> Any:
+        """Send ``request`` and return its JSON body."""
+        return parse_json(await self._send(request, attempts=attempts))
+
+    @asynccontextmanager
+    async def _stream(self, request: APIRequest) -> AsyncIterator[httpx.Response]:
+        """A successful response with its body unread, closed when the block exits."""
+        response = await self._send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    async def _iter_body(response: httpx.Response, chunk_size: int) -> AsyncGenerator[bytes, None]:
+        """The body of a streamed response, with transport errors translated."""
+        chunks = response.aiter_bytes(chunk_size)
+        try:
+            while True:
+                with translate_transport_errors():
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    async def _iter_lines(response: httpx.Response) -> AsyncGenerator[str, None]:
+        """The lines of a streamed text response as they arrive, errors translated."""
+        lines = response.aiter_lines()
+        try:
+            while True:
+                with translate_transport_errors():
+                    line = await anext(lines, None)
+                if line is None:
+                    return
+                yield line
+        finally:
+            await lines.aclose()  # type: ignore[attr-defined]

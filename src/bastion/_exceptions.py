@@ -26,7 +26,8 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   ├── FileUploadError
     │   ├── FileListError
     │   ├── FileDeleteError
-    │   └── FileDownloadError
+    │   ├── FileDownloadError
+    │   └── LocalFileError        [OSError] a local file of upload()/download_to() failed
     └── TerminalError
         ├── TerminalConnectionError   the WebSocket could not be opened, or broke
         │   ├── TerminalAuthenticationError  [AuthenticationError] close 4001, HTTP 401/403
@@ -35,9 +36,12 @@ value, or ``None`` when the failure did not come from an error response) and the
         ├── TerminalSendError         input sent after close or on a broken connection
         └── TerminalTimeoutError      [TimeoutError] Terminal.wait() deadline passed
 
-Low-level ``httpx`` transport errors never escape the SDK: they are translated to
-:class:`APIConnectionError` / :class:`APITimeoutError` at one choke point, with the
-original exception chained as ``__cause__``.
+Low-level errors never escape the SDK: ``httpx`` errors are translated to
+:class:`APIConnectionError` / :class:`APITimeoutError` at one choke point (after the
+retries the request allows), ``websockets`` errors to :class:`TerminalError`
+subclasses, undecodable JSON to :class:`BastionError`, and an ``OSError`` from a local
+file handed to ``files.upload`` / ``files.download_to`` to :class:`LocalFileError`
+(still an ``OSError``); the original exception is chained as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ __all__ = [
     "JobFailedError",
     "JobNotFoundError",
     "JobTimeoutError",
+    "LocalFileError",
     "NotFoundError",
     "ServerError",
     "SessionError",
@@ -291,6 +296,51 @@ class FileDeleteError(FileError):
 
 class FileDownloadError(FileError):
     """Downloading a file failed (no such file, is a directory, ...)."""
+
+
+class LocalFileError(FileError, OSError):
+    """A local file given to the SDK could not be read or written.
+
+    Raised when ``files.upload`` cannot read its file object, or ``files.download_to``
+    cannot open or write its destination.  It is also an ``OSError`` with the
+    original's ``errno``, ``strerror`` and ``filename``, so ``except OSError`` keeps
+    working; the original is its ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None = None,
+        strerror: str | None = None,
+        filename: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.strerror = strerror
+        self.filename = filename
+
+    @classmethod
+    def wrap(cls, exc: OSError, doing: str) -> LocalFileError:
+        """The error for ``exc``, raised while ``doing`` (``"reading the upload"``)."""
+        filename = exc.filename if isinstance(exc.filename, str) else None
+        where = f" {filename!r}" if filename else ""
+        return cls(
+            f"{doing}{where} failed: {exc.strerror or exc}",
+            errno=exc.errno,
+            strerror=exc.strerror,
+            filename=filename,
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # errno/strerror/filename are OSError slots, not in __dict__: pickle them too.
+        state = {
+            **self.__dict__,
+            "errno": self.errno,
+            "strerror": self.strerror,
+            "filename": self.filename,
+        }
+        return (type(self), (self.message,), state)
 
 
 # --------------------------------------------------------------------------- terminal

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from types import TracebackType
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -30,16 +30,21 @@ from ._exceptions import (
 from ._terminal_base import (
     CLOSE_TIMEOUT,
     DEFAULT_COLS,
-    DEFAULT_OPEN_TIMEOUT,
     DEFAULT_ROWS,
     MAX_MESSAGE_SIZE,
+    OPEN_ERRORS,
     PING_INTERVAL,
     PING_TIMEOUT,
+    PROTOCOL_ERROR,
     USER_AGENT,
     TerminalState,
+    bad_init_error,
+    close_info,
     exec_input,
-    handshake_error,
     input_message,
+    no_init_error,
+    open_error,
+    open_timeout_for,
     parse_message,
     resize_message,
     terminal_headers,
@@ -51,9 +56,6 @@ __all__ = ["MessageCallback", "Terminal", "Terminals"]
 
 #: ``on_message(message)``: called in the reader thread with each server message.
 MessageCallback = Callable[[TerminalMessage], object]
-
-#: WebSocket close code sent when the server's frames cannot be understood.
-_PROTOCOL_ERROR = 1002
 
 
 class Terminal:
@@ -272,13 +274,13 @@ class Terminal:
                 try:
                     raw = self._ws.recv()
                 except ConnectionClosed as exc:
-                    self._state.connection_closed(*_close_info(exc), connecting=False)
+                    self._state.connection_closed(*close_info(exc), connecting=False)
                     return
                 try:
                     message = parse_message(raw)
                 except ValueError as exc:
                     self._state.protocol_error(exc)
-                    self._begin_close(_PROTOCOL_ERROR, "bad message")
+                    self._begin_close(PROTOCOL_ERROR, "bad message")
                     continue
                 self._state.record(message)
                 self._deliver(message)
@@ -315,18 +317,6 @@ class Terminal:
         self._done.set()
 
 
-def _close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
-    """The server's close code and reason; ``None`` if no close frame came."""
-    if exc.rcvd is not None:
-        return exc.rcvd.code, exc.rcvd.reason
-    cause = exc.__cause__
-    if cause is not None:
-        return None, f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-    if exc.sent is not None and exc.sent.reason:
-        return None, exc.sent.reason
-    return None, ""
-
-
 def open_terminal(
     client: BaseBastion,
     session_id: str,
@@ -338,12 +328,8 @@ def open_terminal(
 ) -> Terminal:
     """Open the WebSocket and wait for ``init``; see :meth:`Terminals.connect`."""
     url = terminal_url(client.base_url, session_id, rows, cols)
-    if open_timeout is None:
-        open_timeout = client.timeout.connect
-        if open_timeout is None:
-            open_timeout = DEFAULT_OPEN_TIMEOUT
+    open_timeout = open_timeout_for(client.timeout, open_timeout)
     deadline = time.monotonic() + open_timeout
-    where = f"terminal of session {session_id}"
     stack = ExitStack()
     try:
         connection = stack.enter_context(
@@ -358,24 +344,10 @@ def open_terminal(
                 max_size=MAX_MESSAGE_SIZE,
             )
         )
-    except InvalidStatus as exc:
-        response = exc.response
-        raise handshake_error(
-            response.status_code,
-            bytes(response.body or b""),
-            response.reason_phrase,
-            session_id=session_id,
+    except OPEN_ERRORS as exc:
+        raise open_error(
+            exc, session_id=session_id, url=url, base_url=client.base_url, open_timeout=open_timeout
         ) from exc
-    except TimeoutError as exc:  # before OSError: TimeoutError is one
-        raise TerminalConnectionError(
-            f"cannot open {where}: timed out after {open_timeout} s connecting to {url}"
-        ) from exc
-    except OSError as exc:
-        raise TerminalConnectionError(
-            f"cannot open {where}: cannot reach the Bastion server at {client.base_url}: {exc}"
-        ) from exc
-    except WebSocketException as exc:
-        raise TerminalConnectionError(f"cannot open {where}: {exc}") from exc
 
     state = TerminalState(session_id)
     pending: list[TerminalMessage] = []
@@ -384,16 +356,16 @@ def open_terminal(
             try:
                 raw = connection.recv(timeout=max(0.0, deadline - time.monotonic()))
             except ConnectionClosed as exc:
-                state.connection_closed(*_close_info(exc), connecting=True)
-                raise state.failure or TerminalConnectionError(f"cannot open {where}") from exc
-            except TimeoutError as exc:
-                raise TerminalConnectionError(
-                    f"cannot open {where}: the server sent no init message within {open_timeout} s"
+                state.connection_closed(*close_info(exc), connecting=True)
+                raise state.failure or TerminalConnectionError(
+                    f"cannot open terminal of session {session_id}"
                 ) from exc
+            except TimeoutError as exc:
+                raise no_init_error(session_id, open_timeout) from exc
             try:
                 message = parse_message(raw)
             except ValueError as exc:
-                raise TerminalConnectionError(f"cannot open {where}: {exc}") from exc
+                raise bad_init_error(session_id, exc) from exc
             state.record(message)
             # Anything before init (there should be nothing) is delivered, in order.
             pending.append(message)
@@ -445,7 +417,7 @@ class Terminals:
             rows: Window height in character cells.
             cols: Window width in character cells.
             open_timeout: Seconds to wait for the connection and the shell; ``None``
-                uses the client's connect timeout.
+                uses the larger of the client's connect and read timeouts.
 
         Returns:
             The :class:`Terminal`; it also becomes :attr:`current`.

@@ -1,9 +1,11 @@
 """Everything the terminal clients share that does no I/O.
 
-The sync :class:`bastion.Terminal` (and a later async one) only open the WebSocket,
-send text frames and receive them.  Building the URL and headers, shaping and parsing
-the JSON messages, keeping track of what the server said (init, exit, error) and
-turning a close code or a refused handshake into an exception all live here, once.
+:class:`bastion.Terminal` (threads, ``websockets.sync``) and
+:class:`bastion.AsyncTerminal` (tasks, ``websockets.asyncio``) only open the
+WebSocket, send text frames and receive them.  Building the URL and headers, shaping
+and parsing the JSON messages, keeping track of what the server said (init, exit,
+error) and turning a close code, a refused handshake or a failed connect into an
+exception all live here, once.
 
 The protocol itself is defined in :mod:`bastion.wire` (section "terminal").
 """
@@ -15,6 +17,9 @@ import shlex
 from collections.abc import Sequence
 from typing import cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import httpx
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from ._base import BaseBastion, __version__, error_class, parse_error_body
 from ._exceptions import (
@@ -48,8 +53,10 @@ PING_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 5.0
 #: Largest message accepted from the server (a burst of pty output is far smaller).
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-#: Used when the client's HTTP connect timeout is disabled and none is given.
+#: Used when the client's HTTP timeouts are disabled and none is given.
 DEFAULT_OPEN_TIMEOUT = 30.0
+#: WebSocket close code sent when the server's frames cannot be understood.
+PROTOCOL_ERROR = 1002
 
 #: ``reason`` of the exit info :meth:`Terminal.wait` reports when the client closed
 #: the terminal before the shell exited (the server never sent an "exit" message).
@@ -105,6 +112,19 @@ def terminal_url(
     path = parts.path.rstrip("/") + BaseBastion._url("sessions", session_id, "terminal")
     query = urlencode({"rows": rows, "cols": cols})
     return urlunsplit((scheme, parts.netloc, path, query, ""))
+
+
+def open_timeout_for(timeout: httpx.Timeout, open_timeout: float | None) -> float:
+    """Seconds to open a terminal: ``open_timeout``, else the client's timeouts.
+
+    Opening is a connect (the handshake) and then a wait for an answer (the server
+    starts the shell and sends ``init``), so the default is the larger of the
+    client's connect and read timeouts.
+    """
+    if open_timeout is not None:
+        return open_timeout
+    parts = [t for t in (timeout.connect, timeout.read) if t is not None]
+    return max(parts) if parts else DEFAULT_OPEN_TIMEOUT
 
 
 def terminal_headers(api_key: str | None) -> dict[str, str]:
@@ -257,6 +277,64 @@ def handshake_error(
             message += " (does this server offer terminals?)"
     what = f"terminal of session {session_id}" if session_id else "terminal"
     return cls(f"cannot open {what}: {message}", code=code, status_code=status_code)
+
+
+def close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
+    """The server's close code and reason; ``None`` if no close frame came."""
+    if exc.rcvd is not None:
+        return exc.rcvd.code, exc.rcvd.reason
+    cause = exc.__cause__
+    if cause is not None:
+        return None, f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    if exc.sent is not None and exc.sent.reason:
+        return None, exc.sent.reason
+    return None, ""
+
+
+def open_error(
+    exc: Exception, *, session_id: str, url: str, base_url: str, open_timeout: float
+) -> TerminalConnectionError:
+    """The exception for a WebSocket that could not be opened (raise it ``from exc``).
+
+    Handles what ``websockets`` (sync or asyncio) raises from ``connect``: a refused
+    handshake (``InvalidStatus``), a timeout, a network error, a protocol error.
+    Anything else is returned as a generic :class:`TerminalConnectionError`.
+    """
+    where = f"terminal of session {session_id}"
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        return handshake_error(
+            response.status_code,
+            bytes(response.body or b""),
+            response.reason_phrase,
+            session_id=session_id,
+        )
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return TerminalConnectionError(
+            f"cannot open {where}: timed out after {open_timeout} s connecting to {url}"
+        )
+    if isinstance(exc, OSError):
+        return TerminalConnectionError(
+            f"cannot open {where}: cannot reach the Bastion server at {base_url}: {exc}"
+        )
+    if isinstance(exc, WebSocketException):
+        return TerminalConnectionError(f"cannot open {where}: {exc}")
+    return TerminalConnectionError(f"cannot open {where}: {exc!r}")
+
+
+#: What ``websockets.connect`` raises when a terminal cannot be opened.
+OPEN_ERRORS = (InvalidStatus, TimeoutError, OSError, WebSocketException)
+
+
+def no_init_error(session_id: str, open_timeout: float) -> TerminalConnectionError:
+    return TerminalConnectionError(
+        f"cannot open terminal of session {session_id}: the server sent no init message "
+        f"within {open_timeout} s"
+    )
+
+
+def bad_init_error(session_id: str, exc: ValueError) -> TerminalConnectionError:
+    return TerminalConnectionError(f"cannot open terminal of session {session_id}: {exc}")
 
 
 class TerminalState:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 import bastion
+import bastion._base
 from bastion import (
     APIConnectionError,
     APITimeoutError,
@@ -92,6 +93,12 @@ OPERATIONS: dict[str, tuple[Operation, type[BastionError] | None]] = {
         FileDownloadError,
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """5xx and transport errors are retried (test_sdk_transport.py): without waiting here."""
+    monkeypatch.setattr(bastion._base, "INITIAL_RETRY_DELAY", 0.0)
 
 
 def make_client(handler: Handler) -> Bastion:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import tomllib
+from collections.abc import Awaitable
 from pathlib import Path
 
 import bastion
@@ -38,9 +39,17 @@ EXCEPTIONS = {
     "TerminalSessionNotFoundError",
     "TerminalSessionStateError",
     "TerminalTimeoutError",
+    "LocalFileError",
 }
 #: Classes of the SDK that are not exceptions or wire types.
-CLASSES = {"Bastion", "Terminal", "JobEventStream"}
+CLASSES = {
+    "Bastion",
+    "Terminal",
+    "JobEventStream",
+    "AsyncBastion",
+    "AsyncTerminal",
+    "AsyncJobEventStream",
+}
 # typing.is_typeddict misses typing_extensions.TypedDict classes; their marks do not.
 WIRE_TYPES = {
     name
@@ -114,3 +123,32 @@ def test_product_page_signatures() -> None:
         assert inspect.signature(client.files.list).parameters["path"].default == "/"
     finally:
         client.close()
+
+
+def test_async_public_methods_are_documented() -> None:
+    client = bastion.AsyncBastion("http://bastion.test")
+    for resource in (client.sessions, client.jobs, client.files, client.terminal):
+        for name, method in inspect.getmembers(resource, inspect.ismethod):
+            if name.startswith("_"):
+                continue
+            doc = inspect.getdoc(method) or ""
+            assert doc, f"{type(resource).__name__}.{name} has no docstring"
+            if name != "status":
+                assert "Returns:" in doc or "Yields:" in doc, name
+    for cls in (bastion.AsyncBastion, bastion.AsyncTerminal, bastion.AsyncJobEventStream):
+        assert inspect.getdoc(cls), cls
+
+
+def test_async_product_page_signatures() -> None:
+    for cls in (bastion.Bastion, bastion.AsyncBastion):
+        params = inspect.signature(cls).parameters
+        assert list(params)[:3] == ["base_url", "api_key", "timeout"]
+        assert params["timeout"].default == 30.0
+        assert params["max_retries"].default == 2
+        for name in ("connect_timeout", "max_retries", "limits", "transport"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    client = bastion.AsyncBastion("http://bastion.test")
+    assert inspect.iscoroutinefunction(client.jobs.run_and_wait)
+    assert inspect.isasyncgenfunction(client.files.iter_download)
+    assert hasattr(client.jobs.stream("s1", "j1"), "__aiter__")
+    assert isinstance(client.terminal.connect("s1"), Awaitable)

@@ -1,23 +1,36 @@
-"""``bastion.files``: move files in and out of a session."""
+"""``bastion.files``: move files in and out of a session (sync and async)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, cast
 
 from .._base import (
     DOWNLOAD_CHUNK_SIZE,
+    delete_file_request,
+    docs_from,
+    download_request,
+    file_delete_recovered,
+    list_files_request,
+    upload_request,
+)
+from .._exceptions import BastionError
+from .._local_files import (
+    AsyncDestination,
+    AsyncDownloadDestination,
+    AsyncUploadData,
     DownloadDestination,
-    SupportsWriteBytes,
     UploadData,
+    async_upload_body,
+    destination_file,
     upload_body,
+    write_chunks,
 )
 from ..wire import FileDeleteResult, FileList, FileUploadResult
 
 if TYPE_CHECKING:
-    from .._client import Bastion
+    from .._client import AsyncBastion, Bastion
 
 
 class Files:
@@ -33,6 +46,10 @@ class Files:
         """Write ``data`` to ``path`` in the session, creating parent directories.
 
         A file object is streamed in 1 MiB pieces and never read whole into memory.
+        An upload of ``bytes`` (or another buffer) is retried after a transient
+        failure like any idempotent request; one from a file object only if the
+        connection could not be opened, since a failed attempt may have consumed part
+        of the file.
 
         Args:
             session_id: A running session's id.
@@ -46,18 +63,11 @@ class Files:
         Raises:
             TypeError: ``data`` is a ``str``, a text file or not binary data.
             FileUploadError: Bad path, too large, parent is not a directory, ...
+            LocalFileError: Reading the file object failed.
             SessionStateError: The session is not running.
         """
-        content, headers = upload_body(data)
-        result = self._client._request(
-            "PUT",
-            self._url(session_id),
-            params={"path": path},
-            content=content,
-            headers=headers,
-            file_op="upload",
-        )
-        return cast(FileUploadResult, result)
+        request = upload_request(session_id, path, upload_body(data))
+        return cast(FileUploadResult, self._client._request(request))
 
     def delete(self, session_id: str, path: str, *, recursive: bool = False) -> FileDeleteResult:
         """Delete a file, or a directory (which must be empty unless ``recursive``).
@@ -68,19 +78,22 @@ class Files:
             recursive: Delete a directory with everything in it.
 
         Returns:
-            ``{"path", "deleted"}``.
+            ``{"path", "deleted"}``.  If a retry finds the path gone after an attempt
+            whose answer was lost, that attempt deleted it: the result is success.
 
         Raises:
             FileDeleteError: No such path, non-empty directory, ...
             SessionStateError: The session is not running.
         """
-        params = {"path": path}
-        if recursive:
-            params["recursive"] = "true"
-        result = self._client._request(
-            "DELETE", self._url(session_id), params=params, file_op="delete"
-        )
-        return cast(FileDeleteResult, result)
+        request = delete_file_request(session_id, path, recursive)
+        attempts = self._client._attempts(request)
+        try:
+            return cast(FileDeleteResult, self._client._request(request, attempts=attempts))
+        except BastionError as exc:
+            recovered = file_delete_recovered(path, exc, attempts)
+            if recovered is None:
+                raise
+            return recovered
 
     def download(self, session_id: str, path: str) -> bytes:
         """Read a whole file into memory (see :meth:`download_to` for large files).
@@ -96,10 +109,7 @@ class Files:
             FileDownloadError: No such file, is a directory, ...
             SessionStateError: The session is not running.
         """
-        response = self._client._send(
-            "GET", self._url(session_id, "content"), params={"path": path}, file_op="download"
-        )
-        return response.content
+        return self._client._send(download_request(session_id, path)).content
 
     def iter_download(
         self, session_id: str, path: str, chunk_size: int = DOWNLOAD_CHUNK_SIZE
@@ -122,9 +132,7 @@ class Files:
             FileDownloadError: No such file, is a directory, ...
             APIConnectionError: The connection broke during the transfer.
         """
-        with self._client._stream(
-            "GET", self._url(session_id, "content"), params={"path": path}, file_op="download"
-        ) as response:
+        with self._client._stream(download_request(session_id, path)) as response:
             yield from self._client._iter_body(response, chunk_size)
 
     def download_to(
@@ -152,22 +160,15 @@ class Files:
 
         Raises:
             FileDownloadError: No such file, is a directory, ...
+            LocalFileError: ``dest`` could not be opened or written.
             APIConnectionError: The connection broke during the transfer.
         """
-        with self._client._stream(
-            "GET", self._url(session_id, "content"), params={"path": path}, file_op="download"
-        ) as response:
+        with self._client._stream(download_request(session_id, path)) as response:
             chunks = self._client._iter_body(response, chunk_size)
             if not isinstance(dest, str | os.PathLike):
-                return _write_chunks(chunks, dest)
-            with open(dest, "wb") as fileobj:
-                try:
-                    return _write_chunks(chunks, fileobj)
-                except BaseException:
-                    # Only a file this call created and half-wrote is removed.
-                    with contextlib.suppress(OSError):
-                        os.unlink(dest)
-                    raise
+                return write_chunks(chunks, dest)
+            with destination_file(dest) as fileobj:
+                return write_chunks(chunks, fileobj)
 
     def list(self, session_id: str, path: str = "/") -> FileList:
         """List a directory.
@@ -184,18 +185,134 @@ class Files:
             FileListError: No such directory, not a directory, ...
             SessionStateError: The session is not running.
         """
-        result = self._client._request(
-            "GET", self._url(session_id), params={"path": path}, file_op="list"
-        )
-        return cast(FileList, result)
-
-    def _url(self, session_id: str, *rest: str) -> str:
-        return self._client._url("sessions", session_id, "files", *rest)
+        return cast(FileList, self._client._request(list_files_request(session_id, path)))
 
 
-def _write_chunks(chunks: Iterator[bytes], fileobj: SupportsWriteBytes) -> int:
-    written = 0
-    for chunk in chunks:
-        fileobj.write(chunk)
-        written += len(chunk)
-    return written
+@docs_from(Files)
+class AsyncFiles:
+    """Upload, list, download and delete files in a running session (``bastion.files``).
+
+    The async twin of :class:`Files`: the same methods, as coroutines;
+    ``iter_download`` is an async iterator.  Local files are read and written in a
+    worker thread, so the event loop never waits on the disk.
+    """
+
+    def __init__(self, client: AsyncBastion) -> None:
+        self._client = client
+
+    async def upload(self, session_id: str, data: AsyncUploadData, path: str) -> FileUploadResult:
+        """Write ``data`` to ``path`` in the session, creating parent directories.
+
+        Streamed in 1 MiB pieces, never read whole into memory.  Retried as
+        :meth:`Files.upload` is: ``bytes`` like any idempotent request, a stream only
+        if the connection could not be opened.
+
+        Args:
+            session_id: A running session's id.
+            data: ``bytes``/``bytearray``/``memoryview``; a binary file object, sync
+                (``open(..., "rb")``; read in a worker thread) or async (its ``read``
+                awaited); or an async iterable of ``bytes``.
+            path: Absolute destination path; an existing file is replaced.
+
+        Returns:
+            ``{"path", "size"}`` of the written file.
+
+        Raises:
+            TypeError: ``data`` is a ``str``, a text file or not binary data.
+            FileUploadError: Bad path, too large, parent is not a directory, ...
+            LocalFileError: Reading the file object failed.
+            SessionStateError: The session is not running.
+        """
+        request = upload_request(session_id, path, async_upload_body(data))
+        return cast(FileUploadResult, await self._client._request(request))
+
+    async def delete(
+        self, session_id: str, path: str, *, recursive: bool = False
+    ) -> FileDeleteResult:
+        request = delete_file_request(session_id, path, recursive)
+        attempts = self._client._attempts(request)
+        try:
+            data = await self._client._request(request, attempts=attempts)
+        except BastionError as exc:
+            recovered = file_delete_recovered(path, exc, attempts)
+            if recovered is None:
+                raise
+            return recovered
+        return cast(FileDeleteResult, data)
+
+    async def download(self, session_id: str, path: str) -> bytes:
+        return (await self._client._send(download_request(session_id, path))).content
+
+    async def iter_download(
+        self, session_id: str, path: str, chunk_size: int = DOWNLOAD_CHUNK_SIZE
+    ) -> AsyncIterator[bytes]:
+        """Stream a file's content in pieces of at most ``chunk_size`` bytes.
+
+        An async generator: the request is sent when iteration starts.  Iterate to
+        the end, or close it (``contextlib.aclosing``) if you stop early, to release
+        the connection at once::
+
+            async with contextlib.aclosing(bastion.files.iter_download(sid, p)) as it:
+                async for chunk in it:
+                    ...
+
+        Args:
+            session_id: A running session's id.
+            path: Absolute path of the file.
+            chunk_size: Largest piece yielded.
+
+        Yields:
+            The file's content, in order.
+
+        Raises:
+            FileDownloadError: No such file, is a directory, ...
+            APIConnectionError: The connection broke during the transfer.
+        """
+        async with self._client._stream(download_request(session_id, path)) as response:
+            chunks = self._client._iter_body(response, chunk_size)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+
+    async def download_to(
+        self,
+        session_id: str,
+        path: str,
+        dest: AsyncDownloadDestination,
+        *,
+        chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+    ) -> int:
+        """Stream a file to a local path or a binary file object, never whole in memory.
+
+        As :meth:`Files.download_to`.  A path is opened and written in a worker
+        thread; a sync file object's ``write`` runs in a worker thread too, an async
+        file object's is awaited.
+
+        Args:
+            session_id: A running session's id.
+            path: Absolute path of the file in the session.
+            dest: A local path, or a file object (sync or async) for binary writing.
+            chunk_size: Size of the pieces read and written.
+
+        Returns:
+            The number of bytes written.
+
+        Raises:
+            FileDownloadError: No such file, is a directory, ...
+            LocalFileError: ``dest`` could not be opened or written.
+            APIConnectionError: The connection broke during the transfer.
+        """
+        async with self._client._stream(download_request(session_id, path)) as response:
+            chunks = self._client._iter_body(response, chunk_size)
+            try:
+                async with AsyncDestination(dest) as destination:
+                    async for chunk in chunks:
+                        await destination.write(chunk)
+            finally:
+                await chunks.aclose()
+            return destination.written
+
+    async def list(self, session_id: str, path: str = "/") -> FileList:
+        return cast(FileList, await self._client._request(list_files_request(session_id, path)))

@@ -2,32 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, cast
 
 from .._base import (
-    NDJSON_MEDIA_TYPE,
     EventCallback,
     JobFollower,
     LongPoll,
     OutputCallback,
     StatusTracker,
+    await_result,
     check_job_result,
-    format_hold,
+    docs_from,
+    get_job_request,
     is_final,
+    job_events_request,
     job_timeout_error,
+    list_jobs_request,
     parse_job_event,
     run_job_body,
+    run_job_request,
     stream_ended_early,
+    wait_job_request,
     watch_hold,
 )
 from .._exceptions import APITimeoutError, BastionError
 from ..wire import JOB_WAIT_MAX_HOLD, JobEvent, JobInfo, JobList
 
 if TYPE_CHECKING:
-    from .._client import Bastion
+    from .._client import AsyncBastion, Bastion
 
 
 class Jobs:
@@ -47,6 +62,9 @@ class Jobs:
     ) -> JobInfo:
         """Start a command in the session and return at once (the job is queued).
 
+        Not retried once the request may have reached the server (that could run the
+        command twice), only when the connection could not be opened at all.
+
         Args:
             session_id: A running session's id.
             command: The argv, e.g. ``["python3", "/main.py"]``; a plain string is run
@@ -65,12 +83,8 @@ class Jobs:
             SessionNotFoundError: No session has this id.
             SessionStateError: The session is not running.
         """
-        data = self._client._request(
-            "POST",
-            self._client._url("sessions", session_id, "jobs"),
-            json=run_job_body(command, env, cwd, timeout),
-        )
-        return cast(JobInfo, data)
+        request = run_job_request(session_id, run_job_body(command, env, cwd, timeout))
+        return cast(JobInfo, self._client._request(request))
 
     def get(self, session_id: str, job_id: str) -> JobInfo:
         """Get a job's current state (``queued | running | completed | failed``).
@@ -86,8 +100,7 @@ class Jobs:
             JobNotFoundError: No job has this id in this session.
             SessionNotFoundError: No session has this id.
         """
-        url = self._client._url("sessions", session_id, "jobs", job_id)
-        return cast(JobInfo, self._client._request("GET", url))
+        return cast(JobInfo, self._client._request(get_job_request(session_id, job_id)))
 
     def wait(self, session_id: str, job_id: str, timeout: float | None = None) -> JobInfo:
         """Wait until the job is completed or failed.
@@ -249,8 +262,7 @@ class Jobs:
         Raises:
             SessionNotFoundError: No session has this id.
         """
-        data = self._client._request("GET", self._client._url("sessions", session_id, "jobs"))
-        return cast(JobList, data)
+        return cast(JobList, self._client._request(list_jobs_request(session_id)))
 
     def _watch_events(
         self,
@@ -267,9 +279,7 @@ class Jobs:
             on_update(job)
 
         def on_status(status: str) -> None:
-            # Status events carry only the name; the snapshot callers get is the
-            # job's full JobInfo.  The final one comes with "end", after all output.
-            if status in ("completed", "failed") or not tracker.is_new(status):
+            if not tracker.wants_snapshot(status):
                 return
             snapshot = self.get(session_id, job_id)
             if not is_final(snapshot) and tracker.changed(snapshot):
@@ -293,7 +303,8 @@ class Jobs:
         events = self._iter_events(session_id, job_id, follower.read_timeout())
         try:
             for event in events:
-                follower.feed(event)
+                for call in follower.feed(event):
+                    call()
                 if follower.final is not None:
                     return follower.final
                 if on_status is not None and event["type"] == "status" and "status" in event:
@@ -334,12 +345,8 @@ class Jobs:
     ) -> Generator[JobEvent, None, None]:
         """The NDJSON event stream, one parsed event at a time, ending after ``end``
         (or earlier, if the server ends the stream early)."""
-        with self._client._stream(
-            "GET",
-            self._client._url("sessions", session_id, "jobs", job_id, "events"),
-            headers={"Accept": NDJSON_MEDIA_TYPE},
-            timeout=self._client._event_stream_timeout(read_timeout),
-        ) as response:
+        timeout = self._client._event_stream_timeout(read_timeout)
+        with self._client._stream(job_events_request(session_id, job_id, timeout)) as response:
             for line in self._client._iter_lines(response):
                 event = parse_job_event(line)
                 if event is None:
@@ -363,13 +370,10 @@ class Jobs:
         """One long-poll request: the server answers when the job is final or the hold ends."""
         hold = poll.next_hold(cap)
         started = time.monotonic()
-        data = self._client._request(
-            "GET",
-            self._client._url("sessions", session_id, "jobs", job_id, "wait"),
-            params={"timeout": format_hold(hold)},
-            timeout=self._client._long_poll_timeout(hold),
+        timeout = self._client._long_poll_timeout(hold)
+        job = cast(
+            JobInfo, self._client._request(wait_job_request(session_id, job_id, hold, timeout))
         )
-        job = cast(JobInfo, data)
         if not is_final(job):
             pause = poll.pause_after(hold, time.monotonic() - started)
             if pause > 0:
@@ -408,3 +412,299 @@ class JobEventStream(Iterator[JobEvent]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@docs_from(Jobs)
+class AsyncJobs:
+    """Run commands in a running session (``bastion.jobs``).
+
+    The async twin of :class:`Jobs`: the same methods, as coroutines; ``stream``
+    returns an async iterator.  Callbacks may be plain or ``async def`` functions;
+    each is called (and awaited) in the calling task, in order.
+    """
+
+    def __init__(self, client: AsyncBastion) -> None:
+        self._client = client
+
+    async def run(
+        self,
+        session_id: str,
+        command: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> JobInfo:
+        request = run_job_request(session_id, run_job_body(command, env, cwd, timeout))
+        return cast(JobInfo, await self._client._request(request))
+
+    async def get(self, session_id: str, job_id: str) -> JobInfo:
+        return cast(JobInfo, await self._client._request(get_job_request(session_id, job_id)))
+
+    async def wait(self, session_id: str, job_id: str, timeout: float | None = None) -> JobInfo:
+        return check_job_result(await self._wait_final(session_id, job_id, timeout))
+
+    async def run_and_wait(
+        self,
+        session_id: str,
+        command: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        wait_timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> JobInfo:
+        """Run a command and wait for its result, optionally watching its output live.
+
+        As :meth:`Jobs.run_and_wait`; ``on_stdout`` and ``on_stderr`` may be ``async
+        def`` functions, awaited in order before the next chunk is delivered.
+
+        Args:
+            session_id: A running session's id.
+            command: The argv, or a string run by ``/bin/sh -c``.
+            env: Extra environment variables for the command.
+            cwd: Working directory inside the session.
+            timeout: Server-side limit in seconds; the server kills the job after it.
+            wait_timeout: Seconds the client waits at most; ``None`` waits for ever.
+            on_stdout: Called with each chunk of standard output as it is produced.
+            on_stderr: Likewise for standard error.
+
+        Returns:
+            The final ``JobInfo`` of a completed job.
+
+        Raises:
+            JobFailedError: The job failed; the exception carries the result.
+            JobTimeoutError: Not final within ``wait_timeout``.
+            InvalidCommandError: The server rejected the command.
+            SessionStateError: The session is not running.
+        """
+        job = await self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
+        if on_stdout is None and on_stderr is None:
+            return await self.wait(session_id, job["job_id"], timeout=wait_timeout)
+        follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+        return check_job_result(await self._follow(session_id, job["job_id"], follower))
+
+    def stream(self, session_id: str, job_id: str) -> AsyncJobEventStream:
+        """Follow a job's events as they happen: status changes, output, the end.
+
+        As :meth:`Jobs.stream`, as an async iterator that is also an async context
+        manager (no request is sent until iteration starts)::
+
+            async with bastion.jobs.stream(sid, job["job_id"]) as events:
+                async for event in events:
+                    if event["type"] == "stdout":
+                        print(event["data"], end="")
+
+        Args:
+            session_id: The session's id.
+            job_id: The job's id.
+
+        Returns:
+            An async iterator (and async context manager) of event dicts; the last
+            is ``{"type": "end", "job": JobInfo}``.
+
+        Raises:
+            JobNotFoundError: No job has this id in this session.
+            APIConnectionError: The connection broke, or the stream ended before
+                ``end``.
+        """
+        return AsyncJobEventStream(self._iter_complete_events(session_id, job_id))
+
+    async def watch(
+        self,
+        session_id: str,
+        job_id: str,
+        on_update: Callable[[JobInfo], object],
+        *,
+        timeout: float | None = None,
+        on_output: EventCallback | None = None,
+    ) -> JobInfo:
+        """Call ``on_update(job_info)`` for each status the job goes through.
+
+        As :meth:`Jobs.watch`; the callbacks may be ``async def`` functions, awaited
+        in order.
+
+        Args:
+            session_id: The session's id.
+            job_id: The job's id.
+            on_update: Called with each new ``JobInfo``; what it raises propagates
+                and ends the watch.
+            timeout: Seconds to watch at most; ``None`` watches until the job ends.
+            on_output: Called with each ``{"type": "stdout" | "stderr", "data"}``
+                event, in order, all of them before the final ``on_update``.
+
+        Returns:
+            The final ``JobInfo``.  A failed job is returned, not raised.
+
+        Raises:
+            JobTimeoutError: The job was not final within ``timeout``.
+            JobNotFoundError: No job has this id in this session.
+        """
+        if on_output is not None:
+            return await self._watch_events(session_id, job_id, on_update, timeout, on_output)
+        poll = LongPoll(timeout)
+        tracker = StatusTracker()
+        job = await self.get(session_id, job_id)
+        while True:
+            if tracker.changed(job):
+                await await_result(on_update(job))
+            if is_final(job):
+                return job
+            if poll.expired():
+                raise job_timeout_error(job, timeout)
+            job = await self._poll(session_id, job_id, poll, cap=watch_hold(job))
+
+    async def list(self, session_id: str) -> JobList:
+        return cast(JobList, await self._client._request(list_jobs_request(session_id)))
+
+    async def _watch_events(
+        self,
+        session_id: str,
+        job_id: str,
+        on_update: Callable[[JobInfo], object],
+        timeout: float | None,
+        on_output: EventCallback,
+    ) -> JobInfo:
+        tracker = StatusTracker()
+        job = await self.get(session_id, job_id)
+        if tracker.changed(job):
+            await await_result(on_update(job))
+
+        async def on_status(status: str) -> None:
+            if not tracker.wants_snapshot(status):
+                return
+            snapshot = await self.get(session_id, job_id)
+            if not is_final(snapshot) and tracker.changed(snapshot):
+                await await_result(on_update(snapshot))
+
+        follower = JobFollower(job, timeout, on_output=on_output)
+        final = await self._follow(session_id, job_id, follower, on_status=on_status)
+        if tracker.changed(final):
+            await await_result(on_update(final))
+        return final
+
+    async def _follow(
+        self,
+        session_id: str,
+        job_id: str,
+        follower: JobFollower,
+        *,
+        on_status: Callable[[str], Awaitable[None]] | None = None,
+    ) -> JobInfo:
+        """As :meth:`Jobs._follow`."""
+        events = self._iter_events(session_id, job_id, follower.read_timeout())
+        try:
+            async for event in events:
+                for call in follower.feed(event):
+                    await await_result(call())
+                if follower.final is not None:
+                    return follower.final
+                if on_status is not None and event["type"] == "status" and "status" in event:
+                    await on_status(event["status"])
+                follower.check_deadline()
+        except APITimeoutError as exc:
+            if follower.poll.expired():
+                raise follower.timeout_error() from exc
+            raise
+        finally:
+            await events.aclose()
+        cut_short = stream_ended_early(job_id)
+        try:
+            await self.get(session_id, job_id)
+        except BastionError as exc:
+            raise exc from cut_short
+        raise cut_short
+
+    async def _iter_complete_events(
+        self, session_id: str, job_id: str
+    ) -> AsyncGenerator[JobEvent, None]:
+        events = self._iter_events(session_id, job_id, None)
+        last: JobEvent | None = None
+        try:
+            async for last in events:
+                yield last
+        finally:
+            await events.aclose()
+        if last is None or last["type"] != "end":
+            raise stream_ended_early(job_id)
+
+    async def _iter_events(
+        self, session_id: str, job_id: str, read_timeout: float | None
+    ) -> AsyncGenerator[JobEvent, None]:
+        timeout = self._client._event_stream_timeout(read_timeout)
+        async with self._client._stream(
+            job_events_request(session_id, job_id, timeout)
+        ) as response:
+            lines = self._client._iter_lines(response)
+            try:
+                async for line in lines:
+                    event = parse_job_event(line)
+                    if event is None:
+                        continue
+                    yield event
+                    if event["type"] == "end":
+                        return
+            finally:
+                await lines.aclose()
+
+    async def _wait_final(self, session_id: str, job_id: str, timeout: float | None) -> JobInfo:
+        poll = LongPoll(timeout)
+        while True:
+            job = await self._poll(session_id, job_id, poll)
+            if is_final(job):
+                return job
+            if poll.expired():
+                raise job_timeout_error(job, timeout)
+
+    async def _poll(
+        self, session_id: str, job_id: str, poll: LongPoll, cap: float = JOB_WAIT_MAX_HOLD
+    ) -> JobInfo:
+        hold = poll.next_hold(cap)
+        started = time.monotonic()
+        timeout = self._client._long_poll_timeout(hold)
+        request = wait_job_request(session_id, job_id, hold, timeout)
+        job = cast(JobInfo, await self._client._request(request))
+        if not is_final(job):
+            pause = poll.pause_after(hold, time.monotonic() - started)
+            if pause > 0:
+                await asyncio.sleep(pause)
+        return job
+
+
+class AsyncJobEventStream(AsyncIterator[JobEvent]):
+    """The events of one job (what :meth:`AsyncJobs.stream` returns).
+
+    An async iterator of ``JobEvent`` dicts that holds an HTTP response open while it
+    is being read: exhaust it, or close it (``await close()``, or use it in an
+    ``async with`` block) to release the connection.
+    """
+
+    def __init__(self, events: AsyncGenerator[JobEvent, None]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> AsyncJobEventStream:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        return await anext(self._events)
+
+    async def close(self) -> None:
+        """Stop reading and release the connection (idempotent)."""
+        await self._events.aclose()
+
+    async def aclose(self) -> None:
+        """Alias of :meth:`close`, for ``contextlib.aclosing``."""
+        await self.close()
+
+    async def __aenter__(self) -> AsyncJobEventStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

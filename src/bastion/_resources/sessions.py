@@ -1,13 +1,23 @@
-"""``bastion.sessions``: the lifecycle of sessions."""
+"""``bastion.sessions``: the lifecycle of sessions (sync and async)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
-from .._base import create_session_body, new_idempotency_key
+from .._base import (
+    SessionAction,
+    create_session_body,
+    create_session_request,
+    docs_from,
+    get_session_request,
+    list_sessions_request,
+    session_action_recovered,
+    session_action_request,
+    session_reached,
+)
+from .._exceptions import BastionError
 from ..wire import (
-    IDEMPOTENCY_HEADER,
     ExpiryAction,
     NetworkRequest,
     SessionInfo,
@@ -16,11 +26,16 @@ from ..wire import (
 )
 
 if TYPE_CHECKING:
-    from .._client import Bastion
+    from .._client import AsyncBastion, Bastion
 
 
 class Sessions:
-    """Create, inspect, start, stop and delete sessions (``bastion.sessions``)."""
+    """Create, inspect, start, stop and delete sessions (``bastion.sessions``).
+
+    ``start``, ``stop`` and ``delete`` are retried like reads after a lost answer: if
+    the retry is refused because the session is already where the action takes it
+    (an earlier attempt did the work), the session's info is returned as success.
+    """
 
     def __init__(self, client: Bastion) -> None:
         self._client = client
@@ -50,9 +65,9 @@ class Sessions:
                 optionally ``"allow": ["203.0.113.0/24", "pypi.org"]``.  A session never
                 reaches the host's own addresses.
             idempotency_key: Sent as the ``Idempotency-Key`` header; a fresh one is made
-                per call.  Pass your own to retry a create whose answer was lost (for
-                example after :class:`APIConnectionError`) without making a second
-                session.
+                per call and kept across its retries, so a retry never makes a second
+                session.  Pass your own to retry a create yourself after an error
+                (for example :class:`APIConnectionError`).
 
         Returns:
             The new session's ``SessionInfo``.
@@ -61,19 +76,15 @@ class Sessions:
             InvalidRequestError: The limits are invalid or over the server's maximum.
             APIConnectionError: The server cannot be reached.
         """
-        data = self._client._request(
-            "POST",
-            self._client._url("sessions"),
-            json=create_session_body(
-                limits,
-                metadata,
-                idle_timeout=idle_timeout,
-                max_lifetime=max_lifetime,
-                on_timeout=on_timeout,
-                network=network,
-            ),
-            headers={IDEMPOTENCY_HEADER: idempotency_key or new_idempotency_key()},
+        body = create_session_body(
+            limits,
+            metadata,
+            idle_timeout=idle_timeout,
+            max_lifetime=max_lifetime,
+            on_timeout=on_timeout,
+            network=network,
         )
+        data = self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
 
     def get(self, session_id: str) -> SessionInfo:
@@ -88,8 +99,7 @@ class Sessions:
         Raises:
             SessionNotFoundError: No session has this id.
         """
-        data = self._client._request("GET", self._client._url("sessions", session_id))
-        return cast(SessionInfo, data)
+        return cast(SessionInfo, self._client._request(get_session_request(session_id)))
 
     def status(self, session_id: str) -> SessionInfo:
         """Alias of :meth:`get`: the session's info, whose ``"status"`` is its state."""
@@ -109,7 +119,7 @@ class Sessions:
             SessionStateError: The session cannot be started from its state (deleted).
             SessionStartError: The server could not start the sandbox.
         """
-        return self._post_action(session_id, "start")
+        return self._act(session_id, "start")
 
     def stop(self, session_id: str) -> SessionInfo:
         """Stop a running session; its files are kept, its processes are killed.
@@ -124,7 +134,7 @@ class Sessions:
             SessionNotFoundError: No session has this id.
             SessionStateError: The session cannot be stopped from its state.
         """
-        return self._post_action(session_id, "stop")
+        return self._act(session_id, "stop")
 
     def delete(self, session_id: str) -> SessionInfo:
         """Delete a session and everything in it.  This cannot be undone.
@@ -137,9 +147,9 @@ class Sessions:
 
         Raises:
             SessionNotFoundError: No session has this id.
+            SessionStateError: The session is already deleted.
         """
-        data = self._client._request("DELETE", self._client._url("sessions", session_id))
-        return cast(SessionInfo, data)
+        return self._act(session_id, "delete")
 
     def list(self) -> SessionList:
         """List the sessions.
@@ -147,8 +157,81 @@ class Sessions:
         Returns:
             ``{"sessions": [SessionInfo, ...]}``.
         """
-        return cast(SessionList, self._client._request("GET", self._client._url("sessions")))
+        return cast(SessionList, self._client._request(list_sessions_request()))
 
-    def _post_action(self, session_id: str, action: str) -> SessionInfo:
-        data = self._client._request("POST", self._client._url("sessions", session_id, action))
+    def _act(self, session_id: str, action: SessionAction) -> SessionInfo:
+        request = session_action_request(session_id, action)
+        attempts = self._client._attempts(request)
+        try:
+            return cast(SessionInfo, self._client._request(request, attempts=attempts))
+        except BastionError as exc:
+            if not session_action_recovered(exc, attempts):
+                raise
+            info = self.get(session_id)
+            if not session_reached(action, info):
+                raise
+            return info
+
+
+@docs_from(Sessions)
+class AsyncSessions:
+    """Create, inspect, start, stop and delete sessions (``bastion.sessions``).
+
+    The async twin of :class:`Sessions`: the same methods, as coroutines.
+    """
+
+    def __init__(self, client: AsyncBastion) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        limits: SessionLimits | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+        on_timeout: ExpiryAction | None = None,
+        network: NetworkRequest | None = None,
+    ) -> SessionInfo:
+        body = create_session_body(
+            limits,
+            metadata,
+            idle_timeout=idle_timeout,
+            max_lifetime=max_lifetime,
+            on_timeout=on_timeout,
+            network=network,
+        )
+        data = await self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
+
+    async def get(self, session_id: str) -> SessionInfo:
+        return cast(SessionInfo, await self._client._request(get_session_request(session_id)))
+
+    async def status(self, session_id: str) -> SessionInfo:
+        return await self.get(session_id)
+
+    async def start(self, session_id: str) -> SessionInfo:
+        return await self._act(session_id, "start")
+
+    async def stop(self, session_id: str) -> SessionInfo:
+        return await self._act(session_id, "stop")
+
+    async def delete(self, session_id: str) -> SessionInfo:
+        return await self._act(session_id, "delete")
+
+    async def list(self) -> SessionList:
+        return cast(SessionList, await self._client._request(list_sessions_request()))
+
+    async def _act(self, session_id: str, action: SessionAction) -> SessionInfo:
+        request = session_action_request(session_id, action)
+        attempts = self._client._attempts(request)
+        try:
+            return cast(SessionInfo, await self._client._request(request, attempts=attempts))
+        except BastionError as exc:
+            if not session_action_recovered(exc, attempts):
+                raise
+            info = await self.get(session_id)
+            if not session_reached(action, info):
+                raise
+            return info
