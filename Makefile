@@ -5,7 +5,7 @@
 #   make setup     host packages, cgroup fix, .venv, editable install, sandbox image
 #   make serve     setup, then run the server (HOST=127.0.0.1 PORT=8080)
 #   make test      setup, then the whole test suite (PYTEST_ARGS="-k foo -x" to narrow)
-#   make lint      ruff + mypy --strict
+#   make lint      ruff check, ruff format --check, mypy --strict
 #   make bench     setup, then the benchmarks
 #   make clean     remove the venv and caches (make clean-images: the built images too)
 
@@ -55,11 +55,12 @@ image: $(STAMP) | prepare-host
 serve: setup
 	exec $(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy --strict
 
 bench: setup

@@ -1,14 +1,22 @@
 """The ``bastion`` command line.
 
-Client commands (``bastion sessions ...``, ``bastion jobs ...``) talk to a server
-given by ``--url``/``$BASTION_URL`` and print JSON; ``bastion exec`` streams a
-command's output live and ``bastion shell`` attaches the local terminal to a shell in
-a session, both exiting with the remote exit status.  Other packages add commands
-through the ``bastion.commands`` entry-point group: each entry point loads to a
-function ``register(subparsers)`` that adds one sub-parser and sets its ``func``
-default to a callable ``func(args) -> int``.  The server's commands (``bastion serve``)
-come that way from the ``server`` extra; when it is not installed, asking for one of
-them says how to install it.
+``main`` builds the parser, runs one command and turns whatever goes wrong into one
+line on stderr, ``bastion: <message> (<code>)``, and an exit status from the table of
+:class:`~bastion._cli_errors.ExitCode` (docs/CLI.md shows it) -- never a traceback,
+unless ``$BASTION_DEBUG`` is set.
+
+The client commands (``sessions``, ``files``, ``jobs``) live in
+:mod:`bastion._cli_commands`.  ``bastion exec`` streams a command's output live and
+``bastion shell`` attaches the local terminal to a shell in a session; both exit with
+the remote command's status, or :data:`EXEC_FAILED` (125, as ``docker run``) when
+``bastion`` itself failed.  ``--url``, ``--api-key`` and ``--json`` may come before or
+after the command.
+
+Other packages add commands through the ``bastion.commands`` entry-point group: each
+entry point loads to a function ``register(subparsers)`` that adds one sub-parser and
+sets its ``func`` default to a callable ``func(args) -> int``.  The server's commands
+(``bastion serve``, ``bastion image``) come that way from the ``server`` extra; when it
+is not installed, asking for one of them says how to install it.
 """
 
 from __future__ import annotations
@@ -16,39 +24,90 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import json
 import os
 import select
 import shutil
 import signal
 import sys
+import textwrap
 import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from types import FrameType
-from typing import Any, TextIO
+from typing import TypeAlias
 
 import httpx
 
 from ._base import __version__
+from ._cli_commands import (
+    CLIENT_COMMANDS,
+    Runner,
+    add_client_commands,
+    add_connection_options,
+    add_job_options,
+    connection_options,
+    job_command,
+)
+from ._cli_errors import ExitCode, describe, error_code
+from ._cli_format import write_text
 from ._client import Bastion
-from ._exceptions import APIConnectionError, BastionError, JobFailedError, TerminalError
+from ._exceptions import BastionError, JobFailedError, TerminalError
 from ._terminal import Terminal
 from ._terminal_base import DEFAULT_COLS, DEFAULT_ROWS
-from .wire import SessionLimits, TerminalMessage
+from .wire import TerminalMessage
 
-__all__ = ["main"]
+__all__ = ["ENTRY_POINT_GROUP", "EXEC_FAILED", "ExitCode", "build_parser", "main"]
 
 ENTRY_POINT_GROUP = "bastion.commands"
-_BUILTIN_COMMANDS = frozenset({"sessions", "jobs", "exec", "shell"})
+_REMOTE_COMMANDS = frozenset({"exec", "shell"})
+_BUILTIN_COMMANDS = CLIENT_COMMANDS | _REMOTE_COMMANDS
 
-#: Prints its result as JSON.
-Handler = Callable[[Bastion, argparse.Namespace], Any]
-#: Does its own output and returns the exit status (``exec``, ``shell``).
-Runner = Callable[[Bastion, argparse.Namespace], int]
+#: Exit status of ``exec`` and ``shell`` when ``bastion`` itself failed (an API or
+#: connection error, no such session...), as ``docker run`` does: their other
+#: statuses are the remote command's.
+EXEC_FAILED = 125
 
-#: Exit status after Ctrl-C, as a shell reports it (128 + SIGINT).
-_INTERRUPTED = 130
+#: Exit status when stdout was closed early (``| head``): 128 + SIGPIPE, as a shell
+#: reports a program that the broken pipe ended.
+_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+#: Set (to anything but ``0``) to get the traceback of an error as well.
+ENV_DEBUG = "BASTION_DEBUG"
+
+#: After stdin ends, ``bastion shell`` sends Ctrl-D this often until the terminal
+#: closes (one sent before the remote shell's line editor is up is lost), and gives up
+#: sending after this long (then it only waits for the shell to end).
+EOF_INTERVAL = 0.5
+EOF_PATIENCE = 10.0
+
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+_PluginFunc: TypeAlias = Callable[[argparse.Namespace], int]
+
+_EXIT_CODE_TEXT = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED: "the job failed (jobs run, jobs wait), or another error",
+    ExitCode.USAGE: "usage: a bad command line or value, or the command's extra is missing",
+    ExitCode.NOT_FOUND: "not found: no such session, job or file",
+    ExitCode.CONFLICT: "conflict: the session's state, or a path of the wrong kind",
+    ExitCode.AUTH: "authentication: the API key is missing or not accepted",
+    ExitCode.CONNECTION: "connection: the server cannot be reached, or the connection broke",
+    ExitCode.TIMEOUT: "timeout: a request, or --timeout/--wait-timeout (the job keeps running)",
+    ExitCode.INTERRUPTED: "interrupted by Ctrl-C",
+}
+
+_EXAMPLES = [
+    "export BASTION_URL=http://localhost:8080",
+    "SID=$(bastion sessions create --memory-mb 256 --start -q)",
+    "bastion files upload data.csv $SID:/home/user/",
+    "bastion exec $SID -- python3 -c 'print(6 * 7)'",
+    "bastion --json sessions list",
+    "bastion sessions delete $SID",
+]
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(
@@ -66,46 +125,116 @@ def main(
             the ``bastion.commands`` group.
 
     Returns:
-        The process exit status: 0 on success, 1 on an API error (or a failed job's
-        exit status for ``jobs run``), 2 on a usage error.
+        The process exit status: see :class:`ExitCode`; ``exec`` and ``shell`` exit
+        with the remote command's status, or :data:`EXEC_FAILED` when ``bastion``
+        itself failed.  A usage error found by the parser raises ``SystemExit(2)``.
     """
+    try:
+        return _main(argv, transport, commands)
+    except BrokenPipeError:
+        _silence_stdout()
+        return _BROKEN_PIPE
+    except KeyboardInterrupt:
+        _error_line(f"bastion: interrupted ({error_code(KeyboardInterrupt())})")
+        return ExitCode.INTERRUPTED
+
+
+def _main(
+    argv: Sequence[str] | None,
+    transport: httpx.BaseTransport | None,
+    commands: Iterable[EntryPoint] | None,
+) -> int:
     if commands is None:
         commands = entry_points(group=ENTRY_POINT_GROUP)
     parser, missing = build_parser(commands)
     args, extra = parser.parse_known_args(argv)
     if args.command in missing:
-        print(f"bastion: {args.command}: {missing[args.command]}", file=sys.stderr)
-        return 2
+        _error_line(f"bastion: {args.command}: {missing[args.command]}")
+        return ExitCode.USAGE
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    handler: Handler | None = getattr(args, "handler", None)
+        return ExitCode.USAGE
     runner: Runner | None = getattr(args, "runner", None)
-    if handler is None and runner is None:  # a command registered through an entry point
-        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if runner is None:  # a command registered through an entry point
+        func: _PluginFunc | None = getattr(args, "func", None)
         if func is None:
             parser.error(f"command {args.command!r} set no func")
-        return int(func(args))
-    client = Bastion(args.url, args.api_key, transport=transport)
+        return _run_plugin(args.command, func, args)
+    remote = args.command in _REMOTE_COMMANDS
+    client: Bastion | None = None
     try:
+        client = Bastion(args.url, args.api_key, transport=transport)
         with client:
-            if runner is not None:
-                return runner(client, args)
-            assert handler is not None
-            return _output(handler(client, args))
-    except JobFailedError as exc:
-        _print_json(dict(exc))
-        code = exc.status_code
-        return code if code is not None and 0 < code < 256 else 1
-    except APIConnectionError as exc:
-        print(f"bastion: error: {exc} (is a server running at {client.base_url}?)", file=sys.stderr)
-        return 1
-    except BastionError as exc:
-        suffix = f" [{exc.code}]" if exc.code else ""
-        print(f"bastion: error: {exc}{suffix}", file=sys.stderr)
-        return 1
+            return runner(client, args)
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        status = _report(exc, client.base_url if client is not None else args.url)
+        return EXEC_FAILED if remote else status
+
+
+def _run_plugin(name: str, func: _PluginFunc, args: argparse.Namespace) -> int:
+    try:
+        return int(func(args))
+    except ImportError as exc:
+        # `bastion serve` loads without the server extra and imports uvicorn when run.
+        _error_line(f"bastion: {name}: {_needs_extra(exc)}")
+        if _debug():
+            traceback.print_exc()
+        return ExitCode.USAGE
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        return _report(exc, None)
+
+
+def _needs_extra(exc: ImportError) -> str:
+    return (
+        f"this command needs the server extra ({exc}); "
+        "install bastion-py-sdk[server] (pip install 'bastion-py-sdk[server]')"
+    )
+
+
+def _report(exc: Exception, base_url: str | None) -> int:
+    """Print the error line for ``exc`` (and the traceback when debugging); its status."""
+    status, line = describe(exc, base_url)
+    debug = _debug()
+    if debug:
+        traceback.print_exception(exc)
+    _error_line(line)
+    if not debug and not isinstance(exc, BastionError) and error_code(exc) == "internal_error":
+        # Not an error the command line knows (the server's internal_error is one).
+        _error_line(f"bastion: this is a bug; set {ENV_DEBUG}=1 to see the traceback")
+    return status
+
+
+def _debug() -> bool:
+    return os.environ.get(ENV_DEBUG, "") not in ("", "0")
+
+
+def _error_line(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's last
+    flush does not complain about it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+# --------------------------------------------------------------------------- parser
 
 
 def build_parser(
@@ -120,13 +249,26 @@ def build_parser(
         hint when the providing extra is missing) instead of "invalid choice", while
         every other command keeps working.
     """
-    parser = argparse.ArgumentParser(prog="bastion", description="Bastion sandboxes.")
+    parser = argparse.ArgumentParser(
+        prog="bastion",
+        description=textwrap.fill(
+            "Bastion sandboxes from the command line: sessions, files, jobs, live output "
+            "and terminals. `bastion COMMAND --help` shows a command's options and "
+            "examples; docs/CLI.md is the whole reference.",
+            88,
+        ),
+        epilog=_top_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"bastion {__version__}")
-    parser.add_argument("--url", help="server URL (default: $BASTION_URL or localhost:8080)")
-    parser.add_argument("--api-key", help="API key (default: $BASTION_API_KEY)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_session_commands(subparsers)
-    _add_job_commands(subparsers)
+    add_connection_options(parser)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the server's answer as JSON instead of a table (for scripts)",
+    )
+    subparsers: _Subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_client_commands(subparsers)
     _add_exec_command(subparsers)
     _add_shell_command(subparsers)
 
@@ -138,9 +280,7 @@ def build_parser(
             register = entry_point.load()
         except ImportError as exc:
             # The extra that provides it is not installed; stay quiet unless asked for.
-            missing[entry_point.name] = (
-                f"this command needs the server extra ({exc}); install bastion-py-sdk[server]"
-            )
+            missing[entry_point.name] = _needs_extra(exc)
         except Exception as exc:
             # A broken plugin must not take the client commands down with it.
             missing[entry_point.name] = (
@@ -155,139 +295,86 @@ def build_parser(
     return parser, missing
 
 
-# --------------------------------------------------------------------------- client commands
-
-
-def _add_session_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    sessions = subparsers.add_parser("sessions", help="manage sessions")
-    actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    create = actions.add_parser("create", help="create a session")
-    create.add_argument("--memory-mb", type=int, help="memory limit in MiB")
-    create.add_argument("--pids", type=int, help="process-count limit")
-    create.add_argument("--cpus", type=float, help="CPU limit")
-    create.add_argument(
-        "--metadata",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        type=_key_value,
-        help="a label (repeatable)",
-    )
-    create.add_argument("--start", action="store_true", help="start the session too")
-    create.set_defaults(handler=_sessions_create)
-
-    actions.add_parser("list", help="list sessions").set_defaults(
-        handler=lambda client, args: client.sessions.list()
-    )
-    for name, help_text in (
-        ("status", "show a session"),
-        ("start", "start a session"),
-        ("stop", "stop a session"),
-        ("delete", "delete a session (irreversible)"),
-    ):
-        action = actions.add_parser(name, help=help_text)
-        action.add_argument("session_id", metavar="SESSION")
-        action.set_defaults(
-            handler=lambda client, args, name=name: getattr(client.sessions, name)(args.session_id)
-        )
-
-
-def _sessions_create(client: Bastion, args: argparse.Namespace) -> Any:
-    limits: SessionLimits = {}
-    if args.memory_mb is not None:
-        limits["memory_mb"] = args.memory_mb
-    if args.pids is not None:
-        limits["pids"] = args.pids
-    if args.cpus is not None:
-        limits["cpus"] = args.cpus
-    info = client.sessions.create(
-        limits=limits or None, metadata=dict(args.metadata) if args.metadata else None
-    )
-    if args.start:
-        info = client.sessions.start(info["session_id"])
-    return info
-
-
-def _add_job_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    jobs = subparsers.add_parser("jobs", help="run and inspect jobs")
-    actions = jobs.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    run = actions.add_parser(
-        "run",
-        help="run a command in a session",
-        description="Run a command and print its result; exits with the job's exit status "
-        "if it fails. Put the command after --, e.g.: bastion jobs run SESSION -- ls -la /",
-    )
-    _add_job_options(run)
-    run.add_argument("--no-wait", action="store_true", help="print the queued job and exit")
-    run.set_defaults(handler=_jobs_run)
-
-    get = actions.add_parser("get", help="show a job")
-    get.add_argument("session_id", metavar="SESSION")
-    get.add_argument("job_id", metavar="JOB")
-    get.set_defaults(handler=lambda client, args: client.jobs.get(args.session_id, args.job_id))
-
-    list_ = actions.add_parser("list", help="list a session's jobs")
-    list_.add_argument("session_id", metavar="SESSION")
-    list_.set_defaults(handler=lambda client, args: client.jobs.list(args.session_id))
-
-
-def _jobs_run(client: Bastion, args: argparse.Namespace) -> Any:
-    command: str | list[str] = " ".join(args.argv) if args.shell else list(args.argv)
-    options: dict[str, Any] = {
-        "env": dict(args.env) if args.env else None,
-        "cwd": args.cwd,
-        "timeout": args.timeout,
-    }
-    if args.no_wait:
-        return client.jobs.run(args.session_id, command, **options)
-    return client.jobs.run_and_wait(
-        args.session_id, command, wait_timeout=args.wait_timeout, **options
+def _top_epilog() -> str:
+    codes = [
+        f"  {int(code):<3} {_EXIT_CODE_TEXT.get(code, code.name.lower())}" for code in ExitCode
+    ]
+    return "\n".join(
+        [
+            "settings (a flag wins over the environment):",
+            "  BASTION_URL      the server (--url; default http://localhost:8080)",
+            "  BASTION_API_KEY  the API key (--api-key)",
+            f"  {ENV_DEBUG}=1  print the traceback of an error too",
+            "",
+            "exit status (errors are one line on stderr: bastion: <message> (<code>)):",
+            *codes,
+            f"  exec and shell: the remote command's status, or {EXEC_FAILED} when bastion "
+            "itself failed",
+            "",
+            "examples:",
+            *(f"  {line}" for line in _EXAMPLES),
+        ]
     )
 
 
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("session_id", metavar="SESSION")
-    parser.add_argument("argv", nargs="+", metavar="CMD", help="the command and its arguments")
-    parser.add_argument("--shell", action="store_true", help="run the words with /bin/sh -c")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=_key_value)
-    parser.add_argument("--cwd", help="working directory in the session")
-    parser.add_argument("--timeout", type=float, help="server-side time limit in seconds")
-    parser.add_argument("--wait-timeout", type=float, help="seconds to wait for the result")
+def _add_remote_parser(
+    subparsers: _Subparsers, name: str, *, help: str, description: str, examples: Sequence[str]
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, 88),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        parents=[connection_options()],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
-def _add_exec_command(subparsers: argparse._SubParsersAction[Any]) -> None:
-    exec_ = subparsers.add_parser(
+# --------------------------------------------------------------------------- exec
+
+
+def _add_exec_command(subparsers: _Subparsers) -> None:
+    exec_ = _add_remote_parser(
+        subparsers,
         "exec",
-        help="run a command in a session, streaming its output",
-        description="Run a command, copy its stdout and stderr here as they are produced, "
-        "and exit with its exit status. Put the command after --, e.g.: "
-        "bastion exec SESSION -- python3 -u train.py",
+        help="run a command in a session, streaming its output live",
+        description="Run a command in a running session, copy its stdout and stderr here "
+        "as they are produced, and exit with its exit status, as if it ran here. Put the "
+        f"command after --. Exits {EXEC_FAILED} when bastion itself failed (the server "
+        "cannot be reached, no such session, ...) and 130 on Ctrl-C (the job keeps "
+        "running unless it has a --timeout).",
+        examples=[
+            "bastion exec $SID -- python3 -u train.py",
+            "bastion exec $SID --cwd /tmp --env MODE=fast -- sh -c 'echo \"$MODE in $PWD\"'",
+            "bastion exec $SID --shell -- 'ls / | wc -l'",
+            'bastion exec $SID --timeout 10m -- make test || echo "exit status $?"',
+        ],
     )
-    _add_job_options(exec_)
+    add_job_options(exec_)
     exec_.set_defaults(runner=_exec)
 
 
 def _exec(client: Bastion, args: argparse.Namespace) -> int:
-    command: str | list[str] = " ".join(args.argv) if args.shell else list(args.argv)
     try:
         job = client.jobs.run_and_wait(
             args.session_id,
-            command,
+            job_command(args),
             env=dict(args.env) if args.env else None,
             cwd=args.cwd,
             timeout=args.timeout,
             wait_timeout=args.wait_timeout,
-            on_stdout=lambda text: _write_live(sys.stdout, text),
-            on_stderr=lambda text: _write_live(sys.stderr, text),
+            on_stdout=lambda text: write_text(sys.stdout, text),
+            on_stderr=lambda text: write_text(sys.stderr, text),
         )
     except JobFailedError as exc:
         return _failed_job_status(exc)
     except KeyboardInterrupt:
         # Only the client stops: the job runs on unless it has a --timeout.
-        print("bastion: interrupted (the job keeps running in the session)", file=sys.stderr)
-        return _INTERRUPTED
+        _error_line(
+            "bastion: interrupted; the job keeps running in the session "
+            f"({error_code(KeyboardInterrupt())})"
+        )
+        return ExitCode.INTERRUPTED
     output = job.get("output")
     status = output["status_code"] if output else None
     return 0 if status is None else _exit_status(status)
@@ -302,40 +389,35 @@ def _failed_job_status(exc: JobFailedError) -> int:
         parts = [f"bastion: job {exc.job_id} failed"]
         if status is not None:
             parts.append(f"with exit status {status}")
-        if exc.failure_reason:
-            parts.append(f"({exc.failure_reason})")
-        print(" ".join(parts), file=sys.stderr)
+        parts.append(f"({exc.failure_reason or 'job_failed'})")
+        _error_line(" ".join(parts))
     return 1 if status is None else _exit_status(status)
 
 
 def _exit_status(status: int) -> int:
-    """A remote exit status as a local one (1 when it does not fit in 1..255)."""
+    """A remote exit status as a local one (1 when it does not fit in 0..255)."""
     return status if 0 <= status < 256 else 1
-
-
-def _write_live(stream: TextIO, text: str) -> None:
-    """Write output as it arrives: as UTF-8 to the byte stream when there is one (the
-    local locale must not break on remote output), flushed at once."""
-    buffer = getattr(stream, "buffer", None)
-    if buffer is None:
-        stream.write(text)
-    else:
-        stream.flush()
-        buffer.write(text.encode("utf-8", "replace"))
-        buffer.flush()
-    stream.flush()
 
 
 # --------------------------------------------------------------------------- shell
 
 
-def _add_shell_command(subparsers: argparse._SubParsersAction[Any]) -> None:
-    shell = subparsers.add_parser(
+def _add_shell_command(subparsers: _Subparsers) -> None:
+    shell = _add_remote_parser(
+        subparsers,
         "shell",
         help="attach this terminal to a shell in a session",
-        description="Open an interactive shell in a running session. Exits with the "
-        "shell's exit status. Without a terminal on stdin, stdin is sent as input "
-        "until it ends (then the shell gets Ctrl-D).",
+        description="Open an interactive shell in a running session, with this terminal "
+        "in raw mode (keys go to the remote shell as typed; window resizes follow). "
+        "Exits with the shell's exit status, or "
+        f"{EXEC_FAILED} when bastion itself failed. Without a terminal on stdin, stdin "
+        "is sent as input until it ends; then the shell gets Ctrl-D until it has ended.",
+        examples=[
+            "bastion shell $SID",
+            "echo 'uname -a; exit 0' | bastion shell $SID",
+            "bastion shell $SID < setup.sh",
+            "bastion shell $SID --url http://sandbox-host:8080 --api-key $KEY",
+        ],
     )
     shell.add_argument("session_id", metavar="SESSION")
     shell.set_defaults(runner=_shell)
@@ -350,7 +432,7 @@ def _shell(client: Bastion, args: argparse.Namespace) -> int:
         if message["type"] == "term_output":
             data = message["payload"].get("data")
             if isinstance(data, str):
-                _write_live(out, data)
+                write_text(out, data)
 
     rows, cols = _window_size()
     terminal = client.terminal.connect(args.session_id, on_message, rows=rows, cols=cols)
@@ -359,13 +441,14 @@ def _shell(client: Bastion, args: argparse.Namespace) -> int:
             _forward_input(terminal, stdin_fd)
             exit_info = terminal.wait()
     except KeyboardInterrupt:
-        return _INTERRUPTED
+        return ExitCode.INTERRUPTED
     finally:
         terminal.close()
     reason = exit_info.get("reason")
-    if reason != "exited":
-        print(f"bastion: shell ended: {reason}", file=sys.stderr)
     status = exit_info.get("exit_code")
+    if reason != "exited":
+        ended = "the shell ended" + (" without an exit status" if status is None else "")
+        _error_line(f"bastion: {ended} ({reason})")
     return 1 if status is None else _exit_status(status)
 
 
@@ -423,7 +506,7 @@ def _forward_input(terminal: Terminal, fd: int) -> None:
 
     The loop wakes up every 0.1 s to notice a terminal that closed (the shell exited)
     while nothing was typed.  At the end of the input the shell gets Ctrl-D, which
-    ends a shell reading from an empty line.
+    ends a shell reading from an empty line (see :func:`_end_input`).
     """
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     while not terminal.closed:
@@ -434,31 +517,36 @@ def _forward_input(terminal: Terminal, fd: int) -> None:
             data = os.read(fd, 65536)
         except OSError:  # e.g. EIO: the tty went away
             data = b""
-        text = decoder.decode(data, final=not data) + ("" if data else "\x04")
+        text = decoder.decode(data, final=not data)
         try:
             if text:
                 terminal.send_input(text)
         except TerminalError:
             return  # closed meanwhile; wait() tells how
         if not data:
+            _end_input(terminal)
             return
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
+def _end_input(terminal: Terminal) -> None:
+    """Send Ctrl-D every :data:`EOF_INTERVAL` seconds until the terminal closes.
 
-
-def _output(result: Any) -> int:
-    _print_json(result)
-    return 0
-
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    One Ctrl-D is not enough: sent before the remote shell's line editor is up (input
+    that ends at once, ``bastion shell SID </dev/null``), it is lost and the shell
+    would wait for ever.  After :data:`EOF_PATIENCE` seconds (a command of the input
+    still runs), stop sending; the caller waits for the shell to end.
+    """
+    deadline = time.monotonic() + EOF_PATIENCE
+    while not terminal.closed:
+        try:
+            terminal.send_input("\x04")
+        except TerminalError:
+            return  # closed meanwhile
+        next_try = min(time.monotonic() + EOF_INTERVAL, deadline)
+        while not terminal.closed and time.monotonic() < next_try:
+            time.sleep(0.02)
+        if time.monotonic() >= deadline:
+            return
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``bastion exec``: a job's output streamed live, the job's exit status as the CLI's."""
+"""``bastion exec``: a job's output streamed live, the job's exit status as the CLI's,
+and 125 (as ``docker run``) when bastion itself failed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bastion.cli import main
+from bastion.cli import EXEC_FAILED, main
 
 EVENTS_PATH = "/v1/sessions/s1/jobs/j1/events"
 
@@ -123,17 +124,61 @@ def test_exec_interrupted(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert run(["exec", "s1", "--", "sleep", "100"], Server(body)) == 130
     out, err = capsys.readouterr()
-    assert out == "working\n" and "interrupted" in err
+    assert out == "working\n"
+    assert err == "bastion: interrupted; the job keeps running in the session (SIGINT)\n"
 
 
-def test_exec_api_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(409, "session_state"), (404, "session_not_found"), (401, "unauthorized")],
+)
+def test_exec_api_error_exits_125(
+    status: int, code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not the remote command's status: bastion itself failed, as `docker run` says."""
+
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            409, json={"error": {"code": "session_state", "message": "session s1 is stopped"}}
-        )
+        return httpx.Response(status, json={"error": {"code": code, "message": "it failed"}})
 
-    assert run(["exec", "s1", "--", "ls"], handler) == 1
-    assert "session s1 is stopped [session_state]" in capsys.readouterr().err
+    assert run(["exec", "s1", "--", "ls"], handler) == EXEC_FAILED == 125
+    assert capsys.readouterr() == ("", f"bastion: it failed ({code})\n")
+
+
+def test_exec_unreachable_server_exits_125(capsys: pytest.CaptureFixture[str]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    assert run(["exec", "s1", "--", "ls"], handler) == 125
+    assert capsys.readouterr().err == (
+        "bastion: cannot reach the Bastion server at http://bastion.test: "
+        "connection refused (connection_error)\n"
+    )
+
+
+def test_exec_wait_timeout_exits_125(capsys: pytest.CaptureFixture[str]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        if request.method == "POST":
+            return httpx.Response(202, json=job("queued", None))
+        raise httpx.ReadTimeout("timed out")
+
+    assert run(["exec", "s1", "--wait-timeout", "0.2", "--", "sleep", "9"], handler) == 125
+    assert capsys.readouterr().err.endswith("(timeout)\n")
+
+
+def test_exec_url_and_key_after_the_command() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "POST":
+            return httpx.Response(202, json=job("queued", None))
+        return httpx.Response(200, content=line({"type": "end", "job": job("completed", 0)}))
+
+    argv = ["exec", "s1", "--url", "http://after.test", "--api-key", "k2", "--", "true"]
+    assert main(argv, transport=httpx.MockTransport(handler), commands=[]) == 0
+    assert seen[0].url.host == "after.test"
+    assert all(r.headers["Authorization"] == "Bearer k2" for r in seen)
 
 
 def test_exec_uses_env_url_and_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,11 @@ master end, resize the window, and check that the tty is left as it was found.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -18,11 +20,14 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import pytest
-from tests.unit.test_sdk_terminal import API_KEY, FakeTerminalServer
+from tests.unit.test_sdk_terminal import API_KEY, Connection, FakeTerminalServer
+from websockets.sync.server import ServerConnection
 
-from bastion.cli import main
+from bastion import Terminal, cli
+from bastion.cli import EXEC_FAILED, main
 
 #: A hang (a bug) fails one test quickly instead of stalling the run.
 pytestmark = pytest.mark.timeout(60)
@@ -129,36 +134,160 @@ def test_shell_uses_env_url_and_key(
     assert main(["shell", "s1"], commands=[]) == 6
 
 
+def test_shell_url_and_key_after_the_command(
+    server: FakeTerminalServer, stdin_pipe: StdinPipe
+) -> None:
+    stdin_pipe.write(b"exit 9\n")
+    argv = ["shell", "s1", "--url", server.url, "--api-key", API_KEY]
+    assert main(argv, commands=[]) == 9
+
+
+# bastion itself failing exits 125 (as `docker run`), with the usual error line.
+
+
 def test_shell_session_not_found(
     server: FakeTerminalServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert shell(server, "missing") == 1
-    err = capsys.readouterr().err
-    assert "session missing" in err and "[session_not_found]" in err
+    assert shell(server, "missing") == EXEC_FAILED == 125
+    assert capsys.readouterr().err == (
+        "bastion: cannot open terminal of session missing: session missing: "
+        "session_not_found (close code 4004) (session_not_found)\n"
+    )
 
 
 def test_shell_bad_key(
     server: FakeTerminalServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["--url", server.url, "--api-key", "nope", "shell", "s1"], commands=[])
-    assert code == 1
-    assert "invalid API key (close code 4001) [unauthorized]" in capsys.readouterr().err
+    assert code == 125
+    assert capsys.readouterr().err == (
+        "bastion: cannot open terminal of session s1: invalid API key (close code 4001) "
+        "(unauthorized)\n"
+    )
 
 
-def test_shell_session_stopped_while_attached(
-    server: FakeTerminalServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
+def test_shell_unreachable_server(
+    stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    stdin_pipe.write(b"stop\n")
-    assert shell(server, "stop-later") == 1
-    assert "shell ended: session_stopped" in capsys.readouterr().err
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    assert main(["--url", url, "--api-key", API_KEY, "shell", "s1"], commands=[]) == 125
+    err = capsys.readouterr().err
+    assert err.startswith("bastion: ") and err.endswith("(connection_error)\n")
+    assert "Traceback" not in err
 
 
 def test_shell_connection_lost(
     server: FakeTerminalServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stdin_pipe.write(b"vanish\n")
-    assert shell(server, "vanish") == 1
-    assert "runtime gone" in capsys.readouterr().err
+    assert shell(server, "vanish") == 125
+    assert capsys.readouterr().err == (
+        "bastion: terminal of session vanish closed: runtime gone (close code 1011) "
+        "(connection_error)\n"
+    )
+
+
+def test_shell_session_stopped_while_attached(
+    server: FakeTerminalServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The remote shell ended without a status: not bastion failing, so 1."""
+    stdin_pipe.write(b"stop\n")
+    assert shell(server, "stop-later") == 1
+    assert capsys.readouterr().err == (
+        "bastion: the shell ended without an exit status (session_stopped)\n"
+    )
+
+
+# --------------------------------------------------------------------------- end of input
+
+
+class LosesFirstCtrlD:
+    """A server connection whose first Ctrl-D never reaches the shell, as happens to
+    one sent before a real shell's line editor is up."""
+
+    def __init__(self, ws: ServerConnection, lost: list[str]) -> None:
+        self._ws = ws
+        self._lost = lost
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ws, name)
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        for raw in self._ws:
+            message = json.loads(raw)
+            if not self._lost and message["payload"].get("data") == "\x04":
+                self._lost.append(message["payload"]["data"])
+                continue
+            yield raw
+
+
+class SlowShellServer(FakeTerminalServer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[str] = []
+
+    def _serve(self, ws: ServerConnection, conn: Connection) -> None:
+        super()._serve(cast(ServerConnection, LosesFirstCtrlD(ws, self.lost)), conn)
+
+
+@pytest.fixture
+def slow_server() -> Iterator[SlowShellServer]:
+    srv = SlowShellServer()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_shell_with_stdin_at_dev_null_repeats_ctrl_d(
+    slow_server: SlowShellServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bastion shell SID </dev/null` ends: Ctrl-D is sent again until the shell goes."""
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)
+        started = time.monotonic()
+        assert shell(slow_server) == 0
+        elapsed = time.monotonic() - started
+    assert slow_server.lost == ["\x04"]
+    assert [m["payload"]["data"] for m in slow_server.last().received] == ["\x04"]
+    assert elapsed < cli.EOF_INTERVAL + 3
+
+
+def test_shell_repeats_ctrl_d_after_piped_input(
+    slow_server: SlowShellServer, stdin_pipe: StdinPipe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stdin_pipe.write(b"echo hi\n")
+    stdin_pipe.close()
+    assert shell(slow_server) == 0
+    received = [m["payload"]["data"] for m in slow_server.last().received]
+    assert received == ["echo hi\n", "\x04"] and slow_server.lost == ["\x04"]
+    assert capsys.readouterr().out == "echo hi\n\x04"
+
+
+def test_shell_stops_repeating_ctrl_d_after_a_while(
+    server: FakeTerminalServer, stdin_pipe: StdinPipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command of the input that still runs gets a few Ctrl-Ds, then the client only
+    waits for the shell to end."""
+    monkeypatch.setattr(cli, "EOF_INTERVAL", 0.05)
+    monkeypatch.setattr(cli, "EOF_PATIENCE", 0.3)
+    sent: list[str] = []
+
+    class Busy:
+        """A terminal whose shell ignores input until the client has given up."""
+
+        closed = False
+
+        def send_input(self, text: str) -> None:
+            sent.append(text)
+
+    started = time.monotonic()
+    cli._end_input(cast(Terminal, Busy()))
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 2
+    assert set(sent) == {"\x04"} and 3 <= len(sent) <= 8
 
 
 def test_shell_leaves_no_thread(server: FakeTerminalServer, stdin_pipe: StdinPipe) -> None:
@@ -271,7 +400,7 @@ def test_pty_restored_when_the_connection_breaks(
     sh = pty_shell("vanish")
     sh.read_until(sh.is_raw)
     os.write(sh.master, b"vanish\r")
-    assert sh.finish() == 1
+    assert sh.finish() == 125
     assert b"runtime gone" in sh.output
     assert sh.attrs() == sh.original
 
@@ -295,6 +424,6 @@ def test_pty_session_not_found_leaves_tty_alone(
     server: FakeTerminalServer, pty_shell: Callable[..., PtyShell]
 ) -> None:
     sh = pty_shell("missing")
-    assert sh.finish() == 1
+    assert sh.finish() == 125
     assert b"session_not_found" in sh.output
     assert sh.attrs() == sh.original
