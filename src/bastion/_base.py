@@ -618,9 +618,25 @@ def session_reached(action: SessionAction, info: SessionInfo) -> bool:
     return info["status"] == SESSION_ACTION_TARGETS[action]
 
 
-def run_job_request(session_id: str, body: RunJobRequest) -> APIRequest:
-    """``POST .../jobs``: not idempotent (a repeat would run the command twice)."""
-    return APIRequest("POST", _session_url(session_id, "jobs"), json=body, idempotent=False)
+def run_job_request(
+    session_id: str,
+    body: RunJobRequest,
+    hold: float | None = None,
+    timeout: httpx.Timeout | None = None,
+) -> APIRequest:
+    """``POST .../jobs``: not idempotent (a repeat would run the command twice).
+
+    With ``hold`` the server keeps the answer until the job ends or ``hold`` seconds
+    pass, so a short job's result comes back in this one round trip.
+    """
+    return APIRequest(
+        "POST",
+        _session_url(session_id, "jobs"),
+        json=body,
+        idempotent=False,
+        params={"wait": format_hold(hold)} if hold is not None else None,
+        timeout=timeout,
+    )
 
 
 def get_job_request(session_id: str, job_id: str) -> APIRequest:

@@ -164,9 +164,27 @@ class Jobs:
             InvalidCommandError: The server rejected the command.
             SessionStateError: The session is not running.
         """
-        job = self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
         if on_stdout is None and on_stderr is None:
-            return self.wait(session_id, job["job_id"], timeout=wait_timeout)
+            # One round trip for a short job: the run request itself waits.
+            poll = LongPoll(wait_timeout)
+            hold = poll.next_hold(JOB_WAIT_MAX_HOLD)
+            job = cast(
+                JobInfo,
+                self._client._request(
+                    run_job_request(
+                        session_id,
+                        run_job_body(command, env, cwd, timeout),
+                        hold,
+                        self._client._long_poll_timeout(hold),
+                    )
+                ),
+            )
+            if is_final(job):
+                return check_job_result(job)
+            if poll.expired():
+                raise job_timeout_error(job, wait_timeout)
+            return check_job_result(self._wait_final(session_id, job["job_id"], wait_timeout, poll))
+        job = self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
         follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
         return check_job_result(self._follow(session_id, job["job_id"], follower))
 
@@ -355,8 +373,10 @@ class Jobs:
                 if event["type"] == "end":
                     return
 
-    def _wait_final(self, session_id: str, job_id: str, timeout: float | None) -> JobInfo:
-        poll = LongPoll(timeout)
+    def _wait_final(
+        self, session_id: str, job_id: str, timeout: float | None, poll: LongPoll | None = None
+    ) -> JobInfo:
+        poll = poll or LongPoll(timeout)
         while True:
             job = self._poll(session_id, job_id, poll)
             if is_final(job):
@@ -480,9 +500,29 @@ class AsyncJobs:
             InvalidCommandError: The server rejected the command.
             SessionStateError: The session is not running.
         """
-        job = await self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
         if on_stdout is None and on_stderr is None:
-            return await self.wait(session_id, job["job_id"], timeout=wait_timeout)
+            # One round trip for a short job: the run request itself waits.
+            poll = LongPoll(wait_timeout)
+            hold = poll.next_hold(JOB_WAIT_MAX_HOLD)
+            job = cast(
+                JobInfo,
+                await self._client._request(
+                    run_job_request(
+                        session_id,
+                        run_job_body(command, env, cwd, timeout),
+                        hold,
+                        self._client._long_poll_timeout(hold),
+                    )
+                ),
+            )
+            if is_final(job):
+                return check_job_result(job)
+            if poll.expired():
+                raise job_timeout_error(job, wait_timeout)
+            return check_job_result(
+                await self._wait_final(session_id, job["job_id"], wait_timeout, poll)
+            )
+        job = await self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
         follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
         return check_job_result(await self._follow(session_id, job["job_id"], follower))
 
@@ -649,8 +689,10 @@ class AsyncJobs:
             finally:
                 await lines.aclose()
 
-    async def _wait_final(self, session_id: str, job_id: str, timeout: float | None) -> JobInfo:
-        poll = LongPoll(timeout)
+    async def _wait_final(
+        self, session_id: str, job_id: str, timeout: float | None, poll: LongPoll | None = None
+    ) -> JobInfo:
+        poll = poll or LongPoll(timeout)
         while True:
             job = await self._poll(session_id, job_id, poll)
             if is_final(job):

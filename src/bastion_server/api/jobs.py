@@ -49,13 +49,18 @@ async def run_job(
     return svc.jobs.view(record)
 
 
+#: Output up to this size (log bytes) is answered inline rather than streamed.
+_INLINE_OUTPUT = 256 * 1024
+
+
 async def _job_response(svc: Services, record: JobRecord) -> Response:
     """A job with its output, encoded as JSON while it is streamed out.
 
     Output runs to megabytes (and a NUL byte takes six in JSON): built whole it would
     cost the server hundreds of MB and block everyone else.  So the output is read,
     decoded and escaped chunk by chunk, in a worker thread."""
-    if record.status not in FINAL_JOB_STATUSES:
+    if record.status not in FINAL_JOB_STATUSES or svc.jobs.output_size(record) < _INLINE_OUTPUT:
+        # Small (the usual case): built right here, no thread hand-off per chunk.
         return JSONResponse(svc.jobs.view(record))
     return StreamingResponse(_job_json(svc, record), media_type="application/json")
 

@@ -105,7 +105,7 @@ async def _pump_output(ws: WebSocket, terminal: Terminal) -> ExitEvent:
 @router.websocket("/v1/sessions/{session_id}/terminal")
 async def terminal_socket(ws: WebSocket, session_id: str, rows: int = 24, cols: int = 80) -> None:
     await ws.accept()
-    svc = services(ws)
+    svc = await services(ws)
     try:
         owner = authenticate(svc.config.api_keys, supplied_key(ws))
         terminal = await svc.terminals.open(owner, session_id, rows, cols)

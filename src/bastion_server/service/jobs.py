@@ -280,6 +280,13 @@ class JobService:
         stdout, stderr = read_output(self.log_path(record.id))
         return stdout, stderr + self._server_note(record, stderr)
 
+    def output_size(self, record: JobRecord) -> int:
+        """Bytes in the job's output log (both streams, with framing)."""
+        try:
+            return self.log_path(record.id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def iter_output(self, record: JobRecord, stream: str) -> Iterator[str]:
         """One stream of a final job's output in chunks, as ``output()`` would give it
         whole (the server's note ends stderr): for answers that must not hold it all."""

@@ -1,0 +1,92 @@
+"""Sequential job round trip, and where its time goes.
+
+* ``run_and_wait``: ``bastion.jobs.run_and_wait(sid, ["true"])`` through the SDK, one
+  after the other on one running session (after a warm-up).
+* ``http_post_wait``: the same job as one raw HTTP request (``POST .../jobs?wait=``)
+  with a plain ``httpx.Client``: the server's own cost, without the SDK.
+* ``agent_direct``: the job sent straight to the sandbox's agent over its Unix socket
+  from this process (no HTTP, no server): the runtime's own cost.
+
+The three are interleaved (one of each per round, in turn), so that on a busy machine
+they all see the same background load and their differences hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.context import Context
+from bench.stats import summarize
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    runs, warmup = (200, 20) if ctx.quick else (500, 50)
+    out: dict[str, Any] = {}
+    with (
+        ctx.client() as client,
+        ctx.sessions(client, 1) as (sid,),
+        httpx.Client(timeout=30) as http,
+        asyncio.Runner() as runner,
+    ):
+        ways: dict[str, Callable[[], object]] = {
+            "run_and_wait": lambda: client.jobs.run_and_wait(sid, ["true"]),
+            "http_post_wait": _http_post_wait(ctx, http, sid),
+            "agent_direct": lambda: runner.run(_agent_direct(ctx, sid)),
+        }
+        for name, fn in list(ways.items()):
+            try:
+                for _ in range(warmup):
+                    fn()
+            except Exception as exc:
+                if name == "run_and_wait":
+                    raise
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                del ways[name]
+        ctx.say(f"{', '.join(ways)} interleaved, x{runs} each (+{warmup} warm-up)")
+        samples: dict[str, list[float]] = {name: [] for name in ways}
+        order = list(ways)
+        for i in range(runs):
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                start = time.perf_counter()
+                ways[name]()
+                samples[name].append((time.perf_counter() - start) * 1000.0)
+        for name, values in samples.items():
+            out[name] = summarize(values, "ms")
+    return out
+
+
+def _http_post_wait(ctx: Context, http: httpx.Client, sid: str) -> Callable[[], None]:
+    url = f"{ctx.server.url}/v1/sessions/{sid}/jobs"
+
+    def once() -> None:
+        r = http.post(url, params={"wait": "10"}, json={"command": ["true"]})
+        if r.status_code != 200 or r.json().get("status") != "completed":
+            raise RuntimeError(f"POST ?wait answered {r.status_code}: {r.text[:300]}")
+
+    return once
+
+
+async def _agent_direct(ctx: Context, sid: str) -> None:
+    from bastion_server.runtime.agent import SOCKET_NAME
+    from bastion_server.runtime.agent_client import AgentProcess
+    from bastion_server.runtime.base import ExecSpec, ExitEvent
+
+    socket_path = str(Path(ctx.server.data_dir) / "sessions" / sid / "run" / SOCKET_NAME)
+    spec = ExecSpec(
+        argv=["true"],
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/user"},
+        cwd="/",
+    )
+    process = await AgentProcess.start(socket_path, spec)
+    code = None
+    async for event in process.events():
+        if isinstance(event, ExitEvent):
+            code = event.exit_code
+    if code != 0:
+        raise RuntimeError(f"the agent ran `true` with exit code {code}")

@@ -1,0 +1,268 @@
+"""A real ``bastion serve`` for the benchmarks, started and torn down like the tests do.
+
+The server gets a free loopback port and a data directory of its own under a mode-0711
+parent in /var/tmp (sandboxes' unprivileged root must be able to walk down to it).
+:meth:`BenchServer.teardown` deletes every session through the API, stops the server,
+then removes whatever a crash could have left (containers, mounts, cgroups) and the
+directory itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+IMAGES_DIR = Path(os.environ.get("BASTION_IMAGES_DIR", "/var/lib/bastion/images"))
+_MNT_DETACH = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def state_root_for(data_dir: Path) -> str:
+    """The OCI runtime's state directory of a data dir (as ``OciRuntime`` names it)."""
+    try:
+        from bastion_server.runtime.oci import OciRuntime
+    except ImportError:  # the same rule, spelled out, when the server is not installed
+        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        return f"/run/bastion/{tag}"
+    return OciRuntime.state_root_for(data_dir)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest first."""
+    prefix = str(root.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
+
+
+def _umount(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2(path.encode(), _MNT_DETACH)
+
+
+class BenchServer:
+    """One ``bastion serve`` subprocess with a data directory of its own."""
+
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
+        self.parent = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/var/tmp"))
+        self.parent.chmod(0o711)
+        self.data_dir = self.parent / "data"
+        self.scratch = self.parent / "scratch"  # the benchmark's own files (uploads ...)
+        self.scratch.mkdir(mode=0o700)
+        self.port = free_port()
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: A memory cgroup of the server's own: what it and the kernel work it causes
+        #: (mounts, loop devices, page cache) cost, apart from every other process.
+        self.cgroup: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.parent / "server.log"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the server is not running")
+        return self.proc.pid
+
+    @property
+    def state_root(self) -> str:
+        return state_root_for(self.data_dir)
+
+    def start(self, timeout: float = 60.0) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "bastion",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--images-dir",
+            str(IMAGES_DIR),
+            *self.extra_args,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=log,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                # Its own process group: a Ctrl-C in the terminal reaches only the
+                # benchmark, which then deletes the sessions before stopping the server.
+                start_new_session=True,
+            )
+        self.cgroup = _enter_memory_cgroup(self.proc.pid, f"bastion-bench-{self.parent.name}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"bastion serve exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("bastion serve did not answer in time:\n" + self.log_tail())
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- teardown -------------------------------------------------------------------
+
+    def delete_all_sessions(self, workers: int = 8) -> int:
+        """Delete every session that is not deleted yet; returns how many were deleted."""
+        if not self.alive():
+            return 0
+        try:
+            sessions = httpx.get(self.url + "/v1/sessions", timeout=60).json()["sessions"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            return 0
+        ids = [s["session_id"] for s in sessions if s.get("status") != "deleted"]
+
+        def delete(sid: str) -> bool:
+            try:
+                r = httpx.delete(f"{self.url}/v1/sessions/{sid}", timeout=120)
+            except httpx.HTTPError:
+                return False
+            return r.status_code < 300
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return sum(pool.map(delete, ids))
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers and mounts of this server that still exist."""
+        containers: list[str] = []
+        if os.path.isdir(self.state_root) and shutil.which("crun"):
+            out = subprocess.run(
+                ["crun", "--root", self.state_root, "list", "--quiet"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            containers = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        mounts = _mounts_under(self.parent) if self.parent.exists() else []
+        return {"containers": containers, "mounts": mounts}
+
+    def teardown(self) -> dict[str, object]:
+        """Delete the sessions, stop the server, remove everything it left; report what
+        had to be removed by force (nothing, normally)."""
+        deleted = self.delete_all_sessions()
+        code = self.stop()
+        left = self.leftovers()
+        for cid in left["containers"]:
+            subprocess.run(
+                ["crun", "--root", self.state_root, "delete", "--force", cid],
+                capture_output=True,
+                timeout=60,
+            )
+        for point in left["mounts"]:
+            _umount(point)
+        self._remove_cgroups()
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+        shutil.rmtree(self.parent, ignore_errors=True)
+        if os.path.isdir(self.state_root):
+            shutil.rmtree(self.state_root, ignore_errors=True)
+        return {
+            "sessions_deleted": deleted,
+            "server_exit_code": code,
+            "forced_containers": left["containers"],
+            "forced_mounts": left["mounts"],
+            "still_mounted": _mounts_under(self.parent) if self.parent.exists() else [],
+        }
+
+    def _remove_cgroups(self) -> None:
+        """The empty parent cgroups crun made for this data dir (``/bastion/<tag>``)."""
+        tag = Path(self.state_root).name
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            parent = hierarchy / "bastion" / tag
+            if not parent.is_dir():
+                continue
+            for child in sorted(parent.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    child.rmdir()  # cgroups go with rmdir, and only when empty
+                except OSError:
+                    pass
+
+
+def _enter_memory_cgroup(pid: int, name: str) -> Path | None:
+    """Move ``pid`` into a new memory cgroup (v1, else v2); None where that is not
+    possible.  Only what is charged after the move counts, which is all the benchmark
+    compares (growth from a baseline taken later)."""
+    for root, enable in (
+        (Path("/sys/fs/cgroup/memory"), False),
+        (Path("/sys/fs/cgroup"), True),
+    ):
+        if not (root / "cgroup.procs").exists():
+            continue
+        if enable and "memory" not in _read(root / "cgroup.subtree_control").split():
+            continue
+        path = root / name
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            continue
+        return path
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
