@@ -342,12 +342,6 @@ class JobService:
 
     # -- execution ------------------------------------------------------------------
 
-    def _set(self, live: _LiveJob, **changes: Any) -> None:
-        for key, value in changes.items():
-            setattr(live.record, key, value)
-        self.store.update_job(live.record)
-        live.notify()
-
     def _finish(
         self,
         record: JobRecord,
@@ -384,7 +378,10 @@ class JobService:
             except SandboxError as exc:
                 exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
                 return
-            self._set(live, status=JobStatus.RUNNING, started_at=now_iso())
+            # Not written to the store: after a restart a queued and a running job end
+            # the same way (failed, server_restarted), and the final write records it.
+            live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
+            live.notify()
             backstop = (spec.timeout + TIMEOUT_BACKSTOP) if spec.timeout else None
             try:
                 async with asyncio.timeout(backstop):

@@ -22,9 +22,12 @@ _STREAM_CODES = {v: k for k, v in _STREAM_NAMES.items()}
 
 
 class JobLogWriter:
+    """Appends a job's output; the file is created with the first byte (a job that
+    prints nothing, the common case for short commands, costs no file at all)."""
+
     def __init__(self, path: Path, max_bytes_per_stream: int) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fd = -1
         self._max = max_bytes_per_stream
         self.kept = {"stdout": 0, "stderr": 0}
         self.dropped = {"stdout": 0, "stderr": 0}
@@ -36,6 +39,9 @@ class JobLogWriter:
         self.dropped[stream] += len(data) - len(kept)
         if kept:
             self.kept[stream] += len(kept)
+            if self._fd < 0:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                self._fd = os.open(self.path, flags, 0o600)
             os.write(self._fd, _HEADER.pack(_STREAM_CODES[stream], len(kept)) + kept)
         return kept
 
