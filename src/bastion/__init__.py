@@ -8,7 +8,7 @@
         bastion.files.upload(sid, b'print("hi")', "/main.py")
         result = bastion.jobs.run_and_wait(sid, ["python3", "/main.py"])
         print(result["output"]["console_output"])    # hi
-        bastion.jobs.run_and_wait(sid, "make", on_stdout=print)   # live output
+        bastion.jobs.run_and_wait(sid, "ls -la", on_stdout=print)   # live output
         with bastion.terminal.connect(session_id=sid, on_message=print) as term:
             term.exec("echo hello")                  # a live shell
         bastion.sessions.delete(sid)
@@ -19,12 +19,12 @@ with the same names, arguments and results, as coroutines and async iterators::
     async with AsyncBastion() as bastion:
         sid = (await bastion.sessions.create())["session_id"]
         await bastion.sessions.start(sid)
-        result = await bastion.jobs.run_and_wait(sid, "make", on_stdout=print)
+        result = await bastion.jobs.run_and_wait(sid, "ls -la", on_stdout=print)
         async with bastion.terminal.connect(session_id=sid) as term:
             await term.exec("echo hello; exit")
             async for message in term:
                 print(message)
-        async with bastion.jobs.stream(sid, job_id) as events:
+        async with bastion.jobs.stream(sid, result["job_id"]) as events:
             async for event in events:
                 print(event)
 

@@ -111,6 +111,30 @@ def register_serve(subparsers: Any) -> None:
         "(BASTION_MAX_OUTPUT_BYTES; default 16 MiB)",
     )
     p.add_argument(
+        "--max-memory-mb",
+        type=int,
+        default=int(_env("BASTION_MAX_MEMORY_MB", "8192")),
+        help="most memory a session may ask for (BASTION_MAX_MEMORY_MB; default 8192)",
+    )
+    p.add_argument(
+        "--max-pids",
+        type=int,
+        default=int(_env("BASTION_MAX_PIDS", "4096")),
+        help="most processes a session may ask for (BASTION_MAX_PIDS; default 4096)",
+    )
+    p.add_argument(
+        "--max-cpus",
+        type=float,
+        default=float(_env("BASTION_MAX_CPUS", str(float(os.cpu_count() or 1)))),
+        help="most CPU cores a session may ask for (BASTION_MAX_CPUS; default: all)",
+    )
+    p.add_argument(
+        "--max-disk-mb",
+        type=int,
+        default=int(_env("BASTION_MAX_DISK_MB", "65536")),
+        help="largest writable layer a session may ask for (BASTION_MAX_DISK_MB; default 65536)",
+    )
+    p.add_argument(
         "--pool-size",
         type=int,
         default=int(_env("BASTION_POOL_SIZE", "2")),
@@ -150,6 +174,7 @@ def serve(args: argparse.Namespace) -> int:
         allow_network=not args.no_network,
         max_output_bytes=args.max_output_bytes,
         pool_size=args.pool_size,
+        max_limits=Limits(args.max_memory_mb, args.max_pids, args.max_cpus, args.max_disk_mb),
         default_limits=Limits(
             args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
         ),
