@@ -59,9 +59,10 @@ test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict
+	MYPYPATH=src $(BIN)/mypy --strict bench
 
 bench: setup
 	$(BIN)/python bench/run.py

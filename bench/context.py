@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bastion import Bastion, BastionError
-from bench.server import IMAGES_DIR, BenchServer
+from bastion_server.testing import IMAGES_DIR
+from bench.server import BenchServer
 from bench.stats import stopwatch
 
 

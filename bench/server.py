@@ -14,25 +14,13 @@ import ctypes
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+from bastion_server.testing import ServerProcess
 
-IMAGES_DIR = Path(os.environ.get("BASTION_IMAGES_DIR", "/var/lib/bastion/images"))
 _MNT_DETACH = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def state_root_for(data_dir: Path) -> str:
@@ -62,29 +50,19 @@ def _umount(path: str) -> None:
     libc.umount2(path.encode(), _MNT_DETACH)
 
 
-class BenchServer:
-    """One ``bastion serve`` subprocess with a data directory of its own."""
+class BenchServer(ServerProcess):
+    """One ``bastion serve`` subprocess with a data directory of its own, in a memory
+    cgroup of its own, torn down without leaving anything behind."""
 
     def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
         self.parent = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/var/tmp"))
         self.parent.chmod(0o711)
-        self.data_dir = self.parent / "data"
+        super().__init__(self.parent / "data", extra_args=extra_args, own_process_group=True)
         self.scratch = self.parent / "scratch"  # the benchmark's own files (uploads ...)
         self.scratch.mkdir(mode=0o700)
-        self.port = free_port()
-        self.extra_args = extra_args
-        self.proc: subprocess.Popen[bytes] | None = None
         #: A memory cgroup of the server's own: what it and the kernel work it causes
         #: (mounts, loop devices, page cache) cost, apart from every other process.
         self.cgroup: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.parent / "server.log"
 
     @property
     def pid(self) -> int:
@@ -97,88 +75,9 @@ class BenchServer:
         return state_root_for(self.data_dir)
 
     def start(self, timeout: float = 60.0) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "bastion",
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            "--images-dir",
-            str(IMAGES_DIR),
-            *self.extra_args,
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=log,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                # Its own process group: a Ctrl-C in the terminal reaches only the
-                # benchmark, which then deletes the sessions before stopping the server.
-                start_new_session=True,
-            )
+        super().start(timeout)
+        assert self.proc is not None
         self.cgroup = _enter_memory_cgroup(self.proc.pid, f"bastion-bench-{self.parent.name}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"bastion serve exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(self.url + "/v1/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("bastion serve did not answer in time:\n" + self.log_tail())
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    # -- teardown -------------------------------------------------------------------
-
-    def delete_all_sessions(self, workers: int = 8) -> int:
-        """Delete every session that is not deleted yet; returns how many were deleted."""
-        if not self.alive():
-            return 0
-        try:
-            sessions = httpx.get(self.url + "/v1/sessions", timeout=60).json()["sessions"]
-        except (httpx.HTTPError, KeyError, ValueError):
-            return 0
-        ids = [s["session_id"] for s in sessions if s.get("status") != "deleted"]
-
-        def delete(sid: str) -> bool:
-            try:
-                r = httpx.delete(f"{self.url}/v1/sessions/{sid}", timeout=120)
-            except httpx.HTTPError:
-                return False
-            return r.status_code < 300
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return sum(pool.map(delete, ids))
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
     def leftovers(self) -> dict[str, list[str]]:
         """Containers and mounts of this server that still exist."""

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from tests.conftest import ServerProcess
 
+from bastion_server.testing import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -31,12 +33,10 @@ def _port_free(port: int) -> bool:
 @pytest.fixture(scope="module")
 def readme_server(data_root: Path) -> Iterator[ServerProcess]:
     """On port 8080, as `make serve` would be, when that port is free."""
-    srv = ServerProcess(data_root / "readme", port=8080 if _port_free(8080) else 0)
-    if srv.port == 0:
-        srv.port = ServerProcess(data_root / "unused").port
+    srv = ServerProcess(data_root / "readme", port=8080 if _port_free(8080) else free_port())
     srv.start()
     yield srv
-    srv.cleanup_sandboxes()
+    srv.delete_all_sessions()
     srv.stop()
 
 
