@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from tests.conftest import ServerProcess
 
 from bastion import (
     Bastion,
@@ -20,23 +18,6 @@ from bastion import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[Bastion]:
-    with Bastion(base_url=server.url) as c:
-        yield c
-
-
-@pytest.fixture
-def sid(client: Bastion) -> Iterator[str]:
-    session_id = client.sessions.create()["session_id"]
-    client.sessions.start(session_id)
-    yield session_id
-    try:
-        client.sessions.delete(session_id)
-    except SessionStateError:
-        pass
 
 
 # ------------------------------------------------------------------------- sessions

@@ -25,23 +25,6 @@ from bastion import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[Bastion]:
-    with Bastion(base_url=server.url) as c:
-        yield c
-
-
-@pytest.fixture
-def sid(client: Bastion) -> Iterator[str]:
-    session_id = client.sessions.create()["session_id"]
-    client.sessions.start(session_id)
-    yield session_id
-    try:
-        client.sessions.delete(session_id)
-    except Exception:
-        pass
-
-
 class Screen:
     """Collects terminal output from the reader thread; waits for text to appear."""
 

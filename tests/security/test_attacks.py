@@ -19,20 +19,19 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from tests.conftest import ServerProcess
+from tests.security.helpers import Sessions, pid_holder, py, sh, sh_status
 
 from bastion import (
     Bastion,
     FileError,
     JobFailedError,
     SessionInfo,
-    SessionLimits,
     SessionStateError,
     TerminalSessionNotFoundError,
 )
@@ -52,51 +51,15 @@ MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # the server's default --max-output-bytes
 # --------------------------------------------------------------------------- helpers
 
 
-def run_status(
-    client: Bastion,
-    sid: str,
-    argv: list[str],
-    env: dict[str, str] | None = None,
-    timeout: float | None = None,
-) -> tuple[int | None, str, str]:
-    """Run ``argv`` in the session; (exit status, stdout, stderr), failed or not."""
-    try:
-        result = client.jobs.run_and_wait(sid, argv, env=env, timeout=timeout, wait_timeout=120)
-    except JobFailedError as exc:
-        return exc.status_code, exc.console_output, exc.errout
-    output = result["output"]
-    assert output is not None
-    return output["status_code"], output["console_output"], output["errout"]
-
-
-def run_ok(
-    client: Bastion,
-    sid: str,
-    argv: list[str],
-    env: dict[str, str] | None = None,
-    timeout: float | None = None,
-) -> str:
-    """Run ``argv`` in the session; its stdout.  A failed job fails the test."""
-    code, out, err = run_status(client, sid, argv, env, timeout)
-    if code != 0:
-        pytest.fail(f"job {argv!r} failed ({code}): stdout={out[-2000:]!r} stderr={err[-2000:]!r}")
-    return out
-
-
-def sh(client: Bastion, sid: str, script: str, env: dict[str, str] | None = None) -> str:
-    """Stdout of ``sh -c script`` in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["sh", "-c", script], env)
-
-
-def sh_status(
-    client: Bastion, sid: str, script: str, env: dict[str, str] | None = None
-) -> tuple[int | None, str, str]:
-    return run_status(client, sid, ["sh", "-c", script], env)
-
-
-def py(client: Bastion, sid: str, code: str, timeout: float | None = None) -> str:
-    """Stdout of a python3 program run in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["python3", "-c", code], timeout=timeout)
+def assert_refused(
+    client: Bastion, sid: str, scripts: Iterable[str], errors: tuple[str, ...] = ()
+) -> None:
+    """Each ``sh -c`` script must fail; with ``errors``, its stderr must name one of them."""
+    for script in scripts:
+        code, out, err = sh_status(client, sid, script)
+        assert code != 0, f"{script!r} succeeded: {out!r}"
+        if errors:
+            assert any(error in err for error in errors), (script, err)
 
 
 def elapsed_true(client: Bastion, sid: str) -> float:
@@ -129,57 +92,6 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class Sessions:
-    """Creates started sessions and deletes every one of them at teardown."""
-
-    def __init__(self, client: Bastion) -> None:
-        self.client = client
-        self.ids: list[str] = []
-
-    def new(
-        self,
-        limits: SessionLimits | None = None,
-        *,
-        start: bool = True,
-        **expiry: Any,
-    ) -> str:
-        """A new session; ``expiry`` takes ``idle_timeout``, ``max_lifetime``, ``on_timeout``."""
-        if expiry:
-            # Sent as the wire's CreateSessionRequest: not every SDK version takes these
-            # as keyword arguments of sessions.create().
-            body: dict[str, Any] = dict(expiry)
-            if limits is not None:
-                body["limits"] = dict(limits)
-            response = httpx.post(
-                f"{self.client.base_url}/v1/sessions",
-                json=body,
-                headers={"Authorization": f"Bearer {self.client.api_key}"}
-                if self.client.api_key
-                else {},
-                timeout=30,
-            )
-            assert response.status_code == 201, response.text
-            sid = str(response.json()["session_id"])
-        else:
-            sid = self.client.sessions.create(limits=limits)["session_id"]
-        self.ids.append(sid)
-        if start:
-            self.client.sessions.start(sid)
-        return sid
-
-    def delete_all(self) -> None:
-        errors = []
-        for sid in self.ids:
-            try:
-                self.client.sessions.delete(sid)
-            except SessionStateError:
-                pass  # deleted already (by its lifetime)
-            except Exception as exc:  # keep deleting the others
-                errors.append(f"{sid}: {exc!r}")
-        self.ids.clear()
-        assert not errors, f"could not delete sessions: {errors}"
-
-
 def wait_for_status(
     client: Bastion, sid: str, wanted: str, within: float, poll: float = 0.2
 ) -> SessionInfo:
@@ -206,18 +118,16 @@ def client(server: ServerProcess) -> Iterator[Bastion]:
 @pytest.fixture(scope="module")
 def sid(client: Bastion) -> Iterator[str]:
     """One running session for the attacks that leave nothing behind."""
-    pool = Sessions(client)
+    pool = Sessions(client, gone_ok=True)
     session_id = pool.new()
     yield session_id
     pool.delete_all()
 
 
 @pytest.fixture
-def sessions(client: Bastion) -> Iterator[Sessions]:
-    """Sessions of this test's own, deleted afterwards."""
-    pool = Sessions(client)
-    yield pool
-    pool.delete_all()
+def sessions_gone_ok() -> bool:
+    """Sessions with an idle timeout or a lifetime may be deleted before teardown."""
+    return True
 
 
 # --------------------------------------------------------------------------- 1. kernel surface
@@ -431,21 +341,20 @@ def test_kernel_attack_surface_is_refused(
 
 def test_mount_and_umount_commands_fail(client: Bastion, sid: str) -> None:
     before = sh(client, sid, "cat /proc/self/mountinfo | wc -l")
-    for command in (
-        "mount -t proc proc /mnt",
-        "mount -t tmpfs tmpfs /tmp",
-        "mount -t cgroup2 none /mnt",
-        "mount --bind / /mnt",
-        "umount /proc",
-        "umount -l /dev/shm",
-        "umount /run/bastion-agent",
-    ):
-        code, out, err = sh_status(client, sid, command)
-        assert code != 0, f"{command!r} succeeded: {out!r}"
-        assert "must be superuser" in err or "ermission denied" in err or "not permitted" in err, (
-            command,
-            err,
-        )
+    assert_refused(
+        client,
+        sid,
+        (
+            "mount -t proc proc /mnt",
+            "mount -t tmpfs tmpfs /tmp",
+            "mount -t cgroup2 none /mnt",
+            "mount --bind / /mnt",
+            "umount /proc",
+            "umount -l /dev/shm",
+            "umount /run/bastion-agent",
+        ),
+        errors=("must be superuser", "ermission denied", "not permitted"),
+    )
     assert sh(client, sid, "cat /proc/self/mountinfo | wc -l") == before
     assert "agent.py" in sh(client, sid, "ls /run/bastion-agent").split()
 
@@ -537,15 +446,20 @@ def test_32bit_system_calls_do_not_bypass_the_filter(client: Bastion, sid: str) 
 def test_proc_sys_is_read_only(client: Bastion, sid: str) -> None:
     # Control: /proc/sys is there and readable.
     assert sh(client, sid, "cat /proc/sys/kernel/hostname").strip() == "sandbox"
-    for path in (
-        "/proc/sys/kernel/hostname",
-        "/proc/sys/kernel/core_pattern",
-        "/proc/sys/vm/drop_caches",
-        "/proc/sys/net/ipv4/ip_forward",
-    ):
-        code, _, err = sh_status(client, sid, f'echo 1 > "{path}"')
-        assert code != 0, f"{path} was writable"
-        assert "Read-only file system" in err or "Permission denied" in err, (path, err)
+    assert_refused(
+        client,
+        sid,
+        [
+            f'echo 1 > "{path}"'
+            for path in (
+                "/proc/sys/kernel/hostname",
+                "/proc/sys/kernel/core_pattern",
+                "/proc/sys/vm/drop_caches",
+                "/proc/sys/net/ipv4/ip_forward",
+            )
+        ],
+        errors=("Read-only file system", "Permission denied"),
+    )
     assert sh(client, sid, "cat /proc/sys/kernel/hostname").strip() == "sandbox"
     assert "|" not in sh(client, sid, "cat /proc/sys/kernel/core_pattern")
 
@@ -567,21 +481,19 @@ def test_sysrq_trigger_cannot_be_written(client: Bastion, sid: str) -> None:
 def test_sysfs_is_read_only(client: Bastion, sid: str) -> None:
     assert sh(client, sid, "cat /sys/kernel/address_bits").strip().isdigit()  # control
     assert "/sys sysfs ro," in sh(client, sid, "grep ' /sys ' /proc/mounts")
-    for script in (
-        "echo 1 > /sys/kernel/mm/ksm/run",
-        "echo /tmp/x > /sys/kernel/uevent_helper",
-        "echo 1 > /sys/kernel/profiling",
-        "echo 9000 > /sys/class/net/lo/mtu",
-        "touch /sys/kernel/bastion-probe",
-        "mkdir /sys/kernel/bastion-probe",
-    ):
-        code, _, err = sh_status(client, sid, script)
-        assert code != 0, f"{script!r} succeeded"
-        assert (
-            "Read-only file system" in err
-            or "Permission denied" in err
-            or "No such file or directory" in err
-        ), (script, err)
+    assert_refused(
+        client,
+        sid,
+        (
+            "echo 1 > /sys/kernel/mm/ksm/run",
+            "echo /tmp/x > /sys/kernel/uevent_helper",
+            "echo 1 > /sys/kernel/profiling",
+            "echo 9000 > /sys/class/net/lo/mtu",
+            "touch /sys/kernel/bastion-probe",
+            "mkdir /sys/kernel/bastion-probe",
+        ),
+        errors=("Read-only file system", "Permission denied", "No such file or directory"),
+    )
 
 
 def test_cgroup_limits_cannot_be_changed_from_inside(
@@ -605,17 +517,19 @@ def test_cgroup_limits_cannot_be_changed_from_inside(
         assert "ro" in line.split()[3].split(","), f"a writable cgroup mount: {line}"
     if not mounts.strip():  # not mounted: an empty directory of the read-only sysfs
         assert sh(client, sid, "ls -A /sys/fs/cgroup").strip() == ""
-    for script in (
-        "echo max > /sys/fs/cgroup/memory.max",
-        "echo -1 > /sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "echo max > /sys/fs/cgroup/pids.max",
-        "echo $$ > /sys/fs/cgroup/cgroup.procs",
-        "mkdir /sys/fs/cgroup/escape",
-        "mount -t cgroup2 none /mnt",
-        "mount -t cgroup -o memory none /mnt",
-    ):
-        code, _, _ = sh_status(client, sid, script)
-        assert code != 0, f"{script!r} succeeded"
+    assert_refused(
+        client,
+        sid,
+        (
+            "echo max > /sys/fs/cgroup/memory.max",
+            "echo -1 > /sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "echo max > /sys/fs/cgroup/pids.max",
+            "echo $$ > /sys/fs/cgroup/cgroup.procs",
+            "mkdir /sys/fs/cgroup/escape",
+            "mount -t cgroup2 none /mnt",
+            "mount -t cgroup -o memory none /mnt",
+        ),
+    )
     assert limit_file.read_text().strip() == str(96 * MiB)
     assert pids_file.read_text().strip() == "48"
 
@@ -683,18 +597,20 @@ print(socket.gethostname())
 
 def test_system_files_cannot_be_chowned_or_chmodded(client: Bastion, sid: str) -> None:
     before = sh(client, sid, "stat -c '%u %g %a %s' /etc/passwd /etc/shadow /usr/bin/python3")
-    for script in (
-        "chmod 666 /etc/passwd",
-        "chmod u+s /usr/bin/python3",
-        "chown user /etc/passwd",
-        "chgrp user /etc/shadow",
-        "echo 'evil::0:0::/:/bin/sh' >> /etc/passwd",
-        "mv /etc/passwd /etc/passwd.old",
-        "ln -sf /home/user/p /etc/passwd",
-    ):
-        code, _, err = sh_status(client, sid, script)
-        assert code != 0, f"{script!r} succeeded"
-        assert "not permitted" in err or "Permission denied" in err, (script, err)
+    assert_refused(
+        client,
+        sid,
+        (
+            "chmod 666 /etc/passwd",
+            "chmod u+s /usr/bin/python3",
+            "chown user /etc/passwd",
+            "chgrp user /etc/shadow",
+            "echo 'evil::0:0::/:/bin/sh' >> /etc/passwd",
+            "mv /etc/passwd /etc/passwd.old",
+            "ln -sf /home/user/p /etc/passwd",
+        ),
+        errors=("not permitted", "Permission denied"),
+    )
     assert sh(client, sid, "stat -c '%u %g %a %s' /etc/passwd /etc/shadow /usr/bin/python3") == (
         before
     )
@@ -745,7 +661,7 @@ def test_disk_filler_is_contained(private_server: ServerProcess) -> None:
     private_server.start()
     pid = server_pid(private_server)
     with Bastion(base_url=private_server.url, timeout=120) as c:
-        pool = Sessions(c)
+        pool = Sessions(c, gone_ok=True)
         try:
             full = pool.new({"disk_mb": 64})
             other = pool.new()
@@ -788,7 +704,7 @@ def test_output_flood_is_contained(private_server: ServerProcess) -> None:
         Bastion(base_url=private_server.url, timeout=120) as c,
         Bastion(base_url=private_server.url, timeout=120) as probe,
     ):
-        pool = Sessions(c)
+        pool = Sessions(c, gone_ok=True)
         try:
             flooder, other = pool.new(), pool.new()
             reset_peak_rss(pid)
@@ -898,21 +814,7 @@ def test_process_count_is_capped_and_reported(client: Bastion, sessions: Session
     sid = sessions.new({"pids": limit})
     idle = client.sessions.get(sid)["usage"]
     assert idle is not None and idle["processes"] is not None and idle["processes"] < 8, idle
-    hold = """
-import os, time
-n = 0
-while True:
-    try:
-        pid = os.fork()
-    except OSError:
-        break
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    n += 1
-print(n, flush=True)
-time.sleep(60)
-"""
+    hold = pid_holder(seconds=60)
     job = client.jobs.run(sid, ["python3", "-c", hold], timeout=5)
     seen = []
     deadline = time.monotonic() + 4
@@ -1128,7 +1030,7 @@ def test_foreign_terminal_is_refused_like_a_missing_session(auth_server: ServerP
         Bastion(base_url=auth_server.url, api_key=key_a) as a,
         Bastion(base_url=auth_server.url, api_key=key_b) as b,
     ):
-        pool = Sessions(a)
+        pool = Sessions(a, gone_ok=True)
         try:
             a_sid = pool.new()
             missing = "ses_" + "0" * 24

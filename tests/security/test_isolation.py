@@ -22,8 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServerProcess
+from tests.security.helpers import Sessions, pid_holder, py, sh, sh_status
 
-from bastion import Bastion, JobFailedError, SessionLimits
+from bastion import Bastion, JobFailedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,59 +38,6 @@ AGENT_CMDLINES = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_status(
-    client: Bastion,
-    sid: str,
-    argv: list[str],
-    env: dict[str, str] | None = None,
-    timeout: float | None = None,
-) -> tuple[int | None, str, str]:
-    """Run ``argv`` in the session; (exit status, stdout, stderr), failed or not."""
-    try:
-        result = client.jobs.run_and_wait(sid, argv, env=env, timeout=timeout, wait_timeout=120)
-    except JobFailedError as exc:
-        return exc.status_code, exc.console_output, exc.errout
-    output = result["output"]
-    assert output is not None
-    return output["status_code"], output["console_output"], output["errout"]
-
-
-def run_ok(
-    client: Bastion,
-    sid: str,
-    argv: list[str],
-    env: dict[str, str] | None = None,
-    timeout: float | None = None,
-) -> str:
-    """Run ``argv`` in the session; its stdout.  A failed job fails the test."""
-    try:
-        result = client.jobs.run_and_wait(sid, argv, env=env, timeout=timeout, wait_timeout=120)
-    except JobFailedError as exc:
-        pytest.fail(
-            f"job {argv!r} failed ({exc.status_code}, {exc.failure_reason}): "
-            f"stdout={exc.console_output!r} stderr={exc.errout!r}"
-        )
-    output = result["output"]
-    assert output is not None
-    return output["console_output"]
-
-
-def sh(client: Bastion, sid: str, script: str, env: dict[str, str] | None = None) -> str:
-    """Stdout of ``sh -c script`` in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["sh", "-c", script], env)
-
-
-def sh_status(
-    client: Bastion, sid: str, script: str, env: dict[str, str] | None = None
-) -> tuple[int | None, str, str]:
-    return run_status(client, sid, ["sh", "-c", script], env)
-
-
-def py(client: Bastion, sid: str, code: str, timeout: float | None = None) -> str:
-    """Stdout of a python3 program run in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["python3", "-c", code], timeout=timeout)
 
 
 def run_ok_eventually(client: Bastion, sid: str, script: str, within: float) -> str:
@@ -117,30 +65,6 @@ def run_ok_eventually(client: Bastion, sid: str, script: str, within: float) -> 
         time.sleep(0.5)
 
 
-class Sessions:
-    """Creates started sessions and deletes every one of them at teardown."""
-
-    def __init__(self, client: Bastion) -> None:
-        self.client = client
-        self.ids: list[str] = []
-
-    def new(self, limits: SessionLimits | None = None) -> str:
-        sid = self.client.sessions.create(limits=limits)["session_id"]
-        self.ids.append(sid)
-        self.client.sessions.start(sid)
-        return sid
-
-    def delete_all(self) -> None:
-        errors = []
-        for sid in self.ids:
-            try:
-                self.client.sessions.delete(sid)
-            except Exception as exc:  # keep deleting the others
-                errors.append(f"{sid}: {exc!r}")
-        self.ids.clear()
-        assert not errors, f"could not delete sessions: {errors}"
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -156,14 +80,6 @@ def shared_sid(client: Bastion) -> Iterator[str]:
     pool = Sessions(client)
     sid = pool.new()
     yield sid
-    pool.delete_all()
-
-
-@pytest.fixture
-def sessions(client: Bastion) -> Iterator[Sessions]:
-    """Sessions of this test's own, deleted afterwards."""
-    pool = Sessions(client)
-    yield pool
     pool.delete_all()
 
 
@@ -561,21 +477,7 @@ def test_job_arriving_while_pids_are_exhausted_does_not_kill_the_session(
 ) -> None:
     sid = sessions.new({"pids": 64})
     # Hold every free pid of the session until the server-side timeout kills the tree.
-    hold = """
-import os, time
-n = 0
-while True:
-    try:
-        pid = os.fork()
-    except OSError:
-        break
-    if pid == 0:
-        time.sleep(120)
-        os._exit(0)
-    n += 1
-print(n, flush=True)
-time.sleep(120)
-"""
+    hold = pid_holder(seconds=120)
     holder = client.jobs.run(sid, ["python3", "-c", hold], timeout=8)
     time.sleep(3)  # the holder has filled the pids limit by now
     # A second job now may fail to start (no pid is free), but it must get an answer
