@@ -127,6 +127,10 @@ class Runtime(abc.ABC):
     async def is_running(self, session_id: str) -> bool: ...
 
     @abc.abstractmethod
+    async def running_sandboxes(self) -> set[str]:
+        """Session ids of every sandbox running now (one look, however many)."""
+
+    @abc.abstractmethod
     async def list_sandboxes(self) -> set[str]:
         """Session ids of every sandbox this runtime has running or on disk."""
 

@@ -267,6 +267,12 @@ class NetworkManager:
             pid_file.unlink(missing_ok=True)
         if not self._ready or self.cgroup_parent is None:
             return
+        group = self._session_cgroup(session_id)
+        if not group.exists():
+            # Never networked (or already cleaned): its rules, made only while its
+            # cgroup exists and dropped before it goes, cannot exist.  Every stop of
+            # every session comes through here, so no nft process for those.
+            return
         name = session_id.replace("-", "_")
         listing = await asyncio.create_subprocess_exec(
             "nft",
@@ -289,7 +295,6 @@ class NetworkManager:
         if handles:
             script += [f"delete set inet {TABLE} a4_{name}", f"delete set inet {TABLE} a6_{name}"]
             await _nft("\n".join(script) + "\n")
-        group = self._session_cgroup(session_id)
         for _ in range(50):
             try:
                 group.rmdir()

@@ -503,19 +503,39 @@ class OciRuntime(Runtime):
         except ValueError:
             return False
 
+    async def _container_states(self, on_disk: set[str]) -> dict[str, str]:
+        """Every container the runtime knows, by session id: its status."""
+        owners = {self._container(sid): sid for sid in on_disk}
+        code, out = await self._run("list", "--format", "json", check=False)
+        try:
+            entries = json.loads(out) if code == 0 else None
+        except ValueError:
+            entries = None
+        states: dict[str, str] = {}
+        for entry in entries or ():
+            name = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(name, str):
+                states[owners.get(name, name)] = str(entry.get("status"))
+        return states
+
+    def _on_disk(self) -> set[str]:
+        if not self.sessions_dir.is_dir():
+            return set()
+        return {p.name for p in self.sessions_dir.iterdir() if p.is_dir()}
+
+    def _not_the_pools(self, ids: set[str]) -> set[str]:
+        """The warm pool's own sandboxes belong to no session yet; leftovers of an
+        earlier run's pool are not in it, so they stay listed (and get reaped)."""
+        return ids - set(self._pool) - self._preparing
+
     async def list_sandboxes(self) -> set[str]:
-        """Every sandbox on disk or running, by session id; the warm pool's own are not
-        listed (they belong to no session yet), but pool leftovers of an earlier run are."""
-        found = set()
-        if self.sessions_dir.is_dir():
-            found |= {p.name for p in self.sessions_dir.iterdir() if p.is_dir()}
-        owners = {self._container(sid): sid for sid in found}
-        code, out = await self._run("list", "--quiet", check=False)
-        if code == 0:
-            for line in out.splitlines():
-                if name := line.strip():
-                    found.add(owners.get(name, name))
-        return found - set(self._pool) - self._preparing
+        """Every sandbox on disk or known to the runtime, by session id."""
+        on_disk = self._on_disk()
+        return self._not_the_pools(on_disk | set(await self._container_states(on_disk)))
+
+    async def running_sandboxes(self) -> set[str]:
+        states = await self._container_states(self._on_disk())
+        return self._not_the_pools({sid for sid, st in states.items() if st == "running"})
 
     async def exec(self, session_id: str, spec: ExecSpec) -> Process:
         path = self.socket_path(session_id)

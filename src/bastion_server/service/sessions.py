@@ -356,9 +356,11 @@ class SessionService:
             log.warning("sandbox died", extra={"session_id": session_id})
 
     async def check_running_sandboxes(self) -> None:
+        """check_sandbox for every session recorded running whose sandbox is not."""
+        running = await self.runtime.running_sandboxes()
         for record in self.store.list_sessions():
-            if record.status == SessionStatus.RUNNING:
-                await self.check_sandbox(record.id)
+            if record.status == SessionStatus.RUNNING and record.id not in running:
+                await self.check_sandbox(record.id)  # looks again, under the lock
 
     async def reap_orphans(self) -> None:
         """Remove sandboxes that no live record owns (left by a crash mid-operation)."""
@@ -395,8 +397,9 @@ class SessionService:
         for a session recorded as stopped is stopped; one that no live record owns is
         removed.
         """
+        running_now = await self.runtime.running_sandboxes()
         for record in self.store.list_sessions():
-            running = await self.runtime.is_running(record.id)
+            running = record.id in running_now
             if record.status == SessionStatus.RUNNING and running:
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
