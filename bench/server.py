@@ -10,27 +10,15 @@ directory itself.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from bastion_server.runtime import host
+from bastion_server.runtime.oci import OciRuntime
 from bastion_server.testing import ServerProcess
-
-_MNT_DETACH = 2
-
-
-def state_root_for(data_dir: Path) -> str:
-    """The OCI runtime's state directory of a data dir (as ``OciRuntime`` names it)."""
-    try:
-        from bastion_server.runtime.oci import OciRuntime
-    except ImportError:  # the same rule, spelled out, when the server is not installed
-        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
-        return f"/run/bastion/{tag}"
-    return OciRuntime.state_root_for(data_dir)
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -43,11 +31,6 @@ def _mounts_under(root: Path) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
-
-
-def _umount(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.umount2(path.encode(), _MNT_DETACH)
 
 
 class BenchServer(ServerProcess):
@@ -72,7 +55,7 @@ class BenchServer(ServerProcess):
 
     @property
     def state_root(self) -> str:
-        return state_root_for(self.data_dir)
+        return OciRuntime.state_root_for(self.data_dir)
 
     def start(self, timeout: float = 60.0) -> None:
         super().start(timeout)
@@ -106,7 +89,7 @@ class BenchServer(ServerProcess):
                 timeout=60,
             )
         for point in left["mounts"]:
-            _umount(point)
+            host.umount(point)
         self._remove_cgroups()
         if self.cgroup is not None:
             with contextlib.suppress(OSError):

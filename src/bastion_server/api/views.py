@@ -1,4 +1,5 @@
-"""Records to wire shapes: the only place that builds response bodies."""
+"""Session and file records to wire shapes (a job's shape is JobService.view, which
+also reads its output)."""
 
 from __future__ import annotations
 

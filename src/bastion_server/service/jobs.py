@@ -348,7 +348,9 @@ class JobService:
         exit_code: int | None,
         reason: str | None,
         message: str | None = None,
+        note: str | None = None,
     ) -> None:
+        """Record the end of a job in one write; ``note`` adds to what the server says."""
         record.exit_code = exit_code
         record.finished_at = now_iso()
         if reason is None and exit_code == 0:
@@ -360,6 +362,10 @@ class JobService:
                 record.error_message = message or _FAILURE_MESSAGES.get(reason, reason).format(
                     timeout=record.spec.get("timeout")
                 )
+        if note:
+            record.error_message = (
+                f"{record.error_message}; {note}" if record.error_message else note
+            )
         self.store.update_job(record)
 
     async def _execute(self, live: _LiveJob) -> None:
@@ -426,23 +432,21 @@ class JobService:
             )
         elif event.error is not None:
             reason, message = event.error, event.message
+        exit_code = event.exit_code if event is not None else None
+        truncation = None
         if any(dropped.values()):
             log.warning("job output truncated", extra={"job_id": record.id, "dropped": dropped})
-        exit_code = event.exit_code if event is not None else None
-        self._finish(record, exit_code, reason, message)
+            lost = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
+            truncation = (
+                f"output truncated at {self.config.max_output_bytes} bytes per stream "
+                f"({lost} dropped)"
+            )
+        self._finish(record, exit_code, reason, message, truncation)
         if reason == "lost":
             # The sandbox may have died under the job: let the session say so.
             task = asyncio.create_task(self.sessions.check_sandbox(record.session_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        if any(dropped.values()):
-            note = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
-            record.error_message = (
-                ((record.error_message + "; ") if record.error_message else "")
-                + f"output truncated at {self.config.max_output_bytes} bytes per stream "
-                f"({note} dropped)"
-            )
-            self.store.update_job(record)
         log.info(
             "job finished",
             extra={
