@@ -117,6 +117,7 @@ class OciRuntime(Runtime):
         self.agent_source = data_dir / "agent" / "agent.py"
         self.resolv_conf = data_dir / "sandbox-etc" / "resolv.conf"
         self._agent_binary: Path | None = None
+        self._prepared = False
         # Warm pool: sandboxes started ahead of need (default limits, no network), handed
         # to a session at create.  Their container keeps its pool name; the session dir
         # records it (see _container).
@@ -163,6 +164,10 @@ class OciRuntime(Runtime):
     # -- host -----------------------------------------------------------------------
 
     async def prepare_host(self) -> None:
+        # `bastion serve` prepares before uvicorn starts (to fail with a plain message)
+        # and the app's start-up asks again: the second time there is nothing to do.
+        if self._prepared:
+            return
         self._binary_path = host.find_runtime_binary(self._binary)
         if host.fix_hybrid_cgroups():
             log.info("moved stray cgroup-v2 controllers to v1 hierarchies for %s", self._binary)
@@ -199,6 +204,7 @@ class OciRuntime(Runtime):
         except AgentBuildError as exc:
             self._agent_binary = None
             log.warning("using the Python agent: %s", exc)
+        self._prepared = True
 
     @staticmethod
     def _check_reachable(path: Path) -> None:
