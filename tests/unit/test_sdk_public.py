@@ -152,3 +152,13 @@ def test_async_product_page_signatures() -> None:
     assert inspect.isasyncgenfunction(client.files.iter_download)
     assert hasattr(client.jobs.stream("s1", "j1"), "__aiter__")
     assert isinstance(client.terminal.connect("s1"), Awaitable)
+
+
+def test_exceptions_module_is_public() -> None:
+    """``from bastion.exceptions import SessionError``, as the product page writes it."""
+    import bastion.exceptions
+
+    assert set(bastion.exceptions.__all__) == EXCEPTIONS
+    for name in bastion.exceptions.__all__:
+        assert getattr(bastion.exceptions, name) is getattr(bastion, name), name
+    assert "SessionError" in (bastion.exceptions.__doc__ or "")
