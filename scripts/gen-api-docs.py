@@ -40,7 +40,9 @@ HEADER = """\
 `pip install bastion-py-sdk`, then `import bastion`. Everything below is exported by
 the `bastion` package. Responses are plain dicts typed by the `TypedDict`s at the end
 (defined in `bastion.wire`, shared with the server); every exception derives from
-`BastionError`. The command line is described in [CLI.md](CLI.md).
+`BastionError` and is also exported by `bastion.exceptions`
+(`from bastion.exceptions import SessionError`). The command line is described in
+[CLI.md](CLI.md).
 """
 
 _SECTIONS = {

@@ -90,8 +90,9 @@ class BastionError(Exception):
         message: Human-readable description (also what ``str(exc)`` returns).
         code: The server's machine-readable error code (see ``bastion.wire.ErrorCode``),
             or ``None`` when the error did not come from an error response.
-        status_code: The HTTP status of the error response, or ``None``.  (For
-            :class:`JobFailedError` it is the job's exit status instead; see there.)
+        status_code: The HTTP status of the error response, or ``None``.  (Except on
+            :class:`JobFailedError`, where no HTTP error happened: there it is the
+            job's exit status, which is also, unambiguously, its ``exit_status``.)
     """
 
     message: str
@@ -192,9 +193,14 @@ class JobFailedError(JobError, Mapping[str, object]):
     Attributes:
         result: The final ``JobInfo`` dict.
         job_id: The job's id.
-        status_code: The process's exit status, or ``None`` when the job produced no
-            output (it never started, or was killed before reporting one).  No HTTP
-            error happened here, so this does not hold an HTTP status.
+        exit_status: The process's exit status (``output["status_code"]`` of the
+            result), or ``None`` when the job produced no output (it never started,
+            or was killed before reporting one).  Prefer it to ``status_code``.
+        status_code: The same exit status, kept for compatibility (the result names
+            it ``status_code`` too).  Unlike every other error's ``status_code`` it
+            is not an HTTP status: no HTTP error happened here.  Code that handles
+            any :class:`BastionError` by its HTTP status should test for
+            :class:`JobFailedError` first, or read ``exit_status`` here.
         console_output: Captured standard output (``""`` when there is no output).
         errout: Captured standard error (``""`` when there is no output).
         failure_reason: Why the server failed the job when it is not its own exit
@@ -218,6 +224,11 @@ class JobFailedError(JobError, Mapping[str, object]):
     @property
     def job_id(self) -> str:
         return self.result["job_id"]
+
+    @property
+    def exit_status(self) -> int | None:
+        output = self.result.get("output")
+        return output["status_code"] if output else None
 
     @property
     def console_output(self) -> str:

@@ -382,7 +382,7 @@ def _exec(client: Bastion, args: argparse.Namespace) -> int:
 
 def _failed_job_status(exc: JobFailedError) -> int:
     """The exit status for a failed job, saying why when its own status does not."""
-    status = exc.status_code
+    status = exc.exit_status
     if status is None or exc.failure_reason not in (None, "nonzero_exit"):
         # The job's stderr has been streamed already; only the reason is news (a
         # plain non-zero exit says it all through the exit status).

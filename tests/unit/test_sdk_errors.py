@@ -278,7 +278,8 @@ def test_job_failed_error_is_the_result() -> None:
     err = JobFailedError(result)
     assert err.result is result
     assert err.job_id == "j1"
-    assert err.status_code == 1
+    assert err.exit_status == 1
+    assert err.status_code == 1  # the same, kept for compatibility
     assert err.console_output == "partial\n"
     assert err.errout.endswith("not defined\n")
     assert err.failure_reason is None
@@ -293,6 +294,7 @@ def test_job_failed_error_is_the_result() -> None:
     assert hash(err) == hash(err) and err == err and err != JobFailedError(result)
     copy = pickle.loads(pickle.dumps(err))
     assert dict(copy) == result and copy.message == err.message
+    assert copy.exit_status == 1
 
 
 def test_job_failed_error_without_output() -> None:
@@ -300,7 +302,7 @@ def test_job_failed_error_without_output() -> None:
     result["output"] = None
     result["failure_reason"] = "timeout"
     err = JobFailedError(result)
-    assert err.status_code is None
+    assert err.exit_status is None and err.status_code is None
     assert err.console_output == "" and err.errout == ""
     assert err.failure_reason == "timeout"
     assert str(err) == "job j1 failed (timeout)"
