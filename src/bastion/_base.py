@@ -383,14 +383,33 @@ def map_http_error(exc: httpx.HTTPError) -> BastionError:
 
     Timeouts become :class:`APITimeoutError`; every other failure to send a request
     or read a response (refused, reset, protocol and decoding errors) becomes
-    :class:`APIConnectionError`.
+    :class:`APIConnectionError`.  The message names the server and the request tried
+    (``cannot reach the Bastion server at http://localhost:8080 (GET /v1/sessions):
+    [Errno 111] Connection refused``): a wrong ``base_url`` or ``$BASTION_URL`` is the
+    usual cause, and nothing else would show which one was used.
     """
     detail = str(exc) or type(exc).__name__
+    server, tried = _request_tried(exc)
     if isinstance(exc, httpx.TimeoutException):
-        return APITimeoutError(f"request timed out: {detail}")
+        return APITimeoutError(f"request to the Bastion server{server} timed out{tried}: {detail}")
+    if isinstance(exc, httpx.ConnectError):
+        return APIConnectionError(f"cannot reach the Bastion server{server}{tried}: {detail}")
     if isinstance(exc, httpx.RequestError):
-        return APIConnectionError(f"connection to the Bastion server failed: {detail}")
-    return BastionError(f"HTTP error: {detail}")
+        return APIConnectionError(
+            f"connection to the Bastion server{server} failed{tried}: {detail}"
+        )
+    return BastionError(f"HTTP error{tried}: {detail}")
+
+
+def _request_tried(exc: httpx.HTTPError) -> tuple[str, str]:
+    """``(" at ORIGIN", " (METHOD PATH)")`` of the request that failed, or two ``""``."""
+    try:
+        request = exc.request
+    except RuntimeError:  # raised without a request (only by hand-made transports)
+        return "", ""
+    url = request.url
+    origin = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    return f" at {origin}", f" ({request.method} {url.path})"
 
 
 @contextmanager

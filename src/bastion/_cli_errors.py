@@ -161,8 +161,8 @@ def error_code(exc: BaseException) -> str:
 
 def error_message(exc: BaseException, base_url: str | None = None) -> str:
     if isinstance(exc, APIConnectionError) and not isinstance(exc, TimeoutError):
-        # The SDK's message for a failed connect; other connection errors (a stream
-        # cut short) say what happened themselves.
+        # The SDK's message names the server and the request it tried; this older
+        # form (an httpx error raised without its request) gets the server named here.
         prefix = "connection to the Bastion server failed: "
         if exc.message.startswith(prefix):
             where = f" at {base_url}" if base_url else ""

@@ -115,7 +115,7 @@ def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["sessions", "list"], handler) == 6  # ExitCode.CONNECTION
     err = capsys.readouterr().err
     assert err == (
-        "bastion: cannot reach the Bastion server at http://bastion.test: "
+        "bastion: cannot reach the Bastion server at http://bastion.test (GET /v1/sessions): "
         "connection refused (connection_error)\n"
     )
 

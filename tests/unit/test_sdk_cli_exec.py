@@ -150,8 +150,8 @@ def test_exec_unreachable_server_exits_125(capsys: pytest.CaptureFixture[str]) -
 
     assert run(["exec", "s1", "--", "ls"], handler) == 125
     assert capsys.readouterr().err == (
-        "bastion: cannot reach the Bastion server at http://bastion.test: "
-        "connection refused (connection_error)\n"
+        "bastion: cannot reach the Bastion server at http://bastion.test "
+        "(POST /v1/sessions/s1/jobs): connection refused (connection_error)\n"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import pickle
 from collections.abc import Callable, Iterator
@@ -333,6 +334,49 @@ def test_transport_errors_are_translated(
     assert info.value.__cause__ is raised
     if expected is APITimeoutError:
         assert isinstance(info.value, TimeoutError)
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (
+            httpx.ConnectError("[Errno 111] Connection refused"),
+            "cannot reach the Bastion server at {at} ({tried}): [Errno 111] Connection refused",
+        ),
+        (
+            httpx.ReadError("reset"),
+            "connection to the Bastion server at {at} failed ({tried}): reset",
+        ),
+        (
+            httpx.ReadTimeout(""),
+            "request to the Bastion server at {at} timed out ({tried}): ReadTimeout",
+        ),
+    ],
+)
+def test_connection_errors_name_the_url_tried(raised: httpx.TransportError, message: str) -> None:
+    """A wrong base_url / $BASTION_URL shows in the message (sync and async clients)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    async def async_handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    url = "http://bastion.test:9999/prefix"
+    expected = message.format(at="http://bastion.test:9999", tried="GET /prefix/v1/sessions")
+    with Bastion(url, transport=httpx.MockTransport(handler), max_retries=0) as client:
+        with pytest.raises(bastion.APIConnectionError) as info:
+            client.sessions.list()
+    assert str(info.value) == expected
+
+    async def run() -> bastion.APIConnectionError:
+        transport = httpx.MockTransport(async_handler)
+        async with bastion.AsyncBastion(url, transport=transport, max_retries=0) as client:
+            with pytest.raises(bastion.APIConnectionError) as info:
+                await client.sessions.list()
+        return info.value
+
+    assert str(asyncio.run(run())) == expected
 
 
 def test_unreachable_server_is_a_connection_error() -> None:
