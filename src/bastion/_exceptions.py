@@ -8,9 +8,10 @@ value, or ``None`` when the failure did not come from an error response) and the
     BastionError
     ├── APIConnectionError            server unreachable, connection dropped mid-request
     │   └── APITimeoutError           [TimeoutError] connect/read/write/pool timeout
-    ├── AuthenticationError           unauthorized (401, 403)
+    ├── AuthenticationError           unauthorized, forbidden_host (401, 403)
     ├── InvalidRequestError           invalid_request, malformed_json, method_not_allowed,
-    │                                 limit_exceeded, any other 4xx
+    │                                 limit_exceeded, request_too_large, request_timeout,
+    │                                 too_many_requests, any other 4xx
     ├── NotFoundError                 not_found (unknown URL); base of the two *NotFound below
     ├── ServerError                   internal_error, other 5xx, non-JSON error pages
     ├── SessionError                  any session_* code, whatever the operation

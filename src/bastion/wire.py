@@ -59,6 +59,14 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     MALFORMED_JSON = "malformed_json"
     UNAUTHORIZED = "unauthorized"
+    #: A keyless server was asked under a ``Host`` (or ``Origin``) that is not loopback.
+    FORBIDDEN_HOST = "forbidden_host"
+    #: A JSON body over the server's ``--max-json-bytes``.
+    REQUEST_TOO_LARGE = "request_too_large"
+    #: The request body stopped arriving for ``--body-timeout`` seconds.
+    REQUEST_TIMEOUT = "request_timeout"
+    #: The key (or the server) has as many requests in flight as it may.
+    TOO_MANY_REQUESTS = "too_many_requests"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
@@ -86,6 +94,10 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.MALFORMED_JSON: 400,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN_HOST: 403,
+    ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.REQUEST_TIMEOUT: 408,
+    ErrorCode.TOO_MANY_REQUESTS: 429,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.INTERNAL_ERROR: 500,
