@@ -147,6 +147,51 @@ def register_serve(subparsers: Any) -> None:
         default=_env("BASTION_NO_NETWORK", "") not in ("", "0"),
         help="refuse sessions that ask for outbound network (BASTION_NO_NETWORK=1)",
     )
+    limits = p.add_argument_group(
+        "request-level limits", "see docs/SECURITY.md, section Request-level limits"
+    )
+    limits.add_argument(
+        "--max-json-bytes",
+        type=int,
+        default=int(_env("BASTION_MAX_JSON_BYTES", str(1024**2))),
+        help="largest JSON request body; larger ones get 413 (BASTION_MAX_JSON_BYTES; "
+        "default 1 MiB; uploads have --max-upload-bytes)",
+    )
+    limits.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=int(_env("BASTION_MAX_JSON_DEPTH", "64")),
+        help="deepest nesting of arrays and objects in a JSON request body "
+        "(BASTION_MAX_JSON_DEPTH; default 64)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(_env("BASTION_HEADER_TIMEOUT", "10")),
+        help="seconds a connection has to send a request's line and headers before it "
+        "is closed (BASTION_HEADER_TIMEOUT; default 10)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=float(_env("BASTION_BODY_TIMEOUT", "30")),
+        help="seconds a request body may go without a byte arriving before it is "
+        "aborted with 408 (BASTION_BODY_TIMEOUT; default 30)",
+    )
+    limits.add_argument(
+        "--max-requests-per-key",
+        type=int,
+        default=int(_env("BASTION_MAX_REQUESTS_PER_KEY", "256")),
+        help="requests and terminals one API key may have in flight; more get 429 "
+        "(BASTION_MAX_REQUESTS_PER_KEY; default 256)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(_env("BASTION_MAX_CONNECTIONS", "0")),
+        help="open connections the server keeps; more are answered 429 and closed "
+        "(BASTION_MAX_CONNECTIONS; default 0: half the open-file limit)",
+    )
     p.add_argument(
         "--log-level",
         default=_env("BASTION_LOG_LEVEL", "info"),
@@ -174,6 +219,12 @@ def serve(args: argparse.Namespace) -> int:
         allow_network=not args.no_network,
         max_output_bytes=args.max_output_bytes,
         pool_size=args.pool_size,
+        max_json_bytes=args.max_json_bytes,
+        max_json_depth=args.max_json_depth,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_requests_per_key=args.max_requests_per_key,
+        max_connections=args.max_connections,
         max_limits=Limits(args.max_memory_mb, args.max_pids, args.max_cpus, args.max_disk_mb),
         default_limits=Limits(
             args.default_memory_mb, args.default_pids, args.default_cpus, args.default_disk_mb
@@ -201,12 +252,17 @@ def serve(args: argparse.Namespace) -> int:
     except (ImageError, HostNotReady) as exc:
         print(f"bastion serve: {exc}", file=sys.stderr)
         return 2
+    from bastion_server.api.connections import guarded_protocol
+
     app = create_app(config, runtime)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
+            # uvicorn has no header-read timeout and no hard connection cap: this
+            # subclass of its httptools protocol adds both.
+            http=guarded_protocol(config),
             log_config=None,
             access_log=False,
             lifespan="on",

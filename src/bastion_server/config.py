@@ -51,6 +51,20 @@ class ServerConfig:
     #: Longest a single ``/wait`` request is held open.
     max_wait_seconds: float = 60.0
     log_level: str = "info"
+    # Request-level limits (docs/SECURITY.md, "Request-level limits").
+    #: Largest JSON request body (uploads are not JSON: ``max_upload_bytes``).
+    max_json_bytes: int = 1024**2
+    #: Deepest nesting of arrays and objects a JSON request body may have.
+    max_json_depth: int = 64
+    #: Seconds a connection has to send a request's line and headers, from its opening
+    #: and again after each response.
+    header_timeout: float = 10.0
+    #: Seconds a request body may go without a byte arriving before it is aborted (408).
+    body_timeout: float = 30.0
+    #: Requests (terminals included) one API key may have in flight at once.
+    max_requests_per_key: int = 256
+    #: Open connections the server keeps at once; 0: half the process's open-file limit.
+    max_connections: int = 0
 
     def check(self) -> None:
         """Refuse settings that would expose sandboxes to the network unauthenticated."""
@@ -70,8 +84,31 @@ class ServerConfig:
             and 16 <= d.disk_mb <= m.disk_mb
         ):
             raise ConfigError(f"default limits {d} must lie within the maxima {m}")
+        for name in ("max_json_bytes", "max_json_depth", "max_requests_per_key"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be more than 0 seconds, not {getattr(self, name)}")
+        if self.max_connections < 0:
+            raise ConfigError(
+                f"max_connections must be 0 (automatic) or more, not {self.max_connections}"
+            )
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+
+
+def connection_cap(configured: int) -> int:
+    """``max_connections`` as used: 0 means half the soft open-file limit, leaving the
+    other half to sandboxes' pipes, log files and the store."""
+    if configured:
+        return configured
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(soft // 2, 16)
 
 
 def _is_loopback(host: str) -> bool:
