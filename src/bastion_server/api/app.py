@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bastion.wire import API_PREFIX, HealthInfo
 from bastion_server import __version__
 from bastion_server.api import errors, files, jobs, sessions, terminal
+from bastion_server.api.bodies import BodyLimits
+from bastion_server.api.guard import RequestGuard
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import Runtime
 from bastion_server.service.container import Services
@@ -84,5 +86,9 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         """Liveness: answers without authentication."""
         return {"status": "ok", "version": __version__, "runtime": config.runtime}
 
+    # Outermost last: the log sees every answer, the guard (key, Host, per-key share)
+    # runs before any body is read, and bodies are bounded before FastAPI parses them.
+    app.add_middleware(BodyLimits, config=config)
+    app.add_middleware(RequestGuard, config=config)
     app.add_middleware(RequestLog)
     return app
