@@ -115,6 +115,13 @@ class Runtime(abc.ABC):
     ) -> None:
         """Run the sandbox; with an enabled ``network`` it also gets outbound access."""
 
+    async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
+        """Check a running sandbox's network (adopted after a server restart) against its
+        policy and put back what is missing; raise if that cannot be done (the caller
+        then stops the sandbox).  Nothing to do for a runtime without network."""
+        if network.enabled:
+            raise SandboxError(f"{self.name} cannot restore a sandbox's network")
+
     @abc.abstractmethod
     async def stop(self, session_id: str) -> None:
         """Kill every process; the sandbox's own files are kept."""

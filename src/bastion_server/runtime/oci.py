@@ -408,6 +408,10 @@ class OciRuntime(Runtime):
             f"sandbox agent did not start within {AGENT_START_TIMEOUT}s: {log_tail.strip()}"
         )
 
+    async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
+        if network.enabled:
+            await self.network.restore(session_id, await self._pid(session_id), network)
+
     async def stop(self, session_id: str) -> None:
         await self.network.detach(session_id)
         self._prestarted.discard(session_id)
@@ -472,6 +476,7 @@ class OciRuntime(Runtime):
                 await self._pool_filler
         while self._pool:
             await self.delete(self._pool.pop())
+        await self.network.close()
 
     async def usage(self, session_id: str) -> SandboxUsage:
         cgroup = f"{self.cgroup_parent}/{self._container(session_id)}"

@@ -392,15 +392,41 @@ class SessionService:
     async def reconcile(self) -> None:
         """Make records and sandboxes agree after a (re)start of the server.
 
-        A session recorded as running whose sandbox still runs is adopted as it is; one
-        whose sandbox is gone is marked stopped (its files are kept).  A sandbox running
-        for a session recorded as stopped is stopped; one that no live record owns is
-        removed.
+        A session recorded as running whose sandbox still runs is adopted, once its
+        network (rules and helper) is checked against its recorded policy and put back
+        where missing: one whose network cannot be restored is stopped, never left
+        running open.  One whose sandbox is gone is marked stopped (its files are kept).
+        A sandbox running for a session recorded as stopped is stopped; one that no live
+        record owns is removed.
         """
         running_now = await self.runtime.running_sandboxes()
         for record in self.store.list_sessions():
             running = record.id in running_now
             if record.status == SessionStatus.RUNNING and running:
+                policy = NetworkPolicy(
+                    enabled=bool(record.network.get("enabled")),
+                    allow=tuple(record.network.get("allow") or ()),
+                )
+                try:
+                    await self.runtime.restore_network(record.id, policy)
+                except Exception as exc:  # any failure: the sandbox must not stay up
+                    log.error(
+                        "session network not restored",
+                        extra={"session_id": record.id, "error": str(exc)},
+                    )
+                    try:
+                        await self.runtime.stop(record.id)
+                    except Exception as stop_exc:  # recorded stopped: the next start retries
+                        log.error(
+                            "session stop failed",
+                            extra={"session_id": record.id, "error": str(stop_exc)},
+                        )
+                    self._set_status(
+                        record,
+                        SessionStatus.STOPPED,
+                        f"its network could not be restored when the server started: {exc}",
+                    )
+                    continue
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
             if record.status == SessionStatus.RUNNING or running:
