@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from ._local_files import UploadBody
 
 #: Kept equal to ``project.version`` in pyproject.toml (a unit test checks).
-__version__ = "0.1.0"
+__version__ = "1.1.0"
 
 DEFAULT_BASE_URL = "http://localhost:8080"
 ENV_BASE_URL = "BASTION_URL"

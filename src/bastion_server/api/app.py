@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import API_PREFIX, HealthInfo
 from bastion_server import __version__
-from bastion_server.api import errors, files, jobs, sessions, terminal
+from bastion_server.api import errors, files, jobs, sdk_index, sessions, terminal
 from bastion_server.api.bodies import BodyLimits
 from bastion_server.api.guard import RequestGuard
 from bastion_server.config import ServerConfig
@@ -78,7 +78,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     )
     app.state.config = config
     errors.install(app)
-    for module in (sessions, jobs, files, terminal):
+    for module in (sessions, jobs, files, terminal, sdk_index):
         app.include_router(module.router)
 
     @app.get(f"{API_PREFIX}/health", response_model=HealthInfo, tags=["service"])
