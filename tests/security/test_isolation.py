@@ -25,11 +25,11 @@ from tests.conftest import ServerProcess
 from tests.security.helpers import Sessions, pid_holder, py, sh, sh_status
 
 from bastion import Bastion, JobFailedError
+from bastion_server.runtime.idmap import FIRST_BASE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SANDBOX_UID = 1000
-HOST_ID_SHIFT = 100000
 #: The agent's command line: the static C agent, or the Python one where no compiler was.
 AGENT_CMDLINES = {
     "/run/bastion-agent/bastion-agent",
@@ -124,11 +124,13 @@ def test_user_namespace_maps_sandbox_root_to_unprivileged_host_id(
     uid_map, gid_map = out.split("--\n")
     for table in (uid_map, gid_map):
         rows = [tuple(int(x) for x in line.split()) for line in table.strip().splitlines()]
-        # exactly one range: container 0.. -> host 100000.., never host 0
-        assert rows == [(0, HOST_ID_SHIFT, 65536)], rows
+        # exactly one range: container 0.. -> the session's own host range, never host 0
+        assert len(rows) == 1 and rows[0][0] == 0 and rows[0][2] == 65536, rows
+        assert rows[0][1] >= FIRST_BASE, rows
+        base = rows[0][1]
         for _inside, outside, count in rows:
             assert not (outside <= 0 < outside + count), "host root is mapped into the sandbox"
-    # Seen from the host, the job's process runs as host uid 100000 + 1000.
+    # Seen from the host, the job's process runs as host uid base + 1000.
     tag = f"{secrets.randbelow(10**6)}.{secrets.randbelow(10**6) + 1}"
     job = client.jobs.run(shared_sid, ["sleep", tag], timeout=30)
     try:
@@ -144,7 +146,7 @@ def test_user_namespace_maps_sandbox_root_to_unprivileged_host_id(
                 except (OSError, IndexError):
                     continue
             time.sleep(0.05)
-        assert uids == [str(HOST_ID_SHIFT + SANDBOX_UID)] * 4, uids
+        assert uids == [str(base + SANDBOX_UID)] * 4, uids
     finally:
         with contextlib.suppress(JobFailedError):
             client.jobs.run_and_wait(shared_sid, ["pkill", "-x", "sleep"], wait_timeout=30)
@@ -244,7 +246,7 @@ def test_server_data_dir_is_not_in_the_sandbox(
     assert code != 0 and "No such file or directory" in err, (out, err)
     # Only the agent's own read-only copy is shared: no database, logs or other sessions.
     listing = sh(client, shared_sid, "ls -A /run/bastion-agent").split()
-    assert listing and set(listing) <= {"agent.py", "bastion-agent"}
+    assert listing and set(listing) <= {"agent.py", "bastion-agent", "resolv.conf"}
 
 
 # --------------------------------------------------------------------------- network

@@ -15,6 +15,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 
 _V2_CONTROLLER_FILES = (
@@ -66,6 +67,43 @@ def loop_devices_backing(image: str) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def mount_image(image: str, target: str, fstype: str, flags: int = 0, wait: float = 5.0) -> None:
+    """Mount a filesystem image, never as two filesystems at once.
+
+    An image still bound to a loop device (its previous mount is going away, or a
+    copy of the mount namespace some host process made still holds it) is mounted
+    through that same device: the kernel hands back the same superblock, so there is
+    one filesystem with two mounts, never two that would overwrite each other.  Only
+    when no device holds it is a fresh one bound.  Blocks (up to ``wait``) only
+    while a device is between "unmounted" and "released": call it off the event loop.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        devices = loop_devices_backing(image)
+        if not devices:
+            mount_loop(image, target, fstype, flags=flags)
+            return
+        for device in devices:
+            try:
+                fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue  # released meanwhile
+            try:
+                # Holding it open, it cannot be rebound: is it still this image's?
+                if device not in loop_devices_backing(image):
+                    continue
+                mount(f"/proc/self/fd/{fd}", target, fstype, "", flags)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENXIO, errno.ENODEV, errno.EBUSY, errno.EINVAL):
+                    raise
+            finally:
+                os.close(fd)
+        if time.monotonic() > deadline:
+            raise OSError(errno.EBUSY, f"{image} is held by a loop device that does not let go")
+        time.sleep(0.005)
 
 
 def fix_hybrid_cgroups() -> bool:

@@ -2,11 +2,18 @@
 
 Each session owns a directory under ``<data_dir>/sessions/<id>/``::
 
-    upper/  work/   the overlay's writable layer: the session's own files (kept on stop)
-    rootfs/         the overlay mount point: image (read-only lower) + upper
+    disk.img        the writable layer: an ext4 image of the session's disk size
+    layer/          its mount point; upper/ and work/ in it are the overlay's
+    rootfs/         the overlay mount point: image (read-only, idmapped lower) + upper
     bundle/         the OCI bundle (config.json) handed to the runtime
-    run/            bind-mounted at /run/bastion: the agent's socket (mode 0700)
+    run/            a small tmpfs bind-mounted at /run/bastion: the agent's socket
+    id-range        the session's own host id range (see idmap.py)
     agent.log       the agent's stderr
+
+The session directory belongs to the session's own root (its range's first id) with
+mode 0700: no other host user, and no other session, can look into it.  Nothing the
+sandbox sees names a host path: the overlay's layers are given as ``/proc/self/fd``
+paths and every bind-mount source is the root of a filesystem of its own.
 
 Everything the sandbox is allowed (namespaces, id mappings, limits, capabilities,
 masked paths, rlimits) is written into ``config.json``; the OCI runtime enforces it.
@@ -23,14 +30,13 @@ import os
 import resource
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bastion_server.runtime import agent as agent_module
-from bastion_server.runtime import host, seccomp
-from bastion_server.runtime.agent_build import AgentBuildError, build_agent
+from bastion_server.runtime import host, idmap, seccomp
+from bastion_server.runtime.agent_build import BINARY_NAME, AgentBuildError, build_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -41,15 +47,19 @@ from bastion_server.runtime.base import (
     SandboxNotRunning,
     SandboxUsage,
 )
+from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
 
 log = logging.getLogger("bastion.runtime")
 
-#: Container uid/gid 0..ID_RANGE-1 map to host ids starting here (the image is built
-#: with its ownership shifted by the same amount).
-ID_RANGE = 65536
+#: Container uid/gid 0..ID_RANGE-1 map to the session's own host id range.
+ID_RANGE = idmap.RANGE_SIZE
 AGENT_DIR_IN_SANDBOX = "/run/bastion-agent"
+#: Runtimes known to join a user namespace made ahead (one the session's own root
+#: owns).  runc 1.1 then fails to set rlimits, so it makes its own, owned by host root:
+#: its sessions still have their own id ranges, but share the per-owner counters.
+JOINS_USER_NAMESPACE = frozenset({"crun"})
 AGENT_START_TIMEOUT = 15.0
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Root of the user namespace (the agent) keeps only what it needs to start jobs as the
@@ -107,6 +117,7 @@ class OciRuntime(Runtime):
         *,
         pool_size: int = 0,
         pool_limits: SandboxLimits | None = None,
+        id_ranges: IdRangeRegistry | None = None,
     ) -> None:
         self.name = binary
         self.data_dir = data_dir
@@ -115,7 +126,11 @@ class OciRuntime(Runtime):
         self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
         self.agent_source = data_dir / "agent" / "agent.py"
-        self.resolv_conf = data_dir / "sandbox-etc" / "resolv.conf"
+        #: A small tmpfs of this server's: what every sandbox bind-mounts read-only (the
+        #: agent, resolv.conf).  Being a filesystem's root, it shows no host path inside.
+        self.share_dir = Path(self.state_root) / "share"
+        self.resolv_conf = self.share_dir / "resolv.conf"
+        self.id_ranges = id_ranges or IdRangeRegistry()
         self._agent_binary: Path | None = None
         self._prepared = False
         # Warm pool: sandboxes started ahead of need (default limits, no network), handed
@@ -187,10 +202,6 @@ class OciRuntime(Runtime):
         # A private copy of the agent: the sandbox never sees the server's install tree.
         self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
         os.chmod(self.agent_source.parent, 0o755)
-        # The sandbox's resolver: slirp4netns answers DNS at 10.0.2.3 (with network on).
-        self.resolv_conf.parent.mkdir(mode=0o755, exist_ok=True)
-        self.resolv_conf.write_text("nameserver 10.0.2.3\n")
-        os.chmod(self.resolv_conf, 0o644)
         source = Path(agent_module.__file__).read_bytes()
         if not self.agent_source.exists() or self.agent_source.read_bytes() != source:
             temp = self.agent_source.with_suffix(".tmp")
@@ -204,7 +215,33 @@ class OciRuntime(Runtime):
         except AgentBuildError as exc:
             self._agent_binary = None
             log.warning("using the Python agent: %s", exc)
+        self._fill_share()
         self._prepared = True
+
+    def _fill_share(self) -> None:
+        """Mount (once per boot) and fill the tmpfs every sandbox bind-mounts."""
+        self.share_dir.mkdir(mode=0o755, exist_ok=True)
+        if not os.path.ismount(self.share_dir):
+            host.mount(
+                "bastion", str(self.share_dir), "tmpfs", "mode=0755,size=16m",
+                host.MS_NOSUID | host.MS_NODEV,
+            )  # fmt: skip
+        os.chmod(self.share_dir, 0o755)
+        # The sandbox's resolver: slirp4netns answers DNS at 10.0.2.3 (with network on).
+        files = {
+            "resolv.conf": b"nameserver 10.0.2.3\n",
+            "agent.py": self.agent_source.read_bytes(),
+        }
+        if self._agent_binary is not None:
+            files[self._agent_binary.name] = self._agent_binary.read_bytes()
+        for name, data in files.items():
+            target = self.share_dir / name
+            if target.exists() and target.read_bytes() == data:
+                continue
+            temp = self.share_dir / f".{name}.tmp"
+            temp.write_bytes(data)
+            os.chmod(temp, 0o755 if name == BINARY_NAME else 0o644)
+            temp.replace(target)
 
     @staticmethod
     def _check_reachable(path: Path) -> None:
@@ -253,24 +290,35 @@ class OciRuntime(Runtime):
             return
         await self._allocate(session_id, limits)
 
+    def id_range(self, session_id: str) -> IdRange:
+        """The session's host ids; a session made by an older server has none of its
+        own and uses the image's (shared) range."""
+        return IdRangeRegistry.recorded(self._dir(session_id)) or IdRange(self.image.uid_shift)
+
     async def _allocate(self, session_id: str, limits: SandboxLimits) -> None:
-        base = self._dir(session_id)
-        for sub in ("layer", "rootfs", "bundle", "run"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o711)
-        # Only the sandbox's root (the agent) may reach its socket, not the sandbox user.
-        os.chown(base / "run", self.image.uid_shift, self.image.uid_shift)
-        os.chmod(base / "run", 0o700)
+        await asyncio.to_thread(self._make_dir, self._dir(session_id), limits.disk_mb)
         # The writable layer lives in a filesystem of its own (a sparse file): writing
         # past the session's disk limit fails with ENOSPC inside the sandbox and takes
         # nothing from anyone else.  Its root belongs to the sandbox's root.
-        disk = base / "disk.img"
-        with open(disk, "wb") as f:
-            f.truncate(limits.disk_mb * 1024 * 1024)
-        await self._mkfs(disk)
+        disk = self._dir(session_id) / "disk.img"
+        await self._mkfs(disk, self.id_range(session_id))
 
-    async def _mkfs(self, disk: Path) -> None:
-        shift = self.image.uid_shift
+    def _make_dir(self, base: Path, disk_mb: int) -> None:
+        base.mkdir(mode=0o700)
+        rng = self.id_ranges.take(base)
+        for sub in ("layer", "rootfs", "bundle", "run"):
+            (base / sub).mkdir(mode=0o700)
+        fd = os.open(base / "disk.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, disk_mb * 1024 * 1024)
+        finally:
+            os.close(fd)
+        # The session's own root may walk into its directory (to its root filesystem
+        # and bind-mount sources); no other host user and no other session may.
+        os.chown(base, rng.base, rng.base)
+
+    async def _mkfs(self, disk: Path, rng: IdRange) -> None:
+        shift = rng.base
         proc = await asyncio.to_thread(
             subprocess.run,
             [
@@ -291,18 +339,22 @@ class OciRuntime(Runtime):
         if proc.returncode != 0:
             raise SandboxError(f"mkfs.ext4 failed: {proc.stdout.decode(errors='replace').strip()}")
 
-    def _mount_layers(self, base: Path) -> None:
-        layer, rootfs = base / "layer", base / "rootfs"
+    def _prepare_start(self, base: Path, rng: IdRange) -> UserNamespace | None:
+        """Mounts, and the user namespace the sandbox will join (blocking).
+
+        The namespace is created by the session's own root (so the kernel's per-owner
+        counters are the session's alone) and maps container ids onto its range.
+        """
+        self._mount_layers(base, rng)
+        if os.path.basename(self._binary) not in JOINS_USER_NAMESPACE:
+            return None
+        return UserNamespace(rng.base, f"0 {rng.base} {ID_RANGE}\n")
+
+    def _mount_layers(self, base: Path, rng: IdRange) -> None:
+        """Mount the session's disk, its overlay root and its run directory (blocking)."""
+        layer, rootfs, run = base / "layer", base / "rootfs", base / "run"
         if not os.path.ismount(layer):
-            # Never mount the disk while an earlier mount of it is still going away:
-            # two live mounts of one ext4 image would lose writes.
-            for _ in range(500):
-                if not host.loop_devices_backing(str(base / "disk.img")):
-                    break
-                time.sleep(0.01)
-            else:
-                raise SandboxError("the session's disk is still held by its previous run")
-            host.mount_loop(
+            host.mount_image(
                 str(base / "disk.img"), str(layer), "ext4", flags=host.MS_NOSUID | host.MS_NODEV
             )
         for sub in ("upper", "work"):
@@ -310,15 +362,50 @@ class OciRuntime(Runtime):
             if not path.is_dir():
                 path.mkdir()
                 # The merged root takes the upper layer's owner: the sandbox's root.
-                os.chown(path, self.image.uid_shift, self.image.uid_shift)
+                os.chown(path, rng.base, rng.base)
                 os.chmod(path, 0o755)
+        # ... and its mode: "/" is like /tmp (sticky, open to all), so the sandbox user
+        # (and the files API, acting as that user) may put files at the top, as the
+        # product page does with "/main.py", yet not move or remove root's /etc, /proc...
+        os.chmod(layer / "upper", 0o1777)
         if not os.path.ismount(rootfs):
+            self._mount_overlay(rootfs, layer, rng)
+        if not os.path.ismount(run):
+            # Only the sandbox's root (the agent) may reach its socket.
             host.mount(
-                "overlay",
-                str(rootfs),
-                "overlay",
-                f"lowerdir={self.image.rootfs},upperdir={layer / 'upper'},workdir={layer / 'work'}",
-            )
+                "bastion", str(run), "tmpfs",
+                f"mode=0700,uid={rng.base},gid={rng.base},size=64k,nr_inodes=64",
+                host.MS_NOSUID | host.MS_NODEV | host.MS_NOEXEC,
+            )  # fmt: skip
+
+    def _mount_overlay(self, rootfs: Path, layer: Path, rng: IdRange) -> None:
+        """The image (seen through the session's ids) under the session's own layer.
+
+        Layers are named by ``/proc/self/fd`` paths, so the mount's options (which the
+        sandbox can read in its mountinfo) show no host path.
+        """
+        fds: list[int] = []
+        try:
+            if rng.base == self.image.uid_shift:
+                lower = os.open(self.image.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            else:
+                userns = UserNamespace(0, f"{self.image.uid_shift} {rng.base} {ID_RANGE}\n")
+                try:
+                    ns_fd = userns.open()
+                    try:
+                        lower = idmap.idmapped_tree(self.image.rootfs, ns_fd)
+                    finally:
+                        os.close(ns_fd)
+                finally:
+                    userns.close()
+            fds.append(lower)
+            for sub in ("upper", "work"):
+                fds.append(os.open(layer / sub, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            options = "lowerdir=/proc/self/fd/{},upperdir=/proc/self/fd/{},workdir=/proc/self/fd/{}"
+            host.mount("overlay", str(rootfs), "overlay", options.format(*fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
@@ -335,19 +422,24 @@ class OciRuntime(Runtime):
         base = self._dir(session_id)
         if not (base / "disk.img").is_file():
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
-        await asyncio.to_thread(self._mount_layers, base)
-        config = self._config(session_id, limits)
-        (base / "bundle" / "config.json").write_text(json.dumps(config))
+        rng = self.id_range(session_id)
         try:
-            os.unlink(self.socket_path(session_id))
-        except FileNotFoundError:
-            pass
-        code, reason = await self._run_container(session_id, base)
-        if code != 0 and "exist" in reason:
-            # A leftover container of the same name (a crash between start and record):
-            # remove it and try once more, rather than paying a delete on every start.
-            await self._run("delete", "--force", self._container(session_id), check=False)
+            userns = await asyncio.to_thread(self._prepare_start, base, rng)
+        except OSError as exc:
+            await self.stop(session_id)
+            raise SandboxError(f"cannot prepare the sandbox's root: {exc}") from exc
+        try:
+            config = self._config(session_id, limits, rng, userns.path if userns else None)
+            (base / "bundle" / "config.json").write_text(json.dumps(config))
             code, reason = await self._run_container(session_id, base)
+            if code != 0 and "exist" in reason:
+                # A leftover container of that name (a crash between start and record):
+                # remove it and try once more, rather than paying a delete every start.
+                await self._run("delete", "--force", self._container(session_id), check=False)
+                code, reason = await self._run_container(session_id, base)
+        finally:
+            if userns is not None:
+                await asyncio.to_thread(userns.close)
         if code != 0:
             await self.stop(session_id)
             raise SandboxError(f"{self._binary} run failed: {reason or f'exit status {code}'}")
@@ -416,16 +508,22 @@ class OciRuntime(Runtime):
         await self.network.detach(session_id)
         self._prestarted.discard(session_id)
         await self._run("delete", "--force", self._container(session_id), check=False)
-        base = self._dir(session_id)
-        for mountpoint in (base / "rootfs", base / "layer"):
+        await asyncio.to_thread(self._unmount, self._dir(session_id))
+
+    @staticmethod
+    def _unmount(base: Path) -> None:
+        for mountpoint in (base / "rootfs", base / "layer", base / "run"):
             if os.path.ismount(mountpoint):
                 host.umount(str(mountpoint))
 
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
         base = self._dir(session_id)
+        rng = IdRangeRegistry.recorded(base)
         if base.exists():
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+        if rng is not None and not base.exists():
+            await asyncio.to_thread(self.id_ranges.release, rng, base)
         self._containers.pop(session_id, None)
 
     # -- warm pool ------------------------------------------------------------------
@@ -434,6 +532,9 @@ class OciRuntime(Runtime):
         """Hand a pooled, running sandbox to a new session (a rename, no process work)."""
         name = self._pool.pop()
         os.rename(self._dir(name), self._dir(session_id))
+        rng = IdRangeRegistry.recorded(self._dir(session_id))
+        if rng is not None:
+            self.id_ranges.moved(rng, self._dir(session_id))
         (self._dir(session_id) / "container").write_text(name)
         self._containers[session_id] = name
         self._prestarted.add(session_id)
@@ -577,22 +678,91 @@ class OciRuntime(Runtime):
         rootfs = self._dir(session_id) / "rootfs"
         if not os.path.ismount(rootfs):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        rng = self.id_range(session_id)
         return SandboxFS(
             str(rootfs),
-            self.image.uid_shift + self.image.sandbox_uid,
-            self.image.uid_shift + self.image.sandbox_gid,
+            user=(rng.host(self.image.sandbox_uid), rng.host(self.image.sandbox_gid)),
+            superuser=(rng.base, rng.base),
+            protected=self.protected_paths,
         )
 
     # -- the OCI config -------------------------------------------------------------
 
     def _agent_args(self) -> list[str]:
         if self._agent_binary is not None:
-            return [f"{AGENT_DIR_IN_SANDBOX}/{self._agent_binary.name}"]
+            return [f"{AGENT_DIR_IN_SANDBOX}/{BINARY_NAME}"]
         return ["/usr/bin/python3", "-I", "-S", f"{AGENT_DIR_IN_SANDBOX}/agent.py"]
 
-    def _config(self, session_id: str, limits: SandboxLimits) -> dict[str, Any]:
+    def _mounts(self, base: Path) -> list[dict[str, Any]]:
+        """What the sandbox has mounted over its root filesystem."""
+        return [
+            {
+                "destination": "/proc",
+                "type": "proc",
+                "source": "proc",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+            {
+                "destination": AGENT_DIR_IN_SANDBOX,
+                "type": "bind",
+                "source": str(self.share_dir),
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            },
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": str(self.resolv_conf),
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+            },
+            {
+                "destination": agent_module.SOCKET_DIR,
+                "type": "bind",
+                "source": str(base / "run"),
+                "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
+            },
+        ]
+
+    @property
+    def protected_paths(self) -> tuple[str, ...]:
+        """The sandbox's mount points: the files API must never remove or replace
+        them (or what is above them), or the sandbox would lose them."""
+        return tuple(m["destination"] for m in self._mounts(Path("/")))
+
+    def _config(
+        self, session_id: str, limits: SandboxLimits, rng: IdRange, userns: str | None
+    ) -> dict[str, Any]:
         base = self._dir(session_id)
-        shift = self.image.uid_shift
+        shift = rng.base
         nofile = min(8192, host.hard_limit(resource.RLIMIT_NOFILE))
         memory = limits.memory_mb * 1024 * 1024
         period = 100_000
@@ -620,67 +790,13 @@ class OciRuntime(Runtime):
             },
             "root": {"path": str(base / "rootfs"), "readonly": False},
             "hostname": "sandbox",
-            "mounts": [
-                {
-                    "destination": "/proc",
-                    "type": "proc",
-                    "source": "proc",
-                    "options": ["nosuid", "noexec", "nodev"],
-                },
-                {
-                    "destination": "/dev",
-                    "type": "tmpfs",
-                    "source": "tmpfs",
-                    "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-                },
-                {
-                    "destination": "/dev/pts",
-                    "type": "devpts",
-                    "source": "devpts",
-                    "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
-                },
-                {
-                    "destination": "/dev/shm",
-                    "type": "tmpfs",
-                    "source": "shm",
-                    "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-                },
-                {
-                    "destination": "/dev/mqueue",
-                    "type": "mqueue",
-                    "source": "mqueue",
-                    "options": ["nosuid", "noexec", "nodev"],
-                },
-                {
-                    "destination": "/sys",
-                    "type": "sysfs",
-                    "source": "sysfs",
-                    "options": ["nosuid", "noexec", "nodev", "ro"],
-                },
-                {
-                    "destination": AGENT_DIR_IN_SANDBOX,
-                    "type": "bind",
-                    "source": str(self.agent_source.parent),
-                    "options": ["rbind", "ro", "nosuid", "nodev"],
-                },
-                {
-                    "destination": "/etc/resolv.conf",
-                    "type": "bind",
-                    "source": str(self.resolv_conf),
-                    "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
-                },
-                {
-                    "destination": agent_module.SOCKET_DIR,
-                    "type": "bind",
-                    "source": str(base / "run"),
-                    "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
-                },
-            ],
+            "mounts": self._mounts(base),
             "linux": {
                 "uidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
                 "gidMappings": [{"containerID": 0, "hostID": shift, "size": ID_RANGE}],
                 "namespaces": [
-                    {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user", "cgroup")
+                    {"type": "user", **({"path": userns} if userns else {})},
+                    *({"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")),
                 ],
                 "cgroupsPath": f"{self.cgroup_parent}/{self._container(session_id)}",
                 "resources": {
@@ -702,6 +818,11 @@ class OciRuntime(Runtime):
                     "/proc/scsi",
                     "/sys/firmware",
                     "/sys/devices/virtual/powercap",
+                    # Loop devices name their backing files: other sessions' disks.
+                    "/sys/block",
+                    "/sys/class/block",
+                    "/sys/dev/block",
+                    "/sys/devices/virtual/block",
                 ],
                 "readonlyPaths": [
                     "/proc/bus",
