@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -298,6 +298,7 @@ _FILE_CODES: frozenset[str] = frozenset(
         ErrorCode.FILE_TOO_LARGE,
         ErrorCode.DISK_FULL,
         ErrorCode.FILE_OPERATION_FAILED,
+        ErrorCode.PERMISSION_DENIED,
     }
 )
 
@@ -567,10 +568,17 @@ def build_http_request(
     if request.body is not None:
         headers.update(request.body.headers)
         content = request.body.content()
+    url = request.url
+    if request.params:
+        # Encoded here, not by httpx: a path may name bytes that are not UTF-8 (a file
+        # listed with such a name carries them as lone surrogates, PEP 383), and they
+        # must reach the server as those very bytes.
+        url += "?" + urlencode(
+            [(k, v.encode("utf-8", "surrogateescape")) for k, v in request.params.items()]
+        )
     return http.build_request(
         request.method,
-        request.url,
-        params=request.params,
+        url,
         json=request.json,
         content=content,
         headers=headers,
@@ -691,20 +699,34 @@ def job_events_request(session_id: str, job_id: str, timeout: httpx.Timeout) -> 
     )
 
 
-def upload_request(session_id: str, path: str, body: UploadBody) -> APIRequest:
+def _file_params(path: str, user: str, **more: str) -> dict[str, str]:
+    params = {"path": path, **more}
+    if user != "user":
+        params["user"] = user
+    return params
+
+
+def upload_request(
+    session_id: str, path: str, body: UploadBody, *, mode: int | None = None, user: str = "user"
+) -> APIRequest:
     """``PUT .../files``: replaces the file, so idempotent when the body can be resent."""
+    if mode is not None and not (isinstance(mode, int) and 0 <= mode <= 0o777):
+        raise ValueError(f"mode must be permission bits between 0o000 and 0o777, not {mode!r}")
+    extra = {"mode": format(mode, "o")} if mode is not None else {}
     return APIRequest(
         "PUT",
         _session_url(session_id, "files"),
-        params={"path": path},
+        params=_file_params(path, user, **extra),
         body=body,
         file_op="upload",
         idempotent=body.buffered,
     )
 
 
-def delete_file_request(session_id: str, path: str, recursive: bool) -> APIRequest:
-    params = {"path": path}
+def delete_file_request(
+    session_id: str, path: str, recursive: bool, *, user: str = "user"
+) -> APIRequest:
+    params = _file_params(path, user)
     if recursive:
         params["recursive"] = "true"
     return APIRequest("DELETE", _session_url(session_id, "files"), params=params, file_op="delete")
@@ -722,18 +744,18 @@ def file_delete_recovered(
     return None
 
 
-def download_request(session_id: str, path: str) -> APIRequest:
+def download_request(session_id: str, path: str, *, user: str = "user") -> APIRequest:
     return APIRequest(
         "GET",
         _session_url(session_id, "files", "content"),
-        params={"path": path},
+        params=_file_params(path, user),
         file_op="download",
     )
 
 
-def list_files_request(session_id: str, path: str) -> APIRequest:
+def list_files_request(session_id: str, path: str, *, user: str = "user") -> APIRequest:
     return APIRequest(
-        "GET", _session_url(session_id, "files"), params={"path": path}, file_op="list"
+        "GET", _session_url(session_id, "files"), params=_file_params(path, user), file_op="list"
     )
 
 

@@ -49,6 +49,10 @@ FileType = Literal["file", "directory", "symlink", "other"]
 # --------------------------------------------------------------------------- errors
 
 
+#: Who a file operation acts as inside the session.
+FileUser = Literal["user", "root"]
+
+
 class ErrorCode(StrEnum):
     """Every machine-readable error code the server sends.
 
@@ -87,6 +91,7 @@ class ErrorCode(StrEnum):
     FILE_TOO_LARGE = "file_too_large"
     DISK_FULL = "disk_full"
     FILE_OPERATION_FAILED = "file_operation_failed"
+    PERMISSION_DENIED = "permission_denied"
 
 
 #: The HTTP status each error code is sent with.
@@ -115,6 +120,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FILE_TOO_LARGE: 413,
     ErrorCode.DISK_FULL: 507,
     ErrorCode.FILE_OPERATION_FAILED: 500,
+    ErrorCode.PERMISSION_DENIED: 403,
 }
 
 

@@ -999,7 +999,7 @@ def test_file_api_races_with_symlink_swaps_stay_inside(
 def test_hard_link_to_shadow_leaks_nothing_of_the_host(client: Bastion, sid: str) -> None:
     host_shadow = Path("/etc/shadow").read_bytes()
     host_first = host_shadow.splitlines()[0]
-    sandbox_shadow = client.files.download(sid, "/etc/shadow")
+    sandbox_shadow = client.files.download(sid, "/etc/shadow", user="root")
     assert sandbox_shadow.splitlines()[0] != host_first, "precondition: the two files differ"
     link = f"/home/user/h-{secrets.token_hex(4)}"
     code, _, err = sh_status(client, sid, f"ln /etc/shadow {link}")
@@ -1008,10 +1008,10 @@ def test_hard_link_to_shadow_leaks_nothing_of_the_host(client: Bastion, sid: str
             # fs.protected_hardlinks: no link to a file the user can neither read nor write.
             assert "Operation not permitted" in err, err
             with pytest.raises(FileError):
-                client.files.download(sid, link)
+                client.files.download(sid, link, user="root")
         else:
             # Were it allowed, the link could only name the sandbox's own file.
-            data = client.files.download(sid, link)
+            data = client.files.download(sid, link, user="root")
             assert data.splitlines()[0] != host_first, "the host's /etc/shadow came back"
             assert data == sandbox_shadow
         # Control: a hard link the user may make works, and the API follows it.

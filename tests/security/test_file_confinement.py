@@ -270,7 +270,7 @@ def test_root_symlink_leads_to_the_sandbox_root(
     # Mark the sandbox's /etc/hostname (the image copies the build host's name).
     marker = f"sandbox-{secrets.token_hex(6)}\n".encode()
     host_hostname = Path("/etc/hostname").read_bytes()
-    client.files.upload(sid, marker, "/etc/hostname")
+    client.files.upload(sid, marker, "/etc/hostname", user="root")
     assert sh(client, sid, "cat /etc/hostname").encode() == marker
     assert client.files.download(sid, f"{work}/rootlink/etc/hostname") == marker
     assert Path("/etc/hostname").read_bytes() == host_hostname
@@ -299,7 +299,7 @@ def test_relative_dotdot_symlink_is_clamped_at_the_sandbox_root(
         W=work,
     )
     marker = f"sandbox-{secrets.token_hex(6)}\n".encode()
-    client.files.upload(sid, marker, "/etc/hostname")
+    client.files.upload(sid, marker, "/etc/hostname", user="root")
     assert client.files.download(sid, f"{work}/uplink/hostname") == marker
     with pytest.raises(FileDownloadError) as info:
         client.files.download(sid, f"{work}/uphost/secret")
@@ -317,7 +317,7 @@ def test_magic_proc_links_do_not_lead_to_the_host(
         W=work,
     )
     marker = f"sandbox-{secrets.token_hex(6)}\n".encode()
-    client.files.upload(sid, marker, "/etc/hostname")
+    client.files.upload(sid, marker, "/etc/hostname", user="root")
     for link in ("m1", "m2", "m3"):
         with pytest.raises(FileDownloadError):
             client.files.download(sid, f"{work}/{link}{canary.secret_path}")
@@ -363,8 +363,8 @@ def test_symlink_to_etc_shadow_gives_the_sandbox_shadow(
 ) -> None:
     before = host_sha256("/etc/shadow")
     sh(client, sid, 'ln -s /etc/shadow "$W/shadowlink"', W=work)
-    via_link = client.files.download(sid, f"{work}/shadowlink")
-    assert via_link == client.files.download(sid, "/etc/shadow")
+    via_link = client.files.download(sid, f"{work}/shadowlink", user="root")
+    assert via_link == client.files.download(sid, "/etc/shadow", user="root")
     assert via_link != Path("/etc/shadow").read_bytes()
     # overwriting through the link replaces the link or the sandbox's shadow, never the host's
     client.files.upload(sid, b"x", f"{work}/shadowlink")
@@ -523,3 +523,155 @@ def test_delete_non_empty_directory_needs_recursive(client: Bastion, sid: str, w
     # the recursive delete did not follow the planted root link
     assert "passwd" in names(client, sid, "/etc")
     assert sh(client, sid, "ls /home/user").split().count(work.rsplit("/", 1)[1]) == 1
+
+
+# --------------------------------------------------------------------------- mount points
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/proc", "/run/bastion", "/run", "/etc/resolv.conf", "/etc", "/sys", "/dev", "/dev/null"],
+)
+@pytest.mark.parametrize("user", ["user", "root"])
+def test_mount_points_cannot_be_deleted(client: Bastion, sid: str, path: str, user: str) -> None:
+    with pytest.raises(FileDeleteError) as err:
+        client.files.delete(sid, path, recursive=True, user=user)  # type: ignore[arg-type]
+    assert err.value.code == "permission_denied"
+    # The sandbox still has them all, and the agent still answers.
+    out = sh(
+        client,
+        sid,
+        "test -r /proc/self/status && test -c /dev/null && test -s /etc/resolv.conf && echo ok",
+    )
+    assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/proc/x", "/sys/x", "/dev/x", "/run/bastion/agent.sock", "/etc/resolv.conf", "/proc/a/b"],
+)
+def test_mount_points_cannot_be_written(client: Bastion, sid: str, path: str) -> None:
+    with pytest.raises(FileUploadError) as err:
+        client.files.upload(sid, b"x", path, user="root")
+    assert err.value.code == "permission_denied"
+
+
+def test_mount_points_cannot_be_reached_through_a_symlink(
+    client: Bastion, sid: str, work: str
+) -> None:
+    sh(client, sid, 'ln -s / "$W/top"', W=work)
+    for path in ("top/proc", "top/run/bastion", "top/etc/resolv.conf"):
+        with pytest.raises(FileDeleteError) as err:
+            client.files.delete(sid, f"{work}/{path}", recursive=True, user="root")
+        assert err.value.code == "permission_denied", path
+    with pytest.raises(FileUploadError):
+        client.files.upload(sid, b"x", f"{work}/top/proc/planted", user="root")
+
+
+def test_a_timeout_still_kills_the_tree_after_attacks_on_mounts(client: Bastion, sid: str) -> None:
+    for path in ("/proc", "/run/bastion", "/etc/resolv.conf"):
+        with pytest.raises(FileDeleteError):
+            client.files.delete(sid, path, recursive=True, user="root")
+    with pytest.raises(JobFailedError) as err:
+        client.jobs.run_and_wait(
+            sid, ["sh", "-c", "sleep 300 & sleep 300"], timeout=2, wait_timeout=30
+        )
+    assert err.value.failure_reason == "timeout"
+    time.sleep(0.5)
+    assert sh(client, sid, "ps -eo comm= | grep -c '^sleep' || true").strip() == "0"
+
+
+def test_file_operations_act_as_the_sandbox_user(client: Bastion, sid: str, work: str) -> None:
+    before = client.files.download(sid, "/etc/passwd")
+    with pytest.raises(FileUploadError) as err:
+        client.files.upload(sid, b"root::0:0::/root:/bin/sh\n", "/etc/passwd")
+    assert err.value.code == "permission_denied"
+    assert client.files.download(sid, "/etc/passwd") == before
+    with pytest.raises(FileDownloadError) as denied:
+        client.files.download(sid, "/etc/shadow")
+    assert denied.value.code == "permission_denied"
+    with pytest.raises(FileDeleteError):
+        client.files.delete(sid, "/etc/hostname")
+    # What the user makes is the user's, as a job's files would be.
+    client.files.upload(sid, b"#!/bin/sh\necho run\n", f"{work}/tool", mode=0o755)
+    assert sh(client, sid, f'stat -c "%U %a" "{work}/tool" && "{work}/tool"').split() == [
+        "user", "755", "run",
+    ]  # fmt: skip
+    # Root, when asked for, may.
+    client.files.upload(sid, b"marker\n", "/etc/bastion-test", user="root")
+    assert sh(client, sid, "stat -c %U /etc/bastion-test").strip() == "root"
+    client.files.delete(sid, "/etc/bastion-test", user="root")
+
+
+def test_uploads_in_progress_are_invisible(client: Bastion, sid: str, work: str) -> None:
+    """An upload's bytes sit in an unnamed file until it is whole: a listing or a job
+    in the sandbox never sees a temp file."""
+    import threading
+
+    gate = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 65536
+        gate.wait(10)
+        yield b"y"
+
+    class Stream:
+        def __init__(self) -> None:
+            self.chunks = body()
+
+        def read(self, n: int = -1) -> bytes:
+            return next(self.chunks, b"")
+
+    done: list[object] = []
+    thread = threading.Thread(
+        target=lambda: done.append(client.files.upload(sid, Stream(), f"{work}/big"))  # type: ignore[arg-type]
+    )
+    thread.start()
+    try:
+        time.sleep(0.5)
+        names = [f["name"] for f in client.files.list(sid, work)["files"]]
+        assert names == [], names
+        assert sh(client, sid, f'ls -A "{work}"').strip() == ""
+    finally:
+        gate.set()
+        thread.join(20)
+    assert done and client.files.download(sid, f"{work}/big") == b"x" * 65536 + b"y"
+
+
+def test_names_that_are_not_utf8_list_and_round_trip(client: Bastion, sid: str, work: str) -> None:
+    plant = "import os, sys; open(os.path.join(sys.argv[1].encode(), b'\\xff\\xfe-bad.txt'), 'wb')"
+    client.jobs.run_and_wait(sid, ["python3", "-c", plant + ".write(b'raw')", work])
+    listed = client.files.list(sid, work)["files"]
+    assert [f["name"] for f in listed] == ["\udcff\udcfe-bad.txt"]
+    assert client.files.download(sid, listed[0]["path"]) == b"raw"
+    client.files.upload(sid, b"new", listed[0]["path"])
+    assert sh(client, sid, f"cat {work}/*").strip() == "new"
+    client.files.delete(sid, listed[0]["path"])
+    assert client.files.list(sid, work)["files"] == []
+
+
+def test_recursive_delete_does_not_stall_other_requests(
+    client: Bastion, sid: str, work: str
+) -> None:
+    sh(client, sid, f'cd "{work}" && mkdir t && cd t && seq 1 60000 | xargs touch')
+    import threading
+
+    worst = 0.0
+    stop = threading.Event()
+
+    def probe() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            client.health()
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        client.files.delete(sid, f"{work}/t", recursive=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert worst < 0.5, f"a health check waited {worst:.2f}s during a recursive delete"

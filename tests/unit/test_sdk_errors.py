@@ -73,6 +73,7 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
     ErrorCode.IS_A_DIRECTORY: FILE,
     ErrorCode.DIRECTORY_NOT_EMPTY: FILE,
     ErrorCode.DISK_FULL: FILE,
+    ErrorCode.PERMISSION_DENIED: FILE,
     ErrorCode.FILE_TOO_LARGE: FILE,
     ErrorCode.FILE_OPERATION_FAILED: FILE,
 }

@@ -27,7 +27,7 @@ from .._local_files import (
     upload_body,
     write_chunks,
 )
-from ..wire import FileDeleteResult, FileList, FileUploadResult
+from ..wire import FileDeleteResult, FileList, FileUploadResult, FileUser
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
@@ -42,7 +42,15 @@ class Files:
     def __init__(self, client: Bastion) -> None:
         self._client = client
 
-    def upload(self, session_id: str, data: UploadData, path: str) -> FileUploadResult:
+    def upload(
+        self,
+        session_id: str,
+        data: UploadData,
+        path: str,
+        *,
+        mode: int | None = None,
+        user: FileUser = "user",
+    ) -> FileUploadResult:
         """Write ``data`` to ``path`` in the session, creating parent directories.
 
         A file object is streamed in 1 MiB pieces and never read whole into memory.
@@ -56,6 +64,9 @@ class Files:
             data: ``bytes``/``bytearray``/``memoryview``, or a file object opened in
                 binary mode (read from its current position to its end).
             path: Absolute destination path; an existing file is replaced.
+            mode: The file's permission bits (e.g. ``0o755``); default ``0o644``.
+            user: Act as the session's ``"user"`` (the default: what a job could do)
+                or as its ``"root"``.
 
         Returns:
             ``{"path", "size"}`` of the written file.
@@ -66,10 +77,12 @@ class Files:
             LocalFileError: Reading the file object failed.
             SessionStateError: The session is not running.
         """
-        request = upload_request(session_id, path, upload_body(data))
+        request = upload_request(session_id, path, upload_body(data), mode=mode, user=user)
         return cast(FileUploadResult, self._client._request(request))
 
-    def delete(self, session_id: str, path: str, *, recursive: bool = False) -> FileDeleteResult:
+    def delete(
+        self, session_id: str, path: str, *, recursive: bool = False, user: FileUser = "user"
+    ) -> FileDeleteResult:
         """Delete a file, or a directory (which must be empty unless ``recursive``).
 
         Args:
@@ -85,7 +98,7 @@ class Files:
             FileDeleteError: No such path, non-empty directory, ...
             SessionStateError: The session is not running.
         """
-        request = delete_file_request(session_id, path, recursive)
+        request = delete_file_request(session_id, path, recursive, user=user)
         attempts = self._client._attempts(request)
         try:
             return cast(FileDeleteResult, self._client._request(request, attempts=attempts))
@@ -95,7 +108,7 @@ class Files:
                 raise
             return recovered
 
-    def download(self, session_id: str, path: str) -> bytes:
+    def download(self, session_id: str, path: str, *, user: FileUser = "user") -> bytes:
         """Read a whole file into memory (see :meth:`download_to` for large files).
 
         Args:
@@ -109,10 +122,15 @@ class Files:
             FileDownloadError: No such file, is a directory, ...
             SessionStateError: The session is not running.
         """
-        return self._client._send(download_request(session_id, path)).content
+        return self._client._send(download_request(session_id, path, user=user)).content
 
     def iter_download(
-        self, session_id: str, path: str, chunk_size: int = DOWNLOAD_CHUNK_SIZE
+        self,
+        session_id: str,
+        path: str,
+        chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+        *,
+        user: FileUser = "user",
     ) -> Iterator[bytes]:
         """Stream a file's content in pieces of at most ``chunk_size`` bytes.
 
@@ -132,7 +150,7 @@ class Files:
             FileDownloadError: No such file, is a directory, ...
             APIConnectionError: The connection broke during the transfer.
         """
-        with self._client._stream(download_request(session_id, path)) as response:
+        with self._client._stream(download_request(session_id, path, user=user)) as response:
             yield from self._client._iter_body(response, chunk_size)
 
     def download_to(
@@ -142,6 +160,7 @@ class Files:
         dest: DownloadDestination,
         *,
         chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+        user: FileUser = "user",
     ) -> int:
         """Stream a file to a local path or a binary file object, never whole in memory.
 
@@ -163,14 +182,14 @@ class Files:
             LocalFileError: ``dest`` could not be opened or written.
             APIConnectionError: The connection broke during the transfer.
         """
-        with self._client._stream(download_request(session_id, path)) as response:
+        with self._client._stream(download_request(session_id, path, user=user)) as response:
             chunks = self._client._iter_body(response, chunk_size)
             if not isinstance(dest, str | os.PathLike):
                 return write_chunks(chunks, dest)
             with destination_file(dest) as fileobj:
                 return write_chunks(chunks, fileobj)
 
-    def list(self, session_id: str, path: str = "/") -> FileList:
+    def list(self, session_id: str, path: str = "/", *, user: FileUser = "user") -> FileList:
         """List a directory.
 
         Args:
@@ -185,7 +204,9 @@ class Files:
             FileListError: No such directory, not a directory, ...
             SessionStateError: The session is not running.
         """
-        return cast(FileList, self._client._request(list_files_request(session_id, path)))
+        return cast(
+            FileList, self._client._request(list_files_request(session_id, path, user=user))
+        )
 
 
 @docs_from(Files)
@@ -200,7 +221,15 @@ class AsyncFiles:
     def __init__(self, client: AsyncBastion) -> None:
         self._client = client
 
-    async def upload(self, session_id: str, data: AsyncUploadData, path: str) -> FileUploadResult:
+    async def upload(
+        self,
+        session_id: str,
+        data: AsyncUploadData,
+        path: str,
+        *,
+        mode: int | None = None,
+        user: FileUser = "user",
+    ) -> FileUploadResult:
         """Write ``data`` to ``path`` in the session, creating parent directories.
 
         Streamed in 1 MiB pieces, never read whole into memory.  Retried as
@@ -213,6 +242,9 @@ class AsyncFiles:
                 (``open(..., "rb")``; read in a worker thread) or async (its ``read``
                 awaited); or an async iterable of ``bytes``.
             path: Absolute destination path; an existing file is replaced.
+            mode: The file's permission bits (e.g. ``0o755``); default ``0o644``.
+            user: Act as the session's ``"user"`` (the default: what a job could do)
+                or as its ``"root"``.
 
         Returns:
             ``{"path", "size"}`` of the written file.
@@ -223,13 +255,13 @@ class AsyncFiles:
             LocalFileError: Reading the file object failed.
             SessionStateError: The session is not running.
         """
-        request = upload_request(session_id, path, async_upload_body(data))
+        request = upload_request(session_id, path, async_upload_body(data), mode=mode, user=user)
         return cast(FileUploadResult, await self._client._request(request))
 
     async def delete(
-        self, session_id: str, path: str, *, recursive: bool = False
+        self, session_id: str, path: str, *, recursive: bool = False, user: FileUser = "user"
     ) -> FileDeleteResult:
-        request = delete_file_request(session_id, path, recursive)
+        request = delete_file_request(session_id, path, recursive, user=user)
         attempts = self._client._attempts(request)
         try:
             data = await self._client._request(request, attempts=attempts)
@@ -240,11 +272,16 @@ class AsyncFiles:
             return recovered
         return cast(FileDeleteResult, data)
 
-    async def download(self, session_id: str, path: str) -> bytes:
-        return (await self._client._send(download_request(session_id, path))).content
+    async def download(self, session_id: str, path: str, *, user: FileUser = "user") -> bytes:
+        return (await self._client._send(download_request(session_id, path, user=user))).content
 
     async def iter_download(
-        self, session_id: str, path: str, chunk_size: int = DOWNLOAD_CHUNK_SIZE
+        self,
+        session_id: str,
+        path: str,
+        chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+        *,
+        user: FileUser = "user",
     ) -> AsyncIterator[bytes]:
         """Stream a file's content in pieces of at most ``chunk_size`` bytes.
 
@@ -268,7 +305,7 @@ class AsyncFiles:
             FileDownloadError: No such file, is a directory, ...
             APIConnectionError: The connection broke during the transfer.
         """
-        async with self._client._stream(download_request(session_id, path)) as response:
+        async with self._client._stream(download_request(session_id, path, user=user)) as response:
             chunks = self._client._iter_body(response, chunk_size)
             try:
                 async for chunk in chunks:
@@ -283,6 +320,7 @@ class AsyncFiles:
         dest: AsyncDownloadDestination,
         *,
         chunk_size: int = DOWNLOAD_CHUNK_SIZE,
+        user: FileUser = "user",
     ) -> int:
         """Stream a file to a local path or a binary file object, never whole in memory.
 
@@ -304,7 +342,7 @@ class AsyncFiles:
             LocalFileError: ``dest`` could not be opened or written.
             APIConnectionError: The connection broke during the transfer.
         """
-        async with self._client._stream(download_request(session_id, path)) as response:
+        async with self._client._stream(download_request(session_id, path, user=user)) as response:
             chunks = self._client._iter_body(response, chunk_size)
             try:
                 async with AsyncDestination(dest) as destination:
@@ -314,5 +352,7 @@ class AsyncFiles:
                 await chunks.aclose()
             return destination.written
 
-    async def list(self, session_id: str, path: str = "/") -> FileList:
-        return cast(FileList, await self._client._request(list_files_request(session_id, path)))
+    async def list(self, session_id: str, path: str = "/", *, user: FileUser = "user") -> FileList:
+        return cast(
+            FileList, await self._client._request(list_files_request(session_id, path, user=user))
+        )

@@ -25,6 +25,8 @@ log = logging.getLogger("bastion.api")
 def error_response(
     code: ErrorCode, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    # A message may quote a path with bytes that are not UTF-8: shown as U+FFFD.
+    message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return JSONResponse(
         {"error": {"code": code.value, "message": message}},
         status_code=ERROR_HTTP_STATUS[code],

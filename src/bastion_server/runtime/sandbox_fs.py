@@ -7,10 +7,26 @@ and ``..`` are resolved as if the sandbox's root were ``/``, atomically, so no r
 can walk out of it.  Everything after that first resolution works on file
 descriptors and single names (``mkdir``/``rename``/``unlink`` relative to a directory
 fd), which never follow a symlink in the final component.
+
+Operations act as someone inside the sandbox: the sandbox user by default (what a job
+could do: the kernel refuses what that user may not), or the sandbox's root when asked.
+The worker thread doing an operation takes that identity with ``setfsuid``/``setfsgid``
+(per thread, and they drop the thread's file capabilities), so the kernel's own
+permission checks decide.  The sandbox's mount points (``/proc``, ``/dev``, ``/sys``,
+the agent's directories, ``/etc/resolv.conf``) and what lies above or below them are
+never removed, replaced or written through this API: the host's view of them is an
+empty directory the sandbox does not see, and removing it would unmount it inside.
+
+Names are bytes on Linux; a name that is not UTF-8 is carried as Python carries it
+(each undecodable byte as a lone surrogate, PEP 383), so it lists and round-trips.
+
+Blocking: every method but :meth:`write` blocks; call them off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import errno
 import os
@@ -32,11 +48,21 @@ _RESOLVE = _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+for _setfs in (_libc.setfsuid, _libc.setfsgid):
+    _setfs.argtypes = [ctypes.c_uint32]
+    _setfs.restype = ctypes.c_uint32
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_LIST_ENTRIES = 10_000
 READ_CHUNK = 1024 * 1024
+#: Upload bytes gathered before one write in a worker thread.
+WRITE_BATCH = 1024 * 1024
+#: What temp names of uploads start with (only ever there for the instant between
+#: linking a finished upload in and renaming it over its target).
+TEMP_PREFIX = ".bastion-upload-"
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+_AT_SYMLINK_FOLLOW = 0x400
 
 if platform.system() != "Linux":  # pragma: no cover
     raise ImportError("SandboxFS needs Linux (openat2)")
@@ -80,6 +106,34 @@ class TooLarge(FsError):
     kind = "too_large"
 
 
+class PermissionDenied(FsError):
+    kind = "permission_denied"
+
+
+Identity = tuple[int, int]
+
+
+@contextlib.contextmanager
+def acting_as(identity: Identity | None) -> Iterator[None]:
+    """Make this thread's file operations those of host ``(uid, gid)``, or (None) of
+    the host's root again; the thread's earlier identity comes back afterwards."""
+    uid, gid = identity or (0, 0)
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    try:
+        # Each call answers the identity before it: asking again tells it took.
+        if _libc.setfsuid(uid) != uid or _libc.setfsgid(gid) != gid:
+            raise PermissionDenied("cannot act as the sandbox's user")
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+
+
+def encode_name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -98,13 +152,17 @@ def split_path(path: str) -> list[str]:
         raise InvalidPath("path must not contain NUL bytes")
     if not path.startswith("/"):
         raise InvalidPath(f"path must be absolute (start with '/'): {path!r}")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+    try:
+        raw = encode_name(path)
+    except UnicodeEncodeError:
+        raise InvalidPath("path is not valid text") from None
+    if len(raw) > MAX_PATH_BYTES:
         raise InvalidPath(f"path is longer than {MAX_PATH_BYTES} bytes")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     for part in parts:
         if part == "..":
             raise InvalidPath("path must not contain '..' components")
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        if len(encode_name(part)) > MAX_NAME_BYTES:
             raise InvalidPath(f"path component is longer than {MAX_NAME_BYTES} bytes")
     return parts
 
@@ -112,7 +170,7 @@ def split_path(path: str) -> list[str]:
 def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
     how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode, _RESOLVE)
     buf = ctypes.create_string_buffer(how, len(how))
-    fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), buf, len(how))
+    fd = _syscall(_SYS_OPENAT2, dir_fd, encode_name(path), buf, len(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -146,6 +204,11 @@ def _translate(exc: OSError, path: str) -> FsError:
         return InvalidPath(f"path leaves the sandbox or loops: {path}")
     if exc.errno == errno.ENOSPC:
         return DiskFull(f"no space left on the session's disk for {path} (raise limits.disk_mb)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(
+            f"permission denied: {path} (file operations act as the sandbox user; "
+            "pass user='root' to act as the session's root)"
+        )
     return FsError(f"{exc.strerror or 'error'}: {path}")
 
 
@@ -154,23 +217,62 @@ class SandboxFS:
 
     Args:
         root: the sandbox's root filesystem as the host sees it.
-        uid, gid: host ids that new files and directories are given (the sandbox
-            user's ids as mapped to the host).
+        user: host ``(uid, gid)`` of the sandbox user: who operations act as.
+        superuser: host ``(uid, gid)`` of the sandbox's root, for ``as_root``.
+        protected: the sandbox's mount points (absolute sandbox paths).
     """
 
-    def __init__(self, root: str, uid: int, gid: int) -> None:
-        self.root, self.uid, self.gid = root, uid, gid
+    def __init__(
+        self,
+        root: str,
+        user: Identity,
+        superuser: Identity,
+        protected: tuple[str, ...] = (),
+    ) -> None:
+        self.root, self.user, self.superuser = root, user, superuser
+        self.protected = tuple(split_path(p) for p in protected)
+        self._real_root = os.path.realpath(root)
+
+    def _identity(self, as_root: bool) -> Identity | None:
+        """Who to act as: the sandbox user, or (as root) the host's root itself, whose
+        new files are then given to the sandbox's root."""
+        return None if as_root else self.user
+
+    def _owner(self, as_root: bool) -> Identity:
+        return self.superuser if as_root else self.user
 
     # -- resolution -----------------------------------------------------------------
 
     def _open(self, parts: list[str], flags: int, mode: int = 0) -> int:
-        root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The root itself is opened as the host's root: the directories above it are
+        # the session's private ones (see the runtime), not the sandbox user's.
+        with acting_as(None):
+            root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             return _openat2(root_fd, "/".join(parts) or ".", flags, mode)
         finally:
             os.close(root_fd)
 
-    def _parent_fd(self, parts: list[str], *, create: bool) -> int:
+    def _where(self, dir_fd: int) -> list[str]:
+        """Where an opened directory is, inside the sandbox (after every symlink)."""
+        real = os.readlink(f"/proc/self/fd/{dir_fd}")
+        if real != self._real_root and not real.startswith(self._real_root + "/"):
+            raise InvalidPath("path leaves the sandbox")
+        return [p for p in real[len(self._real_root) :].split("/") if p]
+
+    def _check_not_protected(self, parts: list[str], path: str, *, below: bool) -> None:
+        """Refuse ``parts`` if it is a mount point, above one, or (``below``) inside one."""
+        for mount in self.protected:
+            above = mount[: len(parts)] == parts
+            inside = below and parts[: len(mount)] == mount
+            if above or inside:
+                where = "/" + "/".join(mount)
+                raise PermissionDenied(
+                    f"{path} is, holds or lies in the sandbox's mount point {where}, "
+                    "which the files API does not change"
+                )
+
+    def _parent_fd(self, parts: list[str], *, create: bool, owner: Identity) -> int:
         """An fd of the directory holding the last component, creating it if asked."""
         try:
             return self._open(parts[:-1], os.O_PATH | os.O_DIRECTORY)
@@ -183,14 +285,15 @@ class SandboxFS:
             except FileNotFoundError:
                 up = self._open(parts[: depth - 1], os.O_PATH | os.O_DIRECTORY)
                 try:
+                    self._check_not_protected(
+                        [*self._where(up), parts[depth - 1]], "/" + "/".join(parts), below=True
+                    )
                     try:
                         os.mkdir(parts[depth - 1], 0o755, dir_fd=up)
                     except FileExistsError:
                         pass  # raced with the sandbox; the next open checks what it is
                     else:
-                        os.chown(
-                            parts[depth - 1], self.uid, self.gid, dir_fd=up, follow_symlinks=False
-                        )
+                        os.chown(parts[depth - 1], *owner, dir_fd=up, follow_symlinks=False)
                 finally:
                     os.close(up)
                 fd = self._open(parts[:depth], os.O_PATH | os.O_DIRECTORY)
@@ -199,103 +302,141 @@ class SandboxFS:
 
     # -- operations -------------------------------------------------------------------
 
-    async def write(self, path: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
-        """Stream ``chunks`` into ``path``; all or nothing (temp file, then rename).
+    async def write(
+        self,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        max_bytes: int,
+        *,
+        mode: int | None = None,
+        as_root: bool = False,
+    ) -> int:
+        """Stream ``chunks`` into ``path``; all or nothing.
 
-        Returns the number of bytes written.  Raises TooLarge past ``max_bytes``.
+        The bytes go to an unnamed file (``O_TMPFILE``) in the target's directory, which
+        no listing and no process in the sandbox can see, and which the kernel frees if
+        the server dies mid-way; only a finished upload is linked in and renamed over
+        the target.  Returns the number of bytes written.  Raises TooLarge past
+        ``max_bytes``.  Blocking work runs in worker threads.
         """
         parts = split_path(path)
         if not parts:
             raise IsADirectory("cannot write to '/'")
-        try:
-            parent = self._parent_fd(parts, create=True)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
-        temp = f".bastion-upload-{secrets.token_hex(8)}"
-        try:
-            fd = os.open(
-                temp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-                dir_fd=parent,
-            )
-        except OSError as exc:
-            os.close(parent)
-            raise _translate(exc, path) from exc
+        upload = await asyncio.to_thread(self._begin_write, parts, path, mode, as_root)
         size = 0
+        batch: list[bytes] = []
+        batched = 0
         try:
-            os.fchown(fd, self.uid, self.gid)
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
                     raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.close(fd)
-            fd = -1
-            try:
-                target = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                if stat.S_ISDIR(target.st_mode):
-                    raise IsADirectory(f"is a directory: {path}")
-            os.rename(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-            temp = ""
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
+                    await asyncio.to_thread(_write_all, upload.fd, batch, path)
+                    batch, batched = [], 0
+            if batch:
+                await asyncio.to_thread(_write_all, upload.fd, batch, path)
+            await asyncio.to_thread(self._finish_write, upload, parts, path, as_root)
             return size
-        except OSError as exc:
-            raise _translate(exc, path) from exc
         finally:
-            if fd >= 0:
-                os.close(fd)
-            if temp:
-                try:
-                    os.unlink(temp, dir_fd=parent)
-                except OSError:
-                    pass
-            os.close(parent)
+            await asyncio.to_thread(upload.close)
 
-    def list(self, path: str) -> list[Entry]:
+    def _begin_write(self, parts: list[str], path: str, mode: int | None, as_root: bool) -> _Upload:
+        owner = self._owner(as_root)
+        with acting_as(self._identity(as_root)):
+            try:
+                parent = self._parent_fd(parts, create=True, owner=owner)
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            try:
+                self._refuse_directory(parent, parts[-1], path)
+                self._check_not_protected([*self._where(parent), parts[-1]], path, below=True)
+                fd = _openat2(parent, ".", _O_TMPFILE | os.O_WRONLY, 0o600)
+                os.fchown(fd, *owner)
+                os.fchmod(fd, 0o644 if mode is None else mode)
+            except OSError as exc:
+                os.close(parent)
+                raise _translate(exc, path) from exc
+            except BaseException:
+                os.close(parent)
+                raise
+            return _Upload(fd, parent)
+
+    def _finish_write(self, upload: _Upload, parts: list[str], path: str, as_root: bool) -> None:
+        with acting_as(self._identity(as_root)):
+            try:
+                self._refuse_directory(upload.parent, parts[-1], path)
+                # Link the finished file in under a temp name, then rename it over the
+                # target: readers see the old file or the new one, never a part.
+                temp = TEMP_PREFIX + secrets.token_hex(8)
+                os.link(
+                    f"/proc/self/fd/{upload.fd}", temp, dst_dir_fd=upload.parent,
+                    follow_symlinks=True,
+                )  # fmt: skip
+                try:
+                    os.rename(temp, parts[-1], src_dir_fd=upload.parent, dst_dir_fd=upload.parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp, dir_fd=upload.parent)
+                    raise
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+
+    @staticmethod
+    def _refuse_directory(parent: int, name: str, path: str) -> None:
+        try:
+            target = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(target.st_mode):
+            raise IsADirectory(f"is a directory: {path}")
+
+    def list(self, path: str, *, as_root: bool = False) -> list[Entry]:
         parts = split_path(path)
-        try:
-            fd = self._open(parts, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
-        base = "/" + "/".join(parts)
-        entries: list[Entry] = []
-        try:
-            with os.scandir(fd) as it:
-                for item in it:
-                    try:
-                        st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
-                    except OSError:
-                        continue  # removed by the sandbox while we listed
-                    entries.append(
-                        Entry(
-                            name=item.name,
-                            path=base.rstrip("/") + "/" + item.name,
-                            size=st.st_size,
-                            type=_file_type(st.st_mode),
-                            modified_at=_iso(st.st_mtime),
-                            mode=stat.filemode(st.st_mode),
+        with acting_as(self._identity(as_root)):
+            try:
+                fd = self._open(parts, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            base = "/" + "/".join(parts)
+            entries: list[Entry] = []
+            try:
+                with os.scandir(fd) as it:
+                    for item in it:
+                        try:
+                            st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
+                        except OSError:
+                            continue  # removed by the sandbox while we listed
+                        entries.append(
+                            Entry(
+                                name=item.name,
+                                path=base.rstrip("/") + "/" + item.name,
+                                size=st.st_size,
+                                type=_file_type(st.st_mode),
+                                modified_at=_iso(st.st_mtime),
+                                mode=stat.filemode(st.st_mode),
+                            )
                         )
-                    )
-                    if len(entries) >= MAX_LIST_ENTRIES:
-                        break
-        finally:
-            os.close(fd)
-        entries.sort(key=lambda e: e.name)
+                        if len(entries) >= MAX_LIST_ENTRIES:
+                            break
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            finally:
+                os.close(fd)
+        entries.sort(key=lambda e: encode_name(e.name))
         return entries
 
-    def open_read(self, path: str) -> tuple[int, int]:
+    def open_read(self, path: str, *, as_root: bool = False) -> tuple[int, int]:
         """Open a regular file for reading; returns (fd, size). The caller closes fd."""
         parts = split_path(path)
-        try:
-            # O_NONBLOCK: a FIFO planted by the sandbox must not hang the server.
-            fd = self._open(parts, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
+        with acting_as(self._identity(as_root)):
+            try:
+                # O_NONBLOCK: a FIFO planted by the sandbox must not hang the server.
+                fd = self._open(parts, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                raise _translate(exc, path) from exc
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -314,25 +455,50 @@ class SandboxFS:
         finally:
             os.close(fd)
 
-    def delete(self, path: str, *, recursive: bool = False) -> None:
+    def delete(self, path: str, *, recursive: bool = False, as_root: bool = False) -> None:
         parts = split_path(path)
         if not parts:
             raise InvalidPath("refusing to delete '/'")
-        try:
-            parent = self._parent_fd(parts, create=False)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
-        try:
-            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                if recursive:
-                    # rmtree with dir_fd works on fds and never follows symlinks.
-                    shutil.rmtree(parts[-1], dir_fd=parent)
+        with acting_as(self._identity(as_root)):
+            try:
+                parent = self._parent_fd(parts, create=False, owner=self._owner(as_root))
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            try:
+                self._check_not_protected([*self._where(parent), parts[-1]], path, below=True)
+                st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if recursive:
+                        # rmtree with dir_fd works on fds and never follows symlinks.
+                        shutil.rmtree(parts[-1], dir_fd=parent)
+                    else:
+                        os.rmdir(parts[-1], dir_fd=parent)
                 else:
-                    os.rmdir(parts[-1], dir_fd=parent)
-            else:
-                os.unlink(parts[-1], dir_fd=parent)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
-        finally:
-            os.close(parent)
+                    os.unlink(parts[-1], dir_fd=parent)
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            finally:
+                os.close(parent)
+
+
+@dataclass
+class _Upload:
+    """An upload in progress: its unnamed file and the directory it will be linked in."""
+
+    fd: int
+    parent: int
+
+    def close(self) -> None:
+        for fd in (self.fd, self.parent):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _write_all(fd: int, chunks: list[bytes], path: str) -> None:
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise _translate(exc, path) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 from bastion.wire import ErrorCode
@@ -20,6 +21,7 @@ _CODES = {
     "not_empty": ErrorCode.DIRECTORY_NOT_EMPTY,
     "too_large": ErrorCode.FILE_TOO_LARGE,
     "disk_full": ErrorCode.DISK_FULL,
+    "permission_denied": ErrorCode.PERMISSION_DENIED,
     "failed": ErrorCode.FILE_OPERATION_FAILED,
 }
 
@@ -54,6 +56,9 @@ class FileService:
         path: str,
         chunks: AsyncIterator[bytes],
         declared_size: int | None,
+        *,
+        mode: int | None = None,
+        as_root: bool = False,
     ) -> int:
         self.check_path(path)
         limit = self.config.max_upload_bytes
@@ -64,29 +69,35 @@ class FileService:
             )
         fs = self._fs(owner, session_id)
         try:
-            return await fs.write(path, chunks, limit)
+            return await fs.write(path, chunks, limit, mode=mode, as_root=as_root)
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
 
-    def list(self, owner: str, session_id: str, path: str) -> list[Entry]:
+    async def list(
+        self, owner: str, session_id: str, path: str, *, as_root: bool = False
+    ) -> list[Entry]:
         fs = self._fs(owner, session_id)
         try:
-            return fs.list(path)
+            return await asyncio.to_thread(fs.list, path, as_root=as_root)
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
 
-    def download(self, owner: str, session_id: str, path: str) -> tuple[Iterator[bytes], int]:
+    async def download(
+        self, owner: str, session_id: str, path: str, *, as_root: bool = False
+    ) -> tuple[Iterator[bytes], int]:
         """An iterator over the file's bytes (it owns the open file) and the size."""
         fs = self._fs(owner, session_id)
         try:
-            fd, size = fs.open_read(path)
+            fd, size = await asyncio.to_thread(fs.open_read, path, as_root=as_root)
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
         return SandboxFS.iter_fd(fd), size
 
-    def delete(self, owner: str, session_id: str, path: str, *, recursive: bool) -> None:
+    async def delete(
+        self, owner: str, session_id: str, path: str, *, recursive: bool, as_root: bool = False
+    ) -> None:
         fs = self._fs(owner, session_id)
         try:
-            fs.delete(path, recursive=recursive)
+            await asyncio.to_thread(fs.delete, path, recursive=recursive, as_root=as_root)
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc

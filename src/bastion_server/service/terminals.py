@@ -8,6 +8,7 @@ deleting a session ends its terminals, each told why.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class TerminalService:
     async def open(self, owner: str, session_id: str, rows: int, cols: int) -> Terminal:
         check_size(rows, cols)
         self.sessions.require_running(owner, session_id)
-        shell = self._shell(session_id)
+        shell = await asyncio.to_thread(self._shell, session_id)
         try:
             process = await self.runtime.exec(
                 session_id, ExecSpec(argv=[shell, "-l"], pty=True, rows=rows, cols=cols)
