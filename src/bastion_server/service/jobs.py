@@ -80,7 +80,8 @@ class JobService:
     ) -> None:
         self.store, self.runtime, self.sessions, self.config = store, runtime, sessions, config
         self.logs_dir = config.data_dir / "jobs"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.logs_dir.chmod(0o700)  # jobs' output is the tenants' alone
         self._live: dict[str, _LiveJob] = {}
         self._background: set[asyncio.Task[None]] = set()
         sessions.before_sandbox_stops.append(self.stop_session_jobs)

@@ -91,6 +91,9 @@
 static uid_t g_uid;
 static gid_t g_gid;
 static const char *g_home;
+/* /proc as it was when the sandbox started, held open: a timeout's sweep must find
+ * the job's tree even if the mount at /proc were later taken away or covered. */
+static int g_proc = -1;
 static int g_ep = -1, g_devnull = -1, g_listen = -1, g_sigfd = -1, g_reserve = -1;
 static unsigned char g_buf[READ_CHUNK];
 static volatile sig_atomic_t g_killmode; /* supervisor only */
@@ -790,9 +793,14 @@ static int by_ppid(const void *a, const void *b) {
 
 /* SIGKILL every live descendant of root; returns how many there were. */
 static int kill_descendants(pid_t root) {
-    DIR *d = opendir("/proc");
-    if (!d)
+    int proc = g_proc >= 0 ? openat(g_proc, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                           : open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = proc >= 0 ? fdopendir(proc) : NULL;
+    if (!d) {
+        if (proc >= 0)
+            close(proc);
         return 0;
+    }
     struct proc *ps = NULL;
     size_t n = 0, cap = 0;
     struct dirent *e;
@@ -802,8 +810,8 @@ static int kill_descendants(pid_t root) {
         if (*end || pid <= 0)
             continue;
         char path[64], stat[256];
-        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        snprintf(path, sizeof path, "%ld/stat", pid);
+        int fd = openat(dirfd(d), path, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
             continue;
         ssize_t len = read(fd, stat, sizeof stat - 1);
@@ -1648,6 +1656,7 @@ static void free_dead(void) {
 /* ------------------------------------------------------------------ main */
 
 static _Noreturn void serve(const char *dir, pid_t reaper) {
+    g_proc = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != reaper)
         _exit(1);
