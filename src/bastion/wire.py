@@ -243,8 +243,9 @@ class JobInfo(JobResult):
     started_at: str | None
     finished_at: str | None
     #: Why a failed job failed: "nonzero_exit" (its own exit status, in output.status_code),
-    #: "not_found", "exec_failed", "start_failed", "timeout", "session_stopped",
-    #: "session_deleted", "server_restarted", "lost"; None unless failed.
+    #: "not_found", "invalid_cwd" (its working directory is missing), "exec_failed",
+    #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted",
+    #: "lost"; None unless failed.
     failure_reason: str | None
 
 

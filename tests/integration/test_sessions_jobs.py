@@ -241,3 +241,11 @@ def test_session_stopped_while_a_job_runs(client: Bastion, sid: str) -> None:
     client.sessions.start(sid)
     ps = client.jobs.run_and_wait(sid, ["ps", "-eo", "args"])["output"]["console_output"]
     assert "sleep 60" not in ps
+
+
+def test_missing_working_directory_fails_as_invalid_cwd(client: Bastion, sid: str) -> None:
+    with pytest.raises(JobFailedError) as err:
+        client.jobs.run_and_wait(sid, ["pwd"], cwd="/no/such/dir")
+    assert err.value.result["failure_reason"] == "invalid_cwd"
+    assert "cannot enter the working directory /no/such/dir" in err.value.errout
+    assert "command not found" not in err.value.errout

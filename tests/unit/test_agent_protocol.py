@@ -421,9 +421,11 @@ def test_exec_failed(agent: Agent) -> None:
     ]
 
 
-def test_missing_cwd_is_not_found(agent: Agent) -> None:
+def test_missing_cwd_is_invalid_cwd(agent: Agent) -> None:
     conn = agent.run(["true"], cwd="/no/such/dir")
-    assert conn.events == [exit_event(127, error="not_found", message=f"true: {NOT_FOUND}")]
+    assert conn.events == [
+        exit_event(126, error="invalid_cwd", message=f"working directory: {NOT_FOUND}")
+    ]
 
 
 def test_path_search_like_execvp(agent: Agent) -> None:

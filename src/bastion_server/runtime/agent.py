@@ -241,7 +241,11 @@ class Job:
                 os.setgroups([])
                 os.setgid(gid)
                 os.setuid(uid)
-                os.chdir(cwd)
+                try:
+                    os.chdir(cwd)
+                except OSError as exc:  # negative: the working directory, not the command
+                    os.write(err_w, str(-(exc.errno or errno.EIO)).encode())
+                    os._exit(127)
                 os.execvpe(argv[0], argv, env)
             except OSError as exc:
                 os.write(err_w, str(exc.errno or errno.EIO).encode())
@@ -360,6 +364,20 @@ class Agent:
             os.waitpid(job.pid, 0)
             for fd in [*job.out_fds, job.status_fd]:
                 os.close(fd)
+            if job.exec_errno < 0:
+                conn.sendall(
+                    encode_json(
+                        {
+                            "event": "exit",
+                            "exit_code": 126,
+                            "signal": None,
+                            "timed_out": False,
+                            "error": "invalid_cwd",
+                            "message": f"working directory: {os.strerror(-job.exec_errno)}",
+                        }
+                    )
+                )
+                return
             conn.sendall(
                 encode_json(
                     {

@@ -424,6 +424,10 @@ class JobService:
             reason = "server_restarted"
         elif event.timed_out:
             reason = "timeout"
+        elif event.error == "invalid_cwd":
+            reason = event.error
+            cwd = record.spec.get("cwd") or "the home directory"
+            message = f"cannot enter the working directory {cwd}: {event.message}"
         elif event.error in ("not_found", "exec_failed", "start_failed"):
             reason = event.error
             message = (

@@ -994,11 +994,14 @@ static _Noreturn void run_job(const struct spawn *sp) {
             goto fail;
     if (setgroups(0, NULL) < 0 || setgid(g_gid) < 0 || setuid(g_uid) < 0)
         goto fail;
-    if (chdir(sp->cwd) < 0)
-        goto fail;
+    if (chdir(sp->cwd) < 0) {
+        err = -(errno ? errno : EIO); /* negative: the working directory, not the command */
+        goto report;
+    }
     errno = exec_search(sp->argv, sp->envp);
 fail:
     err = errno ? errno : EIO;
+report:
     if (write(sp->err_w, &err, sizeof err) < 0) {
         /* the agent is gone */
     }
@@ -1476,6 +1479,12 @@ static void on_execerr(struct sess *s) {
         wclose(&s->w[W_STATUS]);
         s->job = JOB_DONE;
         char msg[512];
+        if (err < 0) {
+            snprintf(msg, sizeof msg, "working directory: %s", strerror(-err));
+            send_exit(s, true, 126, 0, false, "invalid_cwd", msg);
+            finish_conn(s);
+            return;
+        }
         snprintf(msg, sizeof msg, "%s: %s", s->argv0 ? s->argv0 : "", strerror(err));
         bool missing = err == ENOENT;
         send_exit(s, true, missing ? 127 : 126, 0, false, missing ? "not_found" : "exec_failed",
