@@ -41,10 +41,20 @@ PathParam = Annotated[
         "UTF-8 name those very bytes"
     ),
 ]
-UserParam = Annotated[
-    Literal["user", "root"],
-    Query(description="act as the session's user (the default: what a job could do) or its root"),
-]
+
+
+def _as_root(
+    user: Annotated[
+        Literal["user", "root"],
+        Query(
+            description="act as the session's user (the default: what a job could do) or its root"
+        ),
+    ] = "user",
+) -> bool:
+    return user == "root"
+
+
+AsRoot = Annotated[bool, Depends(_as_root)]
 
 
 def exact_path(request: Request, default: str = "/") -> str:
@@ -88,7 +98,7 @@ async def upload_file(
     request: Request,
     who: Owner,
     svc: Svc,
-    user: UserParam = "user",
+    as_root: AsRoot,
     mode: Annotated[
         str | None, Query(description="the file's mode in octal, e.g. 755 (default 644)")
     ] = None,
@@ -103,7 +113,7 @@ async def upload_file(
         _body(request),
         int(declared) if declared and declared.isdigit() else None,
         mode=_parse_mode(mode),
-        as_root=user == "root",
+        as_root=as_root,
     )
     return {"path": path, "size": size}
 
@@ -128,11 +138,11 @@ async def list_files(
     request: Request,
     who: Owner,
     svc: Svc,
+    as_root: AsRoot,
     path: PathParam = "/",
-    user: UserParam = "user",
 ) -> FileList:
     path = exact_path(request)
-    entries = await svc.files.list(who, session_id, path, as_root=user == "root")
+    entries = await svc.files.list(who, session_id, path, as_root=as_root)
     return {"path": path, "files": [file_view(e) for e in entries]}
 
 
@@ -147,12 +157,10 @@ async def download_file(
     request: Request,
     who: Owner,
     svc: Svc,
-    user: UserParam = "user",
+    as_root: AsRoot,
 ) -> StreamingResponse:
     """The file's bytes, streamed."""
-    chunks, size = await svc.files.download(
-        who, session_id, exact_path(request), as_root=user == "root"
-    )
+    chunks, size = await svc.files.download(who, session_id, exact_path(request), as_root=as_root)
     return StreamingResponse(
         chunks, media_type="application/octet-stream", headers={"Content-Length": str(size)}
     )
@@ -165,9 +173,9 @@ async def delete_file(
     request: Request,
     who: Owner,
     svc: Svc,
+    as_root: AsRoot,
     recursive: bool = False,
-    user: UserParam = "user",
 ) -> FileDeleteResult:
     path = exact_path(request)
-    await svc.files.delete(who, session_id, path, recursive=recursive, as_root=user == "root")
+    await svc.files.delete(who, session_id, path, recursive=recursive, as_root=as_root)
     return {"path": path, "deleted": True}

@@ -90,6 +90,9 @@ class IdRangeRegistry:
         finally:
             os.close(fd)
 
+    def _entry(self, base: int) -> Path:
+        return self.directory / str((base - FIRST_BASE) // RANGE_SIZE)
+
     @classmethod
     def recorded(cls, owner_dir: Path) -> IdRange | None:
         """The range an owner directory records, if any."""
@@ -113,7 +116,7 @@ class IdRangeRegistry:
             for step in range(RANGE_COUNT):
                 index = (start + step) % RANGE_COUNT
                 base = FIRST_BASE + index * RANGE_SIZE
-                entry = self.directory / str(index)
+                entry = self._entry(base)
                 try:
                     fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 except FileExistsError:
@@ -129,13 +132,13 @@ class IdRangeRegistry:
     def moved(self, rng: IdRange, owner_dir: Path) -> None:
         """The owner directory was renamed (a pooled sandbox handed to a session)."""
         with self._locked():
-            (self.directory / str((rng.base - FIRST_BASE) // RANGE_SIZE)).write_text(str(owner_dir))
+            self._entry(rng.base).write_text(str(owner_dir))
 
     def release(self, rng: IdRange, owner_dir: Path) -> None:
         """Give a range back once its owner's files are gone (only if still its own)."""
         if rng.base < FIRST_BASE:
             return  # a session of an older server: its range was never registered
-        entry = self.directory / str((rng.base - FIRST_BASE) // RANGE_SIZE)
+        entry = self._entry(rng.base)
         with self._locked():
             try:
                 if entry.read_text().strip() == str(owner_dir):

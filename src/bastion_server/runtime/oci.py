@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -752,7 +753,7 @@ class OciRuntime(Runtime):
             },
         ]
 
-    @property
+    @functools.cached_property
     def protected_paths(self) -> tuple[str, ...]:
         """The sandbox's mount points: the files API must never remove or replace
         them (or what is above them), or the sandbox would lose them."""

@@ -260,12 +260,12 @@ class SandboxFS:
             raise InvalidPath("path leaves the sandbox")
         return [p for p in real[len(self._real_root) :].split("/") if p]
 
-    def _check_not_protected(self, parts: list[str], path: str, *, below: bool) -> None:
-        """Refuse ``parts`` if it is a mount point, above one, or (``below``) inside one."""
+    def _check_not_protected(self, dir_fd: int, name: str, path: str) -> None:
+        """Refuse ``name`` in the opened directory if it is a mount point of the
+        sandbox, above one or inside one (wherever symlinks led to the directory)."""
+        parts = [*self._where(dir_fd), name]
         for mount in self.protected:
-            above = mount[: len(parts)] == parts
-            inside = below and parts[: len(mount)] == mount
-            if above or inside:
+            if mount[: len(parts)] == parts or parts[: len(mount)] == mount:
                 where = "/" + "/".join(mount)
                 raise PermissionDenied(
                     f"{path} is, holds or lies in the sandbox's mount point {where}, "
@@ -285,9 +285,7 @@ class SandboxFS:
             except FileNotFoundError:
                 up = self._open(parts[: depth - 1], os.O_PATH | os.O_DIRECTORY)
                 try:
-                    self._check_not_protected(
-                        [*self._where(up), parts[depth - 1]], "/" + "/".join(parts), below=True
-                    )
+                    self._check_not_protected(up, parts[depth - 1], "/" + "/".join(parts))
                     try:
                         os.mkdir(parts[depth - 1], 0o755, dir_fd=up)
                     except FileExistsError:
@@ -352,7 +350,7 @@ class SandboxFS:
                 raise _translate(exc, path) from exc
             try:
                 self._refuse_directory(parent, parts[-1], path)
-                self._check_not_protected([*self._where(parent), parts[-1]], path, below=True)
+                self._check_not_protected(parent, parts[-1], path)
                 fd = _openat2(parent, ".", _O_TMPFILE | os.O_WRONLY, 0o600)
                 os.fchown(fd, *owner)
                 os.fchmod(fd, 0o644 if mode is None else mode)
@@ -465,7 +463,7 @@ class SandboxFS:
             except OSError as exc:
                 raise _translate(exc, path) from exc
             try:
-                self._check_not_protected([*self._where(parent), parts[-1]], path, below=True)
+                self._check_not_protected(parent, parts[-1], path)
                 st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     if recursive:
