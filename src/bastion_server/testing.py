@@ -41,6 +41,10 @@ class ServerProcess:
     #: Start the server in a process group of its own (a Ctrl-C meant for the caller
     #: then does not reach it, so the caller can clean up through the API first).
     own_process_group: bool = False
+    #: Environment variables for the server on top of the caller's (whose BASTION_*
+    #: are dropped), such as ``{"BASTION_FAULT": "create.after_insert"}``; read at
+    #: every start.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -59,6 +63,7 @@ class ServerProcess:
         for key in self.api_keys:
             args += ["--api-key", key]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 args, stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL,
