@@ -1,9 +1,13 @@
-"""A real ``bastion serve`` in a subprocess, for tests and benchmarks.
+"""Test support: a real ``bastion serve`` in a subprocess, and the in-memory runtime.
 
-Starts the server on a free loopback port with a data directory of its own, waits for
-``/v1/health``, and stops it with SIGTERM.  The data directory must be reachable by
-the sandboxes' unprivileged root (every directory above it searchable by others), so
-callers create it under a mode-0711 parent.
+:class:`FakeRuntime` (from :mod:`bastion_server.runtime.fake`) backs service-level
+tests that need no root and no sandbox.  :class:`ServerProcess` is a real
+``bastion serve`` in a subprocess, for tests and benchmarks.
+
+A ServerProcess starts the server on a free loopback port with a data directory of
+its own, waits for ``/v1/health``, and stops it with SIGTERM.  The data directory must
+be reachable by the sandboxes' unprivileged root (every directory above it searchable
+by others), so callers create it under a mode-0711 parent.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from bastion_server.runtime.fake import FakeRuntime
+
+__all__ = ["IMAGES_DIR", "FakeRuntime", "ServerProcess", "free_port"]
 
 IMAGES_DIR = Path(os.environ.get("BASTION_IMAGES_DIR", "/var/lib/bastion/images"))
 

@@ -1,0 +1,311 @@
+"""An in-memory backend that honours the runtime contract, for fast tests without root.
+
+:class:`FakeRuntime` keeps each sandbox's state in memory and its files in a plain host
+directory of its own (acted on as the current user), and runs *programs*: small async
+functions named by ``argv[0]`` that write output, read input and return an exit status.
+A handful are built in (``echo``, ``cat``, ``sleep``, ``true``, ``false``, ``exit``,
+``pwd``, ``env``); a test registers more with :meth:`FakeRuntime.program`.  Nothing is
+isolated: it exists so that the session state machine, the job lifecycle and the reaper
+can be tested in milliseconds, and every real-sandbox suite stays as it is.
+
+Faults are injected with :meth:`FakeRuntime.fail`: the next call of the named operation
+raises the given :class:`SandboxError` instead of doing its work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bastion_server.runtime.base import (
+    ExecSpec,
+    ExitEvent,
+    OutputEvent,
+    Process,
+    Runtime,
+    SandboxError,
+    SandboxLimits,
+    SandboxNotRunning,
+    SandboxUsage,
+)
+from bastion_server.runtime.sandbox_fs import SandboxFS
+
+if TYPE_CHECKING:
+    from bastion_server.runtime.network import NetworkPolicy
+
+
+class FakeProcess(Process):
+    """A running program: what it writes becomes events; ``kill`` cancels it."""
+
+    def __init__(self, spec: ExecSpec, sandbox: FakeSandbox) -> None:
+        self.spec, self.sandbox = spec, sandbox
+        self._events: asyncio.Queue[OutputEvent | ExitEvent] = asyncio.Queue()
+        self._input: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._killed = False
+        self.size = (spec.rows, spec.cols)
+
+    # -- what a program sees ------------------------------------------------------------
+
+    def write(self, data: bytes | str, stream: str = "stdout") -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        if data:
+            self._events.put_nowait(OutputEvent(stream, data))
+
+    async def read(self) -> bytes | None:
+        """The next chunk of input; None once input is closed."""
+        return await self._input.get()
+
+    # -- the Process contract -------------------------------------------------------------
+
+    def begin(self, program: Program) -> None:
+        self._task = asyncio.create_task(self._run(program), name=f"fake:{self.spec.argv[0]}")
+        self.sandbox.processes.add(self)
+
+    async def _run(self, program: Program) -> None:
+        exit_event: ExitEvent
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                status = await program(self)
+            exit_event = ExitEvent(exit_code=status)
+        except TimeoutError:
+            exit_event = ExitEvent(exit_code=None, signal=9, timed_out=True, error="timeout")
+        except asyncio.CancelledError:
+            exit_event = ExitEvent(exit_code=None, signal=9, error="killed")
+        except Exception as exc:  # a program's bug is the test's: report it as a crash
+            exit_event = ExitEvent(exit_code=None, error="lost", message=repr(exc))
+        self.sandbox.processes.discard(self)
+        self._events.put_nowait(exit_event)
+
+    async def events(self) -> AsyncIterator[OutputEvent | ExitEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, ExitEvent):
+                return
+
+    async def kill(self) -> None:
+        self._killed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def send_input(self, data: bytes) -> None:
+        self._input.put_nowait(data)
+
+    async def close_input(self) -> None:
+        self._input.put_nowait(None)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        self.size = (rows, cols)
+
+    async def close(self) -> None:
+        await self.kill()
+
+
+#: A program: given its process, writes output, reads input, returns the exit status.
+Program = Callable[[FakeProcess], Awaitable[int]]
+
+
+async def _echo(p: FakeProcess) -> int:
+    p.write(" ".join(p.spec.argv[1:]) + "\n")
+    return 0
+
+
+async def _cat(p: FakeProcess) -> int:
+    while (chunk := await p.read()) is not None:
+        p.write(chunk)
+    return 0
+
+
+async def _sleep(p: FakeProcess) -> int:
+    await asyncio.sleep(float(p.spec.argv[1]) if len(p.spec.argv) > 1 else 0)
+    return 0
+
+
+async def _true(p: FakeProcess) -> int:
+    return 0
+
+
+async def _false(p: FakeProcess) -> int:
+    return 1
+
+
+async def _exit(p: FakeProcess) -> int:
+    return int(p.spec.argv[1]) if len(p.spec.argv) > 1 else 0
+
+
+async def _pwd(p: FakeProcess) -> int:
+    p.write((p.spec.cwd or "/") + "\n")
+    return 0
+
+
+async def _env(p: FakeProcess) -> int:
+    p.write("".join(f"{k}={v}\n" for k, v in sorted(p.spec.env.items())))
+    return 0
+
+
+BUILTIN_PROGRAMS: dict[str, Program] = {
+    "echo": _echo,
+    "cat": _cat,
+    "sleep": _sleep,
+    "true": _true,
+    "false": _false,
+    "exit": _exit,
+    "pwd": _pwd,
+    "env": _env,
+}
+
+
+@dataclass
+class FakeSandbox:
+    root: Path
+    limits: SandboxLimits
+    running: bool = False
+    network: NetworkPolicy | None = None
+    processes: set[FakeProcess] = field(default_factory=set)
+
+
+class FakeRuntime(Runtime):
+    """Sandboxes as records in memory and a directory each; see the module docstring."""
+
+    name = "fake"
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._own_root = root is None
+        self.root = root or Path(tempfile.mkdtemp(prefix="bastion-fake-"))
+        self.sandboxes: dict[str, FakeSandbox] = {}
+        self.programs: dict[str, Program] = dict(BUILTIN_PROGRAMS)
+        self._faults: dict[str, SandboxError] = {}
+        #: Every operation asked of the runtime, in order: ``(operation, session_id)``.
+        self.calls: list[tuple[str, str]] = []
+
+    # -- test controls ----------------------------------------------------------------
+
+    def program(self, name: str, program: Program) -> None:
+        """Make ``argv[0] == name`` run ``program``."""
+        self.programs[name] = program
+
+    def fail(self, operation: str, error: SandboxError | None = None) -> None:
+        """The next call of ``operation`` ("create", "start", "stop", "delete", "exec")
+        raises ``error`` instead of doing anything."""
+        self._faults[operation] = error or SandboxError(f"injected failure of {operation}")
+
+    def crash(self, session_id: str) -> None:
+        """The sandbox dies on its own, as if its init were killed: processes end lost."""
+        sandbox = self.sandboxes[session_id]
+        sandbox.running = False
+        for process in list(sandbox.processes):
+            if process._task is not None:
+                process._task.cancel()
+
+    def _enter(self, operation: str, session_id: str) -> None:
+        self.calls.append((operation, session_id))
+        fault = self._faults.pop(operation, None)
+        if fault is not None:
+            raise fault
+
+    def _sandbox(self, session_id: str) -> FakeSandbox:
+        sandbox = self.sandboxes.get(session_id)
+        if sandbox is None:
+            raise SandboxError(f"sandbox {session_id} has no storage")
+        return sandbox
+
+    def _running(self, session_id: str) -> FakeSandbox:
+        sandbox = self.sandboxes.get(session_id)
+        if sandbox is None or not sandbox.running:
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        return sandbox
+
+    # -- the Runtime contract ---------------------------------------------------------
+
+    async def prepare_host(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        for sandbox in self.sandboxes.values():
+            for process in list(sandbox.processes):
+                await process.kill()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    async def create(self, session_id: str, limits: SandboxLimits) -> None:
+        self._enter("create", session_id)
+        if session_id in self.sandboxes:
+            raise SandboxError(f"sandbox {session_id} already exists")
+        root = self.root / session_id
+        (root / "home" / "user").mkdir(parents=True)
+        (root / "tmp").mkdir()
+        self.sandboxes[session_id] = FakeSandbox(root, limits)
+
+    async def start(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
+    ) -> None:
+        self._enter("start", session_id)
+        sandbox = self._sandbox(session_id)
+        sandbox.limits, sandbox.network, sandbox.running = limits, network, True
+
+    async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
+        self._enter("restore_network", session_id)
+        self._running(session_id).network = network
+
+    async def stop(self, session_id: str) -> None:
+        self._enter("stop", session_id)
+        sandbox = self.sandboxes.get(session_id)
+        if sandbox is None:
+            return
+        for process in list(sandbox.processes):
+            await process.kill()
+        sandbox.running = False
+
+    async def delete(self, session_id: str) -> None:
+        self._enter("delete", session_id)
+        sandbox = self.sandboxes.pop(session_id, None)
+        if sandbox is None:
+            return
+        for process in list(sandbox.processes):
+            await process.kill()
+        await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
+
+    async def is_running(self, session_id: str) -> bool:
+        sandbox = self.sandboxes.get(session_id)
+        return sandbox is not None and sandbox.running
+
+    async def running_sandboxes(self) -> set[str]:
+        return {sid for sid, s in self.sandboxes.items() if s.running}
+
+    async def list_sandboxes(self) -> set[str]:
+        return set(self.sandboxes)
+
+    async def usage(self, session_id: str) -> SandboxUsage:
+        sandbox = self._running(session_id)
+        return SandboxUsage(
+            cpu_seconds=0.0, memory_bytes=0, processes=len(sandbox.processes), disk_bytes=0
+        )
+
+    async def exec(self, session_id: str, spec: ExecSpec) -> Process:
+        self._enter("exec", session_id)
+        sandbox = self._running(session_id)
+        process = FakeProcess(spec, sandbox)
+        program = self.programs.get(spec.argv[0]) if spec.argv else None
+        if program is None:
+            process._events.put_nowait(
+                ExitEvent(exit_code=None, error="not_found", message=f"{spec.argv[0]}: not found")
+            )
+            return process
+        process.begin(program)
+        return process
+
+    def files(self, session_id: str) -> SandboxFS:
+        sandbox = self._running(session_id)
+        me = (os.getuid(), os.getgid())
+        return SandboxFS(str(sandbox.root), user=me, superuser=me)
