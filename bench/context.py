@@ -56,19 +56,27 @@ class Context:
     def client(self, timeout: float = 120.0) -> Bastion:
         return Bastion(base_url=self.server.url, timeout=timeout)
 
+    def remember(self, sid: str) -> None:
+        """Note a session this run created (from any thread)."""
+        with self._lock:
+            self.live.add(sid)
+
+    def forget(self, sid: str) -> None:
+        """Note that a session this run created is deleted."""
+        with self._lock:
+            self.live.discard(sid)
+
     def new_session(self, client: Bastion) -> str:
         """A created and started session, remembered for cleanup."""
         sid = client.sessions.create()["session_id"]
-        with self._lock:
-            self.live.add(sid)
+        self.remember(sid)
         client.sessions.start(sid)
         return sid
 
     def delete_session(self, client: Bastion, sid: str) -> None:
         with contextlib.suppress(BastionError):
             client.sessions.delete(sid)
-        with self._lock:
-            self.live.discard(sid)
+        self.forget(sid)
 
     @contextlib.contextmanager
     def sessions(self, client: Bastion, count: int) -> Iterator[list[str]]:

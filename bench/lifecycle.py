@@ -32,7 +32,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for i in range(warmup + runs):
             t0 = time.perf_counter()
             sid = client.sessions.create()["session_id"]
-            ctx.live.add(sid)
+            ctx.remember(sid)
             t1 = time.perf_counter()
             client.sessions.start(sid)
             t2 = time.perf_counter()
@@ -57,7 +57,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for _ in range(cold_runs):
             t0 = time.perf_counter()
             sid = client.sessions.create(limits={"memory_mb": COLD_MEMORY_MB})["session_id"]
-            ctx.live.add(sid)
+            ctx.remember(sid)
             client.sessions.start(sid)
             cold.append((time.perf_counter() - t0) * 1000.0)
             ctx.delete_session(client, sid)

@@ -311,6 +311,9 @@ def render(results: Results) -> str:
         if dig(results, "density", "stopped_early"):
             parts += ["", f"Stopped early: {dig(results, 'density', 'stopped_early')}"]
 
+    if dig(results, "load", "creates") is not None:
+        parts += ["", "### Load", "", load_table(results)]
+
     cpu = dig(results, "parallel", "16", "cpu_ms_per_job")
     if cpu:
         parts += [
@@ -324,6 +327,47 @@ def render(results: Results) -> str:
     if errors:
         parts += ["", "### Errors", ""] + [f"- {k}: {v}" for k, v in errors.items()]
     return "\n".join(parts) + "\n"
+
+
+def load_table(results: Results) -> str:
+    """The load test: each phase's latencies, the errors by type, the server's RSS."""
+
+    def latency(*path: str) -> list[object]:
+        s = dig(results, "load", *path) or {}
+        if not s.get("n"):
+            return ["-", "-", "-"]
+        return [s["n"], f"{s['median']:.1f} ms", f"{s['p99']:.1f} ms"]
+
+    load = dig(results, "load") or {}
+    creates, phase = load.get("creates"), load.get("create_phase") or {}
+    jobs = load.get("job_phase") or {}
+    deletes = load.get("delete_phase") or {}
+    rows: list[list[object]] = [
+        [f"{creates} creates at once: create", *latency("create_phase", "create"), ""],
+        ["  start", *latency("create_phase", "start"), ""],
+        ["  create+start", *latency("create_phase", "create_start"), f"{phase.get('wall_s')} s"],
+        [
+            f"{load.get('jobs')} run_and_wait(['true']) by {load.get('concurrency')} callers",
+            *latency("job_phase", "latency"),
+            f"{jobs.get('wall_s')} s, {jobs.get('jobs_per_s')} jobs/s",
+        ],
+        ["deletes at once", *latency("delete_phase", "delete"), f"{deletes.get('wall_s')} s"],
+    ]
+    out = table(["phase", "ok", "p50", "p99", "all of them took"], rows)
+    rss = load.get("server_rss_mib") or {}
+    out += (
+        f"\n\nServer RSS: {rss.get('before')} MiB before, peak {rss.get('peak')} MiB "
+        f"({rss.get('peak_source')}), {rss.get('end')} MiB at the end."
+    )
+    errors = load.get("errors") or {}
+    if errors:
+        examples = load.get("error_examples") or {}
+        out += f"\n\nErrors ({load.get('error_count')}):\n\n" + "\n".join(
+            f"- {kind}: {n} (first: {examples.get(kind, '?')})" for kind, n in errors.items()
+        )
+    else:
+        out += " Errors: none."
+    return out
 
 
 def header(results: Results) -> str:

@@ -24,7 +24,17 @@ from typing import Any
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import baselines, density, files, jobs, lifecycle, parallel, report, terminal
+from bench import (
+    baselines,
+    density,
+    files,
+    jobs,
+    lifecycle,
+    load,
+    parallel,
+    report,
+    terminal,
+)
 from bench.context import Context
 from bench.machine import git_info, loadavg, machine_info, timestamp
 from bench.server import BenchServer
@@ -40,6 +50,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "files": ("upload and download of a 256 MiB file", files.run),
     "terminal": ("terminal echo round trip", terminal.run),
     "density": ("idle running sessions: memory per session, job latency", density.run),
+    "load": ("100 concurrent creates, 3000 jobs by 64 concurrent callers, deletes", load.run),
 }
 
 

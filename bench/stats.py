@@ -26,7 +26,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summarize(values: Sequence[float], unit: str, digits: int = 3) -> Summary:
-    """``{"unit", "n", "median", "p95", "mean", "min", "max", "stdev"}`` of ``values``."""
+    """``{"unit", "n", "median", "p95", "p99", "mean", "min", "max", "stdev"}`` of ``values``."""
     if not values:
         return {"unit": unit, "n": 0}
 
@@ -38,6 +38,7 @@ def summarize(values: Sequence[float], unit: str, digits: int = 3) -> Summary:
         "n": len(values),
         "median": r(statistics.median(values)),
         "p95": r(percentile(values, 95)),
+        "p99": r(percentile(values, 99)),
         "mean": r(statistics.fmean(values)),
         "min": r(min(values)),
         "max": r(max(values)),
