@@ -36,13 +36,16 @@ from ._exceptions import (
     FileError,
     FileListError,
     FileUploadError,
+    InsufficientScopeError,
     InvalidCommandError,
     InvalidRequestError,
     JobFailedError,
     JobNotFoundError,
     JobTimeoutError,
     NotFoundError,
+    QuotaExceededError,
     ServerError,
+    ServerShutdownError,
     SessionNotFoundError,
     SessionStartError,
     SessionStateError,
@@ -276,9 +279,12 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.REQUEST_TOO_LARGE: InvalidRequestError,
     ErrorCode.REQUEST_TIMEOUT: InvalidRequestError,
     ErrorCode.TOO_MANY_REQUESTS: InvalidRequestError,
+    ErrorCode.INSUFFICIENT_SCOPE: InsufficientScopeError,
+    ErrorCode.QUOTA_EXCEEDED: QuotaExceededError,
     ErrorCode.NOT_FOUND: NotFoundError,
     ErrorCode.METHOD_NOT_ALLOWED: InvalidRequestError,
     ErrorCode.INTERNAL_ERROR: ServerError,
+    ErrorCode.SERVER_SHUTDOWN: ServerShutdownError,
     ErrorCode.SESSION_NOT_FOUND: SessionNotFoundError,
     ErrorCode.SESSION_STATE: SessionStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
@@ -559,6 +565,22 @@ class APIRequest:
     idempotent: bool = True
 
 
+def encode_json_body(body: Any) -> bytes:
+    """``body`` as JSON in UTF-8, as httpx would encode it, but refusing here, as an
+    :class:`InvalidRequestError`, what JSON cannot carry: text UTF-8 cannot encode (a
+    lone surrogate such as ``"\\ud800"``) and numbers that are not finite."""
+    try:
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            "the request holds text that is not valid Unicode (a lone surrogate such as "
+            f"'\\ud800' cannot be encoded as UTF-8): {exc}"
+        ) from exc
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request cannot be sent as JSON: {exc}") from exc
+
+
 def build_http_request(
     http: httpx.Client | httpx.AsyncClient, request: APIRequest
 ) -> httpx.Request:
@@ -568,6 +590,9 @@ def build_http_request(
     if request.body is not None:
         headers.update(request.body.headers)
         content = request.body.content()
+    elif request.json is not None:
+        headers["Content-Type"] = "application/json"
+        content = encode_json_body(request.json)
     url = request.url
     if request.params:
         # Encoded here, not by httpx: a path may name bytes that are not UTF-8 (a file
@@ -579,7 +604,6 @@ def build_http_request(
     return http.build_request(
         request.method,
         url,
-        json=request.json,
         content=content,
         headers=headers,
         timeout=httpx.USE_CLIENT_DEFAULT if request.timeout is None else request.timeout,

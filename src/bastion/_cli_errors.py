@@ -51,7 +51,8 @@ class ExitCode(IntEnum):
     #: Conflict: the session is in the wrong state (e.g. not running), or a path is of
     #: the wrong kind (a directory where a file was expected, a non-empty directory).
     CONFLICT = 4
-    #: Authentication: the API key is missing or not accepted.
+    #: Authentication: the API key is missing or not accepted, or its scope does not
+    #: allow the command (``insufficient_scope``).
     AUTH = 5
     #: Connection: the server cannot be reached, or the connection broke.
     CONNECTION = 6
@@ -114,7 +115,7 @@ def exit_code(exc: BaseException) -> ExitCode:
             return ExitCode.NOT_FOUND
         if code in _CONFLICT_CODES:
             return ExitCode.CONFLICT
-        if code == ErrorCode.UNAUTHORIZED:
+        if code in (ErrorCode.UNAUTHORIZED, ErrorCode.INSUFFICIENT_SCOPE):
             return ExitCode.AUTH
     if isinstance(exc, TimeoutError):  # before OSError, of which it is one
         return ExitCode.TIMEOUT

@@ -9,11 +9,14 @@ value, or ``None`` when the failure did not come from an error response) and the
     ├── APIConnectionError            server unreachable, connection dropped mid-request
     │   └── APITimeoutError           [TimeoutError] connect/read/write/pool timeout
     ├── AuthenticationError           unauthorized, forbidden_host (401, 403)
+    ├── InsufficientScopeError        insufficient_scope (403): the key's scope forbids it
+    ├── QuotaExceededError            quota_exceeded (429): a session or job quota is full
     ├── InvalidRequestError           invalid_request, malformed_json, method_not_allowed,
     │                                 limit_exceeded, request_too_large, request_timeout,
     │                                 too_many_requests, any other 4xx
     ├── NotFoundError                 not_found (unknown URL); base of the two *NotFound below
     ├── ServerError                   internal_error, other 5xx, non-JSON error pages
+    │   └── ServerShutdownError       [APIConnectionError] server_shutdown (503)
     ├── SessionError                  any session_* code, whatever the operation
     │   ├── SessionNotFoundError      [NotFoundError] session_not_found
     │   ├── SessionStateError         session_state: wrong state for the operation
@@ -61,6 +64,7 @@ __all__ = [
     "FileError",
     "FileListError",
     "FileUploadError",
+    "InsufficientScopeError",
     "InvalidCommandError",
     "InvalidRequestError",
     "JobError",
@@ -69,7 +73,9 @@ __all__ = [
     "JobTimeoutError",
     "LocalFileError",
     "NotFoundError",
+    "QuotaExceededError",
     "ServerError",
+    "ServerShutdownError",
     "SessionError",
     "SessionNotFoundError",
     "SessionStartError",
@@ -136,6 +142,18 @@ class AuthenticationError(BastionError):
     """The API key is missing or wrong (``unauthorized``)."""
 
 
+class InsufficientScopeError(BastionError):
+    """The key is valid, but its scope does not allow the request
+    (``insufficient_scope``, 403): a ``viewer`` key writing or opening a terminal, an
+    ``agent`` key managing keys."""
+
+
+class QuotaExceededError(BastionError):
+    """A quota of the key's tenant or of the server is full (``quota_exceeded``, 429):
+    sessions, running sessions or running jobs.  Nothing was created or started;
+    delete or stop sessions, or wait for jobs to end, and try again."""
+
+
 class InvalidRequestError(BastionError):
     """The server rejected the request as malformed or over a limit."""
 
@@ -146,6 +164,17 @@ class NotFoundError(BastionError):
 
 class ServerError(BastionError):
     """The server failed (``internal_error`` or any other 5xx answer)."""
+
+
+class ServerShutdownError(ServerError, APIConnectionError):
+    """The server began to shut down before it could answer (``server_shutdown``, 503).
+
+    Raised for a job ``wait`` or an event stream the server was holding when it began
+    to shut down, and for a job it refused to start then.  Idempotent requests are
+    retried first (the server may be back within the retries).  A job that was running
+    is killed by the shutdown: once the server is back, it reads ``failed`` with
+    ``failure_reason`` ``"server_restarted"``.
+    """
 
 
 # --------------------------------------------------------------------------- sessions

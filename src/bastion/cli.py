@@ -91,7 +91,7 @@ _EXIT_CODE_TEXT = {
     ExitCode.USAGE: "usage: a bad command line or value, or the command's extra is missing",
     ExitCode.NOT_FOUND: "not found: no such session, job or file",
     ExitCode.CONFLICT: "conflict: the session's state, or a path of the wrong kind",
-    ExitCode.AUTH: "authentication: the API key is missing or not accepted",
+    ExitCode.AUTH: "authentication: the API key is missing, not accepted, or its scope forbids it",
     ExitCode.CONNECTION: "connection: the server cannot be reached, or the connection broke",
     ExitCode.TIMEOUT: "timeout: a request, or --timeout/--wait-timeout (the job keeps running)",
     ExitCode.INTERRUPTED: "interrupted by Ctrl-C",

@@ -71,9 +71,20 @@ class ErrorCode(StrEnum):
     REQUEST_TIMEOUT = "request_timeout"
     #: The key (or the server) has as many requests in flight as it may.
     TOO_MANY_REQUESTS = "too_many_requests"
+    #: The key is valid but its scope does not allow this (a viewer writing, an agent
+    #: managing keys).
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    #: The key (its tenant) or the server is at a quota: sessions, running sessions or
+    #: running jobs (``bastion serve --max-*-per-key``...).  Nothing was created.
+    QUOTA_EXCEEDED = "quota_exceeded"
+    #: A list's ``cursor`` is not one of its own ``next_cursor`` values.
+    INVALID_CURSOR = "invalid_cursor"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
+    #: The server began to shut down while it held the request (a job ``wait``), or
+    #: before it could start what was asked (a job, a terminal).  Retry once it is back.
+    SERVER_SHUTDOWN = "server_shutdown"
     # sessions
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_STATE = "session_state"
@@ -103,9 +114,13 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.REQUEST_TOO_LARGE: 413,
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.TOO_MANY_REQUESTS: 429,
+    ErrorCode.INSUFFICIENT_SCOPE: 403,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.INVALID_CURSOR: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.SERVER_SHUTDOWN: 503,
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.SESSION_STATE: 409,
     ErrorCode.SESSION_START_FAILED: 500,
@@ -131,6 +146,29 @@ class ErrorDetail(TypedDict):
 
 class ErrorBody(TypedDict):
     error: ErrorDetail
+
+
+# --------------------------------------------------------------------------- pages
+#
+# Every list (``GET /v1/sessions``, ``.../jobs``, ``.../files``) answers one page:
+# ``?limit=N`` items at most (1 to MAX_PAGE_SIZE, default DEFAULT_PAGE_SIZE), in the
+# list's fixed order, and ``next_cursor``.  Passing that back as ``?cursor=`` gives
+# the items after the last one of the page: a cursor names a position in the order, not
+# an offset, so items added or removed meanwhile never make one repeat or be skipped.
+# ``next_cursor`` is null on the last page.  A cursor is opaque and works only for
+# the list that made it (else 400 ``invalid_cursor``); a bad ``limit`` is 422.
+
+#: Items in one page of a list whose request names no ``limit``.
+DEFAULT_PAGE_SIZE = 100
+#: The largest ``limit`` a list accepts.
+MAX_PAGE_SIZE = 1000
+
+
+class Page(TypedDict):
+    """What every page of a list has besides its items (under the list's own key)."""
+
+    #: Pass as ``cursor`` for the next page; None on the last page.
+    next_cursor: str | None
 
 
 # --------------------------------------------------------------------------- sessions
@@ -181,6 +219,9 @@ class CreateSessionRequest(TypedDict, total=False):
     #: What happens when either timeout passes (default "stop").
     on_timeout: ExpiryAction
     network: NetworkRequest
+    #: Environment variables every job (and terminal) of the session gets, over the
+    #: server's ``--env-file``; a job's own ``env`` overrides them.  Never shown back.
+    env: dict[str, str]
 
 
 class SessionUsage(TypedDict):
@@ -209,7 +250,7 @@ class SessionInfo(TypedDict):
     usage: NotRequired[SessionUsage | None]
 
 
-class SessionList(TypedDict):
+class SessionList(Page):
     sessions: list[SessionInfo]
 
 
@@ -245,11 +286,12 @@ class JobInfo(JobResult):
     #: Why a failed job failed: "nonzero_exit" (its own exit status, in output.status_code),
     #: "not_found", "invalid_cwd" (its working directory is missing), "exec_failed",
     #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted",
-    #: "lost"; None unless failed.
+    #: "lost", "internal_error" (the server itself failed while running the job; the
+    #: job's errout ends with what failed); None unless failed.
     failure_reason: str | None
 
 
-class JobList(TypedDict):
+class JobList(Page):
     jobs: list[JobInfo]
 
 
@@ -265,7 +307,7 @@ class FileEntry(TypedDict):
     mode: str
 
 
-class FileList(TypedDict):
+class FileList(Page):
     path: str
     files: list[FileEntry]
 
@@ -287,6 +329,57 @@ class HealthInfo(TypedDict):
     status: Literal["ok"]
     version: str
     runtime: str
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+class KeyScope(StrEnum):
+    """What a key may do: ``admin`` everything (keys included), ``agent`` work on its
+    tenant's sessions, ``viewer`` only read them (GET requests, no terminals)."""
+
+    ADMIN = "admin"
+    AGENT = "agent"
+    VIEWER = "viewer"
+
+
+KeyScopeName = Literal["admin", "agent", "viewer"]
+
+
+class CreateKeyRequest(TypedDict):
+    scope: KeyScopeName
+    #: Unique among the server's keys: letters, digits, ``.``, ``_``, ``-`` (1-64).
+    name: NotRequired[str | None]
+    #: The id of the key whose sessions this key works on (a viewer of an agent's
+    #: sessions, or a key rotated in); default: a tenant of its own.
+    tenant: NotRequired[str | None]
+
+
+class KeyInfo(TypedDict):
+    #: The key's fingerprint (``key_`` + 24 hex digits), as logs and the audit log
+    #: name it; the key itself is never stored.
+    key_id: str
+    name: str | None
+    scope: KeyScopeName
+    #: The id of the tenant whose sessions the key works on (its own id by default).
+    tenant: str
+    #: "api" (made by ``POST /v1/keys``) or "config" (``--api-key``: admin, not revocable).
+    source: Literal["api", "config"]
+    created_at: str | None
+    revoked_at: str | None
+
+
+class CreatedKey(KeyInfo):
+    #: The key itself: shown this once, never again.
+    api_key: str
+
+
+class KeyList(TypedDict):
+    keys: list[KeyInfo]
+
+
+def keys_path(key_id: str = "") -> str:
+    return f"{API_PREFIX}/keys" + (f"/{key_id}" if key_id else "")
 
 
 # --------------------------------------------------------------------------- limits
@@ -312,7 +405,13 @@ def session_path(session_id: str = "") -> str:
 # "memory_mb" must be an error, not silently ignored) and values of the wrong type ("yes"
 # is not a boolean).  The attribute is read by the server's validation (pydantic) and
 # means nothing to anything else.
-for _request_type in (SessionLimits, CreateSessionRequest, RunJobRequest, NetworkRequest):
+for _request_type in (
+    SessionLimits,
+    CreateSessionRequest,
+    RunJobRequest,
+    NetworkRequest,
+    CreateKeyRequest,
+):
     setattr(_request_type, "__pydantic_config__", {"extra": "forbid", "strict": True})  # noqa: B010
 
 
@@ -340,6 +439,9 @@ class TerminalCloseCode:
 
     #: The shell exited (an "exit" message came first).
     NORMAL = 1000
+    #: The server is shutting down: an "exit" with reason "server_shutdown" came first
+    #: (or, for a terminal it refused to open, an "error" with code "server_shutdown").
+    GOING_AWAY = 1001
     #: A server-side failure (the sandbox could not start the shell).
     INTERNAL_ERROR = 1011
     #: Missing or invalid API key.
@@ -350,6 +452,8 @@ class TerminalCloseCode:
     SESSION_NOT_RUNNING = 4009
     #: The client sent a message the server cannot understand.
     BAD_MESSAGE = 4400
+    #: The key's scope does not allow terminals (a viewer key).
+    FORBIDDEN = 4003
 
 
 TerminalMessageType = Literal["init", "term_output", "exit", "error", "pong"]
@@ -384,6 +488,10 @@ class TerminalMessage(TypedDict):
 #   {"type": "status", "status": "queued"|"running"|...}      each status change
 #   {"type": "stdout", "data": str} / {"type": "stderr", "data": str}  output, in order
 #   {"type": "end", "job": JobInfo}                            the final job, last line
+# If the server begins to shut down before the job ends, the stream ends at once with
+#   {"type": "end", "job": JobInfo, "reason": "server_shutdown"}
+# where the job is as it was then (not final: it is then killed by the shutdown and
+# recorded "failed" with failure_reason "server_restarted").
 
 
 class JobEvent(TypedDict):
@@ -391,3 +499,5 @@ class JobEvent(TypedDict):
     status: NotRequired[JobStatusName]
     data: NotRequired[str]
     job: NotRequired[JobInfo]
+    #: On an "end" that comes before the job ended: why ("server_shutdown").
+    reason: NotRequired[str]

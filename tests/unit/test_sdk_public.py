@@ -40,6 +40,9 @@ EXCEPTIONS = {
     "TerminalSessionStateError",
     "TerminalTimeoutError",
     "LocalFileError",
+    "InsufficientScopeError",
+    "QuotaExceededError",
+    "ServerShutdownError",
 }
 #: Classes of the SDK that are not exceptions or wire types.
 CLASSES = {
@@ -56,7 +59,7 @@ WIRE_TYPES = {
     for name, value in vars(wire).items()
     if isinstance(value, type) and hasattr(value, "__required_keys__") and not name.startswith("_")
 }
-ENUMS = {"ErrorCode", "JobStatus", "SessionStatus"}
+ENUMS = {"ErrorCode", "JobStatus", "KeyScope", "SessionStatus"}
 
 
 def test_public_surface() -> None:
