@@ -1,8 +1,9 @@
 """The in-sandbox agent's wire protocol, spoken to the agent itself (no server, no sandbox).
 
-Both agents, ``agent.py`` and the C one (``agent_c/bastion-agent.c``), run here as
-ordinary child processes of the test, as root, with the sandbox user set to nobody
-(65534) so that the drop of privileges is real.  Outside a container the agent's PID-1
+The agent (``agent_c/bastion-agent.c``, built from source for the test run) runs here
+as an ordinary child process of the test, as root, with the sandbox user set to nobody
+(65534) so that the drop of privileges is real; the frames are those of
+``agent_protocol.py``, the codec the server uses.  Outside a container the agent's PID-1
 reaper is only a parent process; every job runs with a marker in its environment, and
 teardown kills whatever carries it (and every descendant of the agent), so nothing a
 test starts outlives it.
@@ -17,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from bastion_server.runtime.agent import (
+from bastion_server.runtime.agent_build import AgentBuildError, build_agent
+from bastion_server.runtime.agent_protocol import (
     FRAME_JSON,
     FRAME_STDERR,
     FRAME_STDIN,
@@ -37,9 +38,7 @@ from bastion_server.runtime.agent import (
     encode_frame,
     encode_json,
 )
-from bastion_server.runtime.agent_build import AgentBuildError, build_agent
 
-RUNTIME = Path(__file__).resolve().parents[2] / "src" / "bastion_server" / "runtime"
 NOBODY = 65534
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 NOT_FOUND = "No such file or directory"
@@ -131,6 +130,8 @@ class Conn:
         self.stdout_len = 0
         self.keep_output = True
         self.eof = False
+        self.usage: dict[str, int] | None = None
+        self.kill_signal: int | None = None
 
     def __enter__(self) -> Conn:
         return self
@@ -157,7 +158,11 @@ class Conn:
             self._pending.extend(self._reader.feed(data))
         kind, payload = self._pending.pop(0)
         if kind == FRAME_JSON:
-            self.events.append(json.loads(payload))
+            event = json.loads(payload)
+            if event.get("event") == "exit":  # kept apart: tests/unit/test_agent_jobs.py
+                self.usage = event.pop("usage", None)
+                self.kill_signal = event.pop("kill_signal", None)
+            self.events.append(event)
         elif kind == FRAME_STDOUT:
             self.stdout_len += len(payload)
             if self.keep_output:
@@ -192,7 +197,6 @@ class Conn:
 
 @dataclass
 class Agent:
-    kind: str
     proc: subprocess.Popen[bytes]
     socket_path: str
     marker: str
@@ -295,12 +299,9 @@ def c_agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"the C agent cannot be built: {exc}")
 
 
-@pytest.fixture(params=["python", "c"])
-def agent(request: pytest.FixtureRequest) -> Iterator[Agent]:
-    if request.param == "c":
-        command = [str(request.getfixturevalue("c_agent_binary"))]
-    else:
-        command = [sys.executable, str(RUNTIME / "agent.py")]
+@pytest.fixture
+def agent(c_agent_binary: Path) -> Iterator[Agent]:
+    command = [str(c_agent_binary)]
     # Short: a socket path has at most 107 bytes.
     sock_dir = Path(tempfile.mkdtemp(prefix="bastion-agent-"))
     log_path = sock_dir / "agent.log"
@@ -320,7 +321,7 @@ def agent(request: pytest.FixtureRequest) -> Iterator[Agent]:
             stderr=log,
             start_new_session=True,
         )
-    agent = Agent(request.param, proc, str(sock_dir / "agent.sock"), uuid.uuid4().hex, log_path)
+    agent = Agent(proc, str(sock_dir / "agent.sock"), uuid.uuid4().hex, log_path)
     try:
         agent.wait_ready()
         yield agent
@@ -479,10 +480,9 @@ def test_malformed_request_leaves_the_agent_up(agent: Agent, payload: bytes) -> 
     with agent.connect() as conn:
         conn.sock.sendall(encode_frame(FRAME_JSON, payload))
         conn.read_until(lambda: conn.eof, 10)
-    if agent.kind == "c":  # agent.py just closes the connection
-        assert len(conn.events) == 1
-        assert conn.events[0]["error"] == "start_failed"
-        assert conn.events[0]["message"].startswith("bad request: ")
+    assert len(conn.events) == 1
+    assert conn.events[0]["error"] == "start_failed"
+    assert conn.events[0]["message"].startswith("bad request: ")
     agent.ping()
     assert bytes(agent.run(["echo", "still here"]).stdout) == b"still here\n"
 
@@ -588,17 +588,7 @@ def test_disconnect_kills_the_tree(agent: Agent) -> None:
     agent.ping()
 
 
-def test_kill_reaches_a_new_session_and_a_fork_loop(
-    agent: Agent, request: pytest.FixtureRequest
-) -> None:
-    if agent.kind == "python":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="agent.py's supervisor leaves as soon as the main process dies, so "
-                "what the tree forks during the sweep can escape to PID 1",
-                strict=False,
-            )
-        )
+def test_kill_reaches_a_new_session_and_a_fork_loop(agent: Agent) -> None:
     script = "setsid sleep 100 & (while :; do sleep 100 & sleep 0.01; done) & sleep 100"
     with agent.exec(["sh", "-c", script]) as conn:
         conn.event("started")

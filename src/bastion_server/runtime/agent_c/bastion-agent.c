@@ -18,10 +18,23 @@
  *   J  a JSON object (requests from the server, events from the agent)
  *   O / E  stdout / stderr bytes (agent -> server)
  *   I  stdin bytes (server -> agent; pty input)
- * Requests: {"op":"exec","argv","env","cwd","timeout","pty","rows","cols"}, then
- * optionally {"op":"kill"} / {"op":"resize","rows","cols"} and input; {"op":"ping"}.
+ * Requests: {"op":"exec","argv","env","cwd","timeout","pty","rows","cols",
+ * "user","stdin","rlimits"}, then optionally {"op":"kill","signal"},
+ * {"op":"resize","rows","cols"}, {"op":"close_stdin"} and input; {"op":"ping"}.
+ *   user     "root": the job runs as the sandbox's root; else as $BASTION_UID.
+ *   stdin    true: the job's stdin is a pipe fed by I frames (else /dev/null, or the
+ *            terminal with pty); close_stdin closes it (with a pty: sends ^D).
+ *   rlimits  {"cpu_seconds", "file_size_bytes", "open_files"}: per-process kernel
+ *            limits of the job (lowered only, never raised).
+ *   The exec frame may carry descriptors (SCM_RIGHTS, at most MAX_CG_FDS): each is a
+ *   cgroup's cgroup.procs, opened by the server; the supervisor writes "0" to each
+ *   before the job starts, so the job's whole tree lives in those cgroups.
+ *   kill     without "signal" (or SIGKILL): the whole tree dies; another signal is
+ *            sent to every process of the tree, which may handle it.
  * Events: {"event":"started","pid"}, output frames, and last
- * {"event":"exit","exit_code","signal","timed_out","error"}.
+ * {"event":"exit","exit_code","signal","timed_out","error","kill_signal","usage"},
+ * usage = {"wall_us","user_cpu_us","system_cpu_us","peak_rss_kb"} of the job's main
+ * process and every descendant reaped before it ended (null if the supervisor died).
  * Closing the connection kills the job's whole tree.
  *
  * Killing a tree: the agent sends SIGUSR1 to the supervisor ("kill mode": from now on
@@ -87,6 +100,8 @@
 #define SOCKET_NAME "agent.sock"
 #define DEFAULT_SOCKET_DIR "/run/bastion"
 #define DEFAULT_PATH "/bin:/usr/bin" /* Python's os.defpath, as execvpe uses it */
+#define MAX_CG_FDS 4
+#define ERR_LIMITS (1 << 20) /* on the exec error pipe: placing the job in its cgroups */
 
 static uid_t g_uid;
 static gid_t g_gid;
@@ -581,7 +596,15 @@ static bool jcstr(const struct jv *v) { return v && v->t == JSTR && strlen(v->s)
 
 /* ------------------------------------------------------------------ sessions */
 
-enum { W_SOCK, W_OUT, W_ERR, W_STATUS, W_EXECERR, W_N }; /* W_OUT: the pty master */
+/* W_OUT: the pty master (also the input side of a pty); W_IN: a piped stdin. */
+enum { W_SOCK, W_OUT, W_ERR, W_STATUS, W_EXECERR, W_IN, W_N };
+
+/* What the supervisor writes on the status pipe when the job's main process ends. */
+struct job_status {
+    int32_t code; /* exit code, or -signal */
+    int32_t pad;
+    int64_t utime_us, stime_us, maxrss_kb;
+};
 enum { JOB_NONE, JOB_STARTING, JOB_RUNNING, JOB_DONE };
 
 struct sess;
@@ -603,8 +626,13 @@ struct sess {
     bool no_input;   /* a bad control frame: read no more */
     bool pty, have_status, timed_out, killed, killing, sup_alive, dead;
     bool has_timeout, has_deadline;
+    bool have_usage;
     pid_t sup;
     int status;      /* as the supervisor reports it: exit code, or -signal */
+    int kill_signal; /* the signal a kill request asked for (0: none) */
+    int cg_fds[MAX_CG_FDS], ncg; /* cgroup.procs descriptors that came with exec */
+    struct job_status usage;
+    int64_t started_ns, ended_ns;
     int sweeps;
     int64_t timeout_ns, deadline, drain_until, next_sweep;
     char *argv0;     /* for an exec failure's message */
@@ -654,8 +682,10 @@ static void update(struct sess *s) {
     }
     /* Backpressure: no output is read while the socket has not taken the last chunk. */
     bool relay = s->job == JOB_RUNNING && sock_open(s) && !queued;
+    bool pending = buf_avail(&s->pend) > 0;
     wset(&s->w[W_OUT], s->w[W_OUT].eof ? 0
-                       : (relay ? EPOLLIN : 0) | (buf_avail(&s->pend) ? EPOLLOUT : 0));
+                       : (relay ? EPOLLIN : 0) | (s->pty && pending ? EPOLLOUT : 0));
+    wset(&s->w[W_IN], !s->pty && pending ? EPOLLOUT : 0);
     wset(&s->w[W_ERR], relay && !s->w[W_ERR].eof ? EPOLLIN : 0);
     wset(&s->w[W_STATUS], s->job == JOB_RUNNING ? EPOLLIN : 0);
     wset(&s->w[W_EXECERR], s->job == JOB_STARTING ? EPOLLIN : 0);
@@ -676,6 +706,7 @@ static void disconnect(struct sess *s) {
     if (s->job == JOB_RUNNING) {
         wclose(&s->w[W_OUT]);
         wclose(&s->w[W_ERR]);
+        wclose(&s->w[W_IN]);
         buf_free(&s->pend);
         start_kill(s);
     }
@@ -759,6 +790,14 @@ static void send_exit(struct sess *s, bool has_code, int code, int sig, bool tim
         buf_puts(&b, ",\"message\":");
         jw_str(&b, message, strlen(message));
     }
+    if (s->kill_signal)
+        buf_printf(&b, ",\"kill_signal\":%d", s->kill_signal);
+    if (s->have_usage) {
+        buf_printf(&b, ",\"usage\":{\"wall_us\":%lld,", (long long)((s->ended_ns - s->started_ns) / 1000));
+        buf_printf(&b, "\"user_cpu_us\":%lld,", (long long)s->usage.utime_us);
+        buf_printf(&b, "\"system_cpu_us\":%lld,", (long long)s->usage.stime_us);
+        buf_printf(&b, "\"peak_rss_kb\":%lld}", (long long)s->usage.maxrss_kb);
+    }
     buf_puts(&b, "}");
     send_json(s, &b);
 }
@@ -791,8 +830,8 @@ static int by_ppid(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* SIGKILL every live descendant of root; returns how many there were. */
-static int kill_descendants(pid_t root) {
+/* Send sig to every live descendant of root; returns how many there were. */
+static int signal_descendants(pid_t root, int sig) {
     int proc = g_proc >= 0 ? openat(g_proc, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
                            : open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *d = proc >= 0 ? fdopendir(proc) : NULL;
@@ -854,7 +893,7 @@ static int kill_descendants(pid_t root) {
             }
             for (; lo < n && ps[lo].ppid == parent && tail <= n; lo++) {
                 todo[tail++] = ps[lo].pid;
-                if (!ps[lo].zombie && kill(ps[lo].pid, SIGKILL) == 0)
+                if (!ps[lo].zombie && kill(ps[lo].pid, sig) == 0)
                     killed++;
             }
         }
@@ -869,7 +908,7 @@ static void sweep(struct sess *s) {
         s->killing = false;
         return;
     }
-    kill_descendants(s->sup);
+    signal_descendants(s->sup, SIGKILL);
     if (++s->sweeps >= MAX_SWEEPS) {
         kill(s->sup, SIGKILL); /* give up on the tree, as agent.py does */
         s->killing = false;
@@ -893,10 +932,29 @@ static void start_kill(struct sess *s) {
 struct spawn {
     char **argv, **envp;
     const char *cwd;
-    bool pty;
+    bool pty, as_root;
     int fds[3]; /* the job's stdin, stdout, stderr */
     int status_w, err_w;
+    const int *cg_fds;
+    int ncg;
+    /* Per-process limits: RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE; RLIM_INFINITY: none. */
+    rlim_t cpu, fsize, nofile;
 };
+
+/* Lower a limit (soft and hard) to at most value; never raise it. */
+static int lower_rlimit(int resource, rlim_t value, rlim_t hard_extra) {
+    struct rlimit rl;
+    if (value == RLIM_INFINITY)
+        return 0;
+    if (getrlimit(resource, &rl) < 0)
+        return -1;
+    rlim_t hard = value + hard_extra;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < hard)
+        hard = rl.rlim_max;
+    rl.rlim_cur = value < hard ? value : hard;
+    rl.rlim_max = hard;
+    return setrlimit(resource, &rl);
+}
 
 static void close_range_(unsigned lo, unsigned hi) {
     if (lo > hi)
@@ -992,7 +1050,13 @@ static _Noreturn void run_job(const struct spawn *sp) {
     for (int t = 0; t < 3; t++)
         if (dup2(sp->fds[t], t) < 0) /* the copies lose O_CLOEXEC; the originals close */
             goto fail;
-    if (setgroups(0, NULL) < 0 || setgid(g_gid) < 0 || setuid(g_uid) < 0)
+    /* CPU: SIGXCPU at the limit, SIGKILL a second later if it is handled. */
+    if (lower_rlimit(RLIMIT_CPU, sp->cpu, 1) < 0 || lower_rlimit(RLIMIT_FSIZE, sp->fsize, 0) < 0 ||
+        lower_rlimit(RLIMIT_NOFILE, sp->nofile, 0) < 0)
+        goto fail;
+    uid_t uid = sp->as_root ? 0 : g_uid;
+    gid_t gid = sp->as_root ? 0 : g_gid;
+    if (setgroups(0, NULL) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
         goto fail;
     if (chdir(sp->cwd) < 0) {
         err = -(errno ? errno : EIO); /* negative: the working directory, not the command */
@@ -1020,6 +1084,16 @@ static void on_usr1(int sig) {
 /* The supervisor: child subreaper of the job's tree; reports how the main process
  * ended on the status pipe.  Runs in a fork of the (single-threaded) agent. */
 static _Noreturn void supervise(const struct spawn *sp) {
+    /* Into the job's cgroups first: everything it starts is born there. */
+    for (int i = 0; i < sp->ncg; i++) {
+        if (write(sp->cg_fds[i], "0", 1) != 1) {
+            int err = ERR_LIMITS + (errno ? errno : EIO);
+            if (write(sp->err_w, &err, sizeof err) < 0) {
+                /* the agent is gone */
+            }
+            _exit(0);
+        }
+    }
     int keep[5] = {sp->status_w, sp->err_w, sp->fds[0], sp->fds[1], sp->fds[2]};
     close_fds_except(keep, 5); /* other jobs' pipes and sockets, the listener, epoll */
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
@@ -1063,8 +1137,14 @@ static _Noreturn void supervise(const struct spawn *sp) {
             _exit(0); /* no child left */
         }
         if (pid == job) {
-            int32_t code = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
-            if (write(sp->status_w, &code, sizeof code) < 0) {
+            struct job_status js = {.code = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st)};
+            struct rusage ru;
+            if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {
+                js.utime_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+                js.stime_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
+                js.maxrss_kb = ru.ru_maxrss;
+            }
+            if (write(sp->status_w, &js, sizeof js) < 0) {
                 /* the agent no longer listens (SIGPIPE stays ignored here) */
             }
             close(sp->status_w);
@@ -1077,6 +1157,12 @@ static _Noreturn void supervise(const struct spawn *sp) {
     }
 }
 
+
+static void close_cgroup_fds(struct sess *s) {
+    for (int i = 0; i < s->ncg; i++)
+        close(s->cg_fds[i]);
+    s->ncg = 0;
+}
 
 static void set_winsize(int fd, int rows, int cols) {
     struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
@@ -1171,11 +1257,40 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
         start_failed(s, "rows and cols must be numbers");
         return;
     }
+    const struct jv *user_v = jget(req, "user");
+    if (jtruthy(user_v) && !jis_str(user_v, "root") && !jis_str(user_v, "user")) {
+        start_failed(s, "user must be \"root\", \"user\" or null");
+        return;
+    }
+    bool as_root = jis_str(user_v, "root");
+    bool piped_stdin = !pty && jtruthy(jget(req, "stdin"));
+    struct spawn sp = {.argv = argv, .envp = envp, .cwd = cwd, .pty = pty, .as_root = as_root,
+                       .cg_fds = s->cg_fds, .ncg = s->ncg, .cpu = RLIM_INFINITY,
+                       .fsize = RLIM_INFINITY, .nofile = RLIM_INFINITY};
+    const struct jv *lim_v = jget(req, "rlimits");
+    if (jtruthy(lim_v)) {
+        static const char *const names[] = {"cpu_seconds", "file_size_bytes", "open_files"};
+        rlim_t *slots[] = {&sp.cpu, &sp.fsize, &sp.nofile};
+        if (lim_v->t != JOBJ) {
+            start_failed(s, "rlimits must be an object of numbers");
+            return;
+        }
+        for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+            const struct jv *v = jget(lim_v, names[k]);
+            if (!v || v->t == JNULL)
+                continue;
+            if (v->t != JNUM || v->num < 1 || v->num > 1e15) {
+                start_failed(s, "rlimits.%s must be a number from 1", names[k]);
+                return;
+            }
+            *slots[k] = (rlim_t)v->num;
+        }
+    }
 
     int status_p[2] = {-1, -1}, err_p[2] = {-1, -1}, out_p[2] = {-1, -1}, eout_p[2] = {-1, -1};
+    int in_p[2] = {-1, -1};
     int master = -1, slave = -1;
     const char *what = "pipe";
-    struct spawn sp = {.argv = argv, .envp = envp, .cwd = cwd, .pty = pty};
     /* Both ends non-blocking: the supervisor and the job write one word to an empty pipe. */
     if (pipe2(status_p, O_CLOEXEC | O_NONBLOCK) < 0 || pipe2(err_p, O_CLOEXEC | O_NONBLOCK) < 0)
         goto fail;
@@ -1194,14 +1309,16 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
                 goto fail;
         }
         what = "fchown";
-        if (fchown(slave, g_uid, (gid_t)-1) < 0)
+        if (fchown(slave, as_root ? 0 : g_uid, (gid_t)-1) < 0)
             goto fail;
         set_winsize(master, rows, cols);
         sp.fds[0] = sp.fds[1] = sp.fds[2] = slave;
     } else {
         if (pipe2(out_p, O_CLOEXEC) < 0 || pipe2(eout_p, O_CLOEXEC) < 0)
             goto fail;
-        sp.fds[0] = g_devnull;
+        if (piped_stdin && pipe2(in_p, O_CLOEXEC) < 0)
+            goto fail;
+        sp.fds[0] = piped_stdin ? in_p[0] : g_devnull;
         sp.fds[1] = out_p[1];
         sp.fds[2] = eout_p[1];
     }
@@ -1213,12 +1330,13 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
         supervise(&sp);
     if (pid < 0)
         goto fail;
-    int child_side[] = {status_p[1], err_p[1], out_p[1], eout_p[1], slave};
+    int child_side[] = {status_p[1], err_p[1], out_p[1], eout_p[1], in_p[0], slave};
     for (size_t k = 0; k < sizeof child_side / sizeof *child_side; k++)
         if (child_side[k] >= 0)
             close(child_side[k]);
-    /* Only the agent's ends: the job's stdout and stderr stay blocking. */
-    int mine[] = {out_p[0], eout_p[0], master};
+    close_cgroup_fds(s);
+    /* Only the agent's ends: the job's stdio stays blocking. */
+    int mine[] = {out_p[0], eout_p[0], in_p[1], master};
     for (size_t k = 0; k < sizeof mine / sizeof *mine; k++)
         if (mine[k] >= 0)
             fcntl(mine[k], F_SETFL, O_NONBLOCK); /* (F_SETFL ignores the access mode) */
@@ -1226,6 +1344,8 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
     s->w[W_ERR].fd = pty ? -1 : eout_p[0];
     s->w[W_STATUS].fd = status_p[0];
     s->w[W_EXECERR].fd = err_p[0];
+    s->w[W_IN].fd = in_p[1];
+    s->started_ns = now_ns();
     s->pty = pty;
     s->sup = pid;
     s->sup_alive = true;
@@ -1235,7 +1355,7 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
 fail:;
     int err = errno;
     int all[] = {status_p[0], status_p[1], err_p[0], err_p[1], out_p[0], out_p[1],
-                 eout_p[0], eout_p[1], master, slave};
+                 eout_p[0], eout_p[1], in_p[0], in_p[1], master, slave};
     for (size_t k = 0; k < sizeof all / sizeof *all; k++)
         if (all[k] >= 0)
             close(all[k]);
@@ -1291,8 +1411,15 @@ static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
     arena_free(&a);
 }
 
+/* Where input goes: the terminal, or the piped stdin; -1 once nobody reads it. */
+static int input_fd(const struct sess *s) {
+    if (s->pty)
+        return s->w[W_OUT].eof ? -1 : s->w[W_OUT].fd;
+    return s->w[W_IN].fd;
+}
+
 static void write_input(struct sess *s) {
-    int fd = s->w[W_OUT].fd;
+    int fd = input_fd(s);
     while (buf_avail(&s->pend)) {
         ssize_t w = fd < 0 ? -1 : write(fd, s->pend.d + s->pend.off, buf_avail(&s->pend));
         if (w > 0) {
@@ -1302,7 +1429,11 @@ static void write_input(struct sess *s) {
         } else if (w < 0 && errno == EAGAIN) {
             return; /* wait for EPOLLOUT on the master */
         } else {
-            break; /* EIO: nobody holds the terminal any more: input is dropped */
+            /* EIO: nobody holds the terminal any more; EPIPE: nobody reads the pipe:
+             * the input is dropped (and a pipe nobody reads is closed). */
+            if (!s->pty)
+                wclose(&s->w[W_IN]);
+            break;
         }
     }
     buf_free(&s->pend);
@@ -1329,7 +1460,7 @@ static void protocol_error(struct sess *s, const char *what) {
 
 static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
     if (kind == 'I') {
-        if (s->pty && s->w[W_OUT].fd >= 0 && !s->w[W_OUT].eof && n) {
+        if (input_fd(s) >= 0 && n) {
             if (!buf_put(&s->pend, p, n)) {
                 buf_free(&s->pend);
                 protocol_error(s, "out of memory");
@@ -1347,8 +1478,22 @@ static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
     if (!msg || msg->t != JOBJ) {
         protocol_error(s, msg ? "not a JSON object" : err);
     } else if (jis_str(jget(msg, "op"), "kill")) {
+        const struct jv *sg = jget(msg, "signal");
+        int sig = sg && sg->t == JNUM && sg->num >= 1 && sg->num < NSIG ? (int)sg->num : SIGKILL;
         s->killed = true;
-        start_kill(s);
+        s->kill_signal = sig;
+        if (sig == SIGKILL)
+            start_kill(s);
+        else if (s->sup_alive)
+            signal_descendants(s->sup, sig);
+    } else if (jis_str(jget(msg, "op"), "close_stdin")) {
+        /* Input before it is written already (frames wait while input is pending). */
+        if (s->pty && input_fd(s) >= 0) {
+            buf_put(&s->pend, "\x04", 1); /* ^D: end of input at a line's start */
+            write_input(s);
+        } else {
+            wclose(&s->w[W_IN]);
+        }
     } else if (jis_str(jget(msg, "op"), "resize") && s->pty && s->w[W_OUT].fd >= 0 &&
                !s->w[W_OUT].eof) {
         /* The foreground process group learns of it by SIGWINCH. */
@@ -1388,6 +1533,36 @@ static void process_input(struct sess *s) {
 
 /* ------------------------------------------------------------------ events */
 
+/* Read from the socket; descriptors that come along are kept (up to MAX_CG_FDS) only
+ * before the job starts: they are the job's cgroups. */
+static ssize_t recv_with_fds(struct sess *s) {
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(sizeof(int) * MAX_CG_FDS)];
+    } ctl;
+    struct iovec iov = {g_buf, SOCK_READ};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.space,
+                       .msg_controllen = sizeof ctl.space};
+    ssize_t n = recvmsg(s->w[W_SOCK].fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *fds = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < count; i++) {
+            if (s->job == JOB_NONE && s->ncg < MAX_CG_FDS)
+                s->cg_fds[s->ncg++] = fds[i];
+            else
+                close(fds[i]);
+        }
+    }
+    if (m.msg_flags & MSG_CTRUNC)
+        logmsg("descriptors beyond %d dropped", MAX_CG_FDS);
+    return n;
+}
+
 static void on_sock(struct sess *s, uint32_t ev) {
     if (ev & EPOLLOUT) {
         while (buf_avail(&s->out)) {
@@ -1413,7 +1588,7 @@ static void on_sock(struct sess *s, uint32_t ev) {
         }
     }
     if (ev & EPOLLIN) {
-        ssize_t n = recv(s->w[W_SOCK].fd, g_buf, SOCK_READ, MSG_DONTWAIT);
+        ssize_t n = recv_with_fds(s);
         if (n > 0) {
             if (!buf_put(&s->in, g_buf, (size_t)n)) {
                 logmsg("out of memory");
@@ -1430,7 +1605,8 @@ static void on_sock(struct sess *s, uint32_t ev) {
 }
 
 static void on_output(struct sess *s, struct watch *w, uint32_t ev) {
-    if (w->kind == W_OUT && buf_avail(&s->pend) && (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
+    if (w->kind == W_OUT && s->pty && buf_avail(&s->pend) &&
+        (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
         write_input(s);
         if (!buf_avail(&s->pend))
             process_input(s); /* frames held back behind that input */
@@ -1453,13 +1629,26 @@ static void on_output(struct sess *s, struct watch *w, uint32_t ev) {
     }
 }
 
+/* The piped stdin can take more (or its reader is gone). */
+static void on_stdin(struct sess *s, uint32_t ev) {
+    if (buf_avail(&s->pend) && (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
+        write_input(s);
+        if (!buf_avail(&s->pend))
+            process_input(s); /* frames held back behind that input */
+    }
+}
+
 static void on_status(struct sess *s) {
-    int32_t code;
-    ssize_t n = read(s->w[W_STATUS].fd, &code, sizeof code);
+    struct job_status js;
+    ssize_t n = read(s->w[W_STATUS].fd, &js, sizeof js);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
     s->have_status = true;
-    s->status = n == (ssize_t)sizeof code ? code : -SIGKILL; /* no word: supervisor killed */
+    s->ended_ns = now_ns();
+    s->have_usage = n == (ssize_t)sizeof js;
+    if (s->have_usage)
+        s->usage = js;
+    s->status = s->have_usage ? js.code : -SIGKILL; /* nothing: the supervisor was killed */
     wclose(&s->w[W_STATUS]);
     s->drain_until = now_ns() + DRAIN_NS;
 }
@@ -1479,6 +1668,13 @@ static void on_execerr(struct sess *s) {
         wclose(&s->w[W_STATUS]);
         s->job = JOB_DONE;
         char msg[512];
+        if (err >= ERR_LIMITS) {
+            snprintf(msg, sizeof msg, "cannot place the job in its cgroup: %s",
+                     strerror(err - ERR_LIMITS));
+            send_exit(s, false, 0, 0, false, "start_failed", msg);
+            finish_conn(s);
+            return;
+        }
         if (err < 0) {
             snprintf(msg, sizeof msg, "working directory: %s", strerror(-err));
             send_exit(s, true, 126, 0, false, "invalid_cwd", msg);
@@ -1517,6 +1713,7 @@ static void check_complete(struct sess *s) {
         return;
     wclose(&s->w[W_OUT]);
     wclose(&s->w[W_ERR]);
+    wclose(&s->w[W_IN]);
     buf_free(&s->pend);
     s->job = JOB_DONE;
     int sig = s->status < 0 ? -s->status : 0;
@@ -1530,6 +1727,7 @@ static void maybe_free(struct sess *s) {
         return;
     for (int k = 0; k < W_N; k++)
         wclose(&s->w[k]);
+    close_cgroup_fds(s);
     buf_free(&s->in);
     buf_free(&s->out);
     buf_free(&s->pend);
@@ -1735,6 +1933,7 @@ static _Noreturn void serve(const char *dir, pid_t reaper) {
             switch (w->kind) {
             case W_SOCK: on_sock(s, ev); break;
             case W_OUT: case W_ERR: on_output(s, w, ev); break;
+            case W_IN: on_stdin(s, ev); break;
             case W_STATUS: on_status(s); break;
             case W_EXECERR: on_execerr(s); break;
             }
