@@ -210,6 +210,8 @@ class NetworkInfo(TypedDict):
 
 class CreateSessionRequest(TypedDict, total=False):
     limits: SessionLimits
+    #: Labels of your own: at most 64 pairs, each key and value at most 1024
+    #: characters (``MAX_METADATA_ITEMS``, ``MAX_METADATA_LENGTH``).
     metadata: dict[str, str]
     #: Stop (or delete) the session after this many seconds without activity: no job
     #: or terminal running and no request touching it.
@@ -258,8 +260,13 @@ class SessionList(Page):
 
 
 class RunJobRequest(TypedDict):
+    #: The program and its arguments: at most 4096 strings of 128 KiB (UTF-8) in all
+    #: (``MAX_COMMAND_ARGS``, ``MAX_COMMAND_BYTES``), no NUL bytes.
     command: list[str]
+    #: Variables added to the session's: at most 1024, of 128 KiB in all, each counted
+    #: as ``NAME=value`` in UTF-8 (``MAX_ENV_VARS``, ``MAX_ENV_BYTES``).
     env: NotRequired[dict[str, str]]
+    #: The working directory, an absolute path of at most 4096 bytes.
     cwd: NotRequired[str]
     #: Seconds after which the server kills the job's processes; ``None`` = no limit.
     timeout: NotRequired[float | None]
@@ -388,6 +395,15 @@ def keys_path(key_id: str = "") -> str:
 MAX_PATH_LENGTH = 4096
 #: Longest single path component (NAME_MAX).
 MAX_NAME_LENGTH = 255
+#: Most arguments of a job's command, and their total size in bytes of UTF-8.
+MAX_COMMAND_ARGS = 4096
+MAX_COMMAND_BYTES = 128 * 1024
+#: Most variables of a job's env, and their total size (each ``NAME=value``, UTF-8).
+MAX_ENV_VARS = 1024
+MAX_ENV_BYTES = 128 * 1024
+#: Most metadata pairs of a session, and the longest key or value (characters).
+MAX_METADATA_ITEMS = 64
+MAX_METADATA_LENGTH = 1024
 #: Longest time (seconds) the server holds one ``GET .../jobs/{jid}/wait?timeout=S``
 #: request before answering with the job in its current state; a larger ``timeout``
 #: is capped to this.  ``timeout`` may be fractional.

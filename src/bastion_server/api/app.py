@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import API_PREFIX, HealthInfo
 from bastion_server import __version__
-from bastion_server.api import errors, files, jobs, sdk_index, sessions, terminal
+from bastion_server.api import docs, errors, files, jobs, openapi, sdk_index, sessions, terminal
 from bastion_server.api.bodies import BodyLimits
 from bastion_server.api.guard import RequestGuard
 from bastion_server.config import ServerConfig
@@ -73,11 +73,13 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         description="Self-hosted sandboxed execution: sessions, jobs, files, terminals.",
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served by api/docs.py, from local assets
         redoc_url=None,
     )
     app.state.config = config
     errors.install(app)
+    openapi.install(app)
+    app.include_router(docs.router)
     for module in (sessions, jobs, files, terminal, sdk_index):
         app.include_router(module.router)
 

@@ -11,6 +11,9 @@ content type, so every body that is not a file upload is a JSON body here, and
   ``422 invalid_request``, by a linear scan that never recurses (the JSON parser
   would hit the interpreter's recursion limit, and the models' validation would walk
   every level).
+* **text**: bytes that are not UTF-8 are ``400 malformed_json``, and a string holding
+  a lone surrogate (``"\\ud800"``) is ``422 invalid_request``
+  (:mod:`bastion_server.api.text`).
 * **progress**: a body that goes ``body_timeout`` seconds without a byte arriving is
   abandoned: ``408 request_timeout`` and the connection closed.  This holds for
   uploads too (their size has its own limit, ``max_upload_bytes``); only the time the
@@ -28,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import ErrorCode
 from bastion_server.api.errors import error_response
+from bastion_server.api.text import TextProblem, check_body_text
 from bastion_server.config import ServerConfig
 
 #: The streamed upload: the one route whose body is not JSON.
@@ -98,6 +102,12 @@ class BodyLimits:
                 ErrorCode.INVALID_REQUEST,
                 f"the JSON body nests arrays and objects deeper than {self.max_depth} levels",
             )(scope, receive, send)
+            return
+        try:
+            check_body_text(body)
+        except TextProblem as problem:
+            code = ErrorCode.MALFORMED_JSON if problem.malformed else ErrorCode.INVALID_REQUEST
+            await error_response(code, problem.message)(scope, receive, send)
             return
         replayed = False
 

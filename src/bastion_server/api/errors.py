@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.wire import ERROR_HTTP_STATUS, ErrorCode
 from bastion_server.service.errors import ServiceError
+from bastion_server.unicode_text import printable
 
 log = logging.getLogger("bastion.api")
 
@@ -25,10 +26,8 @@ log = logging.getLogger("bastion.api")
 def error_response(
     code: ErrorCode, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    # A message may quote a path with bytes that are not UTF-8: shown as U+FFFD.
-    message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return JSONResponse(
-        {"error": {"code": code.value, "message": message}},
+        {"error": {"code": code.value, "message": printable(message)}},
         status_code=ERROR_HTTP_STATUS[code],
         headers=headers,
     )

@@ -33,6 +33,7 @@ from starlette.websockets import WebSocket
 
 from bastion.wire import API_PREFIX, ErrorCode
 from bastion_server.api.auth import authenticate, supplied_key
+from bastion_server.api.docs import DOCS_PATHS
 from bastion_server.api.errors import error_response
 from bastion_server.config import ServerConfig
 from bastion_server.service.errors import ServiceError
@@ -42,8 +43,7 @@ OPEN_PATHS = frozenset(
     {
         f"{API_PREFIX}/health",
         f"{API_PREFIX}/openapi.json",
-        f"{API_PREFIX}/docs",
-        f"{API_PREFIX}/docs/oauth2-redirect",
+        *DOCS_PATHS,
     }
 )
 

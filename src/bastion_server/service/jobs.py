@@ -18,7 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.wire import FINAL_JOB_STATUSES, ErrorCode, JobEvent, JobInfo, JobOutput, JobStatus
+from bastion.wire import (
+    FINAL_JOB_STATUSES,
+    MAX_COMMAND_ARGS,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    ErrorCode,
+    JobEvent,
+    JobInfo,
+    JobOutput,
+    JobStatus,
+)
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -41,9 +52,6 @@ from bastion_server.store.sqlite import JobRecord, Store
 
 log = logging.getLogger("bastion.jobs")
 
-MAX_ARGS = 4096
-MAX_ARG_BYTES = 128 * 1024
-MAX_ENV = 1024
 MAX_TIMEOUT = 7 * 24 * 3600.0
 #: How long after its timeout the server stops waiting for the agent to end a job.
 TIMEOUT_BACKSTOP = 5.0
@@ -101,23 +109,23 @@ class JobService:
             raise ServiceError(
                 ErrorCode.INVALID_COMMAND, "command must be a non-empty list of strings"
             )
-        if len(command) > MAX_ARGS or not all(isinstance(a, str) for a in command):
+        if len(command) > MAX_COMMAND_ARGS or not all(isinstance(a, str) for a in command):
             raise ServiceError(
-                ErrorCode.INVALID_COMMAND, f"command must be at most {MAX_ARGS} strings"
+                ErrorCode.INVALID_COMMAND, f"command must be at most {MAX_COMMAND_ARGS} strings"
             )
         if not command[0]:
             raise ServiceError(ErrorCode.INVALID_COMMAND, "command[0] must not be empty")
         if (
             any("\x00" in a for a in command)
-            or sum(len(a.encode()) for a in command) > MAX_ARG_BYTES
+            or sum(len(a.encode()) for a in command) > MAX_COMMAND_BYTES
         ):
             raise ServiceError(
                 ErrorCode.INVALID_COMMAND,
-                f"command must hold no NUL bytes and at most {MAX_ARG_BYTES} bytes",
+                f"command must hold no NUL bytes and at most {MAX_COMMAND_BYTES} bytes",
             )
         if env is not None:
-            if not isinstance(env, dict) or len(env) > MAX_ENV:
-                raise invalid(f"env must be an object of at most {MAX_ENV} strings")
+            if not isinstance(env, dict) or len(env) > MAX_ENV_VARS:
+                raise invalid(f"env must be an object of at most {MAX_ENV_VARS} strings")
             for k, v in env.items():
                 if (
                     not isinstance(k, str)
@@ -128,6 +136,8 @@ class JobService:
                     or "\x00" in v
                 ):
                     raise invalid(f"env entry {k!r} is not a valid NAME=value pair")
+            if sum(len(k.encode()) + len(v.encode()) + 1 for k, v in env.items()) > MAX_ENV_BYTES:
+                raise invalid(f"env must hold at most {MAX_ENV_BYTES} bytes (NAME=value, UTF-8)")
         if cwd is not None and (
             not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd or len(cwd) > 4096
         ):

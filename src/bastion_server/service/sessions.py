@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bastion.wire import ErrorCode, SessionStatus
+from bastion.wire import MAX_METADATA_ITEMS, MAX_METADATA_LENGTH, ErrorCode, SessionStatus
 from bastion_server.config import Limits, ServerConfig
 from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits, SandboxUsage
 from bastion_server.runtime.network import NetworkPolicy
@@ -37,8 +37,6 @@ _ALLOWED: dict[str, set[str]] = {
     "stop": {SessionStatus.RUNNING},
     "delete": {SessionStatus.CREATED, SessionStatus.RUNNING, SessionStatus.STOPPED},
 }
-_MAX_METADATA_ITEMS = 64
-_MAX_METADATA_LENGTH = 1024
 _LIMIT_FIELDS = (
     ("memory_mb", 32, int),
     ("pids", 8, int),
@@ -192,16 +190,16 @@ class SessionService:
                 return existing
         chosen = self._limits(limits)
         metadata = dict(metadata or {})
-        if len(metadata) > _MAX_METADATA_ITEMS or any(
+        if len(metadata) > MAX_METADATA_ITEMS or any(
             not isinstance(k, str)
             or not isinstance(v, str)
-            or len(k) > _MAX_METADATA_LENGTH
-            or len(v) > _MAX_METADATA_LENGTH
+            or len(k) > MAX_METADATA_LENGTH
+            or len(v) > MAX_METADATA_LENGTH
             for k, v in metadata.items()
         ):
             raise invalid(
-                f"metadata must be at most {_MAX_METADATA_ITEMS} string pairs "
-                f"of at most {_MAX_METADATA_LENGTH} characters"
+                f"metadata must be at most {MAX_METADATA_ITEMS} string pairs "
+                f"of at most {MAX_METADATA_LENGTH} characters"
             )
         if on_timeout not in ("stop", "delete"):
             raise invalid('on_timeout must be "stop" or "delete"')
@@ -374,13 +372,16 @@ class SessionService:
                 await self.runtime.delete(sandbox_id)
 
     async def run_reaper(self) -> None:
-        """Forever: expire sessions every round, sweep for orphans now and then."""
+        """Forever: expire sessions every round, sweep for orphans now and then, and
+        give the store's space back after deletes (in a worker thread)."""
         rounds = 0
         while True:
             await asyncio.sleep(self.config.reaper_interval)
             rounds += 1
             try:
                 await self.expire_sessions()
+                if self.store.space_to_reclaim:
+                    await asyncio.to_thread(self.store.reclaim_space)
                 if rounds % _ORPHAN_SWEEP_EVERY == 0:
                     await self.reap_orphans()
                     await self.check_running_sandboxes()

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bastion_server.unicode_text import printable, printable_tree
+
+log = logging.getLogger("bastion.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -105,6 +110,32 @@ class JobRecord:
     finished_at: str | None = None
 
 
+def _column(row: sqlite3.Row, name: str, default: Any) -> Any:
+    """A JSON column, read so that no stored row can fail a listing: a value that does
+    not parse (or is of the wrong kind) reads as ``default``, and text UTF-8 cannot
+    carry (written before requests were checked for it) as printable text."""
+    raw = row[name]
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        value = None
+    if type(value) is not type(default):
+        log.error("unreadable stored value", extra={"id": row["id"], "column": name})
+        return default
+    # Written with ensure_ascii: a surrogate can only be there as a \uDxxx escape.
+    return printable_tree(value) if "\\ud" in raw.lower() else value
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else printable(value)
+
+
+#: PRAGMA auto_vacuum's value for "incremental".
+_INCREMENTAL = 2
+#: Pages (4 KiB each) returned to the file system per transaction of reclaim_space.
+_VACUUM_STEP_PAGES = 2048
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +145,12 @@ class Store:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{path}{suffix}", 0o600)
+        self.path = path
+        #: Whether deletes have left free pages that :meth:`reclaim_space` can return.
+        self.space_to_reclaim = False
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        self._use_incremental_vacuum()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -140,6 +175,38 @@ class Store:
                     self._db.execute(f"PRAGMA user_version={target}")
                 version = target
 
+    def _use_incremental_vacuum(self) -> None:
+        """Let freed pages go back to the file system (see :meth:`reclaim_space`).
+
+        A new database takes the mode before its first table; one made before it (mode
+        0, "none") is rebuilt once with ``VACUUM``, which is what switching needs."""
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == _INCREMENTAL:
+            return
+        self._db.execute(f"PRAGMA auto_vacuum={_INCREMENTAL}")
+        self._db.execute("VACUUM")
+
+    def reclaim_space(self) -> int:
+        """Give the pages that deletes freed back to the file system; the pages freed.
+
+        Blocking (seconds for hundreds of MB): call it in a worker thread.  It uses a
+        connection of its own and frees a bounded number of pages per transaction, so
+        the event loop's writes wait for one short step at most."""
+        self.space_to_reclaim = False
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        freed = 0
+        try:
+            while free := db.execute("PRAGMA freelist_count").fetchone()[0]:
+                db.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
+                left = db.execute("PRAGMA freelist_count").fetchone()[0]
+                if left >= free:
+                    break  # nothing moved: do not spin
+                freed += free - left
+            # The file shrinks when the log is written back; an empty log takes no room.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.close()
+        return freed
+
     def close(self) -> None:
         self._db.close()
 
@@ -151,14 +218,14 @@ class Store:
             id=row["id"],
             owner=row["owner"],
             status=row["status"],
-            status_reason=row["status_reason"],
-            limits=json.loads(row["limits"]),
-            metadata=json.loads(row["metadata"]),
+            status_reason=_text(row["status_reason"]),
+            limits=_column(row, "limits", {}),
+            metadata=_column(row, "metadata", {}),
             idempotency_key=row["idempotency_key"],
             idle_timeout=row["idle_timeout"],
             max_lifetime=row["max_lifetime"],
             on_timeout=row["on_timeout"],
-            network=json.loads(row["network"]),
+            network=_column(row, "network", {"enabled": False, "allow": []}),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
@@ -222,6 +289,15 @@ class Store:
             "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ? WHERE id = ?",
             (status, reason, updated_at, session_id),
         )
+        if status == "deleted":
+            # A deleted session's jobs drop their env (up to MAX_ENV_BYTES each, and
+            # secrets); their results stay.
+            self._db.execute(
+                "UPDATE jobs SET spec = json_set(spec, '$.env', json('{}'))"
+                " WHERE session_id = ? AND json_extract(spec, '$.env') != '{}'",
+                (session_id,),
+            )
+            self.space_to_reclaim = True
 
     # -- jobs -----------------------------------------------------------------------
 
@@ -231,11 +307,11 @@ class Store:
             id=row["id"],
             session_id=row["session_id"],
             status=row["status"],
-            command=json.loads(row["command"]),
-            spec=json.loads(row["spec"]),
+            command=_column(row, "command", []),
+            spec=_column(row, "spec", {}),
             exit_code=row["exit_code"],
             failure_reason=row["failure_reason"],
-            error_message=row["error_message"],
+            error_message=_text(row["error_message"]),
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],

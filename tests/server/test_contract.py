@@ -1,0 +1,303 @@
+"""The API's contract, in-process: text at the edge, stored records that always read,
+field limits, the OpenAPI document's errors and security, and the offline docs page."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from tests.conftest import IMAGES_DIR
+
+from bastion.wire import (
+    MAX_COMMAND_ARGS,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    MAX_METADATA_ITEMS,
+    MAX_METADATA_LENGTH,
+)
+from bastion_server.api.app import create_app
+from bastion_server.config import ServerConfig
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def config() -> Iterator[ServerConfig]:
+    root = Path(tempfile.mkdtemp(prefix="bastion-contract-", dir="/var/tmp"))
+    root.chmod(0o711)
+    yield ServerConfig(data_dir=root / "data", images_dir=IMAGES_DIR, pool_size=0)
+
+
+@pytest.fixture(scope="module")
+def api(config: ServerConfig) -> Iterator[TestClient]:
+    app = create_app(config)
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
+        yield client
+
+
+def _error(response: Any) -> tuple[int, str]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return response.status_code, body["error"]["code"]
+
+
+def _session_ids(api: TestClient) -> set[str]:
+    response = api.get("/v1/sessions")
+    assert response.status_code == 200, response.text
+    return {s["session_id"] for s in response.json()["sessions"]}
+
+
+# --------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "where"),
+    [
+        ("/v1/sessions/ses_x/jobs", b'{"command": ["echo", "\\ud800"]}', "command[1]"),
+        ("/v1/sessions/ses_x/jobs", b'{"command": ["true"], "env": {"\\udfff": "v"}}', "env."),
+        ("/v1/sessions", b'{"metadata": {"k": "\\ud800"}}', "metadata.k"),
+        ("/v1/sessions", b'{"metadata": {"k": "a\\uDC80b"}}', "metadata.k"),
+        ("/v1/sessions", b'{"metadata": {"\\ud83d": "v"}}', "metadata."),
+    ],
+    ids=["command", "env-key", "metadata-value", "low-surrogate", "metadata-key"],
+)
+def test_a_lone_surrogate_is_refused_and_creates_nothing(
+    api: TestClient, url: str, body: bytes, where: str
+) -> None:
+    before = _session_ids(api)
+    response = api.post(url, content=body, headers=JSON)
+    assert _error(response) == (422, "invalid_request")
+    assert where in response.json()["error"]["message"]
+    assert "surrogate" in response.json()["error"]["message"]
+    assert _session_ids(api) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"metadata": {"k": "\xed\xa0\x80"}}', b'{"metadata": {"k": "\xff"}}'],
+    ids=["encoded-surrogate", "not-utf8"],
+)
+def test_a_body_that_is_not_utf8_is_malformed(api: TestClient, body: bytes) -> None:
+    before = _session_ids(api)
+    assert _error(api.post("/v1/sessions", content=body, headers=JSON)) == (400, "malformed_json")
+    assert _session_ids(api) == before
+
+
+def test_paired_surrogates_and_escapes_are_plain_text(api: TestClient) -> None:
+    body = b'{"metadata": {"emoji": "\\ud83d\\ude00", "slash": "\\\\ud800"}}'
+    response = api.post("/v1/sessions", content=body, headers=JSON)
+    assert response.status_code == 201, response.text
+    try:
+        assert response.json()["metadata"] == {"emoji": "\U0001f600", "slash": "\\ud800"}
+    finally:
+        api.delete(f"/v1/sessions/{response.json()['session_id']}")
+
+
+def test_a_poisoned_stored_record_does_not_fail_reads(
+    api: TestClient, config: ServerConfig
+) -> None:
+    """Rows written before text was checked (or damaged) still list, read and delete."""
+    poisoned = api.post("/v1/sessions", json={"metadata": {"k": "v"}}).json()["session_id"]
+    damaged = api.post("/v1/sessions").json()["session_id"]
+    with sqlite3.connect(config.data_dir / "bastion.db") as db:
+        db.execute(
+            "UPDATE sessions SET metadata = ? WHERE id = ?",
+            (json.dumps({"k": "\ud800", "\udcff": "x"}), poisoned),
+        )
+        db.execute("UPDATE sessions SET metadata = '{not json' WHERE id = ?", (damaged,))
+    assert {poisoned, damaged} <= _session_ids(api)
+    record = api.get(f"/v1/sessions/{poisoned}")
+    assert record.status_code == 200
+    assert record.json()["metadata"] == {"k": "?", "\ufffd": "x"}
+    assert api.get(f"/v1/sessions/{damaged}").json()["metadata"] == {}
+    for sid in (poisoned, damaged):
+        assert api.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+# --------------------------------------------------------------------------- field limits
+
+
+def _env_of(total: int) -> dict[str, str]:
+    """Variables of ``total`` bytes in all, each counted as NAME=value."""
+    env, left, i = {}, total, 0
+    while left > 0:
+        name = f"V{i:04}"
+        size = min(left, 60_000) - len(name) - 1
+        env[name] = "x" * max(size, 0)
+        left -= len(name) + 1 + max(size, 0)
+        i += 1
+    return env
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"command": ["true"], "env": _env_of(MAX_ENV_BYTES)}, (409, "session_state")),
+        ({"command": ["true"], "env": _env_of(MAX_ENV_BYTES + 1)}, (422, "invalid_request")),
+        ({"command": ["true"], "env": {f"V{i}": "" for i in range(MAX_ENV_VARS + 1)}},
+         (422, "invalid_request")),
+        ({"command": ["echo", "x" * (MAX_COMMAND_BYTES - 4)]}, (409, "session_state")),
+        ({"command": ["echo", "x" * (MAX_COMMAND_BYTES - 3)]}, (422, "invalid_command")),
+        ({"command": ["true"] * (MAX_COMMAND_ARGS + 1)}, (422, "invalid_command")),
+        ({"command": ["true"], "cwd": "/" + "d" * 4096}, (422, "invalid_request")),
+    ],
+    ids=["env-at-cap", "env-bytes", "env-count", "command-at-cap", "command-bytes",
+         "command-args", "cwd"],
+)  # fmt: skip
+def test_job_fields_are_capped(
+    api: TestClient, body: dict[str, Any], expected: tuple[int, str]
+) -> None:
+    sid = api.post("/v1/sessions").json()["session_id"]  # created, not running
+    try:
+        assert _error(api.post(f"/v1/sessions/{sid}/jobs", json=body)) == expected
+    finally:
+        api.delete(f"/v1/sessions/{sid}")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {f"k{i}": "v" for i in range(MAX_METADATA_ITEMS + 1)},
+        {"k": "v" * (MAX_METADATA_LENGTH + 1)},
+        {"k" * (MAX_METADATA_LENGTH + 1): "v"},
+    ],
+    ids=["items", "value", "key"],
+)
+def test_metadata_is_capped_and_nothing_is_created(
+    api: TestClient, metadata: dict[str, str]
+) -> None:
+    before = _session_ids(api)
+    assert _error(api.post("/v1/sessions", json={"metadata": metadata})) == (
+        422,
+        "invalid_request",
+    )
+    assert _session_ids(api) == before
+
+
+def test_other_session_fields_are_capped(api: TestClient) -> None:
+    before = _session_ids(api)
+    for body, headers in [
+        ({"network": {"enabled": True, "allow": ["10.0.0.1"] * 65}}, {}),
+        ({"idle_timeout": 1e12}, {}),
+        ({"max_lifetime": -1}, {}),
+        ({}, {"Idempotency-Key": "k" * 256}),
+    ]:
+        assert _error(api.post("/v1/sessions", json=body, headers=headers)) == (
+            422,
+            "invalid_request",
+        ), body
+    assert _session_ids(api) == before
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+@pytest.fixture(scope="module")
+def document(api: TestClient) -> dict[str, Any]:
+    response = api.get("/v1/openapi.json")
+    assert response.status_code == 200
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def _v1_operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, operations in document["paths"].items():
+        if path.startswith("/v1/"):
+            for method, operation in operations.items():
+                yield path, method, operation
+
+
+def test_every_operation_documents_its_errors_with_the_error_body(
+    document: dict[str, Any],
+) -> None:
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    schemas = document["components"]["schemas"]
+    assert schemas["ErrorBody"]["required"] == ["error"]
+    detail = schemas["ErrorDetail"]
+    assert set(detail["required"]) == {"code", "message"}
+    operations = list(_v1_operations(document))
+    assert len(operations) >= 15
+    for path, method, operation in operations:
+        responses = operation["responses"]
+        errors = {s for s in responses if s[0] in "45"}
+        assert {"403", "429", "500"} <= errors, (method, path)
+        for status in errors:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == ref, (method, path, status)
+            assert "`" in responses[status]["description"]  # names the codes
+        if path != "/v1/health":
+            assert "401" in errors, (method, path)
+        if "{session_id}" in path:
+            assert "404" in errors, (method, path)
+        if "application/json" in operation.get("requestBody", {}).get("content", {}):
+            assert {"400", "408", "413", "422"} <= errors, (method, path)
+    assert '"#/components/schemas/HTTPValidationError"' not in json.dumps(
+        {p: document["paths"][p] for p in document["paths"] if p.startswith("/v1/")}
+    )
+
+
+def test_the_documented_validation_error_is_the_one_sent(
+    api: TestClient, document: dict[str, Any]
+) -> None:
+    response = api.post("/v1/sessions", json={"limits": {"memory": 5}})
+    assert _error(response) == (422, "invalid_request")
+    assert "422" in document["paths"]["/v1/sessions"]["post"]["responses"]
+
+
+def test_the_api_key_is_a_declared_security_scheme(document: dict[str, Any]) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKeyHeader"]["in"] == "header"
+    assert schemes["apiKeyHeader"]["name"] == "X-API-Key"
+    for path, _method, operation in _v1_operations(document):
+        if path == "/v1/health":
+            assert operation["security"] == []
+        else:
+            assert {"bearerAuth": []} in operation["security"], path
+
+
+# --------------------------------------------------------------------------- docs page
+
+
+def test_the_docs_page_uses_only_assets_the_server_serves(api: TestClient) -> None:
+    page = api.get("/v1/docs")
+    assert page.status_code == 200
+    html = page.text
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)""", html) + re.findall(
+        r"""url:\s*['"]([^'"]+)""", html
+    )
+    assert urls, html
+    assert not re.search(r"https?://", html), "the page must not load anything from outside"
+    for url in urls:
+        assert url.startswith("/v1/"), url
+        asset = api.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 100, url
+    assert "swagger-ui-bundle.js" in html
+    js = api.get("/v1/docs/assets/swagger-ui-bundle.js")
+    assert js.headers["content-type"].startswith("text/javascript")
+    assert b"SwaggerUIBundle" in js.content
+    assert api.get("/v1/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    assert _error(api.get("/v1/docs/assets/secrets.txt")) == (404, "not_found")
+
+
+def test_the_docs_need_no_key(config: ServerConfig) -> None:
+    keyed = ServerConfig(
+        data_dir=config.data_dir.parent / "keyed",
+        images_dir=IMAGES_DIR,
+        pool_size=0,
+        api_keys=("contract-key-0123456789",),
+    )
+    with TestClient(create_app(keyed)) as api:
+        assert api.get("/v1/docs").status_code == 200
+        assert api.get("/v1/docs/assets/swagger-ui-bundle.js").status_code == 200
+        assert api.get("/v1/openapi.json").status_code == 200
+        assert _error(api.get("/v1/sessions")) == (401, "unauthorized")
