@@ -2,7 +2,7 @@
 # python3 (and make) present; every step is skipped when already done, so a second
 # `make setup` takes a few seconds.
 #
-#   make setup     host packages, cgroup fix, .venv, editable install, sandbox image
+#   make setup     host packages, cgroup fix, .venv, editable install, sandbox agent and image
 #   make serve     setup, then run the server (HOST=127.0.0.1 PORT=8080)
 #   make test      setup, then the whole test suite (PYTEST_ARGS="-k foo -x" to narrow)
 #   make lint      ruff check, ruff format --check, mypy --strict
@@ -23,12 +23,12 @@ PYTEST_ARGS ?=
 IMAGES_DIR ?= $(or $(BASTION_IMAGES_DIR),/var/lib/bastion/images)
 export BASTION_IMAGES_DIR := $(IMAGES_DIR)
 
-.PHONY: help setup host-packages prepare-host image serve test lint bench clean clean-images
+.PHONY: help setup host-packages prepare-host agent image serve test lint bench clean clean-images
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
 
-setup: host-packages prepare-host $(STAMP) image
+setup: host-packages prepare-host $(STAMP) agent image
 
 host-packages:
 	@PYTHON=$(PYTHON) bash scripts/install-host-packages.sh
@@ -47,6 +47,13 @@ $(BIN)/pip: | host-packages
 $(STAMP): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --disable-pip-version-check --quiet -e '.[dev]'
 	touch $@
+
+# The static agent every sandbox runs as PID 1 (gcc, libc6-dev from host-packages), built
+# beside its source, where `bastion serve` looks for it; a build of the current source
+# (and flags) is reused at once, a changed source is built again.  The server never
+# compiles it: without it, it refuses to start and says to run `make setup`.
+agent: $(STAMP) | host-packages
+	@$(BIN)/python -m bastion_server.runtime.agent_build
 
 # The builder itself decides: an image of the current recipe is reused at once.
 image: $(STAMP) | prepare-host

@@ -73,8 +73,8 @@ def _http_post_wait(ctx: Context, http: httpx.Client, sid: str) -> Callable[[], 
 
 
 async def _agent_direct(ctx: Context, sid: str) -> None:
-    from bastion_server.runtime.agent import SOCKET_NAME
     from bastion_server.runtime.agent_client import AgentProcess
+    from bastion_server.runtime.agent_protocol import SOCKET_NAME
     from bastion_server.runtime.base import ExecSpec, ExitEvent
 
     socket_path = str(Path(ctx.server.data_dir) / "sessions" / sid / "run" / SOCKET_NAME)

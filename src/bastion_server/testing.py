@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bastion_server.runtime.agent_build import build_agent
 from bastion_server.runtime.fake import FakeRuntime
 
 __all__ = ["IMAGES_DIR", "FakeRuntime", "ServerProcess", "free_port"]
@@ -63,6 +64,9 @@ class ServerProcess:
         return self.data_dir.parent / f"{self.data_dir.name}-server.log"
 
     def start(self, timeout: float = 60.0) -> None:
+        # What `make setup` does first, for a test run that skipped it: the sandbox agent
+        # built from the source as it is now (`bastion serve` itself never builds it).
+        build_agent()
         args = [
             sys.executable, "-m", "bastion", "serve", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--images-dir", str(IMAGES_DIR),

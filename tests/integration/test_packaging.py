@@ -16,16 +16,22 @@ from __future__ import annotations
 import email
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 import tomllib
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 import bastion
+from bastion_server.testing import IMAGES_DIR, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -87,13 +93,16 @@ def test_wheel_contents(wheel: Path) -> None:
         "bastion_server/__init__.py",
         "bastion_server/cli.py",
         "bastion_server/api/app.py",
-        "bastion_server/runtime/agent.py",
+        "bastion_server/runtime/agent_protocol.py",
+        "bastion_server/runtime/agent_build.py",
         "bastion_server/runtime/agent_c/bastion-agent.c",
         "bastion_server/image/builder.py",
     ):
         assert required in names, required
     assert not [n for n in names if n.startswith(("tests/", "docs/", "scripts/", "bench/"))]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    # A py3-none-any wheel holds the agent's source, never a binary built here.
+    assert not [n for n in names if n.startswith("bastion_server/runtime/agent_c/bastion-agent-")]
 
     assert metadata["Name"] == "bastion-py-sdk"
     assert metadata["Version"] == VERSION
@@ -134,20 +143,29 @@ def test_sdist_contents(sdist: Path) -> None:
     ):
         assert required in names, required
     assert not [n for n in names if n.startswith((".venv", ".git/", "bench/", "dist/"))]
+    assert not [
+        n for n in names if n.startswith("src/bastion_server/runtime/agent_c/bastion-agent-")
+    ]
 
 
-def test_wheel_alone_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
+def _fresh_venv(venv: Path) -> tuple[Path, dict[str, str]]:
+    """A new venv (no system site packages, not this checkout) and an environment in
+    which its commands come first and nothing of this checkout or test run leaks in."""
     made = _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
     assert made.returncode == 0, made.stderr
     bin_dir = venv / "bin"
-    # Nothing from this checkout or this test run may leak in.
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("BASTION_", "PYTHON", "VIRTUAL_ENV"))
     }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return bin_dir, env
+
+
+def test_wheel_alone_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    bin_dir, env = _fresh_venv(venv)
     env["BASTION_URL"] = "http://127.0.0.1:9"  # the discard port: nothing listens
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -192,3 +210,83 @@ def test_wheel_alone_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
         "print((pathlib.Path(bastion.__file__).parent / 'py.typed').is_file())",
     )
     assert typed.stdout.strip() == "True"
+
+
+def test_installed_server_gets_its_agent_from_image_build(wheel: Path, tmp_path: Path) -> None:
+    """The install path of a server: ``pip install 'bastion-py-sdk[server]'`` into a
+    fresh venv, then ``bastion serve`` refuses to start (no agent yet: it never compiles
+    one) and says what to run; ``bastion image build`` builds the agent (the image itself
+    is reused from this host), and then the installed server runs a job in a sandbox
+    whose PID 1 is that agent."""
+    if os.geteuid() != 0:
+        pytest.skip("bastion serve needs root")
+    if not IMAGES_DIR.is_dir():
+        pytest.fail(f"no sandbox image under {IMAGES_DIR}: run `make setup` first")
+    venv = tmp_path / "venv"
+    bin_dir, env = _fresh_venv(venv)
+
+    def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return _run(list(args), cwd=tmp_path, env=env, timeout=timeout)
+
+    installed = run(
+        str(bin_dir / "pip"), "install", "--disable-pip-version-check", f"{wheel}[server]"
+    )
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    found = run(
+        str(bin_dir / "python"),
+        "-c",
+        "from bastion_server.runtime import agent_build; print(agent_build.AGENT_DIR)",
+    )
+    agent_dir = Path(found.stdout.strip())
+    assert agent_dir.is_relative_to(venv), agent_dir  # the installed copy, not the checkout
+
+    parent = Path(tempfile.mkdtemp(prefix="bastion-test-pkg-", dir="/var/tmp"))
+    parent.chmod(0o711)
+    port = free_port()
+    serve = [
+        str(bin_dir / "bastion"), "serve", "--port", str(port), "--pool-size", "0",
+        "--data-dir", str(parent / "data"), "--images-dir", str(IMAGES_DIR),
+    ]  # fmt: skip
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        refused = run(*serve, timeout=120)
+        assert refused.returncode == 2, refused.stderr
+        assert "sandbox agent is not built" in refused.stderr, refused.stderr
+        assert "bastion image build" in refused.stderr and "Traceback" not in refused.stderr
+
+        built = run(str(bin_dir / "bastion"), "image", "build", "--images-dir", str(IMAGES_DIR))
+        assert built.returncode == 0, built.stderr
+        assert f"built the sandbox agent {agent_dir}" in built.stderr, built.stderr
+        again = run(str(bin_dir / "bastion"), "image", "build", "--images-dir", str(IMAGES_DIR))
+        assert again.returncode == 0 and "built the sandbox agent" not in again.stderr
+
+        with open(tmp_path / "server.log", "wb") as log:
+            proc = subprocess.Popen(serve, env=env, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the installed server did not answer"
+            time.sleep(0.1)
+        sid = httpx.post(f"{url}/v1/sessions", json={}, timeout=60).json()["session_id"]
+        try:
+            httpx.post(f"{url}/v1/sessions/{sid}/start", timeout=60).raise_for_status()
+            job = httpx.post(
+                f"{url}/v1/sessions/{sid}/jobs?wait=30",
+                json={"command": ["cat", "/proc/1/cmdline"]},
+                timeout=60,
+            ).json()
+            assert job["status"] == "completed", job
+            assert job["output"]["console_output"] == "/run/bastion-agent/bastion-agent\0", job
+        finally:
+            httpx.delete(f"{url}/v1/sessions/{sid}", timeout=60)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -356,7 +356,7 @@ def test_mount_and_umount_commands_fail(client: Bastion, sid: str) -> None:
         errors=("must be superuser", "ermission denied", "not permitted"),
     )
     assert sh(client, sid, "cat /proc/self/mountinfo | wc -l") == before
-    assert "agent.py" in sh(client, sid, "ls /run/bastion-agent").split()
+    assert "bastion-agent" in sh(client, sid, "ls /run/bastion-agent").split()
 
 
 # i386 system calls through `int 0x80` from a 64-bit process: the kernel checks them

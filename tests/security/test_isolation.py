@@ -30,11 +30,8 @@ from bastion_server.runtime.idmap import FIRST_BASE
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SANDBOX_UID = 1000
-#: The agent's command line: the static C agent, or the Python one where no compiler was.
-AGENT_CMDLINES = {
-    "/run/bastion-agent/bastion-agent",
-    "/usr/bin/python3 -I -S /run/bastion-agent/agent.py",
-}
+#: The agent's command line: the static C agent (the only one there is).
+AGENT_CMDLINES = {"/run/bastion-agent/bastion-agent"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -246,7 +243,7 @@ def test_server_data_dir_is_not_in_the_sandbox(
     assert code != 0 and "No such file or directory" in err, (out, err)
     # Only the agent's own read-only copy is shared: no database, logs or other sessions.
     listing = sh(client, shared_sid, "ls -A /run/bastion-agent").split()
-    assert listing and set(listing) <= {"agent.py", "bastion-agent", "resolv.conf"}
+    assert listing and set(listing) <= {"bastion-agent", "resolv.conf"}
 
 
 # --------------------------------------------------------------------------- network
@@ -378,10 +375,10 @@ except OSError as exc:
     assert code != 0, err
     code, _, err = sh_status(client, shared_sid, "touch /run/bastion-agent/x")
     assert code != 0 and ("Read-only" in err or "Permission denied" in err), err
-    code, _, err = sh_status(client, shared_sid, "echo 'import os' >> /run/bastion-agent/agent.py")
+    code, _, err = sh_status(client, shared_sid, "echo x >> /run/bastion-agent/bastion-agent")
     assert code != 0, err
-    code, _, _ = sh_status(client, shared_sid, "rm -f /run/bastion-agent/agent.py")
-    assert "agent.py" in sh(client, shared_sid, "ls /run/bastion-agent")
+    code, _, _ = sh_status(client, shared_sid, "rm -f /run/bastion-agent/bastion-agent")
+    assert "bastion-agent" in sh(client, shared_sid, "ls /run/bastion-agent").split()
 
 
 # --------------------------------------------------------------------------- limits

@@ -8,7 +8,15 @@ import pytest
 
 from bastion_server.api.auth import ANONYMOUS, authenticate, fingerprint
 from bastion_server.config import ConfigError, Limits, ServerConfig
-from bastion_server.runtime.agent import FrameReader, encode_frame, encode_json
+from bastion_server.runtime.agent_protocol import (
+    FRAME_HEADER,
+    MAX_FRAME,
+    FrameReader,
+    FrameTooLarge,
+    decode_header,
+    encode_frame,
+    encode_json,
+)
 from bastion_server.runtime.sandbox_fs import InvalidPath, split_path
 from bastion_server.service.errors import ServiceError
 from bastion_server.store.joblog import JobLogWriter, read_output, read_records
@@ -63,6 +71,15 @@ def test_frames_round_trip_across_arbitrary_splits() -> None:
         frames += reader.feed(stream[i : i + 999])
     assert [k for k, _ in frames] == [b"J", b"O", b"E"]
     assert frames[1][1] == b"x" * 70000
+
+
+def test_oversized_frame_is_refused_from_its_header() -> None:
+    header = FRAME_HEADER.pack(b"O", MAX_FRAME + 1)
+    with pytest.raises(FrameTooLarge):
+        FrameReader().feed(header)
+    with pytest.raises(FrameTooLarge):
+        decode_header(header)
+    assert decode_header(FRAME_HEADER.pack(b"O", MAX_FRAME)) == (b"O", MAX_FRAME)
 
 
 def test_authenticate() -> None:

@@ -1,4 +1,4 @@
-"""The server's side of the agent protocol (see :mod:`bastion_server.runtime.agent`)."""
+"""The server's side of the agent protocol (see :mod:`bastion_server.runtime.agent_protocol`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from bastion_server.runtime import agent as protocol
+from bastion_server.runtime import agent_protocol as protocol
 from bastion_server.runtime.base import ExecSpec, ExitEvent, OutputEvent, Process, SandboxError
 
 _STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
@@ -47,10 +47,10 @@ class AgentProcess(Process):
     async def _read_frame(self) -> tuple[bytes, bytes] | None:
         try:
             header = await self._reader.readexactly(protocol.FRAME_HEADER.size)
-            kind, length = protocol.FRAME_HEADER.unpack(header)
-            if length > protocol.MAX_FRAME:
-                raise SandboxError("agent sent an oversized frame")
+            kind, length = protocol.decode_header(header)
             return kind, await self._reader.readexactly(length)
+        except protocol.FrameTooLarge as exc:
+            raise SandboxError(f"agent sent an oversized frame: {exc}") from exc
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
 
@@ -124,7 +124,7 @@ async def ping(socket_path: str, timeout: float = 1.0) -> bool:
         writer.write(protocol.encode_json({"op": "ping"}))
         await writer.drain()
         header = await asyncio.wait_for(reader.readexactly(protocol.FRAME_HEADER.size), timeout)
-        _, length = protocol.FRAME_HEADER.unpack(header)
+        _, length = protocol.decode_header(header)
         payload = await asyncio.wait_for(reader.readexactly(length), timeout)
         return bool(json.loads(payload).get("event") == "pong")
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):

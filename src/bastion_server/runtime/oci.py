@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion_server.runtime import agent as agent_module
-from bastion_server.runtime import host, idmap, seccomp
-from bastion_server.runtime.agent_build import BINARY_NAME, AgentBuildError, build_agent
+from bastion_server.runtime import agent_protocol, host, idmap, seccomp
+from bastion_server.runtime.agent_build import BINARY_NAME, find_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -126,13 +125,11 @@ class OciRuntime(Runtime):
         self.sessions_dir = data_dir / "sessions"
         self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
-        self.agent_source = data_dir / "agent" / "agent.py"
         #: A small tmpfs of this server's: what every sandbox bind-mounts read-only (the
         #: agent, resolv.conf).  Being a filesystem's root, it shows no host path inside.
         self.share_dir = Path(self.state_root) / "share"
         self.resolv_conf = self.share_dir / "resolv.conf"
         self.id_ranges = id_ranges or IdRangeRegistry()
-        self._agent_binary: Path | None = None
         self._prepared = False
         # Warm pool: sandboxes started ahead of need (default limits, no network), handed
         # to a session at create.  Their container keeps its pool name; the session dir
@@ -175,7 +172,7 @@ class OciRuntime(Runtime):
         return name
 
     def socket_path(self, session_id: str) -> str:
-        return str(self._dir(session_id) / "run" / agent_module.SOCKET_NAME)
+        return str(self._dir(session_id) / "run" / agent_protocol.SOCKET_NAME)
 
     # -- host -----------------------------------------------------------------------
 
@@ -185,6 +182,8 @@ class OciRuntime(Runtime):
         if self._prepared:
             return
         self._binary_path = host.find_runtime_binary(self._binary)
+        # Built by set-up (agent_build.py), never here: missing or stale, start fails.
+        agent = find_agent()
         if host.fix_hybrid_cgroups():
             log.info("moved stray cgroup-v2 controllers to v1 hierarchies for %s", self._binary)
         if not os.path.isdir(self.image.rootfs):
@@ -200,27 +199,13 @@ class OciRuntime(Runtime):
         await self.network.prepare()
         self._check_reachable(self.data_dir)
         self._check_reachable(Path(self.image.rootfs))
-        # A private copy of the agent: the sandbox never sees the server's install tree.
-        self.agent_source.parent.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(self.agent_source.parent, 0o755)
-        source = Path(agent_module.__file__).read_bytes()
-        if not self.agent_source.exists() or self.agent_source.read_bytes() != source:
-            temp = self.agent_source.with_suffix(".tmp")
-            temp.write_bytes(source)
-            os.chmod(temp, 0o644)
-            temp.replace(self.agent_source)
-        # The C agent (static: it runs in any image) costs ~1.4 MB and ~0.3 ms a job;
-        # the Python one ~24 MB and ~4 ms.  Without a compiler the Python one serves.
-        try:
-            self._agent_binary = build_agent(self.agent_source.parent)
-        except AgentBuildError as exc:
-            self._agent_binary = None
-            log.warning("using the Python agent: %s", exc)
-        self._fill_share()
+        self._fill_share(agent)
         self._prepared = True
 
-    def _fill_share(self) -> None:
-        """Mount (once per boot) and fill the tmpfs every sandbox bind-mounts."""
+    def _fill_share(self, agent: Path) -> None:
+        """Mount (once per boot) and fill the tmpfs every sandbox bind-mounts: the
+        agent (a private copy: the sandbox never sees the server's install tree) and
+        the resolver's configuration (slirp4netns answers DNS at 10.0.2.3)."""
         self.share_dir.mkdir(mode=0o755, exist_ok=True)
         if not os.path.ismount(self.share_dir):
             host.mount(
@@ -228,13 +213,10 @@ class OciRuntime(Runtime):
                 host.MS_NOSUID | host.MS_NODEV,
             )  # fmt: skip
         os.chmod(self.share_dir, 0o755)
-        # The sandbox's resolver: slirp4netns answers DNS at 10.0.2.3 (with network on).
-        files = {
-            "resolv.conf": b"nameserver 10.0.2.3\n",
-            "agent.py": self.agent_source.read_bytes(),
-        }
-        if self._agent_binary is not None:
-            files[self._agent_binary.name] = self._agent_binary.read_bytes()
+        files = {"resolv.conf": b"nameserver 10.0.2.3\n", BINARY_NAME: agent.read_bytes()}
+        for stale in self.share_dir.iterdir():  # what an earlier version put there
+            if stale.name not in files:
+                stale.unlink()
         for name, data in files.items():
             target = self.share_dir / name
             if target.exists() and target.read_bytes() == data:
@@ -690,9 +672,7 @@ class OciRuntime(Runtime):
     # -- the OCI config -------------------------------------------------------------
 
     def _agent_args(self) -> list[str]:
-        if self._agent_binary is not None:
-            return [f"{AGENT_DIR_IN_SANDBOX}/{BINARY_NAME}"]
-        return ["/usr/bin/python3", "-I", "-S", f"{AGENT_DIR_IN_SANDBOX}/agent.py"]
+        return [f"{AGENT_DIR_IN_SANDBOX}/{BINARY_NAME}"]
 
     def _mounts(self, base: Path) -> list[dict[str, Any]]:
         """What the sandbox has mounted over its root filesystem."""
@@ -746,7 +726,7 @@ class OciRuntime(Runtime):
                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
             },
             {
-                "destination": agent_module.SOCKET_DIR,
+                "destination": agent_protocol.SOCKET_DIR,
                 "type": "bind",
                 "source": str(base / "run"),
                 "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
@@ -779,7 +759,7 @@ class OciRuntime(Runtime):
                     f"BASTION_UID={self.image.sandbox_uid}",
                     f"BASTION_GID={self.image.sandbox_gid}",
                     f"BASTION_HOME={self.image.home}",
-                    f"BASTION_SOCKET_DIR={agent_module.SOCKET_DIR}",
+                    f"BASTION_SOCKET_DIR={agent_protocol.SOCKET_DIR}",
                 ],
                 "cwd": "/",
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
