@@ -50,17 +50,20 @@ from ._exceptions import (
     SessionStartError,
     SessionStateError,
 )
+from ._pages import page_params
 from .wire import (
     API_PREFIX,
     FINAL_JOB_STATUSES,
     IDEMPOTENCY_HEADER,
     JOB_WAIT_MAX_HOLD,
+    CreateKeyRequest,
     CreateSessionRequest,
     ErrorCode,
     ExpiryAction,
     FileDeleteResult,
     JobEvent,
     JobInfo,
+    KeyScopeName,
     NetworkRequest,
     RunJobRequest,
     SessionInfo,
@@ -281,12 +284,14 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.TOO_MANY_REQUESTS: InvalidRequestError,
     ErrorCode.INSUFFICIENT_SCOPE: InsufficientScopeError,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceededError,
+    ErrorCode.INVALID_CURSOR: InvalidRequestError,
     ErrorCode.NOT_FOUND: NotFoundError,
     ErrorCode.METHOD_NOT_ALLOWED: InvalidRequestError,
     ErrorCode.INTERNAL_ERROR: ServerError,
     ErrorCode.SERVER_SHUTDOWN: ServerShutdownError,
     ErrorCode.SESSION_NOT_FOUND: SessionNotFoundError,
     ErrorCode.SESSION_STATE: SessionStateError,
+    ErrorCode.SESSION_STOPPED: SessionStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
@@ -435,7 +440,7 @@ def translate_transport_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------- retries
 
 #: Answers worth another attempt: a proxy or load balancer in front of the server
-#: could not reach it (``bastion serve`` itself never sends these).
+#: could not reach it, or the server is shutting down (``server_shutdown``, 503).
 RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 #: The request never left the client: retrying cannot do anything twice.
 _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -635,8 +640,30 @@ def get_session_request(session_id: str) -> APIRequest:
     return APIRequest("GET", _session_url(session_id))
 
 
-def list_sessions_request() -> APIRequest:
-    return APIRequest("GET", BaseBastion._url("sessions"))
+def list_sessions_request(limit: int | None = None, cursor: str | None = None) -> APIRequest:
+    return APIRequest("GET", BaseBastion._url("sessions"), params=page_params(limit, cursor))
+
+
+def create_key_request(body: CreateKeyRequest) -> APIRequest:
+    """``POST /keys``: not idempotent (a repeat would make a second key)."""
+    return APIRequest("POST", BaseBastion._url("keys"), json=body, idempotent=False)
+
+
+def list_keys_request() -> APIRequest:
+    return APIRequest("GET", BaseBastion._url("keys"))
+
+
+def revoke_key_request(key: str) -> APIRequest:
+    return APIRequest("DELETE", BaseBastion._url("keys", key))
+
+
+def create_key_body(scope: str, name: str | None, tenant: str | None) -> CreateKeyRequest:
+    body: CreateKeyRequest = {"scope": cast(KeyScopeName, scope)}
+    if name is not None:
+        body["name"] = name
+    if tenant is not None:
+        body["tenant"] = tenant
+    return body
 
 
 SessionAction = Literal["start", "stop", "delete"]
@@ -698,8 +725,10 @@ def get_job_request(session_id: str, job_id: str) -> APIRequest:
     return APIRequest("GET", _session_url(session_id, "jobs", job_id))
 
 
-def list_jobs_request(session_id: str) -> APIRequest:
-    return APIRequest("GET", _session_url(session_id, "jobs"))
+def list_jobs_request(
+    session_id: str, limit: int | None = None, cursor: str | None = None
+) -> APIRequest:
+    return APIRequest("GET", _session_url(session_id, "jobs"), params=page_params(limit, cursor))
 
 
 def wait_job_request(
@@ -777,9 +806,44 @@ def download_request(session_id: str, path: str, *, user: str = "user") -> APIRe
     )
 
 
-def list_files_request(session_id: str, path: str, *, user: str = "user") -> APIRequest:
+def upload_archive_request(
+    session_id: str, path: str, body: UploadBody, *, user: str
+) -> APIRequest:
+    """``POST .../files/archive``: a tar stream extracted into directory ``path``
+    (a stream: retried only if the connection could not be opened)."""
     return APIRequest(
-        "GET", _session_url(session_id, "files"), params=_file_params(path, user), file_op="list"
+        "POST",
+        _session_url(session_id, "files", "archive"),
+        params=_file_params(path, user),
+        body=body,
+        file_op="upload",
+        idempotent=False,
+    )
+
+
+def download_archive_request(session_id: str, path: str, *, user: str) -> APIRequest:
+    """``GET .../files/archive``: directory ``path`` as a tar stream."""
+    return APIRequest(
+        "GET",
+        _session_url(session_id, "files", "archive"),
+        params=_file_params(path, user),
+        file_op="download",
+    )
+
+
+def list_files_request(
+    session_id: str,
+    path: str,
+    *,
+    user: str = "user",
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> APIRequest:
+    return APIRequest(
+        "GET",
+        _session_url(session_id, "files"),
+        params=_file_params(path, user, **page_params(limit, cursor)),
+        file_op="list",
     )
 
 
@@ -794,6 +858,7 @@ def create_session_body(
     max_lifetime: float | None = None,
     on_timeout: ExpiryAction | None = None,
     network: NetworkRequest | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> CreateSessionRequest:
     body: CreateSessionRequest = {}
     if limits is not None:
@@ -808,6 +873,8 @@ def create_session_body(
         body["on_timeout"] = on_timeout
     if network is not None:
         body["network"] = network
+    if env is not None:
+        body["env"] = dict(env)
     return body
 
 
@@ -985,6 +1052,8 @@ def parse_job_event(line: str) -> JobEvent | None:
     Raises:
         BastionError: The line is not a JSON object with a string ``type``, or an
             ``end`` event carries no job.
+        ServerShutdownError: The ``end`` event says the server ended the stream
+            because it is shutting down (before the job ended).
     """
     text = line.strip()
     if not text:
@@ -999,6 +1068,13 @@ def parse_job_event(line: str) -> JobEvent | None:
         raise BastionError(f"malformed job event (end without job): {text[:200]!r}")
     if event["type"] in ("stdout", "stderr") and not isinstance(event.get("data"), str):
         raise BastionError(f"malformed job event (output without data): {text[:200]!r}")
+    if event["type"] == "end" and event.get("reason") == ErrorCode.SERVER_SHUTDOWN:
+        job = event["job"]
+        raise ServerShutdownError(
+            f"the server is shutting down: the event stream of job {job.get('job_id')} "
+            f"ended while the job was {job.get('status')}",
+            code=ErrorCode.SERVER_SHUTDOWN,
+        )
     return cast(JobEvent, event)
 
 

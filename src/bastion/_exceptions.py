@@ -13,13 +13,14 @@ value, or ``None`` when the failure did not come from an error response) and the
     ├── QuotaExceededError            quota_exceeded (429): a session or job quota is full
     ├── InvalidRequestError           invalid_request, malformed_json, method_not_allowed,
     │                                 limit_exceeded, request_too_large, request_timeout,
-    │                                 too_many_requests, any other 4xx
+    │                                 too_many_requests, invalid_cursor, any other 4xx
     ├── NotFoundError                 not_found (unknown URL); base of the two *NotFound below
     ├── ServerError                   internal_error, other 5xx, non-JSON error pages
     │   └── ServerShutdownError       [APIConnectionError] server_shutdown (503)
     ├── SessionError                  any session_* code, whatever the operation
     │   ├── SessionNotFoundError      [NotFoundError] session_not_found
-    │   ├── SessionStateError         session_state: wrong state for the operation
+    │   ├── SessionStateError         session_state: wrong state for the operation;
+    │   │                             session_stopped: a transfer's session stopped
     │   └── SessionStartError         session_start_failed
     ├── JobError
     │   ├── JobNotFoundError          [NotFoundError] job_not_found
@@ -35,6 +36,7 @@ value, or ``None`` when the failure did not come from an error response) and the
     └── TerminalError
         ├── TerminalConnectionError   the WebSocket could not be opened, or broke
         │   ├── TerminalAuthenticationError  [AuthenticationError] close 4001, HTTP 401/403
+        │   ├── TerminalForbiddenError       [InsufficientScopeError] close 4003 (a viewer)
         │   ├── TerminalSessionNotFoundError [SessionNotFoundError] close 4004, HTTP 404
         │   └── TerminalSessionStateError    [SessionStateError] close 4009, HTTP 409
         ├── TerminalSendError         input sent after close or on a broken connection
@@ -83,6 +85,7 @@ __all__ = [
     "TerminalAuthenticationError",
     "TerminalConnectionError",
     "TerminalError",
+    "TerminalForbiddenError",
     "TerminalSendError",
     "TerminalSessionNotFoundError",
     "TerminalSessionStateError",
@@ -417,6 +420,10 @@ class TerminalConnectionError(TerminalError):
 
 class TerminalAuthenticationError(TerminalConnectionError, AuthenticationError):
     """The server refused the terminal: missing or invalid API key (close code 4001)."""
+
+
+class TerminalForbiddenError(TerminalConnectionError, InsufficientScopeError):
+    """The key's scope does not allow terminals: a viewer key (close code 4003)."""
 
 
 class TerminalSessionNotFoundError(TerminalConnectionError, SessionNotFoundError):

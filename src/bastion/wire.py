@@ -88,6 +88,9 @@ class ErrorCode(StrEnum):
     # sessions
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_STATE = "session_state"
+    #: An upload or download ended unfinished because its session was stopped or
+    #: deleted meanwhile (nothing of an upload is written).
+    SESSION_STOPPED = "session_stopped"
     SESSION_START_FAILED = "session_start_failed"
     LIMIT_EXCEEDED = "limit_exceeded"
     # jobs
@@ -123,6 +126,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SERVER_SHUTDOWN: 503,
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.SESSION_STATE: 409,
+    ErrorCode.SESSION_STOPPED: 409,
     ErrorCode.SESSION_START_FAILED: 500,
     ErrorCode.LIMIT_EXCEEDED: 422,
     ErrorCode.JOB_NOT_FOUND: 404,
@@ -322,6 +326,16 @@ class FileList(Page):
 class FileUploadResult(TypedDict):
     path: str
     size: int
+
+
+class ArchiveUploadResult(TypedDict):
+    """What ``POST .../files/archive`` extracted into ``path``."""
+
+    path: str
+    files: int
+    directories: int
+    symlinks: int
+    bytes: int
 
 
 class FileDeleteResult(TypedDict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
@@ -10,13 +11,19 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import Send
 
 from bastion.wire import ErrorCode, FileDeleteResult, FileList, FileUploadResult
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
+from bastion_server.api.errors import error_response
+from bastion_server.api.paging import PageParams
 from bastion_server.api.views import file_view
 from bastion_server.service.container import Services
 from bastion_server.service.errors import ServiceError
+from bastion_server.service.files import Download
+
+log = logging.getLogger("bastion.files")
 
 
 class PathJSONResponse(JSONResponse):
@@ -69,15 +76,28 @@ def exact_path(request: Request, default: str = "/") -> str:
     return default
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in request.stream():
-            if chunk:
-                yield chunk
-    except ClientDisconnect as exc:
-        raise ServiceError(
-            ErrorCode.INVALID_REQUEST, "the client went away before the upload finished"
-        ) from exc
+def request_body(request: Request) -> AsyncIterator[bytes]:
+    """A request body's bytes as they arrive (see :class:`RequestBody`)."""
+    return RequestBody(request).chunks()
+
+
+class RequestBody:
+    """A request body's bytes as they arrive (a client leaving mid-way is a
+    ServiceError); ``complete`` once the client has sent them all."""
+
+    def __init__(self, request: Request) -> None:
+        self.request, self.complete = request, False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.request.stream():
+                if chunk:
+                    yield chunk
+        except ClientDisconnect as exc:
+            raise ServiceError(
+                ErrorCode.INVALID_REQUEST, "the client went away before the upload finished"
+            ) from exc
+        self.complete = True
 
 
 @router.put(
@@ -102,19 +122,28 @@ async def upload_file(
     mode: Annotated[
         str | None, Query(description="the file's mode in octal, e.g. 755 (default 644)")
     ] = None,
-) -> FileUploadResult:
+) -> FileUploadResult | JSONResponse:
     """Write the request body to ``path`` (parents created), streamed, all or nothing."""
     path = exact_path(request)
     declared = request.headers.get("content-length")
-    size = await svc.files.upload(
-        who,
-        session_id,
-        path,
-        _body(request),
-        int(declared) if declared and declared.isdigit() else None,
-        mode=_parse_mode(mode),
-        as_root=as_root,
-    )
+    body = RequestBody(request)
+    try:
+        size = await svc.files.upload(
+            who,
+            session_id,
+            path,
+            body.chunks(),
+            int(declared) if declared and declared.isdigit() else None,
+            mode=_parse_mode(mode),
+            as_root=as_root,
+        )
+    except ServiceError as exc:
+        if body.complete:
+            raise
+        # Failed before the body's end (the session stopped, the disk is full...): the
+        # rest is not read, so the connection closes after the answer, or the client
+        # would go on sending into a connection nobody reads and never see it.
+        return error_response(exc.code, exc.message, {"Connection": "close"})
     return {"path": path, "size": size}
 
 
@@ -139,11 +168,18 @@ async def list_files(
     who: Owner,
     svc: Svc,
     as_root: AsRoot,
+    page: PageParams,
     path: PathParam = "/",
 ) -> FileList:
+    """The directory's entries in the order of their names' bytes, a page at a time:
+    pass ``next_cursor`` back as ``cursor`` for the next page."""
     path = exact_path(request)
-    entries = await svc.files.list(who, session_id, path, as_root=as_root)
-    return {"path": path, "files": [file_view(e) for e in entries]}
+    found = await svc.files.list(who, session_id, path, page, as_root=as_root)
+    return {
+        "path": path,
+        "files": [file_view(e) for e in found.items],
+        "next_cursor": found.next_cursor,
+    }
 
 
 @router.get(
@@ -160,10 +196,39 @@ async def download_file(
     as_root: AsRoot,
 ) -> StreamingResponse:
     """The file's bytes, streamed."""
-    chunks, size = await svc.files.download(who, session_id, exact_path(request), as_root=as_root)
-    return StreamingResponse(
-        chunks, media_type="application/octet-stream", headers={"Content-Length": str(size)}
-    )
+    download = await svc.files.download(who, session_id, exact_path(request), as_root=as_root)
+    return DownloadResponse(download)
+
+
+class DownloadResponse(StreamingResponse):
+    """A file's bytes.  One whose session stops meanwhile is cut short: the connection
+    is closed before the ``Content-Length`` is reached, which the client sees as an
+    incomplete body (there is no other way to fail an answer already begun)."""
+
+    def __init__(self, download: Download) -> None:
+        self.download, self.chunks = download, download.chunks()
+        super().__init__(
+            self.chunks,
+            media_type="application/octet-stream",
+            headers={"Content-Length": str(download.size)},
+        )
+
+    async def stream_response(self, send: Send) -> None:
+        body = self.chunks
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            async for chunk in body:
+                message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await self.download.send(send, message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ServiceError as exc:  # the session stopped: the server closes the connection
+            log.info("download cut short", extra={"error": exc.message})
+        finally:
+            await body.aclose()
+            self.download.close()
 
 
 @router.delete("", response_model=FileDeleteResult)

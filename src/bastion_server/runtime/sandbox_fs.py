@@ -20,12 +20,13 @@ empty directory the sandbox does not see, and removing it would unmount it insid
 Names are bytes on Linux; a name that is not UTF-8 is carried as Python carries it
 (each undecodable byte as a lone surrogate, PEP 383), so it lists and round-trips.
 
-Blocking: every method but :meth:`write` blocks; call them off the event loop.
+Blocking: every method but :meth:`write` blocks; call them off the event loop (with
+:func:`bastion_server.blocking.run_to_end` where a cancellation must not cut them short).
 """
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -38,6 +39,9 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from bastion_server import faults
+from bastion_server.blocking import run_to_end, run_to_end_or_undo
 
 _SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64 (generic syscall table)
 _RESOLVE_NO_XDEV = 0x01
@@ -54,7 +58,6 @@ for _setfs in (_libc.setfsuid, _libc.setfsgid):
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
-MAX_LIST_ENTRIES = 10_000
 READ_CHUNK = 1024 * 1024
 #: Upload bytes gathered before one write in a worker thread.
 WRITE_BATCH = 1024 * 1024
@@ -272,8 +275,19 @@ class SandboxFS:
                     "which the files API does not change"
                 )
 
-    def _parent_fd(self, parts: list[str], *, create: bool, owner: Identity) -> int:
-        """An fd of the directory holding the last component, creating it if asked."""
+    def _parent_fd(
+        self,
+        parts: list[str],
+        *,
+        create: bool,
+        owner: Identity,
+        made: list[tuple[int, str]] | None = None,
+    ) -> int:
+        """An fd of the directory holding the last component, creating it if asked.
+
+        Each directory made is added to ``made`` as (an fd of the directory it is in,
+        its name), that fd left open: :func:`_remove_made` takes them back.
+        """
         try:
             return self._open(parts[:-1], os.O_PATH | os.O_DIRECTORY)
         except OSError as exc:
@@ -292,8 +306,12 @@ class SandboxFS:
                         pass  # raced with the sandbox; the next open checks what it is
                     else:
                         os.chown(parts[depth - 1], *owner, dir_fd=up, follow_symlinks=False)
+                        if made is not None:
+                            made.append((up, parts[depth - 1]))
+                            up = -1
                 finally:
-                    os.close(up)
+                    if up >= 0:
+                        os.close(up)
                 fd = self._open(parts[:depth], os.O_PATH | os.O_DIRECTORY)
             os.close(fd)
         return self._open(parts[:-1], os.O_PATH | os.O_DIRECTORY)
@@ -320,10 +338,13 @@ class SandboxFS:
         parts = split_path(path)
         if not parts:
             raise IsADirectory("cannot write to '/'")
-        upload = await asyncio.to_thread(self._begin_write, parts, path, mode, as_root)
+        upload = await run_to_end_or_undo(
+            _Upload.abandon, self._begin_write, parts, path, mode, as_root
+        )
         size = 0
         batch: list[bytes] = []
         batched = 0
+        written = False
         try:
             async for chunk in chunks:
                 size += len(chunk)
@@ -332,35 +353,43 @@ class SandboxFS:
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH:
-                    await asyncio.to_thread(_write_all, upload.fd, batch, path)
+                    await run_to_end(_write_all, upload.fd, batch, path)
                     batch, batched = [], 0
+                    faults.point("upload.mid_write")
             if batch:
-                await asyncio.to_thread(_write_all, upload.fd, batch, path)
-            await asyncio.to_thread(self._finish_write, upload, parts, path, as_root)
+                await run_to_end(_write_all, upload.fd, batch, path)
+            await run_to_end(self._finish_write, upload, parts, path, as_root)
+            written = True
             return size
         finally:
-            await asyncio.to_thread(upload.close)
+            # All or nothing: an upload that did not finish leaves none of the
+            # directories it made either.
+            await run_to_end(upload.close if written else upload.abandon)
 
     def _begin_write(self, parts: list[str], path: str, mode: int | None, as_root: bool) -> _Upload:
-        owner = self._owner(as_root)
-        with acting_as(self._identity(as_root)):
+        owner, identity = self._owner(as_root), self._identity(as_root)
+        made: list[tuple[int, str]] = []
+        with acting_as(identity):
+            parent = -1
             try:
-                parent = self._parent_fd(parts, create=True, owner=owner)
-            except OSError as exc:
-                raise _translate(exc, path) from exc
-            try:
+                parent = self._parent_fd(parts, create=True, owner=owner, made=made)
                 self._refuse_directory(parent, parts[-1], path)
                 self._check_not_protected(parent, parts[-1], path)
                 fd = _openat2(parent, ".", _O_TMPFILE | os.O_WRONLY, 0o600)
-                os.fchown(fd, *owner)
-                os.fchmod(fd, 0o644 if mode is None else mode)
-            except OSError as exc:
-                os.close(parent)
-                raise _translate(exc, path) from exc
-            except BaseException:
-                os.close(parent)
+                try:
+                    os.fchown(fd, *owner)
+                    os.fchmod(fd, 0o644 if mode is None else mode)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            except BaseException as exc:
+                if parent >= 0:
+                    os.close(parent)
+                _remove_made(made)
+                if isinstance(exc, OSError):
+                    raise _translate(exc, path) from exc
                 raise
-            return _Upload(fd, parent)
+            return _Upload(fd, parent, made, identity)
 
     def _finish_write(self, upload: _Upload, parts: list[str], path: str, as_root: bool) -> None:
         with acting_as(self._identity(as_root)):
@@ -373,6 +402,7 @@ class SandboxFS:
                     f"/proc/self/fd/{upload.fd}", temp, dst_dir_fd=upload.parent,
                     follow_symlinks=True,
                 )  # fmt: skip
+                faults.point("upload.after_link")
                 try:
                     os.rename(temp, parts[-1], src_dir_fd=upload.parent, dst_dir_fd=upload.parent)
                 except BaseException:
@@ -391,7 +421,19 @@ class SandboxFS:
         if stat.S_ISDIR(target.st_mode):
             raise IsADirectory(f"is a directory: {path}")
 
-    def list(self, path: str, *, as_root: bool = False) -> list[Entry]:
+    def list(
+        self,
+        path: str,
+        *,
+        after: bytes | None = None,
+        count: int | None = None,
+        as_root: bool = False,
+    ) -> list[Entry]:
+        """The directory's entries in the order of their names' bytes: the first
+        ``count`` (or all) whose names come after ``after``.
+
+        Only the names are read whole (and sorted); the entries returned are the only
+        ones looked at, so a page of a huge directory costs its names, not its stats."""
         parts = split_path(path)
         with acting_as(self._identity(as_root)):
             try:
@@ -402,28 +444,29 @@ class SandboxFS:
             entries: list[Entry] = []
             try:
                 with os.scandir(fd) as it:
-                    for item in it:
-                        try:
-                            st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
-                        except OSError:
-                            continue  # removed by the sandbox while we listed
-                        entries.append(
-                            Entry(
-                                name=item.name,
-                                path=base.rstrip("/") + "/" + item.name,
-                                size=st.st_size,
-                                type=_file_type(st.st_mode),
-                                modified_at=_iso(st.st_mtime),
-                                mode=stat.filemode(st.st_mode),
-                            )
+                    names = sorted(encode_name(item.name) for item in it)
+                for raw in names[bisect.bisect_right(names, after) if after is not None else 0 :]:
+                    if count is not None and len(entries) >= count:
+                        break
+                    name = raw.decode("utf-8", "surrogateescape")
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        continue  # removed by the sandbox while we listed
+                    entries.append(
+                        Entry(
+                            name=name,
+                            path=base.rstrip("/") + "/" + name,
+                            size=st.st_size,
+                            type=_file_type(st.st_mode),
+                            modified_at=_iso(st.st_mtime),
+                            mode=stat.filemode(st.st_mode),
                         )
-                        if len(entries) >= MAX_LIST_ENTRIES:
-                            break
+                    )
             except OSError as exc:
                 raise _translate(exc, path) from exc
             finally:
                 os.close(fd)
-        entries.sort(key=lambda e: encode_name(e.name))
         return entries
 
     def open_read(self, path: str, *, as_root: bool = False) -> tuple[int, int]:
@@ -443,15 +486,6 @@ class SandboxFS:
             raise InvalidPath(f"not a regular file: {path}")
         os.set_blocking(fd, True)
         return fd, st.st_size
-
-    @staticmethod
-    def iter_fd(fd: int, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
-        """Read ``fd`` to its end in chunks, closing it afterwards."""
-        try:
-            while chunk := os.read(fd, chunk_size):
-                yield chunk
-        finally:
-            os.close(fd)
 
     def delete(self, path: str, *, recursive: bool = False, as_root: bool = False) -> None:
         parts = split_path(path)
@@ -481,15 +515,41 @@ class SandboxFS:
 
 @dataclass
 class _Upload:
-    """An upload in progress: its unnamed file and the directory it will be linked in."""
+    """An upload in progress: its unnamed file, the directory it will be linked in, the
+    directories made for it (see :meth:`SandboxFS._parent_fd`) and whom it acts as."""
 
     fd: int
     parent: int
+    made: list[tuple[int, str]]
+    identity: Identity | None
 
     def close(self) -> None:
+        """Done with it (the file linked in, or never to be): close what it holds."""
+        for fd in (self.fd, self.parent, *(up for up, _ in self.made)):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.made = []
+
+    def abandon(self) -> None:
+        """The upload did not finish: close it and remove the directories it made."""
         for fd in (self.fd, self.parent):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        with acting_as(self.identity):
+            _remove_made(self.made)
+        self.made = []
+
+
+def _remove_made(made: list[tuple[int, str]]) -> None:
+    """Remove directories an upload made, deepest first, and close their parents' fds.
+
+    Only empty ones go: one the sandbox has put something in meanwhile stays (and so
+    do those above it)."""
+    for up, name in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=up)
+        with contextlib.suppress(OSError):
+            os.close(up)
 
 
 def _write_all(fd: int, chunks: list[bytes], path: str) -> None:

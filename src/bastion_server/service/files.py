@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
-from bastion.wire import ErrorCode
+from bastion.wire import ErrorCode, SessionStatus
+from bastion_server.blocking import run_to_end, run_to_end_or_undo
 from bastion_server.config import ServerConfig
 from bastion_server.runtime import sandbox_fs
 from bastion_server.runtime.base import Runtime, SandboxNotRunning
 from bastion_server.runtime.sandbox_fs import Entry, SandboxFS
 from bastion_server.service.errors import ServiceError
+from bastion_server.service.paging import Key, Page, PageRequest, invalid_cursor, take_page
 from bastion_server.service.sessions import SessionService
+from bastion_server.service.transfers import Transfer, Transfers
+from bastion_server.store.sqlite import SessionRecord
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _CODES = {
     "invalid_path": ErrorCode.INVALID_PATH,
@@ -30,16 +39,79 @@ def _service_error(exc: sandbox_fs.FsError) -> ServiceError:
     return ServiceError(_CODES[exc.kind], exc.message)
 
 
+def _name_key(entry: Entry) -> Key:
+    """A listing's key: the name's bytes (as hex: a name need not be UTF-8)."""
+    return (sandbox_fs.encode_name(entry.name).hex(),)
+
+
+class Download:
+    """A file being read out of a session: its size, then its bytes from :meth:`chunks`,
+    each handed on with :meth:`send` (a stop of the session ends it: ServiceError
+    ``session_stopped``).  Whoever takes it must :meth:`close` it in the end."""
+
+    def __init__(self, fd: int, size: int, transfer: Transfer) -> None:
+        self.size, self._fd, self._transfer = size, fd, transfer
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                self._transfer.raise_if_ended()
+                chunk = await run_to_end(os.read, self._fd, sandbox_fs.READ_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            self.close()
+
+    async def send(self, step: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Await ``step``, the client taking bytes: a stop of the session interrupts it."""
+        return await self._transfer.wait(step, *args, **kwargs)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._transfer.finish()
+
+
 class FileService:
     def __init__(self, runtime: Runtime, sessions: SessionService, config: ServerConfig) -> None:
         self.runtime, self.sessions, self.config = runtime, sessions, config
+        self.transfers = Transfers()
+        # First of all, so that a stop does not wait on a client's slow upload.
+        sessions.before_sandbox_stops.insert(0, self._end_transfers)
+        sessions.busy_checks.append(self.transfers.active)
 
     def _fs(self, owner: str, session_id: str) -> SandboxFS:
-        self.sessions.require_running(owner, session_id)
+        return self._running_fs(self.sessions.require_running(owner, session_id))
+
+    def sandbox(self, owner: str, session_id: str) -> SandboxFS:
+        """The running session's confined file access, for the archive service."""
+        return self._fs(owner, session_id)
+
+    def _running_fs(self, record: SessionRecord) -> SandboxFS:
         try:
-            return self.runtime.files(session_id)
+            return self.runtime.files(record.id)
         except SandboxNotRunning as exc:
             raise ServiceError(ErrorCode.SESSION_STATE, str(exc)) from exc
+
+    def _begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
+        """The session's files and a transfer of them; :meth:`Transfer.finish` it."""
+        record = self.sessions.require_running(owner, session_id)
+        # A run of the session is told from the next by when it became running.
+        transfer = self.transfers.begin(session_id, record.updated_at)
+        try:
+            return self._running_fs(record), transfer
+        except BaseException:
+            transfer.finish()
+            raise
+
+    async def _end_transfers(self, session_id: str, reason: str) -> None:
+        record = self.sessions.store.get_session(session_id)
+        running = record is not None and record.status == SessionStatus.RUNNING
+        await self.transfers.end_session(
+            session_id, reason, record.updated_at if record is not None and running else None
+        )
 
     @staticmethod
     def check_path(path: str) -> None:
@@ -67,31 +139,58 @@ class FileService:
                 ErrorCode.FILE_TOO_LARGE,
                 f"upload of {declared_size} bytes exceeds the limit of {limit}",
             )
-        fs = self._fs(owner, session_id)
+        fs, transfer = self._begin_transfer(owner, session_id)
         try:
-            return await fs.write(path, chunks, limit, mode=mode, as_root=as_root)
+            return await fs.write(path, transfer.guard(chunks), limit, mode=mode, as_root=as_root)
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
+        finally:
+            transfer.finish()  # its files are closed: a stop waiting for it may go on
 
     async def list(
-        self, owner: str, session_id: str, path: str, *, as_root: bool = False
-    ) -> list[Entry]:
-        fs = self._fs(owner, session_id)
+        self,
+        owner: str,
+        session_id: str,
+        path: str,
+        page: PageRequest | None = None,
+        *,
+        as_root: bool = False,
+    ) -> Page[Entry]:
+        """One page of the directory's entries, in the order of their names' bytes
+        (without ``page``: every entry, in one)."""
+        after = page.after("files", 1) if page is not None else None
         try:
-            return await asyncio.to_thread(fs.list, path, as_root=as_root)
+            start = None if after is None else bytes.fromhex(after[0])
+        except ValueError:
+            raise invalid_cursor("files") from None
+        fs = self._fs(owner, session_id)
+        count = page.limit + 1 if page is not None else None
+        try:
+            entries = await asyncio.to_thread(
+                fs.list, path, after=start, count=count, as_root=as_root
+            )
         except sandbox_fs.FsError as exc:
             raise _service_error(exc) from exc
+        if page is None:
+            return Page(entries, None)
+        return take_page("files", entries, page.limit, _name_key)
 
     async def download(
         self, owner: str, session_id: str, path: str, *, as_root: bool = False
-    ) -> tuple[Iterator[bytes], int]:
-        """An iterator over the file's bytes (it owns the open file) and the size."""
-        fs = self._fs(owner, session_id)
+    ) -> Download:
+        """The file, opened: its size and its bytes (see :class:`Download`)."""
+        fs, transfer = self._begin_transfer(owner, session_id)
         try:
-            fd, size = await asyncio.to_thread(fs.open_read, path, as_root=as_root)
+            fd, size = await run_to_end_or_undo(
+                lambda opened: os.close(opened[0]), fs.open_read, path, as_root=as_root
+            )
         except sandbox_fs.FsError as exc:
+            transfer.finish()
             raise _service_error(exc) from exc
-        return SandboxFS.iter_fd(fd), size
+        except BaseException:
+            transfer.finish()
+            raise
+        return Download(fd, size, transfer)
 
     async def delete(
         self, owner: str, session_id: str, path: str, *, recursive: bool, as_root: bool = False
