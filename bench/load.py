@@ -1,10 +1,10 @@
 """Load: many session creates at once, then thousands of jobs from many callers at once.
 
-Three phases against the one server, all through one ``AsyncBastion`` whose connection
-pool holds a connection per concurrent caller, with retries off (``max_retries=0``),
-so that every failure is counted instead of hidden by a retry:
+Three phases against the one server, each caller a thread with a ``Bastion`` client
+of its own (one connection each, like independent users) and retries off
+(``max_retries=0``), so that every failure is counted instead of hidden by a retry:
 
-1. **creates**: 100 ``sessions.create()`` + ``sessions.start()`` launched together
+1. **creates**: 100 ``sessions.create()`` + ``sessions.start()`` released together
    (20 with ``--quick``); each one's create, start and create+start latency.  The warm
    pool holds two sandboxes, so nearly all of them start a sandbox on the spot.
 2. **jobs**: 3000 ``jobs.run_and_wait(sid, ["true"])`` by 64 concurrent callers
@@ -16,21 +16,26 @@ Failures are counted by type (the SDK's exception class and the server's error c
 The server's RSS is read before, sampled every 50 ms during the phases, and read at
 the end; its peak RSS (VmHWM) is reset first where the kernel allows (``clear_refs``),
 so the peak is this test's, not the run's so far.
+
+Why threads and not one ``AsyncBastion``: httpx's async connection pool checks every
+pooled connection on each request, so with 64 connections in one pool the client
+process, not the server, was the limit (41 jobs/s; the client used twice the
+server's CPU).  A client per thread has a pool of one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
-import httpx
-
-from bastion import AsyncBastion, BastionError
+from bastion import Bastion, BastionError
 from bench.context import Context
 from bench.machine import process_memory
 from bench.stats import summarize
@@ -46,10 +51,6 @@ T = TypeVar("T")
 
 def run(ctx: Context) -> dict[str, Any]:
     creates, jobs, concurrency = QUICK if ctx.quick else FULL
-    return asyncio.run(_load(ctx, creates, jobs, concurrency))
-
-
-async def _load(ctx: Context, creates: int, jobs: int, concurrency: int) -> dict[str, Any]:
     pid = ctx.server.pid
     out: dict[str, Any] = {"creates": creates, "jobs": jobs, "concurrency": concurrency}
     errors = _Errors()
@@ -57,23 +58,24 @@ async def _load(ctx: Context, creates: int, jobs: int, concurrency: int) -> dict
     hwm_reset = _reset_peak_rss(pid)
     sampler = _RssSampler(pid)
     sampler.start()
-    slots = max(creates, concurrency) + 4
-    client = AsyncBastion(
-        base_url=ctx.server.url,
-        timeout=300.0,
-        max_retries=0,
-        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-    )
+    clients = [
+        Bastion(base_url=ctx.server.url, timeout=300.0, max_retries=0)
+        for _ in range(max(creates, concurrency))
+    ]
     try:
-        ctx.say(f"{creates} session creates at once")
-        sids, out["create_phase"] = await _create_phase(ctx, client, creates, errors)
-        if sids:
-            ctx.say(f"{jobs} jobs by {concurrency} concurrent callers over {len(sids)} sessions")
-            out["job_phase"] = await _job_phase(client, sids, jobs, concurrency, errors)
-        ctx.say(f"{len(sids)} session deletes at once")
-        out["delete_phase"] = await _delete_phase(ctx, client, sids, errors)
+        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+            ctx.say(f"{creates} session creates at once")
+            sids, out["create_phase"] = _create_phase(ctx, pool, clients[:creates], errors)
+            if sids:
+                ctx.say(
+                    f"{jobs} jobs by {concurrency} concurrent callers over {len(sids)} sessions"
+                )
+                out["job_phase"] = _job_phase(pool, clients[:concurrency], sids, jobs, errors)
+            ctx.say(f"{len(sids)} session deletes at once")
+            out["delete_phase"] = _delete_phase(ctx, pool, clients, sids, errors)
     finally:
-        await client.close()
+        for client in clients:
+            client.close()
         sampler.stop()
     end = process_memory(pid)
     out["errors"] = dict(errors.counts.most_common())
@@ -88,32 +90,49 @@ async def _load(ctx: Context, creates: int, jobs: int, concurrency: int) -> dict
     return out
 
 
-async def _create_phase(
-    ctx: Context, client: AsyncBastion, count: int, errors: _Errors
+def _together(
+    pool: ThreadPoolExecutor, count: int, fn: Callable[[int], T]
+) -> tuple[list[T], float]:
+    """``fn(0) .. fn(count - 1)`` in ``count`` threads released at the same moment;
+    their results and the seconds from the release to the last one's end."""
+    barrier = threading.Barrier(count + 1)
+
+    def released(i: int) -> T:
+        barrier.wait()
+        return fn(i)
+
+    futures = [pool.submit(released, i) for i in range(count)]
+    barrier.wait()
+    began = time.perf_counter()
+    results = [f.result() for f in futures]
+    return results, time.perf_counter() - began
+
+
+def _create_phase(
+    ctx: Context, pool: ThreadPoolExecutor, clients: list[Bastion], errors: _Errors
 ) -> tuple[list[str], dict[str, Any]]:
     create_ms: list[float] = []
     start_ms: list[float] = []
     both_ms: list[float] = []
 
-    async def one() -> str | None:
+    def one(i: int) -> str | None:
+        client = clients[i]
         began = time.perf_counter()
-        created = await _attempt(client.sessions.create(), errors, "create")
+        created = _attempt(client.sessions.create, errors, "create")
         if created is None:
             return None
         sid = created["session_id"]
         ctx.remember(sid)
         made = time.perf_counter()
         create_ms.append((made - began) * 1000.0)
-        if await _attempt(client.sessions.start(sid), errors, "start") is None:
+        if _attempt(lambda: client.sessions.start(sid), errors, "start") is None:
             return sid  # created, not started: deleted with the rest, runs no jobs
         done = time.perf_counter()
         start_ms.append((done - made) * 1000.0)
         both_ms.append((done - began) * 1000.0)
         return sid
 
-    began = time.perf_counter()
-    results = await asyncio.gather(*(one() for _ in range(count)))
-    wall = time.perf_counter() - began
+    results, wall = _together(pool, len(clients), one)
     sids = [sid for sid in results if sid is not None]
     return sids, {
         "wall_s": round(wall, 3),
@@ -125,23 +144,22 @@ async def _create_phase(
     }
 
 
-async def _job_phase(
-    client: AsyncBastion, sids: list[str], jobs: int, concurrency: int, errors: _Errors
+def _job_phase(
+    pool: ThreadPoolExecutor, clients: list[Bastion], sids: list[str], jobs: int, errors: _Errors
 ) -> dict[str, Any]:
     latencies: list[float] = []
-    queue = iter(range(jobs))
+    numbers = itertools.count()  # next() on it is atomic: each job number is taken once
 
-    async def caller() -> None:
-        for i in queue:  # one shared iterator: each job index is taken once
-            sid = sids[i % len(sids)]
+    def caller(i: int) -> None:
+        client = clients[i]
+        while (n := next(numbers)) < jobs:
+            sid = sids[n % len(sids)]
             began = time.perf_counter()
             # A job that does not succeed raises (JobFailedError): counted as an error.
-            if await _attempt(client.jobs.run_and_wait(sid, ["true"]), errors, "job"):
+            if _attempt(partial(client.jobs.run_and_wait, sid, ["true"]), errors, "job"):
                 latencies.append((time.perf_counter() - began) * 1000.0)
 
-    began = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    wall = time.perf_counter() - began
+    _, wall = _together(pool, len(clients), caller)
     return {
         "wall_s": round(wall, 3),
         "succeeded": len(latencies),
@@ -150,21 +168,21 @@ async def _job_phase(
     }
 
 
-async def _delete_phase(
-    ctx: Context, client: AsyncBastion, sids: list[str], errors: _Errors
+def _delete_phase(
+    ctx: Context, pool: ThreadPoolExecutor, clients: list[Bastion], sids: list[str], errors: _Errors
 ) -> dict[str, Any]:
     delete_ms: list[float] = []
 
-    async def one(sid: str) -> None:
+    def one(i: int) -> None:
+        sid = sids[i]
         began = time.perf_counter()
-        if await _attempt(client.sessions.delete(sid), errors, "delete") is not None:
+        if _attempt(lambda: clients[i].sessions.delete(sid), errors, "delete") is not None:
             delete_ms.append((time.perf_counter() - began) * 1000.0)
             ctx.forget(sid)
 
-    began = time.perf_counter()
-    await asyncio.gather(*(one(sid) for sid in sids))
+    _, wall = _together(pool, len(sids), one)
     return {
-        "wall_s": round(time.perf_counter() - began, 3),
+        "wall_s": round(wall, 3),
         "deleted": len(delete_ms),
         "delete": summarize(delete_ms, "ms"),
     }
@@ -172,23 +190,25 @@ async def _delete_phase(
 
 class _Errors:
     """Failures by kind (``"<phase>: <exception class> (<error code>)"``): how many, and
-    the first message of each."""
+    the first message of each; safe to add to from many threads."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def add(self, what: str, exc: Exception) -> None:
         code = exc.code if isinstance(exc, BastionError) else None
         kind = f"{what}: {type(exc).__name__}" + (f" ({code})" if code else "")
-        self.counts[kind] += 1
-        self.examples.setdefault(kind, str(exc)[:300])
+        with self._lock:
+            self.counts[kind] += 1
+            self.examples.setdefault(kind, str(exc)[:300])
 
 
-async def _attempt(call: Awaitable[T], errors: _Errors, what: str) -> T | None:
-    """``await call``; on a failure, count it under ``what`` and return None."""
+def _attempt(call: Callable[[], T], errors: _Errors, what: str) -> T | None:
+    """``call()``; on a failure, count it under ``what`` and return None."""
     try:
-        return await call
+        return call()
     except Exception as exc:  # every failure is a finding, whatever raised it
         errors.add(what, exc)
     return None
