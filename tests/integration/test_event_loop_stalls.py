@@ -1,0 +1,172 @@
+"""Nothing one request does stalls the others: every blocking step of the server
+(unmount and its retries, mkfs, removing a session's tree, subprocesses, file I/O)
+runs off the event loop.
+
+Each test probes ``/v1/health`` every few milliseconds from a thread of its own while
+a heavy operation runs, and asserts that no probe waited long: a blocking call on the
+event loop shows up as one probe waiting as long as the call took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.conftest import ServerProcess
+
+from bastion import Bastion, SessionStateError
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: The longest a health probe may wait while the server is busy elsewhere (the machine
+#: running the tests is shared; a blocking unmount retry alone costs 2 s).
+MAX_STALL = 0.5
+
+
+class HealthProbe:
+    """Asks for ``/v1/health`` in a loop; ``worst`` is the longest answer, in seconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.worst, self.count = url, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                began = time.monotonic()
+                assert http.get("/v1/health").status_code == 200
+                self.worst = max(self.worst, time.monotonic() - began)
+                self.count += 1
+                time.sleep(0.01)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self._stop.set()
+        self._thread.join(30)
+        assert self.count > 5, "the probe hardly ran"
+
+
+def _run(client: Bastion, sid: str, script: str) -> str:
+    job = client.jobs.run(sid, ["sh", "-c", script])
+    result = client.jobs.wait(sid, job["job_id"], timeout=120)
+    assert result["status"] == "completed", result
+    return str(result["output"]["console_output"])
+
+
+@contextlib.contextmanager
+def _running_session(client: Bastion, **create: object) -> Iterator[str]:
+    sid = client.sessions.create(**create)["session_id"]  # type: ignore[arg-type]
+    client.sessions.start(sid)
+    try:
+        yield sid
+    finally:
+        with contextlib.suppress(SessionStateError):
+            client.sessions.delete(sid)
+
+
+@pytest.mark.parametrize("action", ["stop", "delete"])
+def test_unmount_of_a_busy_disk_does_not_stall_the_server(
+    client: Bastion, server: ServerProcess, action: str
+) -> None:
+    """A disk something on the host still holds is unmounted with retries for up to
+    2 s (then detached): those retries wait in a worker thread, not on the loop."""
+    with _running_session(client) as sid:
+        _run(client, sid, "echo held > /tmp/held.txt")
+        layer = Path(server.data_dir) / "sessions" / sid / "layer"
+        holder = os.open(layer / "upper" / "tmp" / "held.txt", os.O_RDONLY)
+        try:
+            with HealthProbe(server.url) as probe:
+                began = time.monotonic()
+                if action == "stop":
+                    client.sessions.stop(sid)
+                else:
+                    client.sessions.delete(sid)
+                took = time.monotonic() - began
+        finally:
+            os.close(holder)
+        assert took > 1.0, f"the disk was not busy: {action} took {took:.2f}s"
+        assert probe.worst < MAX_STALL, (
+            f"/v1/health waited {probe.worst:.2f}s during a {took:.2f}s {action}"
+        )
+        if action == "stop":
+            client.sessions.start(sid)
+            assert _run(client, sid, "cat /tmp/held.txt") == "held\n"
+
+
+class _SlowBody:
+    """200 MB at about 5 MB/s."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunk = b"x" * (256 * 1024)
+        for _ in range(800):
+            yield chunk
+            self.sent += len(chunk)
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("action", ["stop", "delete"])
+def test_stop_during_a_slow_upload_does_not_stall_the_server(
+    client: Bastion, server: ServerProcess, action: str
+) -> None:
+    """The case of the report: a session stopped or deleted under a 5 MB/s upload."""
+    with _running_session(client) as sid:
+        body = _SlowBody()
+        answer: dict[str, httpx.Response] = {}
+
+        def upload() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                answer["r"] = httpx.put(
+                    f"{server.url}/v1/sessions/{sid}/files",
+                    params={"path": "/tmp/big.bin"},
+                    content=body,
+                    timeout=120,
+                )
+
+        thread = threading.Thread(target=upload, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while body.sent < 5 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with HealthProbe(server.url) as probe:
+            began = time.monotonic()
+            if action == "stop":
+                client.sessions.stop(sid)
+            else:
+                client.sessions.delete(sid)
+            took = time.monotonic() - began
+        thread.join(60)
+        assert probe.worst < MAX_STALL, f"/v1/health waited {probe.worst:.2f}s"
+        assert took < 1.5, f"{action} took {took:.2f}s"
+        assert answer["r"].status_code == 409, answer["r"].text
+
+
+def test_a_session_lifetime_does_not_stall_the_server(
+    client: Bastion, server: ServerProcess
+) -> None:
+    """Create (mkfs of a large disk), start (mounts, crun), 20,000 files, a 64 MB
+    upload and download, stop, start, delete (unmount, removing the tree)."""
+    with HealthProbe(server.url) as probe:
+        with _running_session(client, limits={"disk_mb": 4096}) as sid:
+            _run(client, sid, "mkdir -p /tmp/many && cd /tmp/many && seq 20000 | xargs touch")
+            data = os.urandom(1024 * 1024) * 64
+            client.files.upload(sid, data, "/tmp/blob.bin")
+            assert client.files.download(sid, "/tmp/blob.bin") == data
+            client.sessions.stop(sid)
+            client.sessions.start(sid)
+            assert _run(client, sid, "ls /tmp/many | wc -l").strip() == "20000"
+    assert probe.worst < MAX_STALL, f"/v1/health waited {probe.worst:.2f}s"
