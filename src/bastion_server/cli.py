@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ def serve(args: argparse.Namespace) -> int:
     logs.configure(config.log_level)
     from bastion_server.image.builder import ImageError
     from bastion_server.runtime.host import HostNotReady
-    from bastion_server.service.container import make_runtime
+    from bastion_server.service.container import Services, make_runtime
 
     try:
         runtime = make_runtime(config)
@@ -255,7 +256,18 @@ def serve(args: argparse.Namespace) -> int:
     from bastion_server.api.connections import guarded_protocol
 
     app = create_app(config, runtime)
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # First end what the app holds open (job waits and event streams, terminals)
+            # with their documented endings: uvicorn would wait for them, then cut them
+            # off (a plain 500, a stream cut mid-body, a terminal closed with 1012).
+            services: Services | None = getattr(app.state, "services", None)
+            if services is not None:
+                await services.begin_shutdown()
+            await super().shutdown(sockets)
+
+    server = Server(
         uvicorn.Config(
             app,
             host=config.host,
@@ -279,9 +291,10 @@ def serve(args: argparse.Namespace) -> int:
             "auth": "api-keys" if config.api_keys else "none (loopback)",
         },
     )
-    # uvicorn's own handlers do a graceful shutdown on SIGINT and SIGTERM: stop
-    # accepting, let requests finish (up to timeout_graceful_shutdown), then run the
-    # lifespan shutdown, which ends running jobs and closes the store.
+    # uvicorn's own handlers do a graceful shutdown on SIGINT and SIGTERM: the app ends
+    # its held requests and terminals (above), then uvicorn stops accepting, lets
+    # requests finish (up to timeout_graceful_shutdown), then runs the lifespan
+    # shutdown, which ends running jobs and closes the store.
     # uvicorn re-raises the signal it shut down on once it has restored the handlers it
     # found; finding no-op handlers, a signalled shutdown ends with exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -122,6 +122,8 @@ class Jobs:
             JobTimeoutError: The job was not final within ``timeout`` (also a
                 ``TimeoutError``); the job keeps running on the server.
             JobNotFoundError: No job has this id in this session.
+            ServerShutdownError: The server began to shut down while the job ran
+                (and did not come back within the retries).
         """
         return check_job_result(self._wait_final(session_id, job_id, timeout))
 
@@ -217,6 +219,8 @@ class Jobs:
             JobNotFoundError: No job has this id in this session.
             APIConnectionError: The connection broke, or the stream ended before
                 ``end``.
+            ServerShutdownError: The server began to shut down before the job
+                ended (its last event said so).
         """
         return JobEventStream(self._iter_complete_events(session_id, job_id))
 
@@ -549,6 +553,8 @@ class AsyncJobs:
             JobNotFoundError: No job has this id in this session.
             APIConnectionError: The connection broke, or the stream ended before
                 ``end``.
+            ServerShutdownError: The server began to shut down before the job
+                ended (its last event said so).
         """
         return AsyncJobEventStream(self._iter_complete_events(session_id, job_id))
 

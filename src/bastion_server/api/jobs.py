@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bastion.wire import FINAL_JOB_STATUSES, JobInfo, JobList, RunJobRequest
+from bastion.wire import FINAL_JOB_STATUSES, ErrorCode, JobInfo, JobList, RunJobRequest
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
 from bastion_server.service.container import Services
+from bastion_server.service.errors import ServiceError
 from bastion_server.store.sqlite import JobRecord
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/jobs", tags=["jobs"])
@@ -32,7 +33,8 @@ async def run_job(
 
     With ``wait=SECONDS`` the answer is held until the job ends or that time passes
     (at most the server's maximum hold): a short job's result comes back in this one
-    round trip (200 when the job is final, 202 if it still runs).
+    round trip (200 when the job is final, 202 if it still runs, or if the server
+    began to shut down meanwhile: the job was made, so its id must reach the caller).
     """
     record = await svc.jobs.run(
         who,
@@ -43,7 +45,11 @@ async def run_job(
         timeout=body.get("timeout"),
     )
     if wait is not None:
-        record = await svc.jobs.wait(who, session_id, record.id, wait)
+        try:
+            record = await svc.jobs.wait(who, session_id, record.id, wait)
+        except ServiceError as exc:
+            if exc.code != ErrorCode.SERVER_SHUTDOWN:
+                raise
         if record.status in FINAL_JOB_STATUSES:
             return await _job_response(svc, record)
     return svc.jobs.view(record)
@@ -97,7 +103,8 @@ async def wait_job(
     timeout: Annotated[float | None, Query(ge=0)] = None,
 ) -> Any:
     """Hold the request until the job is final or ``timeout`` seconds pass (at most the
-    server's maximum hold), then answer with the job as it is."""
+    server's maximum hold), then answer with the job as it is.  If the server begins to
+    shut down meanwhile, the answer is the ``server_shutdown`` error (503)."""
     return await _job_response(svc, await svc.jobs.wait(who, session_id, job_id, timeout))
 
 
@@ -108,7 +115,9 @@ async def wait_job(
 )
 async def job_events(session_id: str, job_id: str, who: Owner, svc: Svc) -> StreamingResponse:
     """The job's status changes and output as NDJSON, from its start (replayed) to its
-    end: the last line is ``{"type": "end", "job": ...}``, after the last output."""
+    end: the last line is ``{"type": "end", "job": ...}``, after the last output.  If
+    the server begins to shut down first, the last line is an ``end`` with the job as
+    it is and ``"reason": "server_shutdown"``."""
     events = svc.jobs.follow(who, session_id, job_id)
     first = await anext(events)  # unknown ids fail here, as a plain error response
 

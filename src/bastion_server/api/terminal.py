@@ -32,8 +32,14 @@ _CLOSE_CODES = {
     ErrorCode.SESSION_NOT_FOUND: TerminalCloseCode.SESSION_NOT_FOUND,
     ErrorCode.SESSION_STATE: TerminalCloseCode.SESSION_NOT_RUNNING,
     ErrorCode.INVALID_REQUEST: TerminalCloseCode.BAD_MESSAGE,
+    ErrorCode.SERVER_SHUTDOWN: TerminalCloseCode.GOING_AWAY,
 }
-_SESSION_ENDINGS = {"session_stopped", "session_deleted"}
+#: The close code after an "exit" message, by its reason (else NORMAL).
+_ENDING_CLOSE_CODES = {
+    "session_stopped": TerminalCloseCode.SESSION_NOT_RUNNING,
+    "session_deleted": TerminalCloseCode.SESSION_NOT_RUNNING,
+    "server_shutdown": TerminalCloseCode.GOING_AWAY,
+}
 
 
 class BadMessage(Exception):
@@ -112,6 +118,7 @@ async def terminal_socket(ws: WebSocket, session_id: str, rows: int = 24, cols: 
     except ServiceError as exc:
         await _refuse(ws, exc)
         return
+    pumps: list[asyncio.Task[Any]] = []
     try:
         await _send(
             ws,
@@ -124,30 +131,38 @@ async def terminal_socket(ws: WebSocket, session_id: str, rows: int = 24, cols: 
                 "cols": cols,
             },
         )
+        # Both pumps live only within this handler: the finally below ends and awaits
+        # them on every path, so neither can fail unobserved.
         output = asyncio.create_task(_pump_output(ws, terminal))
         reader = asyncio.create_task(_pump_input(ws, terminal))
-        done, _ = await asyncio.wait({output, reader}, return_when=asyncio.FIRST_COMPLETED)
+        pumps += (output, reader)
+        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and output not in done:
             output.cancel()
             await asyncio.gather(output, return_exceptions=True)
             failure = reader.exception()
             if isinstance(failure, BadMessage):
                 await _refuse(ws, ServiceError(ErrorCode.INVALID_REQUEST, str(failure)))
+            elif failure is not None and not isinstance(failure, WebSocketDisconnect):
+                log.warning(
+                    "terminal input failed: %s",
+                    failure,
+                    exc_info=failure,
+                    extra={"terminal_id": terminal.id},
+                )
             return  # the client left (or misbehaved): the shell goes with the socket
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         exit_event = output.result()
         reason = terminal.end_reason or ("exited" if exit_event.error is None else "lost")
         await _send(ws, "exit", {"exit_code": exit_event.exit_code, "reason": reason})
-        code = (
-            TerminalCloseCode.SESSION_NOT_RUNNING
-            if reason in _SESSION_ENDINGS
-            else TerminalCloseCode.NORMAL
-        )
-        await ws.close(code, reason)
+        await ws.close(_ENDING_CLOSE_CODES.get(reason, TerminalCloseCode.NORMAL), reason)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
         await svc.terminals.release(terminal)
         if ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):

@@ -50,6 +50,7 @@ from bastion_server.runtime.base import (
 from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
+from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.runtime")
 
@@ -528,7 +529,7 @@ class OciRuntime(Runtime):
 
     def _refill_pool(self) -> None:
         if self.pool_size and (self._pool_filler is None or self._pool_filler.done()):
-            self._pool_filler = asyncio.create_task(self._fill_pool(), name="sandbox pool")
+            self._pool_filler = spawn(self._fill_pool(), name="sandbox pool")
 
     async def _fill_pool(self) -> None:
         assert self.pool_limits is not None

@@ -14,6 +14,7 @@ from bastion_server.service.jobs import JobService
 from bastion_server.service.sessions import SessionService
 from bastion_server.service.terminals import TerminalService
 from bastion_server.store.sqlite import Store
+from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.server")
 
@@ -68,18 +69,26 @@ class Services:
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
         services = cls(config, store, runtime, sessions, jobs, files, terminals)
-        services.reaper = asyncio.create_task(sessions.run_reaper(), name="reaper")
+        services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
         return services
+
+    async def begin_shutdown(self) -> None:
+        """The server is about to stop serving: end every held request and terminal now,
+        each with its documented ending (a job wait its ``server_shutdown`` error, an
+        event stream its ``end`` event, a terminal its ``exit`` message), before the
+        server waits for connections to close.  Jobs run on until :meth:`close`."""
+        self.jobs.begin_shutdown()
+        await self.terminals.shutdown()
 
     async def close(self) -> None:
         # Sandboxes keep running across a server restart (the next start adopts them);
         # jobs cannot, since their output flows through this process.
+        await self.begin_shutdown()
         if self.reaper is not None:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
-        await self.terminals.shutdown()
         await self.jobs.shutdown()
         await self.runtime.close()
         self.store.close()

@@ -6,6 +6,11 @@ records the end (``completed`` for exit status 0, else ``failed`` with a reason)
 Waiters are woken by an event per job, so ``wait`` holds a request open without
 polling.  The job's timeout is enforced inside the sandbox by the agent (it kills the
 job's whole process tree), with a server-side backstop a little later.
+
+When the server begins to shut down, every hold ends at once with its documented
+ending: a ``wait`` with the ``server_shutdown`` error, an event stream with an ``end``
+event that says so; new jobs are refused.  The jobs themselves run on until the
+service closes, and are then recorded as killed by the restart.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from bastion_server.store.joblog import (
     stream_decoders,
 )
 from bastion_server.store.sqlite import JobRecord, Store
+from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.jobs")
 
@@ -66,6 +72,18 @@ _FAILURE_MESSAGES = {
 }
 
 
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        ErrorCode.SERVER_SHUTDOWN, "the server is shutting down; try again once it is back"
+    )
+
+
+def _internal_failure(doing: str, exc: Exception) -> str:
+    """What the job's record says of a failure inside the server (no host paths)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"internal error: the server could not {doing}: {detail or type(exc).__name__}"
+
+
 @dataclass
 class _LiveJob:
     """What only a running job has: its process, waiters and a reason to stop it."""
@@ -74,6 +92,8 @@ class _LiveJob:
     process: Process | None = None
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None
+    #: Set when the server itself failed while running the job (the record's message).
+    internal_error: str | None = None
     #: One event per waiter or follower, set on every status change or new output.
     wakers: set[asyncio.Event] = field(default_factory=set)
 
@@ -91,7 +111,7 @@ class JobService:
         self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.logs_dir.chmod(0o700)  # jobs' output is the tenants' alone
         self._live: dict[str, _LiveJob] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._shutting_down = False
         sessions.before_sandbox_stops.append(self.stop_session_jobs)
         sessions.busy_checks.append(self.has_running_jobs)
 
@@ -163,6 +183,8 @@ class JobService:
     ) -> JobRecord:
         self._validate(command, env, cwd, timeout)
         self.sessions.require_running(owner, session_id)
+        if self._shutting_down:
+            raise shutting_down()  # it would be killed before it could finish
         record = JobRecord(
             id=new_id("job"),
             session_id=session_id,
@@ -174,7 +196,7 @@ class JobService:
         self.store.insert_job(record)
         live = _LiveJob(record)
         self._live[record.id] = live
-        live.task = asyncio.create_task(self._execute(live), name=f"job {record.id}")
+        live.task = spawn(self._execute(live), name=f"job {record.id}")
         return record
 
     def get(self, owner: str, session_id: str, job_id: str) -> JobRecord:
@@ -193,7 +215,10 @@ class JobService:
     async def wait(
         self, owner: str, session_id: str, job_id: str, timeout: float | None
     ) -> JobRecord:
-        """The job once it is final, or as it is when ``timeout`` passes."""
+        """The job once it is final, or as it is when ``timeout`` passes.
+
+        Raises the ``server_shutdown`` error if the server begins to shut down first.
+        """
         record = self.get(owner, session_id, job_id)
         hold = (
             self.config.max_wait_seconds
@@ -209,6 +234,8 @@ class JobService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(hold):
                     while live.record.status not in FINAL_JOB_STATUSES:
+                        if self._shutting_down:
+                            raise shutting_down()
                         waker.clear()
                         await waker.wait()
         finally:
@@ -220,7 +247,9 @@ class JobService:
 
         Output is replayed from the job's log, so a follower that comes late (even
         after the job finished, or after a server restart) misses nothing.  The final
-        status and the "end" event come only after the last byte of output.
+        status and the "end" event come only after the last byte of output.  If the
+        server begins to shut down first, the stream ends with an "end" event of the
+        job as it is, with ``"reason": "server_shutdown"``.
         """
         self.get(owner, session_id, job_id)
         path = self.log_path(job_id)
@@ -261,6 +290,9 @@ class JobService:
                     return
                 if current is None:
                     continue  # finished between our two reads: go round once more
+                if self._shutting_down:
+                    yield {"type": "end", "job": self.view(record), "reason": "server_shutdown"}
+                    return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
                         await waker.wait()
@@ -336,8 +368,15 @@ class JobService:
                 with contextlib.suppress(FileNotFoundError):
                     self.log_path(record.id).unlink()
 
+    def begin_shutdown(self) -> None:
+        """The server is shutting down: end every wait and stream now, refuse new jobs."""
+        self._shutting_down = True
+        for live in self._live.values():
+            live.notify()
+
     async def shutdown(self) -> None:
         """Server shutdown: running jobs end as failed (their processes are killed)."""
+        self.begin_shutdown()
         for live in list(self._live.values()):
             live.stop_reason = "server_restarted"
             if live.task is not None:
@@ -383,6 +422,7 @@ class JobService:
         record = live.record
         writer = JobLogWriter(self.log_path(record.id), self.config.max_output_bytes)
         exit_event: ExitEvent | None = None
+        doing = "start the job"
         try:
             spec = ExecSpec(
                 argv=record.command,
@@ -399,6 +439,7 @@ class JobService:
             # the same way (failed, server_restarted), and the final write records it.
             live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
             live.notify()
+            doing = "collect the job's output"
             backstop = (spec.timeout + TIMEOUT_BACKSTOP) if spec.timeout else None
             try:
                 async with asyncio.timeout(backstop):
@@ -413,14 +454,23 @@ class JobService:
                 exit_event = ExitEvent(exit_code=None, timed_out=True, error="timeout")
         except asyncio.CancelledError:
             exit_event = None
-        finally:
+        except SandboxError as exc:  # the agent's connection failed under the job
+            exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
+        except Exception as exc:  # a failure of the server itself: say so, and log it
+            live.internal_error = _internal_failure(doing, exc)
+            log.exception("job failed inside the server", extra={"job_id": record.id})
             if live.process is not None:
-                await live.process.close()
-            writer.close()
-            self._record_end(live, exit_event, writer.dropped)
-            self._live.pop(record.id, None)
-            live.notify()
-            self.sessions.touch(record.session_id)  # idle time counts from the job's end
+                await live.process.kill()  # nobody collects its output any more
+        finally:
+            try:
+                if live.process is not None:
+                    await live.process.close()
+                writer.close()
+                self._record_end(live, exit_event, writer.dropped)
+            finally:
+                self._live.pop(record.id, None)
+                live.notify()
+                self.sessions.touch(record.session_id)  # idle time counts from the job's end
 
     def _record_end(self, live: _LiveJob, event: ExitEvent | None, dropped: dict[str, int]) -> None:
         record = live.record
@@ -430,6 +480,8 @@ class JobService:
             event is None or event.error in ("killed", "lost") or event.exit_code is None
         ):
             reason = live.stop_reason
+        elif live.internal_error is not None:
+            reason, message = "internal_error", live.internal_error
         elif event is None:
             reason = "server_restarted"
         elif event.timed_out:
@@ -459,9 +511,7 @@ class JobService:
         self._finish(record, exit_code, reason, message, truncation)
         if reason == "lost":
             # The sandbox may have died under the job: let the session say so.
-            task = asyncio.create_task(self.sessions.check_sandbox(record.session_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            spawn(self.sessions.check_sandbox(record.session_id), name="check sandbox")
         log.info(
             "job finished",
             extra={

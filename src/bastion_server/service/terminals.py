@@ -3,12 +3,13 @@
 A terminal is a shell the agent starts on a pseudo-terminal as the sandbox user, with
 its own session and controlling tty (so job control works: Ctrl-C reaches the
 foreground command).  The service keeps a registry per session so that stopping or
-deleting a session ends its terminals, each told why.
+deleting a session ends its terminals, each told why; so does a server shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from bastion_server.service.sessions import SessionService, new_id
 log = logging.getLogger("bastion.terminals")
 
 MAX_ROWS_COLS = 1000
+#: How long a shutdown waits for its terminals to tell their clients and close.
+SHUTDOWN_GRACE = 5.0
 _SHELLS = ("/bin/bash", "/bin/sh")
 
 
@@ -35,6 +38,8 @@ class Terminal:
     process: Process
     #: Set when the server ends the terminal ("session_stopped", "session_deleted", ...).
     end_reason: str | None = field(default=None)
+    #: Set once the terminal is released (its client told, its shell gone).
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def check_size(rows: int, cols: int) -> None:
@@ -48,6 +53,7 @@ class TerminalService:
     def __init__(self, runtime: Runtime, sessions: SessionService) -> None:
         self.runtime, self.sessions = runtime, sessions
         self._open: dict[str, dict[str, Terminal]] = {}
+        self._shutting_down = False
         sessions.before_sandbox_stops.append(self.close_session_terminals)
         sessions.busy_checks.append(lambda session_id: bool(self._open.get(session_id)))
 
@@ -66,6 +72,10 @@ class TerminalService:
     async def open(self, owner: str, session_id: str, rows: int, cols: int) -> Terminal:
         check_size(rows, cols)
         self.sessions.require_running(owner, session_id)
+        if self._shutting_down:
+            raise ServiceError(
+                ErrorCode.SERVER_SHUTDOWN, "the server is shutting down; try again once it is back"
+            )
         shell = await asyncio.to_thread(self._shell, session_id)
         try:
             process = await self.runtime.exec(
@@ -82,7 +92,10 @@ class TerminalService:
         """Forget a terminal and make sure its shell and everything it started end."""
         self._open.get(terminal.session_id, {}).pop(terminal.id, None)
         self.sessions.touch(terminal.session_id)
-        await terminal.process.close()
+        try:
+            await terminal.process.close()
+        finally:
+            terminal.closed.set()
         log.info("terminal closed", extra={"terminal_id": terminal.id})
 
     async def close_session_terminals(self, session_id: str, reason: str) -> None:
@@ -91,5 +104,18 @@ class TerminalService:
             await terminal.process.kill()
 
     async def shutdown(self) -> None:
+        """End every terminal with the reason "server_shutdown" and wait (a while) until
+        each has told its client so and closed; refuse new ones from now on."""
+        self._shutting_down = True
+        terminals = [t for open_ in self._open.values() for t in open_.values()]
         for session_id in list(self._open):
             await self.close_session_terminals(session_id, "server_shutdown")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                for terminal in terminals:
+                    await terminal.closed.wait()
+        for terminal in terminals:
+            if not terminal.closed.is_set():
+                # Its shell did not end: cut it, so that its socket still gets the exit.
+                log.warning("terminal did not end in time", extra={"terminal_id": terminal.id})
+                await terminal.process.close()
