@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from bastion import Bastion, BastionError
 from bench.context import Context
-from bench.machine import process_memory
+from bench.machine import host_cpu_seconds, process_cpu_seconds, process_memory
 from bench.stats import summarize
 
 MIB = 1024 * 1024
@@ -70,7 +70,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ctx.say(
                     f"{jobs} jobs by {concurrency} concurrent callers over {len(sids)} sessions"
                 )
-                out["job_phase"] = _job_phase(pool, clients[:concurrency], sids, jobs, errors)
+                out["job_phase"] = _job_phase(pool, clients[:concurrency], sids, jobs, errors, pid)
             ctx.say(f"{len(sids)} session deletes at once")
             out["delete_phase"] = _delete_phase(ctx, pool, clients, sids, errors)
     finally:
@@ -145,7 +145,12 @@ def _create_phase(
 
 
 def _job_phase(
-    pool: ThreadPoolExecutor, clients: list[Bastion], sids: list[str], jobs: int, errors: _Errors
+    pool: ThreadPoolExecutor,
+    clients: list[Bastion],
+    sids: list[str],
+    jobs: int,
+    errors: _Errors,
+    server_pid: int,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     numbers = itertools.count()  # next() on it is atomic: each job number is taken once
@@ -159,13 +164,22 @@ def _job_phase(
             if _attempt(partial(client.jobs.run_and_wait, sid, ["true"]), errors, "job"):
                 latencies.append((time.perf_counter() - began) * 1000.0)
 
+    before = _cpu_seconds(server_pid)
     _, wall = _together(pool, len(clients), caller)
+    used = [after - b for b, after in zip(before, _cpu_seconds(server_pid), strict=True)]
     return {
         "wall_s": round(wall, 3),
         "succeeded": len(latencies),
         "jobs_per_s": round(len(latencies) / wall, 1) if wall else None,
         "latency": summarize(latencies, "ms"),
+        # Where the phase's CPU went: this (client) process, the server, the whole host
+        # (other work on the machine included), in seconds.
+        "cpu_s": dict(zip(("client", "server", "host"), (round(u, 2) for u in used), strict=True)),
     }
+
+
+def _cpu_seconds(server_pid: int) -> tuple[float, float, float]:
+    return time.process_time(), process_cpu_seconds(server_pid), host_cpu_seconds()
 
 
 def _delete_phase(
