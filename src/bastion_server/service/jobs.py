@@ -84,6 +84,12 @@ def _internal_failure(doing: str, exc: Exception) -> str:
     return f"internal error: the server could not {doing}: {detail or type(exc).__name__}"
 
 
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @dataclass
 class _LiveJob:
     """What only a running job has: its process, waiters and a reason to stop it."""
@@ -363,10 +369,10 @@ class JobService:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if reason == "session_deleted":
-            # Delete is irreversible: the output of the session's jobs goes with it.
-            for record in self.store.list_jobs(session_id):
-                with contextlib.suppress(FileNotFoundError):
-                    self.log_path(record.id).unlink()
+            # Delete is irreversible: the output of the session's jobs goes with it
+            # (thousands of files, maybe: removed off the event loop).
+            logs = [self.log_path(record.id) for record in self.store.list_jobs(session_id)]
+            await asyncio.to_thread(_remove_files, logs)
 
     def begin_shutdown(self) -> None:
         """The server is shutting down: end every wait and stream now, refuse new jobs."""
