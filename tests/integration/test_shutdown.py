@@ -77,6 +77,14 @@ def test_sigterm_ends_every_held_request_with_its_documented_ending(
         opened = threading.Event()
         clients = {
             "wait": InFlight(lambda: httpx.get(f"{base}/wait", params={"timeout": 60}, timeout=60)),
+            "run_wait": InFlight(
+                lambda: httpx.post(
+                    f"{srv.url}/v1/sessions/{sid}/jobs",
+                    params={"wait": 60},
+                    json={"command": ["sleep", "120"]},
+                    timeout=60,
+                )
+            ),
             "events": InFlight(lambda: _events(f"{base}/events")),
             "sdk_wait": InFlight(lambda: c.jobs.wait(sid, jid, timeout=60)),
             "sdk_stream": InFlight(lambda: list(c.jobs.stream(sid, jid))),
@@ -109,6 +117,13 @@ def test_sigterm_ends_every_held_request_with_its_documented_ending(
     assert wait.headers["content-type"] == "application/json"
     assert wait.json()["error"]["code"] == "server_shutdown"
 
+    # A job run with ?wait= was made: its answer carries its id, as a wait that ran out.
+    run_wait = clients["run_wait"].outcome
+    assert isinstance(run_wait, httpx.Response), run_wait
+    assert run_wait.status_code == 202
+    assert run_wait.json()["status"] == "running"
+    second = run_wait.json()["job_id"]
+
     events = clients["events"].outcome
     assert isinstance(events, list), events
     assert {"type": "stdout", "data": "started\n"} in events
@@ -139,6 +154,7 @@ def test_sigterm_ends_every_held_request_with_its_documented_ending(
     # After the restart the job reads as killed by it, as before.
     srv.start()
     with Bastion(base_url=srv.url) as c:
-        final = c.jobs.get(sid, jid)
-        assert final["status"] == "failed"
-        assert final["failure_reason"] == "server_restarted"
+        for job_id in (jid, second):
+            final = c.jobs.get(sid, job_id)
+            assert final["status"] == "failed"
+            assert final["failure_reason"] == "server_restarted"
