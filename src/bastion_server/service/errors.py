@@ -26,3 +26,10 @@ def job_not_found(job_id: str) -> ServiceError:
 
 def invalid(message: str) -> ServiceError:
     return ServiceError(ErrorCode.INVALID_REQUEST, message)
+
+
+def shutting_down() -> ServiceError:
+    """For what the server can no longer finish: it has begun to shut down."""
+    return ServiceError(
+        ErrorCode.SERVER_SHUTDOWN, "the server is shutting down; try again once it is back"
+    )

@@ -44,7 +44,7 @@ from bastion_server.runtime.base import (
     Runtime,
     SandboxError,
 )
-from bastion_server.service.errors import ServiceError, invalid, job_not_found
+from bastion_server.service.errors import ServiceError, invalid, job_not_found, shutting_down
 from bastion_server.service.sessions import SessionService, new_id, now_iso
 from bastion_server.store.joblog import (
     JobLogWriter,
@@ -70,12 +70,6 @@ _FAILURE_MESSAGES = {
     "lost": "the sandbox went away while the job ran",
     "killed": "the job was killed",
 }
-
-
-def shutting_down() -> ServiceError:
-    return ServiceError(
-        ErrorCode.SERVER_SHUTDOWN, "the server is shutting down; try again once it is back"
-    )
 
 
 def _internal_failure(doing: str, exc: Exception) -> str:

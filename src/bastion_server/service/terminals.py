@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from bastion.wire import ErrorCode
 from bastion_server.runtime.base import ExecSpec, Process, Runtime, SandboxError
 from bastion_server.runtime.sandbox_fs import FsError
-from bastion_server.service.errors import ServiceError
+from bastion_server.service.errors import ServiceError, shutting_down
 from bastion_server.service.sessions import SessionService, new_id
 
 log = logging.getLogger("bastion.terminals")
@@ -73,9 +73,7 @@ class TerminalService:
         check_size(rows, cols)
         self.sessions.require_running(owner, session_id)
         if self._shutting_down:
-            raise ServiceError(
-                ErrorCode.SERVER_SHUTDOWN, "the server is shutting down; try again once it is back"
-            )
+            raise shutting_down()
         shell = await asyncio.to_thread(self._shell, session_id)
         try:
             process = await self.runtime.exec(
