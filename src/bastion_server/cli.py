@@ -263,8 +263,11 @@ def serve(args: argparse.Namespace) -> int:
             # with their documented endings: uvicorn would wait for them, then cut them
             # off (a plain 500, a stream cut mid-body, a terminal closed with 1012).
             services: Services | None = getattr(app.state, "services", None)
-            if services is not None:
-                await services.begin_shutdown()
+            try:
+                if services is not None:
+                    await services.begin_shutdown()
+            except Exception:  # the shutdown itself must go on
+                log.exception("ending the held requests failed")
             await super().shutdown(sockets)
 
     server = Server(
