@@ -301,3 +301,20 @@ def test_the_docs_need_no_key(config: ServerConfig) -> None:
         assert api.get("/v1/docs/assets/swagger-ui-bundle.js").status_code == 200
         assert api.get("/v1/openapi.json").status_code == 200
         assert _error(api.get("/v1/sessions")) == (401, "unauthorized")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_a_wrong_method_is_405_naming_every_method_of_the_path(api: TestClient) -> None:
+    response = api.request("OPTIONS", "/v1/sessions")
+    assert _error(response) == (405, "method_not_allowed")
+    assert response.headers["allow"] == "GET, POST"
+    files = api.request("PATCH", "/v1/sessions/ses_x/files")
+    assert files.headers["allow"] == "GET, PUT, DELETE"
+
+
+def test_a_body_for_no_route_is_not_checked_before_routing(api: TestClient) -> None:
+    response = api.request("TRACE", "/v1/sessions", content=b"\xff\xfe", headers=JSON)
+    assert _error(response) == (405, "method_not_allowed")
+    assert _error(api.post("/v1/nowhere", content=b"\xff", headers=JSON)) == (404, "not_found")

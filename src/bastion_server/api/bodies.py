@@ -30,7 +30,7 @@ from itertools import accumulate
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import ErrorCode
-from bastion_server.api.errors import error_response
+from bastion_server.api.errors import error_response, is_routed
 from bastion_server.api.text import TextProblem, check_body_text
 from bastion_server.config import ServerConfig
 
@@ -104,7 +104,9 @@ class BodyLimits:
             )(scope, receive, send)
             return
         try:
-            check_body_text(body)
+            app = scope.get("app")
+            if app is None or is_routed(app, scope):  # else routing says 404 or 405
+                check_body_text(body)
         except TextProblem as problem:
             code = ErrorCode.MALFORMED_JSON if problem.malformed else ErrorCode.INVALID_REQUEST
             await error_response(code, problem.message)(scope, receive, send)

@@ -14,7 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from bastion.wire import ERROR_HTTP_STATUS, ErrorCode
 from bastion_server.service.errors import ServiceError
@@ -69,9 +72,26 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ErrorCode.NOT_FOUND, f"no such endpoint: {request.url.path}")
     if exc.status_code == 405:
         return error_response(
-            ErrorCode.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}"
+            ErrorCode.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.url.path}",
+            {"Allow": ", ".join(allowed_methods(request.app, request.scope))},
         )
     return error_response(ErrorCode.INVALID_REQUEST, str(exc.detail))
+
+
+#: The methods a route may take, in the order ``Allow`` lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: Starlette, scope: Scope) -> list[str]:
+    """Every method some route takes at this path (RFC 9110's ``Allow``): Starlette's
+    own 405 names only the first route's, and there is one route per method."""
+    return [m for m in _METHODS if is_routed(app, {**scope, "method": m})]
+
+
+def is_routed(app: Starlette, scope: Scope) -> bool:
+    """Whether a route takes this request (its path and method)."""
+    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

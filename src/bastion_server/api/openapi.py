@@ -8,9 +8,9 @@ guard's ``401``/``403``/``429``, the body limits' ``400``/``408``/``413``/``422`
 :func:`describe` rewrites the generated document once, for every ``/v1`` operation:
 
 * its error responses: the statuses every request can get, those that follow from
-  its shape (a JSON body, parameters, a session in its path), and those its route
-  raises (:data:`ROUTE_STATUSES`), each with the error body's schema and the codes
-  that travel with that status;
+  its shape (a JSON or streamed body, parameters, a path parameter, a page cursor),
+  and those its routes raise (:data:`PREFIX_STATUSES`, :data:`ROUTE_STATUSES`), each
+  with the error body's schema and the codes that travel with that status;
 * its security: an API key, as ``Authorization: Bearer`` or ``X-API-Key``, on every
   operation but the open ones (:data:`bastion_server.api.guard.OPEN_PATHS`), so the
   docs page's Authorize button works.
@@ -39,25 +39,29 @@ ROUTE_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/sessions/{session_id}/stop"): (409,),
     # the session must be running; invalid_command
     ("post", "/v1/sessions/{session_id}/jobs"): (409,),
-    # file operations: the session must be running; permission_denied; file codes
-    ("put", "/v1/sessions/{session_id}/files"): (403, 408, 409, 413, 500, 507),
-    ("get", "/v1/sessions/{session_id}/files"): (403, 409, 500),
-    ("delete", "/v1/sessions/{session_id}/files"): (403, 409, 500),
-    ("get", "/v1/sessions/{session_id}/files/content"): (403, 409, 500),
+}
+#: Statuses of every route under a path: file operations need a running session
+#: (session_state), may be denied (permission_denied) or fail (file_operation_failed).
+PREFIX_STATUSES: dict[str, tuple[int, ...]] = {
+    "/v1/sessions/{session_id}/files": (403, 409, 500),
 }
 
 #: Every request can be refused so: forbidden_host (a keyless server asked under a
 #: foreign Host), too_many_requests (the key's share, the server's connections),
-#: internal_error.
-ANY_REQUEST = (403, 429, 500)
+#: internal_error, server_shutdown.
+ANY_REQUEST = (403, 429, 500, 503)
 #: A request with a key: unauthorized.
 KEYED = (401,)
 #: A JSON body: malformed_json, request_timeout, request_too_large, invalid_request.
 JSON_BODY = (400, 408, 413, 422)
+#: A streamed body (a file, an archive): request_timeout, file_too_large, disk_full.
+STREAMED_BODY = (408, 413, 507)
 #: Parameters (path or query) that the route checks: invalid_request.
 PARAMETERS = (422,)
-#: A session in the path: session_not_found (and job_not_found under a job).
-SESSION_PATH = (404,)
+#: A parameter in the path names something that may not exist: *_not_found.
+PATH_PARAMETER = (404,)
+#: A page cursor that this server did not hand out: invalid_cursor.
+CURSOR = (400,)
 
 ERROR_SCHEMA = "ErrorBody"
 SECURITY_SCHEMES = {
@@ -121,11 +125,17 @@ def error_statuses(path: str, method: str, operation: dict[str, Any]) -> list[in
     if "application/json" in body:
         statuses.update(JSON_BODY)
     elif body:
-        statuses.update((408,))  # a streamed body can stall too
-    if operation.get("parameters"):
+        statuses.update(STREAMED_BODY)
+    parameters = operation.get("parameters", [])
+    if parameters:
         statuses.update(PARAMETERS)
-    if "{session_id}" in path:
-        statuses.update(SESSION_PATH)
+    if any(p.get("in") == "path" for p in parameters):
+        statuses.update(PATH_PARAMETER)
+    if any(p.get("name") == "cursor" for p in parameters):
+        statuses.update(CURSOR)
+    for prefix, extra in PREFIX_STATUSES.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            statuses.update(extra)
     statuses.update(ROUTE_STATUSES.get((method, path), ()))
     return sorted(statuses)
 
