@@ -44,13 +44,18 @@ from ._client import Bastion
 from ._exceptions import APITimeoutError, FileDeleteError, FileListError, JobFailedError
 from .wire import (
     FINAL_JOB_STATUSES,
+    MAX_PAGE_SIZE,
     ErrorCode,
     ExpiryAction,
+    FileList,
     JobEvent,
     JobInfo,
+    JobList,
     NetworkRequest,
+    Page,
     SessionInfo,
     SessionLimits,
+    SessionList,
     SessionStatus,
 )
 
@@ -120,6 +125,40 @@ def remote_dir(text: str) -> RemotePath:
     if not session_id:
         raise argparse.ArgumentTypeError(f"expected SESSION or SESSION:/path, got {text!r}")
     return RemotePath(session_id, path or "/")
+
+
+def page_size(text: str) -> int:
+    """A page size, 1 to ``MAX_PAGE_SIZE`` (argparse ``type``)."""
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 1 to {MAX_PAGE_SIZE}, not {text!r}"
+        )
+    return size
+
+
+def add_page_options(parser: argparse.ArgumentParser, items: str) -> None:
+    """``--limit`` and ``--cursor`` of a list command (without them: every item)."""
+    pages = parser.add_argument_group(f"pages (default: all {items})")
+    pages.add_argument(
+        "--limit",
+        type=page_size,
+        metavar="N",
+        help=f"only the first N {items} (up to {MAX_PAGE_SIZE}); if there are more, "
+        "the cursor of the rest goes to stderr",
+    )
+    pages.add_argument(
+        "--cursor", metavar="CURSOR", help=f"the {items} after those that printed CURSOR"
+    )
+
+
+def _note_next_page(page: Page) -> None:
+    """Where the rest of a list starts, on stderr (the JSON output has it too)."""
+    if page.get("next_cursor"):
+        _stderr(f"more: --cursor {page['next_cursor']}")
 
 
 def connection_options() -> argparse.ArgumentParser:
@@ -328,6 +367,7 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
         help="only the sessions in this state",
     )
     list_.add_argument("-q", "--quiet", action="store_true", help="print only the session ids")
+    add_page_options(list_, "sessions")
     list_.set_defaults(runner=_sessions_list)
 
     for name, summary, description, example in (
@@ -412,17 +452,25 @@ def _show_session(info: SessionInfo, args: argparse.Namespace) -> None:
 
 
 def _sessions_list(client: Bastion, args: argparse.Namespace) -> int:
-    result = client.sessions.list()
-    sessions = result["sessions"]
+    result = client.sessions.list(limit=args.limit, cursor=args.cursor)
     if args.status:
-        sessions = [s for s in sessions if s.get("status") == args.status]
-        result = {"sessions": sessions}
+        result = {
+            **result,
+            "sessions": [s for s in result["sessions"] if s.get("status") == args.status],
+        }
+    _print_sessions(result, args)
+    _note_next_page(result)
+    return ExitCode.OK
+
+
+def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
+    sessions = result["sessions"]
     if _json_mode(args):
         write_json(sys.stdout, result)
-        return ExitCode.OK
+        return
     if args.quiet:
         _print_lines([s["session_id"] for s in sessions])
-        return ExitCode.OK
+        return
     rows = []
     for s in sessions:
         limits: Mapping[str, Any] = s.get("limits") or {}
@@ -441,7 +489,7 @@ def _sessions_list(client: Bastion, args: argparse.Namespace) -> int:
         )
     if not rows:
         _stderr("no sessions")
-        return ExitCode.OK
+        return
     _print_lines(
         table(
             ["SESSION", "STATUS", "CREATED", "MEMORY", "PIDS", "CPUS", "NETWORK", "METADATA"],
@@ -450,7 +498,6 @@ def _sessions_list(client: Bastion, args: argparse.Namespace) -> int:
             max_width=_table_width(),
         )
     )
-    return ExitCode.OK
 
 
 def _session_action(name: str) -> Runner:
@@ -540,6 +587,7 @@ def _add_files(subparsers: _Subparsers, common: list[argparse.ArgumentParser]) -
         parents=common,
     )
     list_.add_argument("target", metavar="SESSION[:/path]", type=remote_dir)
+    add_page_options(list_, "entries")
     list_.set_defaults(runner=_files_list)
 
     delete = _parser(
@@ -718,10 +766,16 @@ def _write_file(dest: str, first: bytes | None, rest: Iterator[bytes], progress:
 
 def _files_list(client: Bastion, args: argparse.Namespace) -> int:
     target: RemotePath = args.target
-    result = client.files.list(target.session_id, target.path)
+    result = client.files.list(target.session_id, target.path, limit=args.limit, cursor=args.cursor)
+    _print_files(result, target, args)
+    _note_next_page(result)
+    return ExitCode.OK
+
+
+def _print_files(result: FileList, target: RemotePath, args: argparse.Namespace) -> None:
     if _json_mode(args):
         write_json(sys.stdout, result)
-        return ExitCode.OK
+        return
     entries = sorted(result["files"], key=lambda e: str(e.get("name", "")))
     rows = [
         [
@@ -734,11 +788,10 @@ def _files_list(client: Bastion, args: argparse.Namespace) -> int:
     ]
     if not rows:
         _stderr(f"{target}: empty directory")
-        return ExitCode.OK
+        return
     _print_lines(
         table(["MODE", "SIZE", "MODIFIED", "NAME"], rows, right=["SIZE"], max_width=_table_width())
     )
-    return ExitCode.OK
 
 
 def _files_delete(client: Bastion, args: argparse.Namespace) -> int:
@@ -845,6 +898,7 @@ def _add_jobs(subparsers: _Subparsers, common: list[argparse.ArgumentParser]) ->
     )
     list_.add_argument("session_id", metavar="SESSION")
     list_.add_argument("-q", "--quiet", action="store_true", help="print only the job ids")
+    add_page_options(list_, "jobs")
     list_.set_defaults(runner=_jobs_list)
 
     get = _parser(
@@ -949,17 +1003,23 @@ def _print_job_output(job: JobInfo, args: argparse.Namespace) -> None:
 
 
 def _jobs_list(client: Bastion, args: argparse.Namespace) -> int:
-    result = client.jobs.list(args.session_id)
+    result = client.jobs.list(args.session_id, limit=args.limit, cursor=args.cursor)
+    _print_jobs(result, args)
+    _note_next_page(result)
+    return ExitCode.OK
+
+
+def _print_jobs(result: JobList, args: argparse.Namespace) -> None:
     if _json_mode(args):
         write_json(sys.stdout, result)
-        return ExitCode.OK
+        return
     jobs = result["jobs"]
     if args.quiet:
         _print_lines([j["job_id"] for j in jobs])
-        return ExitCode.OK
+        return
     if not jobs:
         _stderr(f"no jobs in session {args.session_id}")
-        return ExitCode.OK
+        return
     rows = []
     for j in jobs:
         status = str(j.get("status", "-"))
@@ -983,7 +1043,6 @@ def _jobs_list(client: Bastion, args: argparse.Namespace) -> int:
             max_width=_table_width(),
         )
     )
-    return ExitCode.OK
 
 
 def _show_job(job: JobInfo, args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from bastion import (
     JobInfo,
     JobNotFoundError,
     JobTimeoutError,
+    ServerShutdownError,
     SessionNotFoundError,
 )
 from bastion._base import StatusTracker, parse_job_event
@@ -203,6 +204,34 @@ def test_stream_ending_without_end_is_a_connection_error() -> None:
         ]
         with pytest.raises(APIConnectionError, match="ended before the job did"):
             next(events)
+
+
+def shutdown_events() -> list[dict[str, Any]]:
+    """What a server that begins to shut down while the job runs sends."""
+    return [
+        {"type": "status", "status": "running"},
+        {"type": "stdout", "data": "one\n"},
+        {"type": "end", "job": job("running"), "reason": "server_shutdown"},
+    ]
+
+
+def test_stream_ended_by_a_server_shutdown_raises_server_shutdown_error() -> None:
+    server = Server(shutdown_events())
+    with server.client() as bastion:
+        events = bastion.jobs.stream("s1", "j1")
+        assert [next(events)["type"], next(events)["type"]] == ["status", "stdout"]
+        with pytest.raises(ServerShutdownError, match="shutting down") as raised:
+            next(events)
+    assert raised.value.code == "server_shutdown"
+    assert server.body.closed
+
+
+def test_run_and_wait_never_takes_a_shutdown_end_for_the_result() -> None:
+    server = Server(shutdown_events(), gets=[job("running")])
+    seen: list[str] = []
+    with server.client() as bastion, pytest.raises(ServerShutdownError):
+        bastion.jobs.run_and_wait("s1", "make", on_stdout=seen.append)
+    assert seen == ["one\n"]
 
 
 def test_stream_broken_connection_is_translated() -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 from .._base import (
     DOWNLOAD_CHUNK_SIZE,
+    APIRequest,
     delete_file_request,
     docs_from,
     download_request,
@@ -27,7 +28,15 @@ from .._local_files import (
     upload_body,
     write_chunks,
 )
-from ..wire import FileDeleteResult, FileList, FileUploadResult, FileUser
+from .._pages import PageRequestFor, merge_pages, wants_every_page
+from ..wire import (
+    MAX_PAGE_SIZE,
+    FileDeleteResult,
+    FileEntry,
+    FileList,
+    FileUploadResult,
+    FileUser,
+)
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
@@ -189,24 +198,70 @@ class Files:
             with destination_file(dest) as fileobj:
                 return write_chunks(chunks, fileobj)
 
-    def list(self, session_id: str, path: str = "/", *, user: FileUser = "user") -> FileList:
-        """List a directory.
+    def list(
+        self,
+        session_id: str,
+        path: str = "/",
+        *,
+        user: FileUser = "user",
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> FileList:
+        """List a directory, in the order of the names' bytes.
+
+        Without ``limit`` and ``cursor``: every entry, fetched page after page.  With
+        either: one page, as the server answers it.
 
         Args:
             session_id: A running session's id.
             path: Absolute path of the directory.
+            limit: At most this many entries (1 to 1000, ``bastion.wire.MAX_PAGE_SIZE``;
+                the server's default 100).
+            cursor: The ``next_cursor`` of the page before; none for the first page.
 
         Returns:
             ``{"path", "files": [{"name", "path", "size", "type", "modified_at",
-            "mode"}, ...]}``.
+            "mode"}, ...], "next_cursor": str | None}``: the cursor of the next page,
+            None after the last (and always for the whole list).
+
+        Raises:
+            FileListError: No such directory, not a directory, ...
+            SessionStateError: The session is not running.
+            InvalidRequestError: ``limit`` is out of range, or ``cursor`` is not one of
+                this list's (code ``invalid_cursor``).
+        """
+        if wants_every_page(limit, cursor):
+            pages = self._client._pages(_page_of(session_id, path, user, MAX_PAGE_SIZE))
+            return cast(FileList, merge_pages(pages, "files"))
+        request = list_files_request(session_id, path, user=user, limit=limit, cursor=cursor)
+        return cast(FileList, self._client._request(request))
+
+    def iter_all(
+        self,
+        session_id: str,
+        path: str = "/",
+        *,
+        user: FileUser = "user",
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[FileEntry]:
+        """Every entry of a directory, in the order of the names' bytes, each page
+        fetched as the loop reaches it (of entries made meanwhile, those whose names
+        come after the page in progress are listed).
+
+        Args:
+            session_id: A running session's id.
+            path: Absolute path of the directory.
+            page_size: Entries per request (1 to 1000, the default).
+
+        Yields:
+            ``FileEntry`` after ``FileEntry``.
 
         Raises:
             FileListError: No such directory, not a directory, ...
             SessionStateError: The session is not running.
         """
-        return cast(
-            FileList, self._client._request(list_files_request(session_id, path, user=user))
-        )
+        for page in self._client._pages(_page_of(session_id, path, user, page_size)):
+            yield from page["files"]
 
 
 @docs_from(Files)
@@ -352,7 +407,39 @@ class AsyncFiles:
                 await chunks.aclose()
             return destination.written
 
-    async def list(self, session_id: str, path: str = "/", *, user: FileUser = "user") -> FileList:
-        return cast(
-            FileList, await self._client._request(list_files_request(session_id, path, user=user))
-        )
+    async def list(
+        self,
+        session_id: str,
+        path: str = "/",
+        *,
+        user: FileUser = "user",
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> FileList:
+        if wants_every_page(limit, cursor):
+            request_for = _page_of(session_id, path, user, MAX_PAGE_SIZE)
+            pages = [page async for page in self._client._pages(request_for)]
+            return cast(FileList, merge_pages(pages, "files"))
+        request = list_files_request(session_id, path, user=user, limit=limit, cursor=cursor)
+        return cast(FileList, await self._client._request(request))
+
+    async def iter_all(
+        self,
+        session_id: str,
+        path: str = "/",
+        *,
+        user: FileUser = "user",
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> AsyncIterator[FileEntry]:
+        async for page in self._client._pages(_page_of(session_id, path, user, page_size)):
+            for entry in page["files"]:
+                yield entry
+
+
+def _page_of(session_id: str, path: str, user: FileUser, page_size: int) -> PageRequestFor:
+    """The request of a page of the listing of ``path``, given its cursor."""
+
+    def request_for(cursor: str | None) -> APIRequest:
+        return list_files_request(session_id, path, user=user, limit=page_size, cursor=cursor)
+
+    return request_for
