@@ -66,6 +66,64 @@ alive connection, connect and write timeouts.  A read timeout is not retried:
 ``timeout`` bounds how long a call waits for a slow answer.  Once retries are spent
 (or not allowed) the error is raised as :class:`APIConnectionError`,
 :class:`APITimeoutError` or the error response's class.
+
+Lists and pages
+---------------
+The server answers ``GET /v1/sessions``, ``.../jobs`` and ``.../files`` a page at a
+time: ``?limit=N`` items (1 to 1000; 100 when not given) in the list's fixed order
+(sessions and jobs oldest first, files by the bytes of their names) and
+``"next_cursor"``, which passed back as ``?cursor=`` gives the next page (null after
+the last).  A cursor marks a place in that order, so items added while a list is read
+never make another repeat or go missing.  The SDK does the paging:
+
+    every = bastion.jobs.list(sid)["jobs"]          # all pages, one answer
+    for job in bastion.jobs.iter_all(sid):          # page by page, as the loop goes
+        print(job["job_id"], job["status"])
+    page = bastion.jobs.list(sid, limit=50)         # one page of 50 ...
+    rest = bastion.jobs.list(sid, limit=50, cursor=page["next_cursor"])  # ... and the next
+
+``sessions`` and ``files`` have the same ``list`` and ``iter_all``.  A ``limit`` out
+of range raises :class:`InvalidRequestError`; so does a cursor that is not one of the
+list's own (code ``invalid_cursor``).
+
+Directory trees
+---------------
+``files.upload_dir(sid, "./src", "/home/user/src")`` and ``files.download_dir(sid,
+"/home/user/out", "./out")`` move a whole tree as one tar stream, made while the tree
+is walked and extracted as it arrives: no side stages a copy (the server holds a few
+MiB of it at most).  On the wire: ``POST /v1/sessions/{id}/files/archive?path=DIR``
+with a tar body (plain, gzip, bzip2 or xz; answered ``{"path", "files",
+"directories", "symlinks", "bytes"}``) and ``GET`` of the same URL (an
+``application/x-tar`` of directories, regular files and symlinks, names relative to
+``DIR``; mount points, special files and what the acting user cannot read are left
+out).  An upload acts as the session's user (``user=root`` as its root) and, like a
+single file's, counts against the upload size limit.  Members the server refuses
+(``invalid_path``; the extraction stops there, earlier members stay): absolute names,
+``..``, symlinks whose target is absolute or leads out of ``DIR``, hard links,
+devices, FIFOs, and any member whose path goes through a symlink (one from the
+archive or one the sandbox planted).  Neutralised: setuid, setgid and sticky bits
+are dropped and the archive's owners ignored.  ``download_dir`` extracts with
+:mod:`tarfile`'s ``"data"`` filter.  An upload is retried only when the connection
+could not be opened.
+
+The original server's API
+-------------------------
+The server also speaks the REST API of the first Bastion server (Go, Docker), which
+the ``generated_client`` module of the public ``bastion-py-sdk`` 1.0.0 wheel is a
+client of: ``GET /health``, ``POST /session/create``, ``POST /session/{id}/start``
+and ``/stop``, ``GET /session/{id}/status``, ``DELETE /session/{id}``, ``POST
+/session/{id}/exec`` (``{"cmd": [...]}``), ``GET /session/{id}/job/{job_id}``,
+``POST /session/{id}/upload`` (multipart ``metadata`` then ``file``), ``GET
+/session/{id}/list?path=&page=&limit=``, ``GET /session/{id}/download?path=``,
+``DELETE /session/{id}/delete`` (``{"path": ...}``) and the WebSocket
+``/session/{id}/terminal?api_token=KEY`` (messages ``init``, ``term_input``,
+``term_output``, ``error``), in that API's shapes, on the same sessions, keys and
+tenancy as ``/v1``.  Differences: errors are ``{"error": "<message>"}`` with the old
+statuses (400 bad request or path, 401, 403 for what the session's state or a path's
+type forbids, 404, 413, 429, 500); file paths are relative to the sandbox user's
+home (the old ``/workspace``, where jobs start); an upload replaces an existing file
+(the old server answered 409); each terminal connection gets a shell of its own; a
+plain ``GET`` of the terminal is answered 426.
 """
 
 from ._async_terminal import AsyncTerminal
@@ -130,6 +188,7 @@ from .wire import (
     KeyScope,
     NetworkInfo,
     NetworkRequest,
+    Page,
     RunJobRequest,
     SessionInfo,
     SessionLimits,
@@ -187,6 +246,7 @@ __all__ = [
     "NetworkInfo",
     "NetworkRequest",
     "NotFoundError",
+    "Page",
     "QuotaExceededError",
     "RunJobRequest",
     "ServerError",

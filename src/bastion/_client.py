@@ -34,6 +34,7 @@ from ._base import (
     parse_json,
     translate_transport_errors,
 )
+from ._pages import PageRequestFor, next_cursor
 from ._resources.files import AsyncFiles, Files
 from ._resources.jobs import AsyncJobs, Jobs
 from ._resources.sessions import AsyncSessions, Sessions
@@ -179,6 +180,16 @@ class Bastion(BaseBastion):
     def _request(self, request: APIRequest, *, attempts: Attempts | None = None) -> Any:
         """Send ``request`` and return its JSON body."""
         return parse_json(self._send(request, attempts=attempts))
+
+    def _pages(self, request_for: PageRequestFor) -> Iterator[Any]:
+        """Every page of a list, each fetched when the caller gets to it."""
+        cursor: str | None = None
+        while True:
+            page = self._request(request_for(cursor))
+            yield page
+            cursor = next_cursor(page, cursor)
+            if cursor is None:
+                return
 
     @contextmanager
     def _stream(self, request: APIRequest) -> Iterator[httpx.Response]:
@@ -341,6 +352,16 @@ class AsyncBastion(BaseBastion):
     async def _request(self, request: APIRequest, *, attempts: Attempts | None = None) -> Any:
         """Send ``request`` and return its JSON body."""
         return parse_json(await self._send(request, attempts=attempts))
+
+    async def _pages(self, request_for: PageRequestFor) -> AsyncGenerator[Any, None]:
+        """Every page of a list, each fetched when the caller gets to it."""
+        cursor: str | None = None
+        while True:
+            page = await self._request(request_for(cursor))
+            yield page
+            cursor = next_cursor(page, cursor)
+            if cursor is None:
+                return
 
     @asynccontextmanager
     async def _stream(self, request: APIRequest) -> AsyncIterator[httpx.Response]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bastion.wire import MAX_PAGE_SIZE
 from bastion_server.runtime.agent_build import build_agent
 from bastion_server.runtime.fake import FakeRuntime
 
@@ -120,6 +121,19 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def _session_ids(self, headers: dict[str, str]) -> list[str]:
+        """The ids of the key's sessions not deleted, from every page of the list."""
+        ids: list[str] = []
+        params = {"limit": str(MAX_PAGE_SIZE)}
+        while True:
+            page = httpx.get(
+                self.url + "/v1/sessions", params=params, headers=headers, timeout=60
+            ).json()
+            ids += [s["session_id"] for s in page["sessions"] if s.get("status") != "deleted"]
+            if not page.get("next_cursor"):
+                return ids
+            params["cursor"] = page["next_cursor"]
+
     def delete_all_sessions(self, workers: int = 8) -> int:
         """Delete every session of every configured key; returns how many went.
 
@@ -129,12 +143,9 @@ class ServerProcess:
         deleted = 0
         for headers in [{"Authorization": f"Bearer {k}"} for k in self.api_keys] or [{}]:
             try:
-                sessions = httpx.get(self.url + "/v1/sessions", headers=headers, timeout=60).json()[
-                    "sessions"
-                ]
+                ids = self._session_ids(headers)
             except (httpx.HTTPError, KeyError, ValueError):
                 continue
-            ids = [s["session_id"] for s in sessions if s.get("status") != "deleted"]
 
             def delete(sid: str, headers: dict[str, str] = headers) -> bool:
                 try:

@@ -11,6 +11,7 @@ from bastion.wire import ErrorCode, SessionStatus
 from bastion_server.runtime.base import SandboxError
 from bastion_server.service.container import Services
 from bastion_server.service.errors import ServiceError
+from bastion_server.service.paging import PageRequest
 from bastion_server.testing import FakeRuntime
 
 
@@ -59,8 +60,8 @@ def test_another_owner_sees_no_such_session(run: Run) -> None:
             with pytest.raises(ServiceError) as caught:
                 await action(OTHER, record.id)
             assert caught.value.code == ErrorCode.SESSION_NOT_FOUND
-        assert [r.id for r in s.sessions.list(OTHER)] == []
-        assert [r.id for r in s.sessions.list(OWNER)] == [record.id]
+        assert [r.id for r in s.sessions.list(OTHER, PageRequest()).items] == []
+        assert [r.id for r in s.sessions.list(OWNER, PageRequest()).items] == [record.id]
 
     run(body)
 
@@ -85,7 +86,11 @@ def test_failed_allocation_creates_nothing_usable(run: Run, runtime: FakeRuntime
             await s.sessions.create(OWNER)
         assert caught.value.code == ErrorCode.SESSION_START_FAILED
         assert runtime.sandboxes == {}
-        live = [r for r in s.sessions.list(OWNER) if r.status != SessionStatus.DELETED]
+        live = [
+            r
+            for r in s.sessions.list(OWNER, PageRequest()).items
+            if r.status != SessionStatus.DELETED
+        ]
         assert live == []
 
     run(body)

@@ -191,7 +191,7 @@ def test_session_lifecycle_requests() -> None:
                 (client.sessions.start("s1"), "POST", "/v1/sessions/s1/start"),
                 (client.sessions.stop("s1"), "POST", "/v1/sessions/s1/stop"),
                 (client.sessions.delete("s1"), "DELETE", "/v1/sessions/s1"),
-                (client.sessions.list(), "GET", "/v1/sessions"),
+                (client.sessions.list(), "GET", "/v1/sessions?limit=1000"),
                 (client.sessions.get("a/b"), "GET", "/v1/sessions/a%2Fb"),
             ]:
                 await call
@@ -603,7 +603,7 @@ def test_files_list_and_delete() -> None:
     async def main() -> None:
         async with rec.client() as client:
             assert (await client.files.list("s1"))["files"] == []
-            assert dict(rec.last.url.params) == {"path": "/"}
+            assert dict(rec.last.url.params) == {"path": "/", "limit": "1000"}
             rec.answers = [ok({"path": "/d", "deleted": True})]
             assert (await client.files.delete("s1", "/d", recursive=True))["deleted"] is True
             assert rec.last.method == "DELETE"

@@ -230,7 +230,7 @@ def test_env_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         return httpx.Response(200, json={"sessions": []})
 
     assert main(["sessions", "list"], transport=httpx.MockTransport(handler), commands=[]) == 0
-    assert str(seen[0].url) == "http://env.test:9000/v1/sessions"
+    assert str(seen[0].url) == "http://env.test:9000/v1/sessions?limit=1000"
     assert seen[0].headers["authorization"] == "Bearer env-key"
 
 

@@ -101,7 +101,7 @@ def test_env_var_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     with Bastion(transport=httpx.MockTransport(rec)) as client:
         assert client.base_url == "http://from-env:9000"
         client.sessions.list()
-    assert str(rec.last.url) == "http://from-env:9000/v1/sessions"
+    assert str(rec.last.url) == "http://from-env:9000/v1/sessions?limit=1000"  # every page
     assert rec.last.headers["Authorization"] == "Bearer env-key"
     assert "env-key" not in repr(client)
 
@@ -112,7 +112,7 @@ def test_defaults_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
     rec = Recorder(ok({"sessions": []}))
     with Bastion(transport=httpx.MockTransport(rec)) as client:
         client.sessions.list()
-    assert str(rec.last.url) == "http://localhost:8080/v1/sessions"
+    assert str(rec.last.url) == "http://localhost:8080/v1/sessions?limit=1000"
     assert "Authorization" not in rec.last.headers
     assert rec.last.headers["User-Agent"].startswith("bastion-py-sdk/")
 
@@ -475,7 +475,7 @@ def test_list_and_delete_files() -> None:
     with rec.client() as client:
         assert client.files.list("s1")["files"][0]["name"] == "main.py"
         assert (rec.last.method, rec.last.url.path) == ("GET", "/v1/sessions/s1/files")
-        assert dict(rec.last.url.params) == {"path": "/"}
+        assert dict(rec.last.url.params) == {"path": "/", "limit": "1000"}  # every page
 
         rec.responses = [ok({"path": "/d", "deleted": True})]
         assert client.files.delete("s1", "/d")["deleted"] is True

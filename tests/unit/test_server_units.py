@@ -115,6 +115,11 @@ def test_store_migrates_a_version_1_database(tmp_path: Path) -> None:
         " status_reason TEXT, limits TEXT NOT NULL, metadata TEXT NOT NULL,"
         " idempotency_key TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
         "INSERT INTO sessions VALUES ('ses_1', 'o', 'stopped', NULL, '{}', '{}', NULL, 't', 't');"
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),"
+        " status TEXT NOT NULL, command TEXT NOT NULL, spec TEXT NOT NULL, exit_code INTEGER,"
+        " failure_reason TEXT, error_message TEXT, created_at TEXT NOT NULL, started_at TEXT,"
+        " finished_at TEXT);"
+        "CREATE INDEX jobs_session ON jobs(session_id, created_at);"
     )
     old.commit()
     old.close()

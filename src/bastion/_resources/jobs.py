@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -39,7 +40,8 @@ from .._base import (
     watch_hold,
 )
 from .._exceptions import APITimeoutError, BastionError
-from ..wire import JOB_WAIT_MAX_HOLD, JobEvent, JobInfo, JobList
+from .._pages import merge_pages, wants_every_page
+from ..wire import JOB_WAIT_MAX_HOLD, MAX_PAGE_SIZE, JobEvent, JobInfo, JobList
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
@@ -272,19 +274,51 @@ class Jobs:
                 raise job_timeout_error(job, timeout)
             job = self._poll(session_id, job_id, poll, cap=watch_hold(job))
 
-    def list(self, session_id: str) -> JobList:
-        """List the session's jobs.
+    def list(
+        self, session_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> JobList:
+        """List the session's jobs, oldest first, without their output.
+
+        Without ``limit`` and ``cursor``: every job, fetched page after page.  With
+        either: one page, as the server answers it.
 
         Args:
             session_id: The session's id.
+            limit: At most this many jobs (1 to 1000, ``bastion.wire.MAX_PAGE_SIZE``;
+                the server's default 100).
+            cursor: The ``next_cursor`` of the page before; none for the first page.
 
         Returns:
-            ``{"jobs": [JobInfo, ...]}``.
+            ``{"jobs": [JobInfo, ...], "next_cursor": str | None}``: the cursor of the
+            next page, None after the last (and always for the whole list).
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            InvalidRequestError: ``limit`` is out of range, or ``cursor`` is not one of
+                this list's (code ``invalid_cursor``).
+        """
+        if wants_every_page(limit, cursor):
+            request_for = functools.partial(list_jobs_request, session_id, MAX_PAGE_SIZE)
+            return cast(JobList, merge_pages(self._client._pages(request_for), "jobs"))
+        return cast(JobList, self._client._request(list_jobs_request(session_id, limit, cursor)))
+
+    def iter_all(self, session_id: str, *, page_size: int = MAX_PAGE_SIZE) -> Iterator[JobInfo]:
+        """Every job of the session, oldest first, each page fetched as the loop
+        reaches it (jobs started meanwhile come at the end).
+
+        Args:
+            session_id: The session's id.
+            page_size: Jobs per request (1 to 1000, the default).
+
+        Yields:
+            ``JobInfo`` after ``JobInfo``, without the output.
 
         Raises:
             SessionNotFoundError: No session has this id.
         """
-        return cast(JobList, self._client._request(list_jobs_request(session_id)))
+        request_for = functools.partial(list_jobs_request, session_id, page_size)
+        for page in self._client._pages(request_for):
+            yield from page["jobs"]
 
     def _watch_events(
         self,
@@ -602,8 +636,23 @@ class AsyncJobs:
                 raise job_timeout_error(job, timeout)
             job = await self._poll(session_id, job_id, poll, cap=watch_hold(job))
 
-    async def list(self, session_id: str) -> JobList:
-        return cast(JobList, await self._client._request(list_jobs_request(session_id)))
+    async def list(
+        self, session_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> JobList:
+        if wants_every_page(limit, cursor):
+            request_for = functools.partial(list_jobs_request, session_id, MAX_PAGE_SIZE)
+            pages = [page async for page in self._client._pages(request_for)]
+            return cast(JobList, merge_pages(pages, "jobs"))
+        request = list_jobs_request(session_id, limit, cursor)
+        return cast(JobList, await self._client._request(request))
+
+    async def iter_all(
+        self, session_id: str, *, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncIterator[JobInfo]:
+        request_for = functools.partial(list_jobs_request, session_id, page_size)
+        async for page in self._client._pages(request_for):
+            for job in page["jobs"]:
+                yield job
 
     async def _watch_events(
         self,

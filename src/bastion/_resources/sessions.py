@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
 from .._base import (
@@ -17,7 +18,9 @@ from .._base import (
     session_reached,
 )
 from .._exceptions import BastionError
+from .._pages import merge_pages, wants_every_page
 from ..wire import (
+    MAX_PAGE_SIZE,
     ExpiryAction,
     NetworkRequest,
     SessionInfo,
@@ -151,13 +154,42 @@ class Sessions:
         """
         return self._act(session_id, "delete")
 
-    def list(self) -> SessionList:
-        """List the sessions.
+    def list(self, *, limit: int | None = None, cursor: str | None = None) -> SessionList:
+        """List the sessions that are not deleted, oldest first.
+
+        Without ``limit`` and ``cursor``: every session, fetched page after page.  With
+        either: one page, as the server answers it.
+
+        Args:
+            limit: At most this many sessions (1 to 1000, ``bastion.wire.MAX_PAGE_SIZE``;
+                the server's default 100).
+            cursor: The ``next_cursor`` of the page before; none for the first page.
 
         Returns:
-            ``{"sessions": [SessionInfo, ...]}``.
+            ``{"sessions": [SessionInfo, ...], "next_cursor": str | None}``: the cursor
+            of the next page, None after the last (and always for the whole list).
+
+        Raises:
+            InvalidRequestError: ``limit`` is out of range, or ``cursor`` is not one of
+                this list's (code ``invalid_cursor``).
         """
-        return cast(SessionList, self._client._request(list_sessions_request()))
+        if wants_every_page(limit, cursor):
+            pages = self._client._pages(functools.partial(list_sessions_request, MAX_PAGE_SIZE))
+            return cast(SessionList, merge_pages(pages, "sessions"))
+        return cast(SessionList, self._client._request(list_sessions_request(limit, cursor)))
+
+    def iter_all(self, *, page_size: int = MAX_PAGE_SIZE) -> Iterator[SessionInfo]:
+        """Every session that is not deleted, oldest first, each page fetched as the
+        loop reaches it (sessions created meanwhile come at the end).
+
+        Args:
+            page_size: Sessions per request (1 to 1000, the default).
+
+        Yields:
+            ``SessionInfo`` after ``SessionInfo``.
+        """
+        for page in self._client._pages(functools.partial(list_sessions_request, page_size)):
+            yield from page["sessions"]
 
     def _act(self, session_id: str, action: SessionAction) -> SessionInfo:
         request = session_action_request(session_id, action)
@@ -220,8 +252,18 @@ class AsyncSessions:
     async def delete(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "delete")
 
-    async def list(self) -> SessionList:
-        return cast(SessionList, await self._client._request(list_sessions_request()))
+    async def list(self, *, limit: int | None = None, cursor: str | None = None) -> SessionList:
+        if wants_every_page(limit, cursor):
+            request_for = functools.partial(list_sessions_request, MAX_PAGE_SIZE)
+            pages = [page async for page in self._client._pages(request_for)]
+            return cast(SessionList, merge_pages(pages, "sessions"))
+        return cast(SessionList, await self._client._request(list_sessions_request(limit, cursor)))
+
+    async def iter_all(self, *, page_size: int = MAX_PAGE_SIZE) -> AsyncIterator[SessionInfo]:
+        request_for = functools.partial(list_sessions_request, page_size)
+        async for page in self._client._pages(request_for):
+            for session in page["sessions"]:
+                yield session
 
     async def _act(self, session_id: str, action: SessionAction) -> SessionInfo:
         request = session_action_request(session_id, action)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from bastion.wire import FINAL_JOB_STATUSES, ErrorCode, JobInfo, JobList, RunJobRequest
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
+from bastion_server.api.paging import PageParams
 from bastion_server.service.container import Services
 from bastion_server.service.errors import ServiceError
 from bastion_server.store.sqlite import JobRecord
@@ -84,9 +85,14 @@ def _job_json(svc: Services, record: JobRecord) -> Iterator[bytes]:
 
 
 @router.get("", response_model=JobList)
-async def list_jobs(session_id: str, who: Owner, svc: Svc) -> JobList:
-    """The session's jobs, oldest first, without their output (get a job for that)."""
-    return {"jobs": [svc.jobs.view(r, with_output=False) for r in svc.jobs.list(who, session_id)]}
+async def list_jobs(session_id: str, who: Owner, svc: Svc, page: PageParams) -> JobList:
+    """The session's jobs, oldest first, without their output (get a job for that), a
+    page at a time: pass ``next_cursor`` back as ``cursor`` for the next page."""
+    found = svc.jobs.list(who, session_id, page)
+    return {
+        "jobs": [svc.jobs.view(r, with_output=False) for r in found.items],
+        "next_cursor": found.next_cursor,
+    }
 
 
 @router.get("/{job_id}", response_model=JobInfo)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header
 from bastion.wire import IDEMPOTENCY_HEADER, CreateSessionRequest, SessionInfo, SessionList
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
+from bastion_server.api.paging import PageParams
 from bastion_server.api.views import session_view
 from bastion_server.service.container import Services
 
@@ -40,9 +41,11 @@ async def create_session(
 
 
 @router.get("", response_model=SessionList)
-async def list_sessions(who: Owner, svc: Svc) -> SessionList:
-    """Every session of the caller's key that is not deleted."""
-    return {"sessions": [session_view(r) for r in svc.sessions.list(who)]}
+async def list_sessions(who: Owner, svc: Svc, page: PageParams) -> SessionList:
+    """The sessions of the caller's key that are not deleted, oldest first, a page at a
+    time: pass ``next_cursor`` back as ``cursor`` for the next page."""
+    found = svc.sessions.list(who, page)
+    return {"sessions": [session_view(r) for r in found.items], "next_cursor": found.next_cursor}
 
 
 @router.get("/{session_id}", response_model=SessionInfo)

@@ -45,6 +45,7 @@ from bastion_server.runtime.base import (
     SandboxError,
 )
 from bastion_server.service.errors import ServiceError, invalid, job_not_found, shutting_down
+from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.sessions import SessionService, new_id, now_iso
 from bastion_server.store.joblog import (
     JobLogWriter,
@@ -207,10 +208,12 @@ class JobService:
             raise job_not_found(job_id)
         return record
 
-    def list(self, owner: str, session_id: str) -> list[JobRecord]:
+    def list(self, owner: str, session_id: str, page: PageRequest) -> Page[JobRecord]:
+        """One page of the session's jobs, oldest first (live ones as they are now)."""
         self.sessions.get(owner, session_id)
-        stored = self.store.list_jobs(session_id)
-        return [self._live[j.id].record if j.id in self._live else j for j in stored]
+        stored = self.store.page_jobs(session_id, page.after("jobs", 2), page.limit + 1)
+        rows = [self._live[j.id].record if j.id in self._live else j for j in stored]
+        return take_page("jobs", rows, page.limit, creation_key)
 
     async def wait(
         self, owner: str, session_id: str, job_id: str, timeout: float | None

@@ -28,6 +28,7 @@ from bastion_server.config import Limits, ServerConfig
 from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits, SandboxUsage
 from bastion_server.runtime.network import NetworkPolicy
 from bastion_server.service.errors import ServiceError, invalid, session_not_found
+from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.store.sqlite import SessionRecord, Store
 
 log = logging.getLogger("bastion.sessions")
@@ -91,8 +92,10 @@ class SessionService:
             raise session_not_found(session_id)
         return record
 
-    def list(self, owner: str) -> list[SessionRecord]:
-        return self.store.list_sessions(owner)
+    def list(self, owner: str, page: PageRequest) -> Page[SessionRecord]:
+        """One page of the owner's sessions that are not deleted, oldest first."""
+        rows = self.store.page_sessions(owner, page.after("sessions", 2), page.limit + 1)
+        return take_page("sessions", rows, page.limit, creation_key)
 
     def require_running(self, owner: str, session_id: str) -> SessionRecord:
         record = self.get(owner, session_id)

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
+CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)
+    WHERE status != 'deleted';
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_idempotency
     ON sessions(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,7 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at TEXT,
     finished_at TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_page ON jobs(session_id, created_at, id);
 """
 
 
@@ -72,6 +74,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         [
             "ALTER TABLE sessions ADD COLUMN network TEXT NOT NULL"
             """ DEFAULT '{"enabled": false, "allow": []}'""",
+        ],
+    ),
+    (
+        # Pages of lists are read by key: (created_at, id) after the last one shown.
+        4,
+        [
+            "CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)"
+            " WHERE status != 'deleted'",
+            "CREATE INDEX IF NOT EXISTS jobs_page ON jobs(session_id, created_at, id)",
+            "DROP INDEX IF EXISTS jobs_session",
         ],
     ),
 ]
@@ -274,6 +286,41 @@ class Store:
         rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
         return [self._session(r) for r in rows]
 
+    def page_sessions(
+        self, owner: str, after: tuple[str, ...] | None, count: int
+    ) -> list[SessionRecord]:
+        """The owner's first ``count`` sessions not deleted after the key ``after``
+        (``(created_at, id)``), in that order: a range of the index sessions_page."""
+        rows = self._db.execute(
+            "SELECT * FROM sessions WHERE owner = ? AND status != 'deleted'"
+            f" AND status != '{CREATING}'"
+            " AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?",
+            (owner, *(after or ("", "")), count),
+        ).fetchall()
+        return [self._session(r) for r in rows]
+
+    def list_creating_sessions(self) -> list[SessionRecord]:
+        """Sessions whose create has not been committed (see :data:`CREATING`)."""
+        rows = self._db.execute("SELECT * FROM sessions WHERE status = ?", (CREATING,)).fetchall()
+        return [self._session(r) for r in rows]
+
+    def commit_created(self, session_id: str, updated_at: str) -> bool:
+        """Turn a ``creating`` session ``created`` (a compare-and-set): whether it was."""
+        cursor = self._db.execute(
+            "UPDATE sessions SET status = 'created', updated_at = ? WHERE id = ? AND status = ?",
+            (updated_at, session_id, CREATING),
+        )
+        return cursor.rowcount == 1
+
+    def remove_creating_session(self, session_id: str) -> None:
+        """Forget a create that did not complete (nothing else refers to its row)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM session_env WHERE session_id = ?", (session_id,))
+            self._db.execute(
+                "DELETE FROM sessions WHERE id = ? AND status = ?", (session_id, CREATING)
+            )
+
     def list_expirable_sessions(self) -> list[SessionRecord]:
         """Sessions not deleted that have an idle timeout or a maximum lifetime."""
         rows = self._db.execute(
@@ -331,6 +378,18 @@ class Store:
     def list_jobs(self, session_id: str) -> list[JobRecord]:
         rows = self._db.execute(
             "SELECT * FROM jobs WHERE session_id = ? ORDER BY created_at, id", (session_id,)
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def page_jobs(
+        self, session_id: str, after: tuple[str, ...] | None, count: int
+    ) -> list[JobRecord]:
+        """The session's first ``count`` jobs after the key ``after`` (``(created_at,
+        id)``), in that order: a range of the index jobs_page."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE session_id = ? AND (created_at, id) > (?, ?)"
+            " ORDER BY created_at, id LIMIT ?",
+            (session_id, *(after or ("", "")), count),
         ).fetchall()
         return [self._job(r) for r in rows]
 
