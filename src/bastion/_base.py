@@ -440,7 +440,8 @@ def translate_transport_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------- retries
 
 #: Answers worth another attempt: a proxy or load balancer in front of the server
-#: could not reach it, or the server is shutting down (``server_shutdown``, 503).
+#: could not reach it.  Not the server's own ``server_shutdown`` (503): it is going
+#: away, and a retry within the backoff would only find it gone.
 RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 #: The request never left the client: retrying cannot do anything twice.
 _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -502,7 +503,8 @@ class Attempts:
 
     * An idempotent request (``APIRequest.idempotent``: GETs, DELETEs, PUT of a
       buffered upload, start/stop, creates that carry an ``Idempotency-Key``) is
-      retried on transient transport errors and on 502/503/504.
+      retried on transient transport errors and on 502/503/504 (but for the
+      server's own ``server_shutdown``).
     * Any other request (``POST .../jobs``, an upload streamed from a file object) is
       retried only when the connection could not be opened: it never left the client,
       so nothing can happen twice.
@@ -528,7 +530,12 @@ class Attempts:
         return self._next(transient, sent=not not_sent, retry_after=None)
 
     def retry_after_response(self, response: httpx.Response) -> float | None:
-        transient = self.request.idempotent and response.status_code in RETRY_STATUSES
+        transient = (
+            self.request.idempotent
+            and response.status_code in RETRY_STATUSES
+            and parse_error_body(response.status_code, response.content)[0]
+            != ErrorCode.SERVER_SHUTDOWN
+        )
         return self._next(transient, sent=True, retry_after=parse_retry_after(response.headers))
 
     def _next(self, transient: bool, *, sent: bool, retry_after: float | None) -> float | None:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, Any, NamedTuple, TypeAlias, cast
+from typing import IO, Any, NamedTuple, TypeAlias, TypeVar, cast
 
 from ._cli_errors import ExitCode, UsageError
 from ._cli_format import (
@@ -39,9 +39,17 @@ from ._cli_format import (
     write_json,
     write_text,
 )
+from ._cli_keys import add_keys_command
 from ._cli_progress import CountingReader, CountingWriter, Progress
 from ._client import Bastion
-from ._exceptions import APITimeoutError, FileDeleteError, FileListError, JobFailedError
+from ._exceptions import (
+    APITimeoutError,
+    FileDeleteError,
+    FileListError,
+    JobFailedError,
+    SessionNotFoundError,
+)
+from ._local_tree import tree_size
 from .wire import (
     FINAL_JOB_STATUSES,
     MAX_PAGE_SIZE,
@@ -75,7 +83,7 @@ __all__ = [
 #: Does its own output and returns the exit status.
 Runner = Callable[[Bastion, argparse.Namespace], int]
 
-CLIENT_COMMANDS = frozenset({"sessions", "files", "jobs"})
+CLIENT_COMMANDS = frozenset({"sessions", "files", "jobs", "keys"})
 
 #: ``jobs logs`` without ``-f`` on a job that still runs prints what the server
 #: replays, and stops once nothing more has come for this long.
@@ -236,6 +244,7 @@ def add_client_commands(subparsers: _Subparsers) -> None:
     _add_sessions(subparsers, common)
     _add_files(subparsers, common)
     _add_jobs(subparsers, common)
+    add_keys_command(subparsers, common)
 
 
 # --------------------------------------------------------------------------- output
@@ -392,8 +401,9 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
         ),
         (
             "delete",
-            "delete a session (irreversible)",
-            "Delete a session and everything in it. This cannot be undone.",
+            "delete a session, or all of them (irreversible)",
+            "Delete a session and everything in it, or with --all every session of your "
+            "API key. This cannot be undone.",
             "bastion sessions delete $SID",
         ),
     ):
@@ -405,8 +415,30 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
             examples=[example, example + " --json"],
             parents=common,
         )
-        action.add_argument("session_id", metavar="SESSION")
-        action.set_defaults(runner=_session_action(name))
+        if name == "delete":
+            action.add_argument("session_id", metavar="SESSION", nargs="?")
+            action.add_argument(
+                "--all",
+                action="store_true",
+                help="delete every session of your API key instead of one",
+            )
+            action.set_defaults(runner=_sessions_delete)
+            action.epilog = (action.epilog or "") + "\n  bastion sessions delete --all"
+        else:
+            action.add_argument("session_id", metavar="SESSION")
+            action.set_defaults(runner=_session_action(name))
+
+    prune = _parser(
+        actions,
+        "prune",
+        help="delete every stopped session (irreversible)",
+        description="Delete every stopped session of your API key, with its files: what "
+        "timeouts, restarts and the server's exit policy leave behind. Running and "
+        "created sessions are kept.",
+        examples=["bastion sessions prune", "bastion sessions prune --json"],
+        parents=common,
+    )
+    prune.set_defaults(runner=_sessions_prune)
 
 
 def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
@@ -500,6 +532,39 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
     )
 
 
+def _delete_sessions(client: Bastion, args: argparse.Namespace, ids: Sequence[str]) -> int:
+    """Delete ``ids``, one line each (a session gone meanwhile is skipped)."""
+    deleted: list[str] = []
+    for session_id in ids:
+        try:
+            client.sessions.delete(session_id)
+        except SessionNotFoundError:
+            continue
+        deleted.append(session_id)
+        if not _json_mode(args):
+            _print_lines([f"{session_id}  deleted"])
+    if _json_mode(args):
+        write_json(sys.stdout, {"deleted": deleted})
+    elif not deleted:
+        _stderr("no sessions to delete")
+    return ExitCode.OK
+
+
+def _sessions_delete(client: Bastion, args: argparse.Namespace) -> int:
+    if args.all == (args.session_id is not None):
+        raise UsageError("give a SESSION to delete, or --all (not both)")
+    if not args.all:
+        return _session_action("delete")(client, args)
+    ids = [s["session_id"] for s in client.sessions.list()["sessions"]]
+    return _delete_sessions(client, args, ids)
+
+
+def _sessions_prune(client: Bastion, args: argparse.Namespace) -> int:
+    sessions = client.sessions.list()["sessions"]
+    ids = [s["session_id"] for s in sessions if s.get("status") == "stopped"]
+    return _delete_sessions(client, args, ids)
+
+
 def _session_action(name: str) -> Runner:
     def run(client: Bastion, args: argparse.Namespace) -> int:
         info: SessionInfo = getattr(client.sessions, "get" if name == "status" else name)(
@@ -547,8 +612,16 @@ def _add_files(subparsers: _Subparsers, common: list[argparse.ArgumentParser]) -
             "bastion files upload hello.py $SID:/home/user/hello.py",
             "bastion files upload hello.py $SID:/home/user/",
             "tar czf - . | bastion files upload - $SID:/tmp/src.tar.gz",
+            "bastion files upload -r ./src $SID:/home/user/src",
         ],
         parents=[*common, no_progress],
+    )
+    upload.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="upload a directory tree: LOCAL's content goes into SESSION:/path (made if "
+        "missing), streamed as one tar",
     )
     upload.add_argument("source", metavar="LOCAL", help="a local file, or - for stdin")
     upload.add_argument("dest", metavar="SESSION:/path", type=remote_path)
@@ -566,8 +639,16 @@ def _add_files(subparsers: _Subparsers, common: list[argparse.ArgumentParser]) -
             "bastion files download $SID:/etc/os-release os-release",
             "bastion files download $SID:/etc/os-release .",
             "bastion files download $SID:/etc/os-release - | head -n 2",
+            "bastion files download -r $SID:/home/user/out ./out",
         ],
         parents=[*common, no_progress],
+    )
+    download.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="download a directory tree: its content goes into LOCAL (default: the "
+        "directory's name in the current directory), made if missing",
     )
     download.add_argument("source", metavar="SESSION:/path", type=remote_path)
     download.add_argument(
@@ -624,6 +705,8 @@ def _files_upload(client: Bastion, args: argparse.Namespace) -> int:
     target: RemotePath = args.dest
     remote = target.path
     source: str = args.source
+    if args.recursive:
+        return _upload_tree(client, args, source, target)
     if source == "-":
         if remote.endswith("/"):
             raise UsageError(
@@ -631,10 +714,12 @@ def _files_upload(client: Bastion, args: argparse.Namespace) -> int:
             )
         stdin = sys.stdin.buffer
         return _upload(client, args, stdin, None, "stdin", target)
+    if os.path.isdir(source):
+        raise IsADirectoryError(21, "Is a directory (upload it with -r)", source)
     with open(source, "rb") as fileobj:
         info = os.fstat(fileobj.fileno())
         if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(21, "Is a directory (upload one file at a time)", source)
+            raise IsADirectoryError(21, "Is a directory (upload it with -r)", source)
         name = os.path.basename(source.rstrip(os.sep))
         if remote.endswith("/") or _remote_is_dir(client, target.session_id, remote):
             remote = remote.rstrip("/") + "/" + name
@@ -683,8 +768,67 @@ def _remote_size(client: Bastion, target: RemotePath) -> int | None:
     return None
 
 
+def _upload_tree(client: Bastion, args: argparse.Namespace, source: str, target: RemotePath) -> int:
+    if source == "-":
+        raise UsageError("-r uploads a local directory, not stdin")
+    total = tree_size(source) if _progress_allowed(args) and sys.stderr.isatty() else None
+    label = os.path.basename(source.rstrip(os.sep)) or source
+    result = _with_progress(
+        args,
+        label,
+        total,
+        lambda progress: client.files.upload_dir(
+            target.session_id, source, target.path, progress=progress
+        ),
+    )
+    if _json_mode(args):
+        write_json(sys.stdout, result)
+    else:
+        moved = f"{result['files']} files, {format_size(result['bytes'])}"
+        _print_lines([f"uploaded {source} -> {target.session_id}:{result['path']} ({moved})"])
+    return ExitCode.OK
+
+
+_T = TypeVar("_T")
+
+
+def _with_progress(
+    args: argparse.Namespace, label: str, total: int | None, transfer: Callable[[Any], _T]
+) -> _T:
+    """Run ``transfer`` with an SDK ``progress`` callback (bytes so far) drawing a bar."""
+    bar = Progress.for_stream(label, total, sys.stderr, allowed=_progress_allowed(args))
+    try:
+        return transfer(lambda done: bar.update(done - bar.done))
+    finally:
+        bar.finish()
+
+
+def _download_tree(client: Bastion, args: argparse.Namespace, source: RemotePath) -> int:
+    dest: str = args.dest
+    name = posixpath.basename(source.path.rstrip("/"))
+    if dest == "-":
+        raise UsageError("-r downloads into a local directory, not stdout")
+    if dest == "." and name:
+        dest = name
+    count = _with_progress(
+        args,
+        name or source.path,
+        None,
+        lambda progress: client.files.download_dir(
+            source.session_id, source.path, dest, progress=progress
+        ),
+    )
+    if _json_mode(args):
+        write_json(sys.stdout, {"path": source.path, "entries": count, "local_path": dest})
+    else:
+        _print_lines([f"downloaded {source} -> {dest} ({count} entries)"])
+    return ExitCode.OK
+
+
 def _files_download(client: Bastion, args: argparse.Namespace) -> int:
     source: RemotePath = args.source
+    if args.recursive:
+        return _download_tree(client, args, source)
     dest: str = args.dest
     name = posixpath.basename(source.path.rstrip("/"))
     progress_allowed = _progress_allowed(args)

@@ -37,6 +37,7 @@ from ._base import (
 from ._pages import PageRequestFor, next_cursor
 from ._resources.files import AsyncFiles, Files
 from ._resources.jobs import AsyncJobs, Jobs
+from ._resources.keys import AsyncKeys, Keys
 from ._resources.sessions import AsyncSessions, Sessions
 from ._terminal import Terminals
 from .wire import HealthInfo
@@ -75,10 +76,12 @@ class Bastion(BaseBastion):
         jobs: Run commands in a session and wait for their results.
         files: Upload, list, download and delete files in a session.
         terminal: Attach live shells to a session over a WebSocket.
+        keys: Make, list and revoke the server's API keys (admin keys only).
     """
 
     sessions: Sessions
     jobs: Jobs
+    keys: Keys
     files: Files
     terminal: Terminals
 
@@ -104,6 +107,7 @@ class Bastion(BaseBastion):
         self._http = httpx.Client(**self._http_options(), transport=transport)
         self.sessions = Sessions(self)
         self.jobs = Jobs(self)
+        self.keys = Keys(self)
         self.files = Files(self)
         self.terminal = Terminals(self)
 
@@ -253,10 +257,12 @@ class AsyncBastion(BaseBastion):
         jobs: Run commands in a session and wait for their results.
         files: Upload, list, download and delete files in a session.
         terminal: Attach live shells to a session over a WebSocket.
+        keys: Make, list and revoke the server's API keys (admin keys only).
     """
 
     sessions: AsyncSessions
     jobs: AsyncJobs
+    keys: AsyncKeys
     files: AsyncFiles
     terminal: AsyncTerminals
 
@@ -282,6 +288,7 @@ class AsyncBastion(BaseBastion):
         self._http = httpx.AsyncClient(**self._http_options(), transport=transport)
         self.sessions = AsyncSessions(self)
         self.jobs = AsyncJobs(self)
+        self.keys = AsyncKeys(self)
         self.files = AsyncFiles(self)
         self.terminal = AsyncTerminals(self)
 

@@ -173,10 +173,10 @@ class ServerShutdownError(ServerError, APIConnectionError):
     """The server began to shut down before it could answer (``server_shutdown``, 503).
 
     Raised for a job ``wait`` or an event stream the server was holding when it began
-    to shut down, and for a job it refused to start then.  Idempotent requests are
-    retried first (the server may be back within the retries).  A job that was running
-    is killed by the shutdown: once the server is back, it reads ``failed`` with
-    ``failure_reason`` ``"server_restarted"``.
+    to shut down, and for a job it refused to start then; not retried (the
+    server is going away).  A job that was running is killed by the shutdown: once the
+    server is back, it reads ``failed`` with ``failure_reason`` ``"server_restarted"``.
+    It is also an :class:`APIConnectionError`, as a connection the server cut.
     """
 
 

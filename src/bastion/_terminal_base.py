@@ -28,6 +28,7 @@ from ._exceptions import (
     SessionStateError,
     TerminalAuthenticationError,
     TerminalConnectionError,
+    TerminalForbiddenError,
     TerminalSessionNotFoundError,
     TerminalSessionStateError,
 )
@@ -64,18 +65,21 @@ CLIENT_CLOSED = "client_closed"
 
 _CLOSE_CODE_ERRORS: dict[int, type[TerminalConnectionError]] = {
     TerminalCloseCode.UNAUTHORIZED: TerminalAuthenticationError,
+    TerminalCloseCode.FORBIDDEN: TerminalForbiddenError,
     TerminalCloseCode.SESSION_NOT_FOUND: TerminalSessionNotFoundError,
     TerminalCloseCode.SESSION_NOT_RUNNING: TerminalSessionStateError,
 }
 
 _ERROR_CODE_ERRORS: dict[str, type[TerminalConnectionError]] = {
     ErrorCode.UNAUTHORIZED: TerminalAuthenticationError,
+    ErrorCode.INSUFFICIENT_SCOPE: TerminalForbiddenError,
     ErrorCode.SESSION_NOT_FOUND: TerminalSessionNotFoundError,
     ErrorCode.SESSION_STATE: TerminalSessionStateError,
 }
 
 _DEFAULT_ERROR_CODES: dict[type[TerminalConnectionError], str] = {
     TerminalAuthenticationError: ErrorCode.UNAUTHORIZED,
+    TerminalForbiddenError: ErrorCode.INSUFFICIENT_SCOPE,
     TerminalSessionNotFoundError: ErrorCode.SESSION_NOT_FOUND,
     TerminalSessionStateError: ErrorCode.SESSION_STATE,
 }
@@ -84,6 +88,7 @@ _CLOSE_CODE_TEXT: dict[int, str] = {
     TerminalCloseCode.NORMAL: "the server closed the terminal without reporting an exit",
     TerminalCloseCode.INTERNAL_ERROR: "the server failed to run the terminal",
     TerminalCloseCode.UNAUTHORIZED: "missing or invalid API key",
+    TerminalCloseCode.FORBIDDEN: "the API key's scope does not allow terminals",
     TerminalCloseCode.SESSION_NOT_FOUND: "no such session",
     TerminalCloseCode.SESSION_NOT_RUNNING: "the session is not running",
     TerminalCloseCode.BAD_MESSAGE: "the server could not understand a message from the client",

@@ -1,14 +1,20 @@
-"""Server settings: one dataclass, filled from command-line flags or environment."""
+"""Server settings: one dataclass, filled from the command line, the environment and a
+config file (``bastion serve --config bastion.toml``; see :mod:`bastion_server.cli`)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DATA_DIR = Path("/var/lib/bastion")
 DEFAULT_IMAGES_DIR = Path("/var/lib/bastion/images")
+#: What ``on_shutdown`` may say happens to sessions when the server stops.
+SHUTDOWN_POLICIES = ("keep", "stop", "delete")
 
 
 class ConfigError(ValueError):
@@ -65,6 +71,33 @@ class ServerConfig:
     max_requests_per_key: int = 256
     #: Open connections the server keeps at once; 0: half the process's open-file limit.
     max_connections: int = 0
+    # Quotas (service/quotas.py); 0 means none.
+    #: Sessions (not deleted) one tenant may have.
+    max_sessions_per_key: int = 0
+    #: Sessions one tenant may have running at once.
+    max_running_sessions_per_key: int = 0
+    #: Sessions the whole server runs at once.
+    max_running_sessions: int = 0
+    #: Jobs running (or queued) at once in one session.
+    max_jobs_per_session: int = 0
+    #: Jobs running (or queued) at once over all of one tenant's sessions.
+    max_jobs_per_key: int = 0
+    # Session lifetimes, in seconds; 0 means none.
+    #: Idle timeout of a session that sets none.
+    default_idle_timeout: float = 0.0
+    #: Maximum lifetime of a session that sets none.
+    default_max_lifetime: float = 0.0
+    #: Longest idle timeout a session may set (and the one it gets when it sets none).
+    max_idle_timeout: float = 0.0
+    #: Longest maximum lifetime a session may set (and the one it gets when it sets none).
+    max_session_lifetime: float = 0.0
+    #: What happens to sessions when the server stops: "keep" them running (adopted at
+    #: the next start), "stop" them (files kept) or "delete" them.
+    on_shutdown: str = "keep"
+    #: Variables every session's jobs and terminals get (service/environment.py).
+    env_file: Path | None = None
+    #: Where the audit log is appended (service/audit.py); None: no audit log.
+    audit_log: Path | None = None
 
     def check(self) -> None:
         """Refuse settings that would expose sandboxes to the network unauthenticated."""
@@ -75,7 +108,11 @@ class ServerConfig:
                 "or serve on a loopback address such as 127.0.0.1."
             )
         if any(not k or len(k) < 8 for k in self.api_keys):
-            raise ConfigError("API keys must be at least 8 characters long")
+            shortest = min(len(k) for k in self.api_keys)
+            raise ConfigError(
+                f"an API key of {shortest} characters was given: API keys must be at least "
+                "8 characters long (make one with `openssl rand -hex 24`)"
+            )
         d, m = self.default_limits, self.max_limits
         if not (
             32 <= d.memory_mb <= m.memory_mb
@@ -93,6 +130,33 @@ class ServerConfig:
         if self.max_connections < 0:
             raise ConfigError(
                 f"max_connections must be 0 (automatic) or more, not {self.max_connections}"
+            )
+        for name in (
+            "max_sessions_per_key",
+            "max_running_sessions_per_key",
+            "max_running_sessions",
+            "max_jobs_per_session",
+            "max_jobs_per_key",
+            "default_idle_timeout",
+            "default_max_lifetime",
+            "max_idle_timeout",
+            "max_session_lifetime",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (none) or more, not {getattr(self, name)}")
+        for default, most in (
+            ("default_idle_timeout", "max_idle_timeout"),
+            ("default_max_lifetime", "max_session_lifetime"),
+        ):
+            if getattr(self, most) and getattr(self, default) > getattr(self, most):
+                raise ConfigError(
+                    f"{default} ({getattr(self, default):g}s) must not be above "
+                    f"{most} ({getattr(self, most):g}s)"
+                )
+        if self.on_shutdown not in SHUTDOWN_POLICIES:
+            raise ConfigError(
+                f"on_shutdown must be one of {', '.join(SHUTDOWN_POLICIES)}, "
+                f"not {self.on_shutdown!r}"
             )
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
@@ -120,6 +184,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def env_api_keys() -> tuple[str, ...]:
-    raw = os.environ.get("BASTION_API_KEYS") or os.environ.get("BASTION_API_KEY") or ""
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
+def read_config_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
+    """The settings of a TOML config file, keys with ``_`` (``-`` is read as ``_``).
+
+    A key that is not in ``known`` is an error that names it (a misspelt setting must
+    not be ignored), as is a file that is not TOML; the values are checked by the
+    caller, who knows their types.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    allowed = set(known)
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} (settings are the options of "
+                "`bastion serve --help` without the dashes, e.g. max_upload_bytes)"
+            )
+        if name in settings:
+            raise ConfigError(f"{path}: {key!r} is set twice")
+        settings[name] = value
+    return settings

@@ -42,6 +42,7 @@ EXCEPTIONS = {
     "LocalFileError",
     "InsufficientScopeError",
     "QuotaExceededError",
+    "TerminalForbiddenError",
     "ServerShutdownError",
 }
 #: Classes of the SDK that are not exceptions or wire types.

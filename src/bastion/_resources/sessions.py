@@ -53,6 +53,7 @@ class Sessions:
         max_lifetime: float | None = None,
         on_timeout: ExpiryAction | None = None,
         network: NetworkRequest | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> SessionInfo:
         """Create a session (status ``"created"``; call :meth:`start` to run it).
 
@@ -67,6 +68,9 @@ class Sessions:
             network: Outbound network, off by default: ``{"enabled": True}`` and
                 optionally ``"allow": ["203.0.113.0/24", "pypi.org"]``.  A session never
                 reaches the host's own addresses.
+            env: Environment variables every job and terminal of the session gets
+                (over the server's ``--env-file``; a job's own ``env`` overrides them).
+                Kept secret: the session's info never shows them.
             idempotency_key: Sent as the ``Idempotency-Key`` header; a fresh one is made
                 per call and kept across its retries, so a retry never makes a second
                 session.  Pass your own to retry a create yourself after an error
@@ -77,6 +81,7 @@ class Sessions:
 
         Raises:
             InvalidRequestError: The limits are invalid or over the server's maximum.
+            QuotaExceededError: The key's tenant has as many sessions as it may.
             APIConnectionError: The server cannot be reached.
         """
         body = create_session_body(
@@ -86,6 +91,7 @@ class Sessions:
             max_lifetime=max_lifetime,
             on_timeout=on_timeout,
             network=network,
+            env=env,
         )
         data = self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -225,6 +231,7 @@ class AsyncSessions:
         max_lifetime: float | None = None,
         on_timeout: ExpiryAction | None = None,
         network: NetworkRequest | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> SessionInfo:
         body = create_session_body(
             limits,
@@ -233,6 +240,7 @@ class AsyncSessions:
             max_lifetime=max_lifetime,
             on_timeout=on_timeout,
             network=network,
+            env=env,
         )
         data = await self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)

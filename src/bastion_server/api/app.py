@@ -12,7 +12,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.wire import API_PREFIX, HealthInfo
 from bastion_server import __version__
-from bastion_server.api import docs, errors, files, jobs, openapi, sdk_index, sessions, terminal
+from bastion_server.api import (
+    docs,
+    errors,
+    files,
+    files_archive,
+    jobs,
+    keys,
+    legacy,
+    openapi,
+    sdk_index,
+    sessions,
+    terminal,
+)
 from bastion_server.api.bodies import BodyLimits
 from bastion_server.api.guard import RequestGuard
 from bastion_server.config import ServerConfig
@@ -80,7 +92,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     errors.install(app)
     openapi.install(app)
     app.include_router(docs.router)
-    for module in (sessions, jobs, files, terminal, sdk_index):
+    for module in (sessions, jobs, files, files_archive, terminal, keys, sdk_index, legacy):
         app.include_router(module.router)
 
     @app.get(f"{API_PREFIX}/health", response_model=HealthInfo, tags=["service"])

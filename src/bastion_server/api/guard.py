@@ -32,9 +32,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from bastion.wire import API_PREFIX, ErrorCode
-from bastion_server.api.auth import authenticate, supplied_key
+from bastion_server.api.auth import authorize, identify
 from bastion_server.api.docs import DOCS_PATHS
 from bastion_server.api.errors import error_response
+from bastion_server.api.legacy import is_legacy, legacy_error, legacy_status
 from bastion_server.config import ServerConfig
 from bastion_server.service.errors import ServiceError
 
@@ -53,7 +54,20 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def needs_key(path: str) -> bool:
-    return (path == API_PREFIX or path.startswith(API_PREFIX + "/")) and path not in OPEN_PATHS
+    """Every /v1 route but the open ones, and the original server's session routes."""
+    in_v1 = path == API_PREFIX or path.startswith(API_PREFIX + "/")
+    return (in_v1 and path not in OPEN_PATHS) or is_legacy(path)
+
+
+def refusal(
+    scope: Scope, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> ASGIApp:
+    """The error response, in the original server's shape on its routes."""
+    if is_legacy(scope["path"]):
+        response = legacy_error(legacy_status(code), message)
+        response.headers.update(headers or {})
+        return response
+    return error_response(code, message, headers)
 
 
 def _is_loopback_name(name: str, configured: str) -> bool:
@@ -119,21 +133,25 @@ class RequestGuard:
             return
         owner: str | None = None
         if scope["type"] == "websocket":
-            # The terminal refuses a wrong key itself, with its own close code; a good
-            # key is only noted here, to count the terminal against its share.
+            # The terminal refuses a wrong key (or a viewer's) itself, with its own
+            # close code; a good key is only noted here, to count the terminal against
+            # its share.
             try:
-                owner = authenticate(self.keys, supplied_key(conn))
+                owner = identify(conn).key_id
             except ServiceError:
                 owner = None
         elif needs_key(scope["path"]):
             try:
-                owner = authenticate(self.keys, supplied_key(conn))
+                who = identify(conn)
+                authorize(who, scope["method"], scope["path"])
             except ServiceError as exc:
-                await error_response(exc.code, exc.message, {"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send
+                headers = (
+                    {"WWW-Authenticate": "Bearer"} if exc.code == ErrorCode.UNAUTHORIZED else None
                 )
+                await refusal(scope, exc.code, exc.message, headers)(scope, receive, send)
                 return
-            scope["bastion.owner"] = owner
+            scope["bastion.authorized"] = True
+            scope["bastion.owner"] = owner = who.key_id  # the request log names the key
         if owner is None:
             await self.app(scope, receive, send)
             return
@@ -158,7 +176,7 @@ class RequestGuard:
     ) -> None:
         if scope["type"] == "http":
             headers = {"Retry-After": "1"} if code == ErrorCode.TOO_MANY_REQUESTS else None
-            await error_response(code, message, headers)(scope, receive, send)
+            await refusal(scope, code, message, headers)(scope, receive, send)
             return
         close = (
             CLOSE_TRY_AGAIN_LATER if code == ErrorCode.TOO_MANY_REQUESTS else CLOSE_POLICY_VIOLATION

@@ -36,6 +36,7 @@ async def create_session(
         max_lifetime=body.get("max_lifetime"),
         on_timeout=body.get("on_timeout", "stop"),
         network=dict(body.get("network") or {}),
+        env=body.get("env"),
     )
     return session_view(record)
 

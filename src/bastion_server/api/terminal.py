@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from bastion.wire import ErrorCode, TerminalCloseCode
-from bastion_server.api.auth import authenticate, supplied_key
+from bastion_server.api.auth import terminal_owner
 from bastion_server.api.deps import services
 from bastion_server.runtime.base import ExitEvent, OutputEvent
 from bastion_server.service.errors import ServiceError
@@ -29,6 +29,7 @@ router = APIRouter(tags=["terminal"])
 
 _CLOSE_CODES = {
     ErrorCode.UNAUTHORIZED: TerminalCloseCode.UNAUTHORIZED,
+    ErrorCode.INSUFFICIENT_SCOPE: TerminalCloseCode.FORBIDDEN,
     ErrorCode.SESSION_NOT_FOUND: TerminalCloseCode.SESSION_NOT_FOUND,
     ErrorCode.SESSION_STATE: TerminalCloseCode.SESSION_NOT_RUNNING,
     ErrorCode.INVALID_REQUEST: TerminalCloseCode.BAD_MESSAGE,
@@ -113,7 +114,7 @@ async def terminal_socket(ws: WebSocket, session_id: str, rows: int = 24, cols: 
     await ws.accept()
     svc = await services(ws)
     try:
-        owner = authenticate(svc.config.api_keys, supplied_key(ws))
+        owner = terminal_owner(ws)
         terminal = await svc.terminals.open(owner, session_id, rows, cols)
     except ServiceError as exc:
         await _refuse(ws, exc)

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import Runtime
+from bastion_server.service.audit import AuditLog
+from bastion_server.service.environment import load_env_file
 from bastion_server.service.files import FileService
 from bastion_server.service.jobs import JobService
+from bastion_server.service.keys import KeyService
 from bastion_server.service.sessions import SessionService
 from bastion_server.service.terminals import TerminalService
 from bastion_server.store.sqlite import Store
@@ -52,6 +55,8 @@ class Services:
     jobs: JobService
     files: FileService
     terminals: TerminalService
+    keys: KeyService
+    audit: AuditLog
     reaper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -59,7 +64,11 @@ class Services:
         runtime = runtime or make_runtime(config)
         await runtime.prepare_host()
         store = Store(config.data_dir / "bastion.db")
-        sessions = SessionService(store, runtime, config)
+        base_env = (
+            await asyncio.to_thread(load_env_file, config.env_file) if config.env_file else {}
+        )
+        audit = await asyncio.to_thread(AuditLog, config.audit_log)
+        sessions = SessionService(store, runtime, config, audit=audit, base_env=base_env)
         jobs = JobService(store, runtime, sessions, config)
         files = FileService(runtime, sessions, config)
         terminals = TerminalService(runtime, sessions)
@@ -68,7 +77,8 @@ class Services:
         log.info(
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
-        services = cls(config, store, runtime, sessions, jobs, files, terminals)
+        keys = KeyService(store, config.api_keys)
+        services = cls(config, store, runtime, sessions, jobs, files, terminals, keys, audit)
         services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
         return services
@@ -82,13 +92,22 @@ class Services:
         await self.terminals.shutdown()
 
     async def close(self) -> None:
-        # Sandboxes keep running across a server restart (the next start adopts them);
-        # jobs cannot, since their output flows through this process.
+        # By default (on_shutdown = "keep") sandboxes keep running across a server
+        # restart (the next start adopts them); jobs cannot, since their output flows
+        # through this process.
         await self.begin_shutdown()
         if self.reaper is not None:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
+        if self.config.on_shutdown != "keep":
+            # The operator's exit policy: nothing is left running (or kept) behind.
+            action = self.config.on_shutdown
+            done = await self.sessions.retire_all(
+                action, f"the server shut down (on_shutdown = {action})"
+            )
+            log.info("exit policy applied", extra={"action": action, "sessions": done})
         await self.jobs.shutdown()
         await self.runtime.close()
+        await asyncio.to_thread(self.audit.close)
         self.store.close()

@@ -27,14 +27,13 @@ from bastion.wire import (
     FINAL_JOB_STATUSES,
     MAX_COMMAND_ARGS,
     MAX_COMMAND_BYTES,
-    MAX_ENV_BYTES,
-    MAX_ENV_VARS,
     ErrorCode,
     JobEvent,
     JobInfo,
     JobOutput,
     JobStatus,
 )
+from bastion_server import faults
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -44,6 +43,7 @@ from bastion_server.runtime.base import (
     Runtime,
     SandboxError,
 )
+from bastion_server.service.environment import validate_env
 from bastion_server.service.errors import ServiceError, invalid, job_not_found, shutting_down
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.sessions import SessionService, new_id, now_iso
@@ -144,21 +144,7 @@ class JobService:
                 ErrorCode.INVALID_COMMAND,
                 f"command must hold no NUL bytes and at most {MAX_COMMAND_BYTES} bytes",
             )
-        if env is not None:
-            if not isinstance(env, dict) or len(env) > MAX_ENV_VARS:
-                raise invalid(f"env must be an object of at most {MAX_ENV_VARS} strings")
-            for k, v in env.items():
-                if (
-                    not isinstance(k, str)
-                    or not isinstance(v, str)
-                    or not k
-                    or "=" in k
-                    or "\x00" in k
-                    or "\x00" in v
-                ):
-                    raise invalid(f"env entry {k!r} is not a valid NAME=value pair")
-            if sum(len(k.encode()) + len(v.encode()) + 1 for k, v in env.items()) > MAX_ENV_BYTES:
-                raise invalid(f"env must hold at most {MAX_ENV_BYTES} bytes (NAME=value, UTF-8)")
+        validate_env(env)
         if cwd is not None and (
             not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd or len(cwd) > 4096
         ):
@@ -186,15 +172,22 @@ class JobService:
         self.sessions.require_running(owner, session_id)
         if self._shutting_down:
             raise shutting_down()  # it would be killed before it could finish
+        job_id = new_id("job")
+        self.sessions.quotas.admit_job(job_id, owner, session_id)  # no await until spawned
         record = JobRecord(
-            id=new_id("job"),
+            id=job_id,
             session_id=session_id,
             status=JobStatus.QUEUED,
             command=list(command),
             spec={"env": env or {}, "cwd": cwd, "timeout": timeout},
             created_at=now_iso(),
         )
-        self.store.insert_job(record)
+        try:
+            self.store.insert_job(record)
+        except BaseException:
+            self.sessions.quotas.job_ended(job_id)
+            raise
+        faults.point("job.after_insert")
         live = _LiveJob(record)
         self._live[record.id] = live
         live.task = spawn(self._execute(live), name=f"job {record.id}")
@@ -420,6 +413,8 @@ class JobService:
                 f"{record.error_message}; {note}" if record.error_message else note
             )
         self.store.update_job(record)
+        session = self.store.get_session(record.session_id)
+        self.sessions.audit.job_ended(record, session.owner if session else None)
 
     async def _execute(self, live: _LiveJob) -> None:
         record = live.record
@@ -429,7 +424,7 @@ class JobService:
         try:
             spec = ExecSpec(
                 argv=record.command,
-                env=dict(record.spec["env"]),
+                env=self.sessions.job_env(record.session_id, record.spec["env"]),
                 cwd=record.spec.get("cwd"),
                 timeout=record.spec.get("timeout"),
             )
@@ -438,11 +433,12 @@ class JobService:
             except SandboxError as exc:
                 exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
                 return
-            # Not written to the store: after a restart a queued and a running job end
-            # the same way (failed, server_restarted), and the final write records it.
+            # Written now: a job the server's death interrupts keeps its real start.
             live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
+            self.store.update_job(live.record)
             live.notify()
             doing = "collect the job's output"
+            faults.point("job.after_start")
             backstop = (spec.timeout + TIMEOUT_BACKSTOP) if spec.timeout else None
             try:
                 async with asyncio.timeout(backstop):
@@ -450,6 +446,7 @@ class JobService:
                         if isinstance(event, OutputEvent):
                             if writer.append(event.stream, event.data):
                                 live.notify()
+                            faults.point("job.after_output")
                         else:
                             exit_event = event
             except TimeoutError:
@@ -472,6 +469,7 @@ class JobService:
                 self._record_end(live, exit_event, writer.dropped)
             finally:
                 self._live.pop(record.id, None)
+                self.sessions.quotas.job_ended(record.id)
                 live.notify()
                 self.sessions.touch(record.session_id)  # idle time counts from the job's end
 

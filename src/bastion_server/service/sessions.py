@@ -1,10 +1,14 @@
 """Sessions: the state machine, ownership, lifetimes, and reconciliation with the runtime.
 
 States move only along ``created -> running <-> stopped``, and from any of those to
-``deleted``, which is final.  Transitions of one session are serialised by a
-per-session lock so that, say, a stop and a delete racing each other both see a
-consistent state.  A session belongs to the API key that created it; to any other key
-it does not exist (not found, never forbidden: its existence is not revealed).
+``deleted``, which is final.  Create and delete are atomic across a crash: a session
+is first recorded ``creating`` (an internal state no read shows) and becomes
+``created`` once its storage is whole, and a delete is recorded before the sandbox is
+removed; the next start rolls back the one and finishes the other.  Transitions of
+one session are serialised by a per-session lock so that, say, a stop and a delete
+racing each other both see a consistent state.  A session belongs to the API key that
+created it; to any other key it does not exist (not found, never forbidden: its
+existence is not revealed).
 
 Nothing runs that nobody owns: a reaper stops or deletes sessions whose idle timeout
 or maximum lifetime has passed, and removes sandboxes that no record owns (left by a
@@ -24,12 +28,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bastion.wire import MAX_METADATA_ITEMS, MAX_METADATA_LENGTH, ErrorCode, SessionStatus
+from bastion_server import faults
 from bastion_server.config import Limits, ServerConfig
 from bastion_server.runtime.base import Runtime, SandboxError, SandboxLimits, SandboxUsage
 from bastion_server.runtime.network import NetworkPolicy
+from bastion_server.service.audit import AuditLog
+from bastion_server.service.environment import merged_env, validate_env
 from bastion_server.service.errors import ServiceError, invalid, session_not_found
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
-from bastion_server.store.sqlite import SessionRecord, Store
+from bastion_server.service.quotas import Quotas
+from bastion_server.store.sqlite import CREATING, SessionRecord, Store
 
 log = logging.getLogger("bastion.sessions")
 
@@ -65,8 +73,20 @@ def _epoch(iso: str) -> float:
 
 
 class SessionService:
-    def __init__(self, store: Store, runtime: Runtime, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        runtime: Runtime,
+        config: ServerConfig,
+        *,
+        audit: AuditLog | None = None,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
         self.store, self.runtime, self.config = store, runtime, config
+        self.quotas = Quotas(store, config)
+        self.audit = audit or AuditLog(None)
+        #: The operator's --env-file: under every session's env.
+        self.base_env = dict(base_env or {})
         self._locks: dict[str, asyncio.Lock] = {}
         #: Monotonic time of the last request or process that touched each session.
         self._last_active: dict[str, float] = {}
@@ -88,7 +108,7 @@ class SessionService:
 
     def get(self, owner: str, session_id: str) -> SessionRecord:
         record = self.store.get_session(session_id)
-        if record is None or record.owner != owner:
+        if record is None or record.owner != owner or record.status == CREATING:
             raise session_not_found(session_id)
         return record
 
@@ -173,6 +193,19 @@ class SessionService:
             raise invalid(f"{name} must be between 0 and {_MAX_TIMEOUT:.0f} seconds")
         return float(value)
 
+    def _bounded_timeout(self, name: str, value: Any, default: float, most: float) -> float | None:
+        """A session's timeout: its own within the server's maximum (``limit_exceeded``
+        above it), else the server's default, else the maximum (0: none)."""
+        chosen = self._timeout(name, value)
+        if chosen is None:
+            return default or most or None
+        if most and chosen > most:
+            raise ServiceError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{name}={chosen:g}s is above the server's maximum of {most:g}s",
+            )
+        return chosen
+
     async def create(
         self,
         owner: str,
@@ -184,11 +217,16 @@ class SessionService:
         max_lifetime: Any = None,
         on_timeout: str = "stop",
         network: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
                 raise invalid("Idempotency-Key must be at most 255 characters")
             existing = self.store.find_session_by_idempotency_key(owner, idempotency_key)
+            if existing is not None and existing.status == CREATING:
+                async with self._lock(existing.id):  # its create is under way: wait for it
+                    pass
+                existing = self.store.find_session_by_idempotency_key(owner, idempotency_key)
             if existing is not None:
                 return existing
         chosen = self._limits(limits)
@@ -207,36 +245,66 @@ class SessionService:
         if on_timeout not in ("stop", "delete"):
             raise invalid('on_timeout must be "stop" or "delete"')
         policy = self._network(network or {})
+        validate_env(env)
         stamp = now_iso()
         record = SessionRecord(
             id=new_id("ses"),
             owner=owner,
-            status=SessionStatus.CREATED,
+            status=CREATING,
             limits=vars(chosen).copy(),
             metadata=metadata,
             created_at=stamp,
             updated_at=stamp,
             idempotency_key=idempotency_key,
-            idle_timeout=self._timeout("idle_timeout", idle_timeout),
-            max_lifetime=self._timeout("max_lifetime", max_lifetime),
+            idle_timeout=self._bounded_timeout(
+                "idle_timeout",
+                idle_timeout,
+                self.config.default_idle_timeout,
+                self.config.max_idle_timeout,
+            ),
+            max_lifetime=self._bounded_timeout(
+                "max_lifetime",
+                max_lifetime,
+                self.config.default_max_lifetime,
+                self.config.max_session_lifetime,
+            ),
             on_timeout=on_timeout,
             network={"enabled": policy.enabled, "allow": list(policy.allow)},
         )
-        # The record comes first: a sandbox must never exist that no record owns (the
-        # reaper would take it), and a failed allocation is recorded, not forgotten.
-        self.store.insert_session(record)
+        # All or nothing, across a crash too: the record comes first, as being created
+        # (so nothing is made on the host that no record names), then the storage, then
+        # one compare-and-set makes it a session.  A create that fails or is cut short
+        # is rolled back: here, or by reconcile at the next start.
+        self.quotas.check_new_session(owner)  # and no await until the insert
         async with self._lock(record.id):
+            self.store.insert_session(record)
+            faults.point("create.after_insert")
             try:
                 await self.runtime.create(record.id, SandboxLimits(**record.limits))
-            except (SandboxError, OSError) as exc:
-                await self.runtime.delete(record.id)
-                self._set_status(record, SessionStatus.DELETED, f"storage failed: {exc}")
-                raise ServiceError(
-                    ErrorCode.SESSION_START_FAILED, f"could not allocate the session: {exc}"
-                ) from exc
+                faults.point("create.after_storage")
+            except BaseException as exc:
+                await self._roll_back_create(record.id)
+                if isinstance(exc, SandboxError | OSError):
+                    raise ServiceError(
+                        ErrorCode.SESSION_START_FAILED, f"could not allocate the session: {exc}"
+                    ) from exc
+                raise
+            record.status, record.updated_at = SessionStatus.CREATED, now_iso()
+            if not self.store.commit_created(record.id, record.updated_at):
+                raise RuntimeError(f"session {record.id} left its creating state under its lock")
+            faults.point("create.after_commit")
+            if env:
+                self.store.set_session_env(record.id, dict(env))
+        self.audit.session_changed(record)
         self.touch(record.id)
         log.info("session created", extra={"session_id": record.id})
         return record
+
+    async def _roll_back_create(self, session_id: str) -> None:
+        """Remove what an unfinished create made, then its record."""
+        await self.runtime.delete(session_id)
+        self.store.remove_creating_session(session_id)
+        log.warning("session create rolled back", extra={"session_id": session_id})
 
     def _check_transition(self, record: SessionRecord, action: str) -> None:
         if record.status not in _ALLOWED[action]:
@@ -248,32 +316,43 @@ class SessionService:
     def _set_status(self, record: SessionRecord, status: str, reason: str | None = None) -> None:
         record.status, record.status_reason, record.updated_at = status, reason, now_iso()
         self.store.update_session_status(record.id, status, record.updated_at, reason)
+        self.audit.session_changed(record, reason)
+
+    def job_env(self, session_id: str, own: dict[str, str] | None = None) -> dict[str, str]:
+        """What a job (or terminal) of the session runs with: the server's env file,
+        the session's env, then its own, each overriding the one before."""
+        return merged_env(self.base_env, self.store.session_env(session_id), own or {})
 
     async def start(self, owner: str, session_id: str) -> SessionRecord:
         async with self._lock(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "start")
-            try:
-                await self.runtime.start(
-                    session_id,
-                    SandboxLimits(**record.limits),
-                    NetworkPolicy(
-                        enabled=bool(record.network.get("enabled")),
-                        allow=tuple(record.network.get("allow") or ()),
-                    ),
-                )
-            except (SandboxError, OSError) as exc:
-                log.error(
-                    "session start failed", extra={"session_id": session_id, "error": str(exc)}
-                )
-                raise ServiceError(
-                    ErrorCode.SESSION_START_FAILED,
-                    f"the sandbox of session {session_id!r} failed to start: {exc}",
-                ) from exc
-            self._set_status(record, SessionStatus.RUNNING)
-            self.touch(session_id)
-            log.info("session started", extra={"session_id": session_id})
+            with self.quotas.starting(record.owner):
+                await self._start_locked(record)
             return record
+
+    async def _start_locked(self, record: SessionRecord) -> None:
+        """Start the sandbox of a session whose lock is held, and record it running."""
+        session_id = record.id
+        try:
+            await self.runtime.start(
+                session_id,
+                SandboxLimits(**record.limits),
+                NetworkPolicy(
+                    enabled=bool(record.network.get("enabled")),
+                    allow=tuple(record.network.get("allow") or ()),
+                ),
+            )
+        except (SandboxError, OSError) as exc:
+            log.error("session start failed", extra={"session_id": session_id, "error": str(exc)})
+            raise ServiceError(
+                ErrorCode.SESSION_START_FAILED,
+                f"the sandbox of session {session_id!r} failed to start: {exc}",
+            ) from exc
+        faults.point("start.before_record")
+        self._set_status(record, SessionStatus.RUNNING)
+        self.touch(session_id)
+        log.info("session started", extra={"session_id": session_id})
 
     async def _halt(self, session_id: str, reason: str) -> None:
         for hook in self.before_sandbox_stops:
@@ -286,11 +365,25 @@ class SessionService:
         log.info("session stopped", extra={"session_id": record.id, "reason": reason})
 
     async def _delete_locked(self, record: SessionRecord, reason: str | None = None) -> None:
-        await self._halt(record.id, "session_deleted")
-        await self.runtime.delete(record.id)
+        # Recorded first: from here on the delete is carried through, across a crash
+        # too (reap_orphans finishes what a deleted session left, at the next start).
         self._set_status(record, SessionStatus.DELETED, reason)
         self._last_active.pop(record.id, None)
+        faults.point("delete.after_record")
+        try:
+            await self._remove(record.id)
+        except (SandboxError, OSError) as exc:  # recorded deleted: the sweep retries
+            log.error(
+                "session's sandbox not removed yet",
+                extra={"session_id": record.id, "error": str(exc)},
+            )
         log.info("session deleted", extra={"session_id": record.id, "reason": reason})
+
+    async def _remove(self, session_id: str) -> None:
+        """Everything of a deleted session: its jobs and terminals, then its sandbox."""
+        await self._halt(session_id, "session_deleted")
+        faults.point("delete.after_halt")
+        await self.runtime.delete(session_id)
 
     async def stop(self, owner: str, session_id: str) -> SessionRecord:
         async with self._lock(session_id):
@@ -306,6 +399,23 @@ class SessionService:
             await self._delete_locked(record)
         self._locks.pop(session_id, None)
         return record
+
+    async def retire_all(self, action: str, reason: str) -> int:
+        """Stop every running session (``action="stop"``) or delete every session
+        (``"delete"``), each with ``reason``: the server's exit policy.  Returns how
+        many it did."""
+        done = 0
+        for listed in self.store.list_sessions():
+            async with self._lock(listed.id):
+                record = self.store.get_session(listed.id)
+                if record is None or record.status not in _ALLOWED[action]:
+                    continue
+                if action == "delete":
+                    await self._delete_locked(record, reason)
+                else:
+                    await self._stop_locked(record, reason)
+                done += 1
+        return done
 
     # -- lifetimes ------------------------------------------------------------------
 
@@ -332,7 +442,7 @@ class SessionService:
                 continue
             async with self._lock(record.id):
                 current = self.store.get_session(record.id)
-                if current is None or current.status == SessionStatus.DELETED:
+                if current is None or current.status in (SessionStatus.DELETED, CREATING):
                     continue
                 if current.on_timeout == "delete":
                     await self._delete_locked(current, f"deleted because {reason}")
@@ -364,15 +474,24 @@ class SessionService:
                 await self.check_sandbox(record.id)  # looks again, under the lock
 
     async def reap_orphans(self) -> None:
-        """Remove sandboxes that no live record owns (left by a crash mid-operation)."""
+        """Remove sandboxes that no live record owns: what a crash mid-operation left
+        (a create not finished, a delete cut short), or a sandbox of no record at all."""
         for sandbox_id in await self.runtime.list_sandboxes():
             lock = self._locks.get(sandbox_id)
             if lock is not None and lock.locked():
                 continue  # being created or deleted right now
             record = self.store.get_session(sandbox_id)
-            if record is None or record.status == SessionStatus.DELETED:
+            if record is None:
                 log.warning("removing unowned sandbox", extra={"session_id": sandbox_id})
                 await self.runtime.delete(sandbox_id)
+            elif record.status == CREATING:
+                async with self._lock(sandbox_id):
+                    await self._roll_back_create(sandbox_id)
+            elif record.status == SessionStatus.DELETED:
+                log.warning("finishing a delete", extra={"session_id": sandbox_id})
+                async with self._lock(sandbox_id):
+                    await self._remove(sandbox_id)
+                self._locks.pop(sandbox_id, None)
 
     async def run_reaper(self) -> None:
         """Forever: expire sessions every round, sweep for orphans now and then, and
@@ -401,9 +520,13 @@ class SessionService:
         where missing: one whose network cannot be restored is stopped, never left
         running open.  One whose sandbox is gone is marked stopped (its files are kept).
         A sandbox running for a session recorded as stopped is stopped; one that no live
-        record owns is removed.
+        record owns is removed.  A create the crash cut short is rolled back (the
+        session is not there), and a delete it cut short is finished.
         """
+        for record in self.store.list_creating_sessions():
+            await self._roll_back_create(record.id)  # cut short by the crash: not made
         running_now = await self.runtime.running_sandboxes()
+        started = await self.runtime.started_sandboxes()
         for record in self.store.list_sessions():
             running = record.id in running_now
             if record.status == SessionStatus.RUNNING and running:
@@ -433,8 +556,9 @@ class SessionService:
                     continue
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
-            if record.status == SessionStatus.RUNNING or running:
-                await self.runtime.stop(record.id)  # unmount what a dead sandbox left
+            if record.status == SessionStatus.RUNNING or record.id in started:
+                # Unmount what a dead sandbox, or a start cut short, left.
+                await self.runtime.stop(record.id)
             if record.status == SessionStatus.RUNNING:
                 self._set_status(
                     record,

@@ -77,7 +77,14 @@ class TerminalService:
         shell = await asyncio.to_thread(self._shell, session_id)
         try:
             process = await self.runtime.exec(
-                session_id, ExecSpec(argv=[shell, "-l"], pty=True, rows=rows, cols=cols)
+                session_id,
+                ExecSpec(
+                    argv=[shell, "-l"],
+                    env=self.sessions.job_env(session_id),
+                    pty=True,
+                    rows=rows,
+                    cols=cols,
+                ),
             )
         except SandboxError as exc:
             raise ServiceError(ErrorCode.SESSION_STATE, f"cannot open a terminal: {exc}") from exc

@@ -58,6 +58,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_page ON jobs(session_id, created_at, id);
 """
 
+#: API keys made at run time (only a SHA-256 hash of each key is kept) and the env
+#: sessions give their jobs (apart from the session's shown record: secrets).
+OPERATOR_TABLES = [
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        name TEXT,
+        scope TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS api_keys_name ON api_keys(name)"
+    " WHERE name IS NOT NULL AND revoked_at IS NULL",
+    """CREATE TABLE IF NOT EXISTS session_env (
+        session_id TEXT PRIMARY KEY REFERENCES sessions(id),
+        env TEXT NOT NULL
+    )""",
+]
+SCHEMA += "".join(f"{statement};\n" for statement in OPERATOR_TABLES)
+
 
 #: Changes to databases made by earlier versions, in order: (version, statements).
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -86,8 +107,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "DROP INDEX IF EXISTS jobs_session",
         ],
     ),
+    (5, OPERATOR_TABLES),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+#: The status of a session whose create is under way: its row is written before
+#: anything is made on the host, and turns ``created`` in one compare-and-set once its
+#: storage is whole.  No API read shows such a row; one found after a crash is rolled
+#: back (its storage removed, its row deleted), so a create is all or nothing.
+CREATING = "creating"
 
 
 @dataclass
@@ -105,6 +134,19 @@ class SessionRecord:
     max_lifetime: float | None = None
     on_timeout: str = "stop"
     network: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "allow": []})
+
+
+@dataclass
+class KeyRecord:
+    """An API key made at run time; ``hash`` is the SHA-256 of the key (hex)."""
+
+    id: str
+    hash: str
+    name: str | None
+    scope: str
+    tenant: str
+    created_at: str
+    revoked_at: str | None = None
 
 
 @dataclass
@@ -336,15 +378,68 @@ class Store:
             "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ? WHERE id = ?",
             (status, reason, updated_at, session_id),
         )
-        if status == "deleted":
-            # A deleted session's jobs drop their env (up to MAX_ENV_BYTES each, and
-            # secrets); their results stay.
+        if status == "deleted":  # a deleted session's secrets go with it
+            self._db.execute("DELETE FROM session_env WHERE session_id = ?", (session_id,))
+            # So does its jobs' env (up to MAX_ENV_BYTES each); their results stay.
             self._db.execute(
                 "UPDATE jobs SET spec = json_set(spec, '$.env', json('{}'))"
                 " WHERE session_id = ? AND json_extract(spec, '$.env') != '{}'",
                 (session_id,),
             )
             self.space_to_reclaim = True
+
+    def count_sessions(self, owner: str | None = None, status: str | None = None) -> int:
+        """Sessions not deleted (of ``owner``, in ``status``, when given)."""
+        query, args = "SELECT COUNT(*) FROM sessions WHERE status != 'deleted'", []
+        if owner is not None:
+            query += " AND owner = ?"
+            args.append(owner)
+        if status is not None:
+            query += " AND status = ?"
+            args.append(status)
+        return int(self._db.execute(query, args).fetchone()[0])
+
+    def set_session_env(self, session_id: str, env: dict[str, str]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO session_env (session_id, env) VALUES (?, ?)",
+            (session_id, json.dumps(env)),
+        )
+
+    def session_env(self, session_id: str) -> dict[str, str]:
+        row = self._db.execute(
+            "SELECT env FROM session_env WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return dict(json.loads(row["env"])) if row else {}
+
+    # -- API keys -------------------------------------------------------------------
+
+    def insert_key(self, k: KeyRecord) -> None:
+        self._db.execute(
+            "INSERT INTO api_keys (id, hash, name, scope, tenant, created_at, revoked_at)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (k.id, k.hash, k.name, k.scope, k.tenant, k.created_at, k.revoked_at),
+        )
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._db.execute("SELECT * FROM api_keys ORDER BY created_at, id").fetchall()
+        return [
+            KeyRecord(
+                id=r["id"],
+                hash=r["hash"],
+                name=r["name"],
+                scope=r["scope"],
+                tenant=r["tenant"],
+                created_at=r["created_at"],
+                revoked_at=r["revoked_at"],
+            )
+            for r in rows
+        ]
+
+    def revoke_key(self, key_id: str, revoked_at: str) -> None:
+        self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (revoked_at, key_id),
+        )
 
     # -- jobs -----------------------------------------------------------------------
 
