@@ -330,6 +330,7 @@ class OciRuntime(Runtime):
         counters are the session's alone) and maps container ids onto its range.
         """
         self._mount_layers(base, rng)
+        self._sweep_temp_names(base.name)
         if os.path.basename(self._binary) not in JOINS_USER_NAMESPACE:
             return None
         return UserNamespace(rng.base, f"0 {rng.base} {ID_RANGE}\n")
@@ -551,7 +552,27 @@ class OciRuntime(Runtime):
             self._pool.append(name)
 
     async def warm_up(self) -> None:
+        # Sandboxes adopted while running have their disk mounted since before a crash
+        # (the others are swept as they start).
+        for session_id in await asyncio.to_thread(self._on_disk):
+            if os.path.ismount(self._dir(session_id) / "rootfs"):
+                await asyncio.to_thread(self._sweep_temp_names, session_id)
         self._refill_pool()
+
+    def _sweep_temp_names(self, session_id: str) -> None:
+        """Remove upload temp names a crash left in a mounted sandbox (blocking)."""
+        try:
+            removed = self.files(session_id).sweep_temp_names()
+        except (OSError, SandboxNotRunning) as exc:
+            log.warning(
+                "upload temp names not swept", extra={"session_id": session_id, "error": str(exc)}
+            )
+            return
+        if removed:
+            log.warning(
+                "removed upload temp names a crash left",
+                extra={"session_id": session_id, "count": removed},
+            )
 
     async def close(self) -> None:
         """Remove the warm pool's sandboxes (they belong to no session)."""
@@ -668,6 +689,9 @@ class OciRuntime(Runtime):
             user=(rng.host(self.image.sandbox_uid), rng.host(self.image.sandbox_gid)),
             superuser=(rng.base, rng.base),
             protected=self.protected_paths,
+            # Outside the sandbox's view, on the host's disk: the temp names of uploads
+            # being linked in, for a crash in the middle (see SandboxFS.write).
+            journal=str(self._dir(session_id) / "uploads-linking"),
         )
 
     # -- the OCI config -------------------------------------------------------------

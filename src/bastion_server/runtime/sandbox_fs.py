@@ -62,7 +62,8 @@ READ_CHUNK = 1024 * 1024
 #: Upload bytes gathered before one write in a worker thread.
 WRITE_BATCH = 1024 * 1024
 #: What temp names of uploads start with (only ever there for the instant between
-#: linking a finished upload in and renaming it over its target).
+#: linking a finished upload in and renaming it over the file it replaces; one a crash
+#: left there is removed by :meth:`SandboxFS.sweep_temp_names`).
 TEMP_PREFIX = ".bastion-upload-"
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 _AT_SYMLINK_FOLLOW = 0x400
@@ -231,10 +232,12 @@ class SandboxFS:
         user: Identity,
         superuser: Identity,
         protected: tuple[str, ...] = (),
+        journal: str | None = None,
     ) -> None:
         self.root, self.user, self.superuser = root, user, superuser
         self.protected = tuple(split_path(p) for p in protected)
         self._real_root = os.path.realpath(root)
+        self.journal = journal
 
     def _identity(self, as_root: bool) -> Identity | None:
         """Who to act as: the sandbox user, or (as root) the host's root itself, whose
@@ -395,22 +398,88 @@ class SandboxFS:
         with acting_as(self._identity(as_root)):
             try:
                 self._refuse_directory(upload.parent, parts[-1], path)
-                # Link the finished file in under a temp name, then rename it over the
-                # target: readers see the old file or the new one, never a part.
-                temp = TEMP_PREFIX + secrets.token_hex(8)
-                os.link(
-                    f"/proc/self/fd/{upload.fd}", temp, dst_dir_fd=upload.parent,
-                    follow_symlinks=True,
-                )  # fmt: skip
-                faults.point("upload.after_link")
+                source = f"/proc/self/fd/{upload.fd}"
                 try:
-                    os.rename(temp, parts[-1], src_dir_fd=upload.parent, dst_dir_fd=upload.parent)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temp, dir_fd=upload.parent)
-                    raise
+                    # A new file is linked in under its name: atomic, nothing to undo.
+                    os.link(source, parts[-1], dst_dir_fd=upload.parent, follow_symlinks=True)
+                    return
+                except FileExistsError:
+                    pass
+                # One that replaces a file is linked in under a temp name, then renamed
+                # over it: readers see the old file or the new one, never a part.  The
+                # temp name is in the journal meanwhile, for a crash between the two.
+                temp = TEMP_PREFIX + secrets.token_hex(8)
+                entry = self._journal_add([*self._where(upload.parent), temp])
+                try:
+                    os.link(source, temp, dst_dir_fd=upload.parent, follow_symlinks=True)
+                    faults.point("upload.after_link")
+                    try:
+                        os.rename(
+                            temp, parts[-1], src_dir_fd=upload.parent, dst_dir_fd=upload.parent
+                        )
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(temp, dir_fd=upload.parent)
+                        raise
+                finally:
+                    self._journal_drop(entry)
             except OSError as exc:
                 raise _translate(exc, path) from exc
+
+    # -- the journal of temp names --------------------------------------------------------
+
+    def _journal_add(self, parts: list[str]) -> str | None:
+        """Note a temp name about to be linked in (sandbox path components); returns
+        the note's path, for :meth:`_journal_drop`."""
+        if self.journal is None:
+            return None
+        with acting_as(None):  # the journal is the server's, outside the sandbox
+            os.makedirs(self.journal, mode=0o700, exist_ok=True)
+            entry = os.path.join(self.journal, parts[-1])
+            with open(entry, "wb") as f:
+                f.write(encode_name("/".join(parts)))
+        return entry
+
+    @staticmethod
+    def _journal_drop(entry: str | None) -> None:
+        if entry is not None:
+            with acting_as(None), contextlib.suppress(FileNotFoundError):
+                os.unlink(entry)
+
+    def sweep_temp_names(self) -> int:
+        """Remove the temp names a crash left linked in (see :meth:`write`), as the
+        journal lists them; returns how many were there.  Blocking."""
+        if self.journal is None:
+            return 0
+        removed = 0
+        with acting_as(None):
+            try:
+                entries = os.listdir(self.journal)
+            except FileNotFoundError:
+                return 0
+            for name in entries:
+                entry = os.path.join(self.journal, name)
+                try:
+                    with open(entry, "rb") as f:
+                        parts = split_path("/" + os.fsdecode(f.read()))
+                except (OSError, FsError):
+                    parts = []
+                if parts and parts[-1] == name and name.startswith(TEMP_PREFIX):
+                    try:
+                        parent = self._open(parts[:-1], os.O_PATH | os.O_DIRECTORY)
+                    except OSError:
+                        parent = -1
+                    if parent >= 0:
+                        try:
+                            os.unlink(name, dir_fd=parent)
+                            removed += 1
+                        except OSError:
+                            pass
+                        finally:
+                            os.close(parent)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
+        return removed
 
     @staticmethod
     def _refuse_directory(parent: int, name: str, path: str) -> None:
