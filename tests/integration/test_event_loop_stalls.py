@@ -59,7 +59,7 @@ class HealthProbe:
 
 
 def _run(client: Bastion, sid: str, script: str) -> str:
-    job = client.jobs.run(sid, ["sh", "-c", script])
+    job = client.jobs.run(sid, ["sh", "-c", script + "\ntrue"])  # its output is the answer
     result = client.jobs.wait(sid, job["job_id"], timeout=120)
     assert result["status"] == "completed", result
     return str(result["output"]["console_output"])

