@@ -14,10 +14,13 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from tests.conftest import ServerProcess
 
@@ -207,3 +210,44 @@ def test_cli_recursive_upload_and_download(server: ServerProcess, sid: str, tmp_
     as_json = cli("download", "-r", f"{sid}:{HOME}/cli", str(tmp_path / "again"), "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert '"entries"' in as_json.stdout
+
+
+def test_a_stop_ends_a_directory_upload_at_once(server: ServerProcess, client: Bastion) -> None:
+    """An upload waiting on a slow client holds the session's disk open: a stop ends
+    it (409 session_stopped) instead of waiting for the client."""
+    sid = client.sessions.create()["session_id"]
+    client.sessions.start(sid)
+    release = threading.Event()
+
+    def slow_tar() -> Iterator[bytes]:
+        info = tarfile.TarInfo("big")
+        info.size = 8 << 20
+        yield info.tobuf(tarfile.GNU_FORMAT)
+        yield bytes(2 << 20)  # part of the file, then the client stalls
+        release.wait(60)
+        yield bytes(6 << 20) + bytes(-info.size % 512) + bytes(1024)
+
+    answer: list[httpx.Response] = []
+    upload = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(
+                f"{server.url}/v1/sessions/{sid}/files/archive",
+                params={"path": f"{HOME}/slow"},
+                content=slow_tar(),
+                timeout=60,
+            )
+        )
+    )
+    upload.start()
+    try:
+        time.sleep(1.5)  # the extraction is under way, waiting for more bytes
+        start = time.monotonic()
+        client.sessions.stop(sid)
+        took = time.monotonic() - start
+    finally:
+        release.set()
+        upload.join(60)
+        client.sessions.delete(sid)
+    assert took < 5, f"the stop waited {took:.1f}s for the upload"
+    assert answer and answer[0].status_code == 409, answer and answer[0].text
+    assert answer[0].json()["error"]["code"] == "session_stopped"

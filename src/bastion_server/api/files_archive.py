@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from bastion.wire import ArchiveUploadResult, ErrorCode
 from bastion_server.api.auth import owner
@@ -103,4 +104,19 @@ async def download_archive(
     and symlinks (not followed), names relative to ``path``; mount points, special
     files and entries the acting user cannot read are left out."""
     chunks = await archive.download(who, session_id, exact_path(request), as_root=as_root)
-    return StreamingResponse(chunks, media_type=_TAR)
+    return TarResponse(chunks)
+
+
+class TarResponse(StreamingResponse):
+    """A tar made as it is sent; its making ends with the answer however that ends
+    (a client gone mid-way included), so the session's files are let go at once."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+        super().__init__(chunks, media_type=_TAR)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.chunks.aclose()

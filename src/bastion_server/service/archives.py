@@ -10,7 +10,7 @@ of an upload counts against ``max_upload_bytes`` like a single file's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from bastion._tar_stream import QueueReader, SourceFailed
 from bastion.wire import ErrorCode
@@ -19,6 +19,7 @@ from bastion_server.runtime import sandbox_archive, sandbox_fs
 from bastion_server.runtime.sandbox_archive import BadArchive, ExtractResult
 from bastion_server.service.errors import ServiceError
 from bastion_server.service.files import FileService, _service_error
+from bastion_server.service.transfers import Transfer
 
 #: Body bytes gathered before one hand-over to the extracting thread.
 _BATCH = 1024 * 1024
@@ -52,7 +53,20 @@ class ArchiveService:
                 ErrorCode.FILE_TOO_LARGE,
                 f"archive of {declared_size} bytes exceeds the upload limit of {limit}",
             )
-        fs = self.files.sandbox(owner, session_id)
+        fs, transfer = self.files.begin_transfer(owner, session_id)
+        try:
+            return await self._extract(fs, path, transfer.guard(chunks), limit, as_root)
+        finally:
+            transfer.finish()  # the extraction has ended: its files are closed
+
+    async def _extract(
+        self,
+        fs: sandbox_fs.SandboxFS,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        limit: int,
+        as_root: bool,
+    ) -> ExtractResult:
         reader = QueueReader()
         extraction = asyncio.ensure_future(
             asyncio.to_thread(sandbox_archive.extract_archive, fs, path, reader, as_root=as_root)
@@ -61,7 +75,7 @@ class ArchiveService:
         failure: BaseException | None = None
         try:
             await self._feed(reader, chunks, extraction, limit)
-        except BaseException as exc:  # the client left, or sent too much
+        except BaseException as exc:  # the client left, sent too much, or the session stops
             failure = exc
             await asyncio.to_thread(reader.fail, exc)
         try:
@@ -102,11 +116,34 @@ class ArchiveService:
 
     async def download(
         self, owner: str, session_id: str, path: str, *, as_root: bool = False
-    ) -> Iterator[bytes]:
-        """The tar stream of directory ``path``: iterate it in worker threads."""
-        fs = self.files.sandbox(owner, session_id)
+    ) -> AsyncGenerator[bytes, None]:
+        """The tar stream of directory ``path``, made in worker threads; a stop of the
+        session ends it (the answer is cut short).  Close it when done."""
+        fs, transfer = self.files.begin_transfer(owner, session_id)
         try:
             fd = await asyncio.to_thread(sandbox_archive.open_tree, fs, path, as_root=as_root)
-        except sandbox_fs.FsError as exc:
-            raise _error(exc) from exc
-        return sandbox_archive.iter_tree(fs, fd, as_root=as_root)
+        except BaseException as exc:
+            transfer.finish()
+            if isinstance(exc, sandbox_fs.FsError):
+                raise _error(exc) from exc
+            raise
+        return self._pieces(sandbox_archive.iter_tree(fs, fd, as_root=as_root), transfer)
+
+    @staticmethod
+    async def _pieces(tree: Iterator[bytes], transfer: Transfer) -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                transfer.raise_if_ended()
+                piece = await asyncio.to_thread(next, tree, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            await asyncio.to_thread(_close, tree)
+            transfer.finish()
+
+
+def _close(tree: Iterator[bytes]) -> None:
+    close = getattr(tree, "close", None)
+    if close is not None:
+        close()

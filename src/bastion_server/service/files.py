@@ -85,9 +85,10 @@ class FileService:
     def _fs(self, owner: str, session_id: str) -> SandboxFS:
         return self._running_fs(self.sessions.require_running(owner, session_id))
 
-    def sandbox(self, owner: str, session_id: str) -> SandboxFS:
-        """The running session's confined file access, for the archive service."""
-        return self._fs(owner, session_id)
+    def begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
+        """The session's files and a transfer of them, for the archive service (which
+        must :meth:`Transfer.finish` it once its files are closed)."""
+        return self._begin_transfer(owner, session_id)
 
     def _running_fs(self, record: SessionRecord) -> SandboxFS:
         try:
