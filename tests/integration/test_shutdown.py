@@ -68,7 +68,7 @@ def test_sigterm_ends_every_held_request_with_its_documented_ending(
     srv = private_server
     srv.start()
     assert srv.proc is not None
-    with Bastion(base_url=srv.url, max_retries=0) as c:
+    with Bastion(base_url=srv.url) as c:  # its default retries
         sid = c.sessions.create()["session_id"]
         c.sessions.start(sid)
         job = c.jobs.run(sid, ["sh", "-c", "echo started; sleep 120"])

@@ -36,6 +36,7 @@ from bastion import (
     FileDownloadError,
     LocalFileError,
     ServerError,
+    ServerShutdownError,
     SessionStateError,
 )
 from bastion._base import (
@@ -290,8 +291,9 @@ def test_retries_stop_after_max_retries(mode: str) -> None:
         (httpx.UnsupportedProtocol("ftp"), APIConnectionError),
         (answer(500, {"error": {"code": "internal_error", "message": "x"}}), ServerError),
         (error("session_not_found", 404), BastionError),
+        (error("server_shutdown", 503), ServerShutdownError),  # the server is going away
     ],
-    ids=["read-timeout", "pool-timeout", "unsupported-protocol", "500", "404"],
+    ids=["read-timeout", "pool-timeout", "unsupported-protocol", "500", "404", "shutdown"],
 )
 def test_what_is_never_retried(mode: str, outcome: Outcome, expected: type[Exception]) -> None:
     script = Script(outcome, answer(200, session()))

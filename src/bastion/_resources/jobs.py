@@ -124,8 +124,7 @@ class Jobs:
             JobTimeoutError: The job was not final within ``timeout`` (also a
                 ``TimeoutError``); the job keeps running on the server.
             JobNotFoundError: No job has this id in this session.
-            ServerShutdownError: The server began to shut down while the job ran
-                (and did not come back within the retries).
+            ServerShutdownError: The server began to shut down while the job ran.
         """
         return check_job_result(self._wait_final(session_id, job_id, timeout))
 
