@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, cast
@@ -11,9 +13,11 @@ from .._base import (
     APIRequest,
     delete_file_request,
     docs_from,
+    download_archive_request,
     download_request,
     file_delete_recovered,
     list_files_request,
+    upload_archive_request,
     upload_request,
 )
 from .._exceptions import BastionError
@@ -28,9 +32,12 @@ from .._local_files import (
     upload_body,
     write_chunks,
 )
+from .._local_tree import LocalTreeArchive, ProgressCallback, extract_tree
 from .._pages import PageRequestFor, merge_pages, wants_every_page
+from .._tar_stream import ChunkReader, QueueReader
 from ..wire import (
     MAX_PAGE_SIZE,
+    ArchiveUploadResult,
     FileDeleteResult,
     FileEntry,
     FileList,
@@ -84,7 +91,8 @@ class Files:
             TypeError: ``data`` is a ``str``, a text file or not binary data.
             FileUploadError: Bad path, too large, parent is not a directory, ...
             LocalFileError: Reading the file object failed.
-            SessionStateError: The session is not running.
+            SessionStateError: The session is not running, or it was stopped or deleted
+                during the upload (code ``session_stopped``; nothing was written).
         """
         request = upload_request(session_id, path, upload_body(data), mode=mode, user=user)
         return cast(FileUploadResult, self._client._request(request))
@@ -198,6 +206,78 @@ class Files:
             with destination_file(dest) as fileobj:
                 return write_chunks(chunks, fileobj)
 
+    def upload_dir(
+        self,
+        session_id: str,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str,
+        *,
+        user: FileUser = "user",
+        progress: ProgressCallback | None = None,
+    ) -> ArchiveUploadResult:
+        """Upload a local directory tree into ``remote_dir`` (made if missing).
+
+        The tree goes as one tar stream made while it is walked: nothing is staged
+        on either side.  Directories, regular files and symlinks (as links) are sent;
+        other special files are left out.  Existing files are replaced; setuid,
+        setgid and sticky bits are dropped by the server.
+
+        Args:
+            session_id: A running session's id.
+            local_dir: The local directory whose content is uploaded.
+            remote_dir: Absolute path of the directory in the session.
+            user: Act as the session's ``"user"`` (default) or its ``"root"``.
+            progress: Called with the bytes of file content sent so far.
+
+        Returns:
+            ``{"path", "files", "directories", "symlinks", "bytes"}``: what was
+            written (``directories`` counts those created).
+
+        Raises:
+            FileUploadError: Bad path, too large, a refused member, ...
+            LocalFileError: ``local_dir`` is not a directory or could not be read.
+            SessionStateError: The session is not running.
+        """
+        body = upload_body(LocalTreeArchive(local_dir, progress))
+        request = upload_archive_request(session_id, remote_dir, body, user=user)
+        return cast(ArchiveUploadResult, self._client._request(request))
+
+    def download_dir(
+        self,
+        session_id: str,
+        remote_dir: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        user: FileUser = "user",
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Download directory ``remote_dir`` of the session into ``local_dir`` (made
+        if missing), streamed: the tar the server makes while walking the tree is
+        extracted as it arrives.
+
+        Extraction uses :mod:`tarfile`'s ``"data"`` filter: absolute names, ``..``,
+        links leading out of ``local_dir`` and special files are refused.
+
+        Args:
+            session_id: A running session's id.
+            remote_dir: Absolute path of the directory in the session.
+            local_dir: The local directory to write into.
+            user: Act as the session's ``"user"`` (default) or its ``"root"``.
+            progress: Called with the bytes of the archive received so far.
+
+        Returns:
+            The number of entries written.
+
+        Raises:
+            FileDownloadError: No such directory, not a directory, a refused member.
+            LocalFileError: Writing into ``local_dir`` failed.
+            APIConnectionError: The connection broke during the transfer.
+        """
+        request = download_archive_request(session_id, remote_dir, user=user)
+        with self._client._stream(request) as response:
+            chunks = _counted(self._client._iter_body(response, DOWNLOAD_CHUNK_SIZE), progress)
+            return extract_tree(ChunkReader(chunks), local_dir)
+
     def list(
         self,
         session_id: str,
@@ -308,7 +388,8 @@ class AsyncFiles:
             TypeError: ``data`` is a ``str``, a text file or not binary data.
             FileUploadError: Bad path, too large, parent is not a directory, ...
             LocalFileError: Reading the file object failed.
-            SessionStateError: The session is not running.
+            SessionStateError: The session is not running, or it was stopped or deleted
+                during the upload (code ``session_stopped``; nothing was written).
         """
         request = upload_request(session_id, path, async_upload_body(data), mode=mode, user=user)
         return cast(FileUploadResult, await self._client._request(request))
@@ -407,6 +488,59 @@ class AsyncFiles:
                 await chunks.aclose()
             return destination.written
 
+    async def upload_dir(
+        self,
+        session_id: str,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str,
+        *,
+        user: FileUser = "user",
+        progress: ProgressCallback | None = None,
+    ) -> ArchiveUploadResult:
+        """Upload a local directory tree into ``remote_dir``, as :meth:`Files.upload_dir`
+        (the tree is read in worker threads)."""
+        archive = await asyncio.to_thread(LocalTreeArchive, local_dir, progress)
+        request = upload_archive_request(
+            session_id, remote_dir, async_upload_body(archive), user=user
+        )
+        return cast(ArchiveUploadResult, await self._client._request(request))
+
+    async def download_dir(
+        self,
+        session_id: str,
+        remote_dir: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        user: FileUser = "user",
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Download directory ``remote_dir`` into ``local_dir``, as
+        :meth:`Files.download_dir` (extracted in a worker thread as it arrives)."""
+        request = download_archive_request(session_id, remote_dir, user=user)
+        async with self._client._stream(request) as response:
+            reader = QueueReader()
+            extraction = asyncio.ensure_future(asyncio.to_thread(extract_tree, reader, local_dir))
+            extraction.add_done_callback(lambda _: reader.abandon())
+            chunks = self._client._iter_body(response, DOWNLOAD_CHUNK_SIZE)
+            received = 0
+            try:
+                async for chunk in chunks:
+                    if extraction.done():
+                        break
+                    received += len(chunk)
+                    if progress is not None:
+                        progress(received)
+                    await asyncio.to_thread(reader.put, chunk)
+                await asyncio.to_thread(reader.close)
+            except BaseException as exc:
+                await asyncio.to_thread(reader.fail, exc)
+                with contextlib.suppress(BaseException):
+                    await extraction
+                raise
+            finally:
+                await chunks.aclose()
+            return await extraction
+
     async def list(
         self,
         session_id: str,
@@ -443,3 +577,13 @@ def _page_of(session_id: str, path: str, user: FileUser, page_size: int) -> Page
         return list_files_request(session_id, path, user=user, limit=page_size, cursor=cursor)
 
     return request_for
+
+
+def _counted(chunks: Iterator[bytes], progress: ProgressCallback | None) -> Iterator[bytes]:
+    """``chunks``, telling ``progress`` the bytes passed so far."""
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if progress is not None:
+            progress(received)
+        yield chunk

@@ -133,6 +133,10 @@ class Sessions:
     def stop(self, session_id: str) -> SessionInfo:
         """Stop a running session; its files are kept, its processes are killed.
 
+        Uploads and downloads in progress end at once, unfinished (an upload writes
+        nothing and raises SessionStateError, code ``session_stopped``; a download
+        is cut short); the stop does not wait for their clients.
+
         Args:
             session_id: The session's id.
 
@@ -147,6 +151,8 @@ class Sessions:
 
     def delete(self, session_id: str) -> SessionInfo:
         """Delete a session and everything in it.  This cannot be undone.
+
+        Uploads and downloads in progress end at once, as with :meth:`stop`.
 
         Args:
             session_id: The session's id.
