@@ -94,6 +94,8 @@ class Process(abc.ABC):
 
 class Runtime(abc.ABC):
     name: str
+    #: Where a job starts when it names no ``cwd`` (the sandbox user's home).
+    home: str = "/"
 
     @abc.abstractmethod
     async def prepare_host(self) -> None:
@@ -140,6 +142,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list_sandboxes(self) -> set[str]:
         """Session ids of every sandbox this runtime has running or on disk."""
+
+    async def started_sandboxes(self) -> set[str]:
+        """Session ids of every sandbox with anything of a run on the host (running,
+        or left half started or half stopped by a crash): what ``stop`` has to undo."""
+        return await self.running_sandboxes()
 
     @abc.abstractmethod
     async def usage(self, session_id: str) -> SandboxUsage:

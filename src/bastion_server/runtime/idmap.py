@@ -69,10 +69,11 @@ class IdRange:
 class IdRangeRegistry:
     """Host-wide record of which ranges are taken, and by which session directory.
 
-    One file per taken range (``<index>``, holding the owner's directory); taking a
-    range is an ``O_EXCL`` create under a lock.  An entry whose owner directory no
-    longer records that range (its files were removed without giving it back, say by
-    hand or by a crash mid-delete) is stale and may be taken again.
+    One file per taken range (``<index>``, holding the owner's directory, or both of
+    its names, one a line, while it is being renamed); taking a range is an
+    ``O_EXCL`` create under a lock.  An entry none of whose owner directories records
+    that range (its files were removed without giving it back, say by hand) is stale
+    and may be taken again.
     """
 
     RECORD = "id-range"
@@ -101,13 +102,18 @@ class IdRangeRegistry:
         except (OSError, ValueError):
             return None
 
+    @staticmethod
+    def _owners(entry: Path) -> list[str]:
+        return [line for line in entry.read_text().splitlines() if line.strip()]
+
     def _stale(self, entry: Path, base: int) -> bool:
         try:
-            owner = Path(entry.read_text().strip())
+            owners = self._owners(entry)
         except OSError:
             return False
-        found = self.recorded(owner)
-        return found is None or found.base != base
+        return all(
+            (found := self.recorded(Path(owner))) is None or found.base != base for owner in owners
+        )
 
     def take(self, owner_dir: Path) -> IdRange:
         """A range of ids nobody else has; recorded in the registry and in ``owner_dir``."""
@@ -129,10 +135,43 @@ class IdRangeRegistry:
                 return IdRange(base)
         raise IdRangeError(errno.ENOSPC, "every sandbox id range on this host is taken")
 
-    def moved(self, rng: IdRange, owner_dir: Path) -> None:
-        """The owner directory was renamed (a pooled sandbox handed to a session)."""
+    @contextlib.contextmanager
+    def moving(self, rng: IdRange, old_dir: Path, new_dir: Path) -> Iterator[None]:
+        """Around the rename of an owner directory (a pooled sandbox handed to a
+        session): the range is registered to both names until the rename is done, so a
+        crash in between leaves it neither stale nor registered to a name that is gone."""
         with self._locked():
-            self._entry(rng.base).write_text(str(owner_dir))
+            self._write(self._entry(rng.base), f"{old_dir}\n{new_dir}\n")
+        yield
+        with self._locked():
+            self._write(self._entry(rng.base), f"{new_dir}\n")
+
+    @staticmethod
+    def _write(entry: Path, text: str) -> None:
+        """Replace an entry's text in one step (a crash leaves the old or the new)."""
+        temp = entry.with_name(f".{entry.name}.tmp")
+        temp.write_text(text)
+        temp.replace(entry)
+
+    def release_stale(self, under: Path) -> int:
+        """Remove stale entries of owners under ``under`` (one server's sessions), and
+        entries a crash left empty; returns how many went."""
+        prefix = f"{under}/"
+        removed = 0
+        with self._locked():
+            for entry in self.directory.iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    owners = self._owners(entry)
+                except OSError:
+                    continue
+                base = FIRST_BASE + int(entry.name) * RANGE_SIZE
+                mine = all(owner.startswith(prefix) for owner in owners)
+                if not owners or (mine and self._stale(entry, base)):
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def release(self, rng: IdRange, owner_dir: Path) -> None:
         """Give a range back once its owner's files are gone (only if still its own)."""
@@ -141,7 +180,7 @@ class IdRangeRegistry:
         entry = self._entry(rng.base)
         with self._locked():
             try:
-                if entry.read_text().strip() == str(owner_dir):
+                if str(owner_dir) in self._owners(entry):
                     entry.unlink()
             except FileNotFoundError:
                 pass

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion_server import faults
 from bastion_server.runtime import agent_protocol, host, idmap, seccomp
 from bastion_server.runtime.agent_build import BINARY_NAME, find_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
@@ -123,6 +124,7 @@ class OciRuntime(Runtime):
         self.name = binary
         self.data_dir = data_dir
         self.image = image
+        self.home = image.home
         self.sessions_dir = data_dir / "sessions"
         self.state_root = self.state_root_for(data_dir)
         self.cgroup_parent = f"/bastion/{self._tag(data_dir)}"
@@ -193,6 +195,10 @@ class OciRuntime(Runtime):
             )
         os.makedirs(self.state_root, mode=0o700, exist_ok=True)
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        # What a crash left in the host-wide id-range registry for this server's
+        # sessions: a range registered to a directory that does not record it.
+        if stale := await asyncio.to_thread(self.id_ranges.release_stale, self.sessions_dir):
+            log.warning("released %d stale id ranges", stale)
         # The sandbox's root (a host uid in the mapped range) must be able to reach the
         # bind-mount sources: keep the path down to them traversable, nothing readable.
         for path in (self.data_dir, self.sessions_dir):
@@ -285,6 +291,7 @@ class OciRuntime(Runtime):
         # past the session's disk limit fails with ENOSPC inside the sandbox and takes
         # nothing from anyone else.  Its root belongs to the sandbox's root.
         disk = self._dir(session_id) / "disk.img"
+        faults.point("create.before_mkfs")
         await self._mkfs(disk, self.id_range(session_id))
 
     def _make_dir(self, base: Path, disk_mb: int) -> None:
@@ -413,6 +420,7 @@ class OciRuntime(Runtime):
         except OSError as exc:
             await self.stop(session_id)
             raise SandboxError(f"cannot prepare the sandbox's root: {exc}") from exc
+        faults.point("start.after_mounts")
         try:
             config = self._config(session_id, limits, rng, userns.path if userns else None)
             (base / "bundle" / "config.json").write_text(json.dumps(config))
@@ -503,24 +511,52 @@ class OciRuntime(Runtime):
 
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
-        base = self._dir(session_id)
-        rng = IdRangeRegistry.recorded(base)
-        if base.exists():
-            await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
-        if rng is not None and not base.exists():
-            await asyncio.to_thread(self.id_ranges.release, rng, base)
+        faults.point("delete.after_stop")
+        await asyncio.to_thread(self._remove_dir, self._dir(session_id))
         self._containers.pop(session_id, None)
+
+    def _remove_dir(self, base: Path) -> None:
+        """Remove a stopped session's directory (blocking) so that a crash at any
+        point leaves what a second call finishes: its id range is given back once
+        nothing its ids own is left, and the directory's record of it goes after that."""
+        if not base.exists():
+            return
+        mounted = [m for m in ("rootfs", "layer", "run") if os.path.ismount(base / m)]
+        if mounted:  # never remove through a mount: it would empty what is mounted
+            raise SandboxError(f"{base.name}: {', '.join(mounted)} still mounted")
+        rng = IdRangeRegistry.recorded(base)
+        try:
+            for child in base.iterdir():
+                if child.name == IdRangeRegistry.RECORD:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+                faults.point("delete.mid_remove")
+            if rng is not None:
+                self.id_ranges.release(rng, base)
+            (base / IdRangeRegistry.RECORD).unlink(missing_ok=True)
+            base.rmdir()
+        except OSError as exc:
+            raise SandboxError(f"cannot remove the files of {base.name}: {exc}") from exc
 
     # -- warm pool ------------------------------------------------------------------
 
     def _claim(self, session_id: str) -> None:
         """Hand a pooled, running sandbox to a new session (a rename, no process work)."""
         name = self._pool.pop()
-        os.rename(self._dir(name), self._dir(session_id))
-        rng = IdRangeRegistry.recorded(self._dir(session_id))
-        if rng is not None:
-            self.id_ranges.moved(rng, self._dir(session_id))
-        (self._dir(session_id) / "container").write_text(name)
+        # The container's name goes with the directory, and the id range is registered
+        # to both names across the rename: a crash at any point leaves what a delete of
+        # either name removes whole.
+        (self._dir(name) / "container").write_text(name)
+        rng = IdRangeRegistry.recorded(self._dir(name))
+        if rng is None:
+            os.rename(self._dir(name), self._dir(session_id))
+        else:
+            with self.id_ranges.moving(rng, self._dir(name), self._dir(session_id)):
+                os.rename(self._dir(name), self._dir(session_id))
+                faults.point("create.mid_claim")
         self._containers[session_id] = name
         self._prestarted.add(session_id)
         self._refill_pool()
@@ -653,6 +689,23 @@ class OciRuntime(Runtime):
     async def running_sandboxes(self) -> set[str]:
         states = await self._container_states(self._on_disk())
         return self._not_the_pools({sid for sid, st in states.items() if st == "running"})
+
+    async def started_sandboxes(self) -> set[str]:
+        containers = await self._container_states(self._on_disk())
+        mounted = await asyncio.to_thread(self._mounted_sessions)
+        return self._not_the_pools(set(containers) | mounted)
+
+    def _mounted_sessions(self) -> set[str]:
+        """Session ids with anything mounted in their directory (one read of the
+        mount table)."""
+        prefix = f"{self.sessions_dir}/"
+        found = set()
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and fields[4].startswith(prefix):
+                    found.add(fields[4][len(prefix) :].split("/", 1)[0])
+        return found
 
     async def exec(self, session_id: str, spec: ExecSpec) -> Process:
         path = self.socket_path(session_id)
