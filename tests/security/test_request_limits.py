@@ -653,3 +653,65 @@ def test_a_stalled_upload_is_aborted(keyed: ServerProcess) -> None:
             assert "slow.bin" not in names
         finally:
             client.sessions.delete(sid)
+
+
+@pytest.mark.slow
+def test_one_keys_slow_uploads_do_not_starve_another_tenant(data_root: Path) -> None:
+    """The 7000 trickling uploads, scaled down: one key opens more slow uploads than the
+    server keeps connections; the server holds only that key's share of them (the rest
+    are refused and closed at once), and another tenant's job still runs."""
+    per_key, max_connections, uploads = 6, 32, 60
+    parent = Path(tempfile.mkdtemp(dir=data_root))
+    parent.chmod(0o711)
+    srv = ServerProcess(
+        parent / "data",
+        api_keys=(KEY_A, KEY_B),
+        extra_args=("--pool-size", "0", "--max-requests-per-key", str(per_key),
+                    "--max-connections", str(max_connections)),
+    )  # fmt: skip
+    srv.start()
+    socks: list[socket.socket] = []
+    stop = threading.Event()
+    try:
+        with Bastion(base_url=srv.url, api_key=KEY_A) as tenant_a:
+            sid_a = tenant_a.sessions.create()["session_id"]
+            tenant_a.sessions.start(sid_a)
+        for i in range(uploads):
+            sock = connect(srv)
+            with contextlib.suppress(OSError):
+                sock.sendall(
+                    head("PUT", f"/v1/sessions/{sid_a}/files?path=/home/user/slow{i}",
+                         {**auth(KEY_A), "Content-Type": "application/octet-stream",
+                          "Content-Length": str(MiB)})
+                )  # fmt: skip
+                sock.sendall(b"x")
+            socks.append(sock)
+
+        def trickle() -> None:  # a byte every half second: never stalled for the server
+            while not stop.wait(0.5):
+                for sock in socks:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"x")
+
+        trickler = threading.Thread(target=trickle)
+        trickler.start()
+        time.sleep(1.0)
+        assert srv.proc is not None
+        held = len(list(Path(f"/proc/{srv.proc.pid}/fd").iterdir()))
+        start = time.monotonic()
+        with Bastion(base_url=srv.url, api_key=KEY_B, max_retries=0) as tenant_b:
+            sid_b = tenant_b.sessions.create()["session_id"]
+            tenant_b.sessions.start(sid_b)
+            job = tenant_b.jobs.run_and_wait(sid_b, ["echo", "still served"])
+            tenant_b.sessions.delete(sid_b)
+        assert job["output"]["console_output"] == "still served\n"
+        assert time.monotonic() - start < 20
+        open_uploads = sum(not closed_now(s) for s in socks)
+        assert open_uploads <= per_key + 2, f"{open_uploads} of {uploads} uploads held open"
+        assert held < 120, f"the server held {held} descriptors"
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
+        srv.delete_all_sessions()
+        srv.stop()

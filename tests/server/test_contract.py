@@ -24,7 +24,7 @@ from bastion.wire import (
     MAX_METADATA_LENGTH,
 )
 from bastion_server.api.app import create_app
-from bastion_server.config import ServerConfig
+from bastion_server.config import ConfigError, ServerConfig
 
 JSON = {"content-type": "application/json"}
 
@@ -318,3 +318,11 @@ def test_a_body_for_no_route_is_not_checked_before_routing(api: TestClient) -> N
     response = api.request("TRACE", "/v1/sessions", content=b"\xff\xfe", headers=JSON)
     assert _error(response) == (405, "method_not_allowed")
     assert _error(api.post("/v1/nowhere", content=b"\xff", headers=JSON)) == (404, "not_found")
+
+
+def test_a_short_api_key_is_refused_saying_why() -> None:
+    with pytest.raises(ConfigError, match="at least 8 characters") as info:
+        ServerConfig(api_keys=("right-length-key", "short")).check()
+    assert "short" not in str(info.value), "the message must not echo a key"
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert "at least 8 characters" in readme

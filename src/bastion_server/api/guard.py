@@ -15,8 +15,9 @@ client without a valid key cannot make the server buffer or parse anything:
   The terminal WebSocket keeps refusing by itself, with its close code 4001.
 * **Per-key share**: one key may have ``max_requests_per_key`` requests in flight,
   terminals included; past that, ``429 too_many_requests`` (a terminal: an ``error``
-  message and close code 1013, try again later), so one tenant cannot take every
-  connection the server keeps.  A keyless server counts all its callers as one.
+  message and close code 1013, try again later), and the refused request's connection
+  is closed at once, so one tenant cannot take every connection the server keeps.  A
+  keyless server counts all its callers as one.
 """
 
 from __future__ import annotations
@@ -175,7 +176,13 @@ class RequestGuard:
         scope: Scope, receive: Receive, send: Send, code: ErrorCode, message: str
     ) -> None:
         if scope["type"] == "http":
-            headers = {"Retry-After": "1"} if code == ErrorCode.TOO_MANY_REQUESTS else None
+            # A refused request's connection is closed at once: a key over its share
+            # holds no more connections than that share (its body may still be coming).
+            headers = (
+                {"Retry-After": "1", "Connection": "close"}
+                if code == ErrorCode.TOO_MANY_REQUESTS
+                else None
+            )
             await refusal(scope, code, message, headers)(scope, receive, send)
             return
         close = (
