@@ -34,8 +34,13 @@ from bastion_server.api.errors import error_response, is_routed
 from bastion_server.api.text import TextProblem, check_body_text
 from bastion_server.config import ServerConfig
 
-#: The streamed upload: the one route whose body is not JSON.
-_UPLOAD = re.compile(r"/v1/sessions/[^/]+/files/?")
+#: The streamed uploads, the routes whose body is not JSON: a file, a directory's tar
+#: archive, and the original server's multipart upload.
+_UPLOADS = (
+    ("PUT", re.compile(r"/v1/sessions/[^/]+/files/?")),
+    ("POST", re.compile(r"/v1/sessions/[^/]+/files/archive")),
+    ("POST", re.compile(r"/session/[^/]+/upload")),
+)
 
 #: A JSON string, escapes included, or an unterminated one up to the end.  Possessive,
 #: and matching from every quote it starts at, so the scan stays linear on any input.
@@ -52,7 +57,10 @@ def json_depth(body: bytes) -> int:
 
 
 def is_upload(scope: Scope) -> bool:
-    return scope["method"] == "PUT" and _UPLOAD.fullmatch(scope["path"]) is not None
+    return any(
+        scope["method"] == method and pattern.fullmatch(scope["path"]) is not None
+        for method, pattern in _UPLOADS
+    )
 
 
 class BodyLimits:
