@@ -695,7 +695,7 @@ def _progress_allowed(args: argparse.Namespace) -> bool:
 
 def _remote_is_dir(client: Bastion, session_id: str, path: str) -> bool:
     try:
-        client.files.list(session_id, path)
+        client.files.list(session_id, path, limit=1)  # one page is enough to tell
     except FileListError:  # no such path, or a file: the upload names the file
         return False
     return True
