@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from tests.conftest import ServerProcess
 
 from bastion import Bastion, FileUploadError, SessionStateError
 from bastion.wire import ErrorCode
+from bastion_server.runtime.oci import OciRuntime
 from bastion_server.runtime.sandbox_fs import TEMP_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -259,3 +261,43 @@ def test_upload_to_a_path_nobody_else_uses_round_trips(client: Bastion, running:
     client.files.upload(running, b"hello", path)
     assert client.files.download(running, path) == b"hello"
     assert Path(path).name in _run(client, running, f"ls {Path(path).parent}")
+
+
+def test_temp_name_left_by_a_crash_is_swept_when_the_session_starts(
+    private_server: ServerProcess,
+) -> None:
+    """The server dies between linking a replacing upload in under its temp name and
+    renaming it, and the sandbox is gone too (a host crash): the next start of the
+    session removes the temp name before anything in the sandbox can see it."""
+    srv = private_server
+    srv.extra_env = {"BASTION_FAULT": "upload.after_link"}
+    srv.start()
+    with Bastion(base_url=srv.url, max_retries=0) as client:
+        sid = client.sessions.create()["session_id"]
+        client.sessions.start(sid)
+        client.files.upload(sid, b"old", "/home/user/f.txt")  # a new file: no temp name
+        with contextlib.suppress(Exception):
+            client.files.upload(sid, b"new", "/home/user/f.txt")  # dies after the link
+    assert srv.proc is not None
+    srv.proc.wait(30)
+    srv.proc = None
+    base = srv.data_dir / "sessions" / sid
+    upper = base / "layer" / "upper" / "home" / "user"
+    assert [p.name for p in upper.iterdir() if p.name.startswith(TEMP_PREFIX)], "no temp name"
+    # The sandbox goes down with the host: no container, nothing mounted.
+    state = OciRuntime.state_root_for(srv.data_dir)
+    name_file = base / "container"  # a session born in the warm pool keeps its name
+    container = name_file.read_text().strip() if name_file.exists() else sid
+    subprocess.run(["crun", "--root", state, "delete", "--force", container], check=False)
+    for mountpoint in ("rootfs", "run", "layer"):
+        subprocess.run(["umount", str(base / mountpoint)], check=False)
+    srv.extra_env = {}
+    srv.start()
+    with Bastion(base_url=srv.url) as client:
+        assert client.sessions.get(sid)["status"] == "stopped"
+        client.sessions.start(sid)
+        names = [e["name"] for e in client.files.list(sid, "/home/user")["files"]]
+        assert not [n for n in names if n.startswith(TEMP_PREFIX)], names
+        assert TEMP_PREFIX not in _run(client, sid, "ls -a /home/user")
+        assert client.files.download(sid, "/home/user/f.txt") == b"old"
+        client.sessions.delete(sid)
