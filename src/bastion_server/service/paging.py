@@ -23,6 +23,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 from bastion.wire import DEFAULT_PAGE_SIZE, ErrorCode
 from bastion_server.service.errors import ServiceError
+from bastion_server.unicode_text import is_encodable
 
 T = TypeVar("T")
 
@@ -90,7 +91,8 @@ def decode_cursor(kind: ListKind, cursor: str, size: int) -> Key:
         isinstance(value, list)
         and len(value) == size + 1
         and value[0] == kind
-        and all(isinstance(part, str) and _is_text(part) for part in value[1:])
+        # JSON can carry lone surrogates, SQLite cannot
+        and all(isinstance(part, str) and is_encodable(part) for part in value[1:])
     ):
         return tuple(value[1:])
     raise invalid_cursor(kind)
@@ -101,12 +103,3 @@ def invalid_cursor(kind: ListKind) -> ServiceError:
         ErrorCode.INVALID_CURSOR,
         f"cursor is not one of this {kind} list's next_cursor values; start again without one",
     )
-
-
-def _is_text(part: str) -> bool:
-    """Whether ``part`` is encodable text (JSON can carry lone surrogates, SQLite not)."""
-    try:
-        part.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
