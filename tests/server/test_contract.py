@@ -7,6 +7,7 @@ import json
 import re
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,62 @@ def test_a_short_api_key_is_refused_saying_why() -> None:
     assert "short" not in str(info.value), "the message must not echo a key"
     readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
     assert "at least 8 characters" in readme
+
+
+# --------------------------------------------------------------------------- running sessions
+
+
+@pytest.fixture(scope="module")
+def running(api: TestClient) -> Iterator[str]:
+    sid = api.post("/v1/sessions").json()["session_id"]
+    assert api.post(f"/v1/sessions/{sid}/start").status_code == 200
+    yield sid
+    api.delete(f"/v1/sessions/{sid}")
+
+
+def test_terminal_input_with_a_lone_surrogate_is_a_bad_message(
+    api: TestClient, running: str
+) -> None:
+    with api.websocket_connect(f"ws://localhost/v1/sessions/{running}/terminal") as ws:
+        assert ws.receive_json()["type"] == "init"
+        ws.send_text('{"type": "input", "payload": {"data": "echo \\ud800\\n"}}')
+        while (message := ws.receive_json())["type"] == "term_output":
+            pass
+        assert message["type"] == "error"
+        assert message["payload"]["code"] == "invalid_request"
+        assert "Unicode" in message["payload"]["message"]
+
+
+@pytest.mark.slow
+def test_the_database_shrinks_after_a_session_with_big_jobs_is_deleted(
+    api: TestClient, config: ServerConfig
+) -> None:
+    """Through the API: the jobs' env goes with the session, and the reaper gives the
+    space back to the file system (in a worker thread) within a few seconds."""
+    db = config.data_dir / "bastion.db"
+
+    def size() -> int:
+        wal = Path(f"{db}-wal")
+        return db.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+    sid = api.post("/v1/sessions").json()["session_id"]
+    api.post(f"/v1/sessions/{sid}/start")
+    env = {"BIG": "x" * (MAX_ENV_BYTES - 8)}
+    for _ in range(60):  # 60 x 128 KiB of env
+        r = api.post(
+            f"/v1/sessions/{sid}/jobs", params={"wait": 10}, json={"command": ["true"], "env": env}
+        )
+        assert r.status_code == 200, r.text
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = size()
+    assert before > 7 * 1024 * 1024
+    jobs = api.get(f"/v1/sessions/{sid}/jobs").json()["jobs"]
+    assert api.delete(f"/v1/sessions/{sid}").status_code == 200
+    deadline = time.monotonic() + 15
+    while size() > before - 6 * 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert size() <= before - 6 * 1024 * 1024, f"{before} -> {size()} bytes"
+    kept = api.get(f"/v1/sessions/{sid}/jobs/{jobs[0]['job_id']}")
+    if kept.status_code == 200:  # a deleted session's jobs keep their results
+        assert kept.json()["status"] == "completed"

@@ -78,7 +78,11 @@ async def _pump_input(ws: WebSocket, terminal: Terminal) -> None:
             data = payload.get("data")
             if not isinstance(data, str):
                 raise BadMessage('"input" needs a string "data"')
-            await terminal.process.send_input(data.encode("utf-8", "surrogateescape"))
+            try:
+                raw = data.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError as exc:
+                raise BadMessage('"input" must be valid Unicode (no lone surrogates)') from exc
+            await terminal.process.send_input(raw)
         elif kind == "resize":
             rows, cols = payload.get("rows"), payload.get("cols")
             if not isinstance(rows, int) or not isinstance(cols, int):
