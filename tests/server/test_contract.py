@@ -353,6 +353,18 @@ def test_terminal_input_with_a_lone_surrogate_is_a_bad_message(
         assert "Unicode" in message["payload"]["message"]
 
 
+def test_a_job_answered_within_its_wait_is_a_documented_200(
+    api: TestClient, running: str, document: dict[str, Any]
+) -> None:
+    r = api.post(f"/v1/sessions/{running}/jobs", params={"wait": 10}, json={"command": ["true"]})
+    assert (r.status_code, r.json()["status"]) == (200, "completed")
+    responses = document["paths"]["/v1/sessions/{session_id}/jobs"]["post"]["responses"]
+    assert {"200", "202"} <= set(responses)
+    assert responses["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobInfo"
+    }
+
+
 @pytest.mark.slow
 def test_the_database_shrinks_after_a_session_with_big_jobs_is_deleted(
     api: TestClient, config: ServerConfig

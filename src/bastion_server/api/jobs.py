@@ -22,7 +22,12 @@ Owner = Annotated[str, Depends(owner)]
 Svc = Annotated[Services, Depends(services)]
 
 
-@router.post("", status_code=202, response_model=JobInfo)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobInfo,
+    responses={200: {"model": JobInfo, "description": "With wait: the job ended meanwhile."}},
+)
 async def run_job(
     session_id: str,
     body: RunJobRequest,
