@@ -18,6 +18,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class OnEventLoop(RuntimeError):
+    """A call that may block (sleeps, waits on the kernel) was made on the event loop's
+    thread, where it would stall every request: a bug in the caller."""
+
+
+def refuse_event_loop(what: str) -> None:
+    """Raise :class:`OnEventLoop` if this thread runs an event loop.  Called first by
+    functions that may block for long (an unmount's retries), so that a caller that
+    forgets ``asyncio.to_thread`` fails its tests instead of freezing the server."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise OnEventLoop(f"{what} blocks: call it in a worker thread (asyncio.to_thread)")
+
+
 async def run_to_end(
     fn: Callable[P, T],
     *args: P.args,

@@ -11,6 +11,8 @@ import shutil
 import struct
 import time
 
+from bastion_server.blocking import refuse_event_loop
+
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 MS_NOSUID = 2
@@ -39,8 +41,10 @@ def umount(target: str, *, wait: float = 2.0) -> None:
 
     A lazy (detached) unmount is the last resort only: a filesystem that lingers
     detached still holds its data, and mounting the same image again meanwhile would
-    show the old contents (the data written last would seem lost).
+    show the old contents (the data written last would seem lost).  Blocks (sleeps
+    between tries): never call it on the event loop's thread (it refuses).
     """
+    refuse_event_loop("host.umount")
     deadline = time.monotonic() + wait
     while _libc.umount2(target.encode(), 0) != 0:
         err = ctypes.get_errno()
@@ -77,8 +81,10 @@ def mount_image(image: str, target: str, fstype: str, flags: int = 0, wait: floa
     through that same device: the kernel hands back the same superblock, so there is
     one filesystem with two mounts, never two that would overwrite each other.  Only
     when no device holds it is a fresh one bound.  Blocks (up to ``wait``) only
-    while a device is between "unmounted" and "released": call it off the event loop.
+    while a device is between "unmounted" and "released": call it off the event loop
+    (it refuses to run on the event loop's thread).
     """
+    refuse_event_loop("host.mount_image")
     deadline = time.monotonic() + wait
     while True:
         devices = loop_devices_backing(image)
