@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import KEY_A, KEY_B, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -49,7 +48,7 @@ def legacy_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 # Runs inside the legacy venv: drives every endpoint, records what it saw as JSON.
 DRIVER = textwrap.dedent(
-    r'''
+    r"""
     import json, sys, time
     import websocket
     from generated_client import ApiClient, Configuration
@@ -87,7 +86,8 @@ DRIVER = textwrap.dedent(
     seen["status"] = sessions.get_session_status(sid).status.value
 
     # jobs
-    queued = jobs.execute_command(sid, JobExecRequest(cmd=["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    script = "echo out; echo err >&2; exit 3"
+    queued = jobs.execute_command(sid, JobExecRequest(cmd=["sh", "-c", script]))
     seen["queued"] = queued.status.value
     for _ in range(200):
         job = jobs.get_job_status(sid, queued.job_id)
@@ -101,9 +101,10 @@ DRIVER = textwrap.dedent(
 
     # files: upload (nested, binary), list, download, run it, delete
     payload = bytes(range(256)) * 4096
-    up = files.upload_file(sid, ("data.bin", payload), UploadFileRequestMetadata(path="dir/data.bin"))
+    meta = UploadFileRequestMetadata
+    up = files.upload_file(sid, ("data.bin", payload), meta(path="dir/data.bin"))
     seen["upload"] = [up.status, up.path]
-    files.upload_file(sid, ("hi.sh", b"echo hi from a file"), UploadFileRequestMetadata(path="/hi.sh"))
+    files.upload_file(sid, ("hi.sh", b"echo hi from a file"), meta(path="/hi.sh"))
     listing = files.list_files(sid, path="/")
     seen["list_root"] = sorted((f.name, f.is_dir) for f in listing.files
                                if f.name in ("dir", "hi.sh"))
@@ -165,7 +166,7 @@ DRIVER = textwrap.dedent(
     seen["deleted"] = [deleted.session_id == sid, deleted.status.value,
                        sessions.get_session_status(sid).status.value]
     print(json.dumps(seen))
-    '''
+    """
 )
 
 
@@ -220,3 +221,56 @@ def test_generated_client_drives_every_endpoint(
 
     assert seen["stopped"] == ["stopped", "stopped"]
     assert seen["deleted"] == [True, "deleted", "deleted"]
+
+
+def test_upload_and_errors_in_the_old_shapes(auth_server: ServerProcess) -> None:
+    """What the generated client never sends, answered as the old server would."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=auth_server.url, headers=auth, timeout=60) as http:
+        sid = http.post("/session/create").json()["session_id"]
+        http.post(f"/session/{sid}/start")
+        try:
+            meta = ("metadata", (None, json.dumps({"path": "x.txt"})))
+            file_first = http.post(
+                f"/session/{sid}/upload", files=[("file", ("x.txt", b"data")), meta]
+            )
+            assert file_first.status_code == 400
+            assert "Metadata required" in file_first.json()["error"]
+            not_multipart = http.post(f"/session/{sid}/upload", content=b"plain")
+            assert not_multipart.status_code == 400
+            assert isinstance(not_multipart.json()["error"], str)
+            body = (
+                b'--b\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n'
+                b'{"path": "cut.txt"}\r\n--b\r\nContent-Disposition: form-data; '
+                b'name="file"; filename="cut.txt"\r\n\r\nno closing delimiter'
+            )
+            cut = http.post(
+                f"/session/{sid}/upload",
+                content=body,
+                headers={"Content-Type": "multipart/form-data; boundary=b"},
+            )
+            assert cut.status_code == 400, cut.text
+            listing = http.get(f"/session/{sid}/list", params={"path": "/"}).json()
+            assert "cut.txt" not in [f["name"] for f in listing["files"]]  # nothing half-written
+            # A file uploaded under a name the old client would send, big and streamed.
+            big = bytes(range(256)) * 8192  # 2 MiB: more than a JSON body may be
+            ok = http.post(
+                f"/session/{sid}/upload",
+                files=[meta, ("file", ("x.txt", big))],
+            )
+            assert ok.json() == {"status": "success", "path": "x.txt"}
+            got = http.get(f"/session/{sid}/download", params={"path": "/x.txt"})
+            assert got.content == big
+            assert "x.txt" in got.headers["content-disposition"]
+            assert got.headers["content-type"].startswith("text/plain")
+        finally:
+            http.delete(f"/session/{sid}")
+        wrong = httpx.post(
+            f"{auth_server.url}/session/create", headers={"Authorization": "Bearer nope-nope-nope"}
+        )
+        assert wrong.status_code == 401
+        assert isinstance(wrong.json()["error"], str)  # the old shape, not /v1's object
+        unknown = http.get("/session/ses_nope/status")
+        assert unknown.status_code == 404 and isinstance(unknown.json()["error"], str)
