@@ -90,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
             ws_ping_interval=20,
             ws_ping_timeout=20,
+            # A terminal message is a JSON body too: bounded like one (past it, 1009).
+            ws_max_size=config.max_json_bytes,
         )
     )
     log.info(

@@ -715,3 +715,22 @@ def test_one_keys_slow_uploads_do_not_starve_another_tenant(data_root: Path) -> 
             sock.close()
         srv.delete_all_sessions()
         srv.stop()
+
+
+@pytest.mark.slow
+def test_a_terminal_message_is_bounded_like_a_json_body(keyed: ServerProcess) -> None:
+    with Bastion(base_url=keyed.url, api_key=KEY_A) as client:
+        sid = client.sessions.create()["session_id"]
+        try:
+            client.sessions.start(sid)
+            url = keyed.url.replace("http", "ws") + f"/v1/sessions/{sid}/terminal"
+            with ws_connect(url, additional_headers=auth(KEY_A), max_size=None) as ws:
+                assert json.loads(ws.recv(timeout=10))["type"] == "init"
+                data = "x" * (MAX_JSON_BYTES + 1)
+                with pytest.raises(ConnectionClosed) as info:
+                    ws.send(json.dumps({"type": "input", "payload": {"data": data}}))
+                    while True:
+                        ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        finally:
+            client.sessions.delete(sid)
