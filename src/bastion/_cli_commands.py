@@ -354,6 +354,14 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
         type=key_value,
         help="a label stored with the session (repeatable)",
     )
+    create.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=key_value,
+        help="a variable every job and terminal of the session gets (repeatable)",
+    )
     create.add_argument("--start", action="store_true", help="start the session right away")
     create.add_argument("-q", "--quiet", action="store_true", help="print only the session id")
     create.set_defaults(runner=_sessions_create)
@@ -463,6 +471,7 @@ def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
         max_lifetime=args.max_lifetime,
         on_timeout=cast(ExpiryAction | None, args.on_timeout),
         network=network,
+        env=dict(args.env) if args.env else None,
     )
     if args.start:
         try:

@@ -12,7 +12,11 @@ import sys
 from typing import Any
 
 from bastion_server.config import ConfigError
-from bastion_server.serve_options import add_serve_options, config_from_args
+from bastion_server.serve_options import (
+    add_serve_options,
+    check_operator_files,
+    config_from_args,
+)
 
 log = logging.getLogger("bastion.server")
 
@@ -39,6 +43,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         config.check()
+        check_operator_files(config)
     except ConfigError as exc:
         print(f"bastion serve: {exc}", file=sys.stderr)
         return 2

@@ -407,3 +407,20 @@ def config_from_args(
         env_file=_absolute(s["env_file"]),
         audit_log=_absolute(s["audit_log"]),
     )
+
+
+def check_operator_files(config: ServerConfig) -> None:
+    """Fail before the server starts, with a plain message, when the env file cannot be
+    read or is malformed, or the audit log cannot be appended to."""
+    from bastion_server.service.environment import load_env_file
+
+    if config.env_file is not None:
+        load_env_file(config.env_file)
+    if config.audit_log is not None:
+        try:
+            fd = os.open(config.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot append to the audit log {config.audit_log}: {exc.strerror or exc}"
+            ) from exc
+        os.close(fd)

@@ -459,6 +459,11 @@ def test_cli_keys_and_sessions_prune_and_delete_all(ops: ServerProcess, admin: B
         assert agent.sessions.list()["sessions"] == []
         status, _, err = cli(ops.url, secret, "sessions", "delete")
         assert status == 2 and "--all" in err
+        status, out, _ = cli(ops.url, secret, "sessions", "create", "--env", "X=from-cli", "-q")
+        sid = out.strip()
+        agent.sessions.start(sid)
+        assert agent.jobs.run_and_wait(sid, "echo $X")["output"]["console_output"] == "from-cli\n"
+        agent.sessions.delete(sid)
     status, out, _ = cli(ops.url, ADMIN, "keys", "revoke", "cli")
     assert status == 0 and "revoked" in out
 
