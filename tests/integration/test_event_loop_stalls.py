@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServerProcess
+from tests.integration.helpers import shell, stop_or_delete
 
-from bastion import Bastion, SessionStateError
+from bastion import Bastion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,9 +36,9 @@ class HealthProbe:
     def __init__(self, url: str) -> None:
         self.url, self.worst, self.count = url, 0.0, 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._probe, daemon=True)
 
-    def _run(self) -> None:
+    def _probe(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self._stop.is_set():
                 began = time.monotonic()
@@ -58,51 +59,27 @@ class HealthProbe:
         assert self.count > 5, "the probe hardly ran"
 
 
-def _run(client: Bastion, sid: str, script: str) -> str:
-    job = client.jobs.run(sid, ["sh", "-c", script + "\ntrue"])  # its output is the answer
-    result = client.jobs.wait(sid, job["job_id"], timeout=120)
-    assert result["status"] == "completed", result
-    return str(result["output"]["console_output"])
-
-
-@contextlib.contextmanager
-def _running_session(client: Bastion, **create: object) -> Iterator[str]:
-    sid = client.sessions.create(**create)["session_id"]  # type: ignore[arg-type]
-    client.sessions.start(sid)
-    try:
-        yield sid
-    finally:
-        with contextlib.suppress(SessionStateError):
-            client.sessions.delete(sid)
-
-
 @pytest.mark.parametrize("action", ["stop", "delete"])
 def test_unmount_of_a_busy_disk_does_not_stall_the_server(
-    client: Bastion, server: ServerProcess, action: str
+    client: Bastion, server: ServerProcess, sid: str, action: str
 ) -> None:
     """A disk something on the host still holds is unmounted with retries for up to
     2 s (then detached): those retries wait in a worker thread, not on the loop."""
-    with _running_session(client) as sid:
-        _run(client, sid, "echo held > /tmp/held.txt")
-        layer = Path(server.data_dir) / "sessions" / sid / "layer"
-        holder = os.open(layer / "upper" / "tmp" / "held.txt", os.O_RDONLY)
-        try:
-            with HealthProbe(server.url) as probe:
-                began = time.monotonic()
-                if action == "stop":
-                    client.sessions.stop(sid)
-                else:
-                    client.sessions.delete(sid)
-                took = time.monotonic() - began
-        finally:
-            os.close(holder)
-        assert took > 1.0, f"the disk was not busy: {action} took {took:.2f}s"
-        assert probe.worst < MAX_STALL, (
-            f"/v1/health waited {probe.worst:.2f}s during a {took:.2f}s {action}"
-        )
-        if action == "stop":
-            client.sessions.start(sid)
-            assert _run(client, sid, "cat /tmp/held.txt") == "held\n"
+    shell(client, sid, "echo held > /tmp/held.txt")
+    layer = Path(server.data_dir) / "sessions" / sid / "layer"
+    holder = os.open(layer / "upper" / "tmp" / "held.txt", os.O_RDONLY)
+    try:
+        with HealthProbe(server.url) as probe:
+            took = stop_or_delete(client, sid, action)
+    finally:
+        os.close(holder)
+    assert took > 1.0, f"the disk was not busy: {action} took {took:.2f}s"
+    assert probe.worst < MAX_STALL, (
+        f"/v1/health waited {probe.worst:.2f}s during a {took:.2f}s {action}"
+    )
+    if action == "stop":
+        client.sessions.start(sid)
+        assert shell(client, sid, "cat /tmp/held.txt") == "held\n"
 
 
 class _SlowBody:
@@ -121,38 +98,32 @@ class _SlowBody:
 
 @pytest.mark.parametrize("action", ["stop", "delete"])
 def test_stop_during_a_slow_upload_does_not_stall_the_server(
-    client: Bastion, server: ServerProcess, action: str
+    client: Bastion, server: ServerProcess, sid: str, action: str
 ) -> None:
     """The case of the report: a session stopped or deleted under a 5 MB/s upload."""
-    with _running_session(client) as sid:
-        body = _SlowBody()
-        answer: dict[str, httpx.Response] = {}
+    body = _SlowBody()
+    answer: dict[str, httpx.Response] = {}
 
-        def upload() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                answer["r"] = httpx.put(
-                    f"{server.url}/v1/sessions/{sid}/files",
-                    params={"path": "/tmp/big.bin"},
-                    content=body,
-                    timeout=120,
-                )
+    def upload() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            answer["r"] = httpx.put(
+                f"{server.url}/v1/sessions/{sid}/files",
+                params={"path": "/tmp/big.bin"},
+                content=body,
+                timeout=120,
+            )
 
-        thread = threading.Thread(target=upload, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while body.sent < 5 * 1024 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with HealthProbe(server.url) as probe:
-            began = time.monotonic()
-            if action == "stop":
-                client.sessions.stop(sid)
-            else:
-                client.sessions.delete(sid)
-            took = time.monotonic() - began
-        thread.join(60)
-        assert probe.worst < MAX_STALL, f"/v1/health waited {probe.worst:.2f}s"
-        assert took < 1.5, f"{action} took {took:.2f}s"
-        assert answer["r"].status_code == 409, answer["r"].text
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while body.sent < 5 * 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with HealthProbe(server.url) as probe:
+        took = stop_or_delete(client, sid, action)
+    thread.join(60)
+    assert probe.worst < MAX_STALL, f"/v1/health waited {probe.worst:.2f}s"
+    assert took < 1.5, f"{action} took {took:.2f}s"
+    assert answer["r"].status_code == 409, answer["r"].text
 
 
 def test_a_session_lifetime_does_not_stall_the_server(
@@ -161,12 +132,14 @@ def test_a_session_lifetime_does_not_stall_the_server(
     """Create (mkfs of a large disk), start (mounts, crun), 20,000 files, a 64 MB
     upload and download, stop, start, delete (unmount, removing the tree)."""
     with HealthProbe(server.url) as probe:
-        with _running_session(client, limits={"disk_mb": 4096}) as sid:
-            _run(client, sid, "mkdir -p /tmp/many && cd /tmp/many && seq 20000 | xargs touch")
-            data = os.urandom(1024 * 1024) * 64
-            client.files.upload(sid, data, "/tmp/blob.bin")
-            assert client.files.download(sid, "/tmp/blob.bin") == data
-            client.sessions.stop(sid)
-            client.sessions.start(sid)
-            assert _run(client, sid, "ls /tmp/many | wc -l").strip() == "20000"
+        sid = client.sessions.create(limits={"disk_mb": 4096})["session_id"]
+        client.sessions.start(sid)
+        shell(client, sid, "mkdir -p /tmp/many && cd /tmp/many && seq 20000 | xargs touch")
+        data = os.urandom(1024 * 1024) * 64
+        client.files.upload(sid, data, "/tmp/blob.bin")
+        assert client.files.download(sid, "/tmp/blob.bin") == data
+        client.sessions.stop(sid)
+        client.sessions.start(sid)
+        assert shell(client, sid, "ls /tmp/many | wc -l").strip() == "20000"
+        client.sessions.delete(sid)
     assert probe.worst < MAX_STALL, f"/v1/health waited {probe.worst:.2f}s"

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServerProcess
+from tests.integration.helpers import shell, stop_or_delete
 
 from bastion import Bastion, FileUploadError, SessionStateError
 from bastion.wire import ErrorCode
@@ -55,13 +56,6 @@ class SlowFile(io.RawIOBase):
         return n
 
 
-def _run(client: Bastion, sid: str, script: str) -> str:
-    job = client.jobs.run(sid, ["sh", "-c", script + "\ntrue"])  # its output is the answer
-    result = client.jobs.wait(sid, job["job_id"], timeout=60)
-    assert result["status"] == "completed", result
-    return str(result["output"]["console_output"])
-
-
 def _wait_until(condition: object, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -92,32 +86,16 @@ def _in_thread(fn: object) -> Iterator[dict[str, object]]:
         assert not thread.is_alive(), "the transfer did not end"
 
 
-@pytest.fixture
-def running(client: Bastion) -> Iterator[str]:
-    sid = client.sessions.create()["session_id"]
-    client.sessions.start(sid)
-    yield sid
-    with contextlib.suppress(SessionStateError):
-        client.sessions.delete(sid)
-
-
 # -- a session stopped or deleted under a transfer ------------------------------------
 
 
 @pytest.mark.parametrize("action", ["stop", "delete"])
-def test_upload_ends_at_once_when_its_session_stops(
-    client: Bastion, running: str, action: str
-) -> None:
-    sid = running
+def test_upload_ends_at_once_when_its_session_stops(client: Bastion, sid: str, action: str) -> None:
     source = SlowFile(200 * 1024 * 1024)  # 40 s at 5 MB/s
     with _in_thread(lambda: client.files.upload(sid, source, "/tmp/in/a/big.bin")) as upload:
         _wait_until(lambda: source.sent > 4 * 1024 * 1024)
         began = time.monotonic()
-        if action == "stop":
-            client.sessions.stop(sid)
-        else:
-            client.sessions.delete(sid)
-        took = time.monotonic() - began
+        took = stop_or_delete(client, sid, action)
     error = upload.get("error")
     assert isinstance(error, SessionStateError), upload
     assert error.code == ErrorCode.SESSION_STOPPED and error.status_code == 409
@@ -128,15 +106,14 @@ def test_upload_ends_at_once_when_its_session_stops(
     if action == "stop":
         client.sessions.start(sid)  # the disk is free at once
         # Nothing of it is there: not the file, not the directories it made.
-        assert _run(client, sid, "ls -a /tmp") == ".\n..\n"
+        assert shell(client, sid, "ls -a /tmp") == ".\n..\n"
 
 
 def test_download_is_cut_short_when_its_session_stops(
-    client: Bastion, running: str, server: ServerProcess
+    client: Bastion, sid: str, server: ServerProcess
 ) -> None:
-    sid = running
     size = 64 * 1024 * 1024
-    _run(client, sid, f"head -c {size} /dev/zero > /tmp/big.bin")
+    shell(client, sid, f"head -c {size} /dev/zero > /tmp/big.bin")
     received = 0
     with (
         httpx.Client(base_url=server.url, timeout=30) as http,
@@ -162,10 +139,10 @@ def test_download_is_cut_short_when_its_session_stops(
     assert client.files.download(sid, "/tmp/big.bin")[:4] == b"\0\0\0\0"
 
 
-def test_transfer_of_a_stopped_session_is_refused(client: Bastion, running: str) -> None:
-    client.sessions.stop(running)
+def test_transfer_of_a_stopped_session_is_refused(client: Bastion, sid: str) -> None:
+    client.sessions.stop(sid)
     with pytest.raises(SessionStateError) as info:
-        client.files.upload(running, b"late", "/tmp/late.txt")
+        client.files.upload(sid, b"late", "/tmp/late.txt")
     assert info.value.code == ErrorCode.SESSION_STATE
 
 
@@ -176,11 +153,11 @@ def test_upload_failing_on_error_removes_the_directories_it_made(client: Bastion
     sid = client.sessions.create(limits={"disk_mb": 16})["session_id"]
     try:
         client.sessions.start(sid)
-        _run(client, sid, "mkdir -p /tmp/kept")
+        shell(client, sid, "mkdir -p /tmp/kept")
         with pytest.raises(FileUploadError) as info:
             client.files.upload(sid, io.BytesIO(b"z" * 40 * 1024 * 1024), "/tmp/kept/a/b/c.bin")
         assert info.value.code == ErrorCode.DISK_FULL, info.value
-        assert _run(client, sid, "ls -a /tmp/kept") == ".\n..\n"
+        assert shell(client, sid, "ls -a /tmp/kept") == ".\n..\n"
         assert not [e for e in client.files.list(sid, "/tmp")["files"] if e["name"] != "kept"]
     finally:
         client.sessions.delete(sid)
@@ -199,25 +176,24 @@ def _start_raw_upload(server: ServerProcess, sid: str, path: str, declared: int)
 
 
 def test_upload_abandoned_by_its_client_removes_the_directories_it_made(
-    client: Bastion, running: str, server: ServerProcess
+    client: Bastion, sid: str, server: ServerProcess
 ) -> None:
-    sid = running
     sock = _start_raw_upload(server, sid, "/tmp/gone/x/y/file.bin", 100 * 1024 * 1024)
     try:
-        _wait_until(lambda: "y" in _run(client, sid, "ls /tmp/gone/x 2>/dev/null"))
+        _wait_until(lambda: "y" in shell(client, sid, "ls /tmp/gone/x 2>/dev/null"))
         # What the sandbox puts in a directory the upload made is kept (and so is the
         # directory); the rest of what the upload made goes.
-        _run(client, sid, "touch /tmp/gone/kept.txt")
+        shell(client, sid, "touch /tmp/gone/kept.txt")
     finally:
         sock.close()  # the client goes away mid-body
-    _wait_until(lambda: _run(client, sid, "ls -a /tmp/gone") == ".\n..\nkept.txt\n")
+    _wait_until(lambda: shell(client, sid, "ls -a /tmp/gone") == ".\n..\nkept.txt\n")
 
 
 # -- the server killed in the middle of an upload ---------------------------------------
 
 
 def _used_bytes(client: Bastion, sid: str) -> int:
-    return int(_run(client, sid, "sync; df -B1 --output=used / | tail -1").strip())
+    return int(shell(client, sid, "sync; df -B1 --output=used / | tail -1").strip())
 
 
 def test_server_killed_mid_upload_leaves_nothing_visible_or_counted(
@@ -233,7 +209,7 @@ def test_server_killed_mid_upload_leaves_nothing_visible_or_counted(
         with _in_thread(lambda: client.files.upload(sid, source, "/home/user/part.bin")):
             _wait_until(lambda: source.sent > 64 * 1024 * 1024, timeout=60)
             # Mid-upload the file is seen nowhere: not by the listing, not inside.
-            assert "part.bin" not in _run(client, sid, "ls -a /home/user")
+            assert "part.bin" not in shell(client, sid, "ls -a /home/user")
             assert not [
                 e
                 for e in client.files.list(sid, "/home/user")["files"]
@@ -248,19 +224,19 @@ def test_server_killed_mid_upload_leaves_nothing_visible_or_counted(
         assert client.sessions.get(sid)["status"] == "running"  # adopted
         names = [e["name"] for e in client.files.list(sid, "/home/user")["files"]]
         assert not [n for n in names if n.startswith((TEMP_PREFIX, "part"))], names
-        inside = _run(client, sid, "ls -a /home/user")
+        inside = shell(client, sid, "ls -a /home/user")
         assert TEMP_PREFIX not in inside and "part.bin" not in inside, inside
         # The 64+ MB written before the kill are not counted against the disk.
         assert _used_bytes(client, sid) - before < 8 * 1024 * 1024
         client.sessions.delete(sid)
 
 
-def test_upload_to_a_path_nobody_else_uses_round_trips(client: Bastion, running: str) -> None:
+def test_upload_to_a_path_nobody_else_uses_round_trips(client: Bastion, sid: str) -> None:
     """The happy path still is: the directories made stay once the upload finished."""
     path = f"/tmp/{uuid.uuid4().hex}/deep/er/file.txt"
-    client.files.upload(running, b"hello", path)
-    assert client.files.download(running, path) == b"hello"
-    assert Path(path).name in _run(client, running, f"ls {Path(path).parent}")
+    client.files.upload(sid, b"hello", path)
+    assert client.files.download(sid, path) == b"hello"
+    assert Path(path).name in shell(client, sid, f"ls {Path(path).parent}")
 
 
 def test_temp_name_left_by_a_crash_is_swept_when_the_session_starts(
@@ -298,6 +274,6 @@ def test_temp_name_left_by_a_crash_is_swept_when_the_session_starts(
         client.sessions.start(sid)
         names = [e["name"] for e in client.files.list(sid, "/home/user")["files"]]
         assert not [n for n in names if n.startswith(TEMP_PREFIX)], names
-        assert TEMP_PREFIX not in _run(client, sid, "ls -a /home/user")
+        assert TEMP_PREFIX not in shell(client, sid, "ls -a /home/user")
         assert client.files.download(sid, "/home/user/f.txt") == b"old"
         client.sessions.delete(sid)
