@@ -96,6 +96,13 @@ DRIVER = textwrap.dedent(
         time.sleep(0.05)
     seen["job"] = [job.status.value, job.cmd, job.output.console_output, job.output.errout,
                    job.output.status_code]
+    big = jobs.execute_command(sid, JobExecRequest(cmd=["sh", "-c", "yes abc | head -c 700000"]))
+    for _ in range(400):
+        job = jobs.get_job_status(sid, big.job_id)
+        if job.output is not None:
+            break
+        time.sleep(0.05)
+    seen["big_output"] = [len(job.output.console_output.encode()), job.output.status_code]
     seen["bad_cmd"] = status_of(lambda: jobs.execute_command(sid, JobExecRequest(cmd=[])))
     seen["no_job"] = status_of(lambda: jobs.get_job_status(sid, "job_nope"))
 
@@ -195,6 +202,7 @@ def test_generated_client_drives_every_endpoint(
     assert cmd == ["sh", "-c", "echo out; echo err >&2; exit 3"]
     assert (out, err, code) == ("out\n", "err\n", 3)
     assert status in ("completed", "failed")
+    assert seen["big_output"] == [700000, 0]  # streamed by the server, whole here
     assert seen["bad_cmd"][0] == 400 and isinstance(seen["bad_cmd"][1]["error"], str)
     assert seen["no_job"][0] == 404
 

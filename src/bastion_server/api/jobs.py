@@ -62,7 +62,7 @@ async def run_job(
 
 
 #: Output up to this size (log bytes) is answered inline rather than streamed.
-_INLINE_OUTPUT = 256 * 1024
+INLINE_OUTPUT = 256 * 1024
 
 
 async def _job_response(svc: Services, record: JobRecord) -> Response:
@@ -71,7 +71,7 @@ async def _job_response(svc: Services, record: JobRecord) -> Response:
     Output runs to megabytes (and a NUL byte takes six in JSON): built whole it would
     cost the server hundreds of MB and block everyone else.  So the output is read,
     decoded and escaped chunk by chunk, in a worker thread."""
-    if record.status not in FINAL_JOB_STATUSES or svc.jobs.output_size(record) < _INLINE_OUTPUT:
+    if record.status not in FINAL_JOB_STATUSES or svc.jobs.output_size(record) < INLINE_OUTPUT:
         # Small (the usual case): built right here, no thread hand-off per chunk.
         return JSONResponse(svc.jobs.view(record))
     return StreamingResponse(_job_json(svc, record), media_type="application/json")
@@ -80,13 +80,22 @@ async def _job_response(svc: Services, record: JobRecord) -> Response:
 def _job_json(svc: Services, record: JobRecord) -> Iterator[bytes]:
     head: dict[str, Any] = dict(svc.jobs.view(record, with_output=False))
     head.pop("output")
+    return json_with_output(head, svc, record, record.exit_code)
+
+
+def json_with_output(
+    head: dict[str, Any], svc: Services, record: JobRecord, status_code: int | None
+) -> Iterator[bytes]:
+    """``head`` with the final job's ``"output"`` (``console_output``, ``errout``,
+    ``status_code``) added, as JSON made chunk by chunk (blocking: iterate it in
+    worker threads)."""
     yield json.dumps(head)[:-1].encode() + b', "output": {"console_output": "'
     for text in svc.jobs.iter_output(record, "stdout"):
         yield json.dumps(text, ensure_ascii=False)[1:-1].encode()
     yield b'", "errout": "'
     for text in svc.jobs.iter_output(record, "stderr"):
         yield json.dumps(text, ensure_ascii=False)[1:-1].encode()
-    yield b'", "status_code": ' + json.dumps(record.exit_code).encode() + b"}}"
+    yield b'", "status_code": ' + json.dumps(status_code).encode() + b"}}"
 
 
 @router.get("", response_model=JobList)

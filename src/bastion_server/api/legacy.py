@@ -61,6 +61,7 @@ from bastion_server.api.auth import LEGACY_PREFIX, owner, terminal_owner
 from bastion_server.api.deps import services
 from bastion_server.api.files import DownloadResponse, exact_path
 from bastion_server.api.files_archive import request_body
+from bastion_server.api.jobs import INLINE_OUTPUT, json_with_output
 from bastion_server.api.multipart import MultipartError, MultipartReader, boundary_of
 from bastion_server.runtime.base import OutputEvent
 from bastion_server.service.container import Services
@@ -137,19 +138,17 @@ def _session_status(record: SessionRecord) -> dict[str, Any]:
     }
 
 
-def _job_status(svc: Services, record: JobRecord) -> dict[str, Any]:
-    output: dict[str, Any] | None = None
-    if record.status in FINAL_JOB_STATUSES:
-        stdout, stderr = svc.jobs.output(record)
-        code = record.exit_code if record.exit_code is not None else -1
-        output = {"console_output": stdout, "errout": stderr, "status_code": code}
+def _job_head(record: JobRecord) -> dict[str, Any]:
     return {
         "job_id": record.id,
         "cmd": record.command,
         "status": record.status,
         "created_at": record.created_at,
-        "output": output,
     }
+
+
+def _exit_status(record: JobRecord) -> int:
+    return record.exit_code if record.exit_code is not None else -1
 
 
 def _sandbox_path(svc: Services, path: str | None) -> str:
@@ -231,9 +230,18 @@ async def execute_command(
 
 
 @router.get("/session/{session_id}/job/{job_id}")
-async def job_status(session_id: str, job_id: str, who: Owner, svc: Svc) -> dict[str, Any]:
+async def job_status(session_id: str, job_id: str, who: Owner, svc: Svc) -> Response:
+    """The job; its ``output`` once it is final (large output streamed as it is read)."""
     record = svc.jobs.get(who, session_id, job_id)
-    return await asyncio.to_thread(_job_status, svc, record)
+    head = _job_head(record)
+    if record.status not in FINAL_JOB_STATUSES:
+        return JSONResponse({**head, "output": None})
+    if svc.jobs.output_size(record) < INLINE_OUTPUT:
+        stdout, stderr = await asyncio.to_thread(svc.jobs.output, record)
+        output = {"console_output": stdout, "errout": stderr, "status_code": _exit_status(record)}
+        return JSONResponse({**head, "output": output})
+    chunks = json_with_output(head, svc, record, _exit_status(record))
+    return StreamingResponse(chunks, media_type="application/json")
 
 
 # -- files ---------------------------------------------------------------------------
