@@ -204,6 +204,7 @@ class NetworkRequest(TypedDict, total=False):
     """
 
     enabled: bool
+    #: At most 64 entries, each at most 253 characters.
     allow: list[str]
 
 
@@ -218,9 +219,10 @@ class CreateSessionRequest(TypedDict, total=False):
     #: characters (``MAX_METADATA_ITEMS``, ``MAX_METADATA_LENGTH``).
     metadata: dict[str, str]
     #: Stop (or delete) the session after this many seconds without activity: no job
-    #: or terminal running and no request touching it.
+    #: or terminal running and no request touching it (at most a year).
     idle_timeout: float | None
-    #: Stop (or delete) the session this many seconds after it was created.
+    #: Stop (or delete) the session this many seconds after it was created (at most a
+    #: year).
     max_lifetime: float | None
     #: What happens when either timeout passes (default "stop").
     on_timeout: ExpiryAction
@@ -272,7 +274,8 @@ class RunJobRequest(TypedDict):
     env: NotRequired[dict[str, str]]
     #: The working directory, an absolute path of at most 4096 bytes.
     cwd: NotRequired[str]
-    #: Seconds after which the server kills the job's processes; ``None`` = no limit.
+    #: Seconds after which the server kills the job's processes (at most 7 days);
+    #: ``None`` = no limit.
     timeout: NotRequired[float | None]
 
 
