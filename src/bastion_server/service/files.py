@@ -85,19 +85,15 @@ class FileService:
     def _fs(self, owner: str, session_id: str) -> SandboxFS:
         return self._running_fs(self.sessions.require_running(owner, session_id))
 
-    def begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
-        """The session's files and a transfer of them, for the archive service (which
-        must :meth:`Transfer.finish` it once its files are closed)."""
-        return self._begin_transfer(owner, session_id)
-
     def _running_fs(self, record: SessionRecord) -> SandboxFS:
         try:
             return self.runtime.files(record.id)
         except SandboxNotRunning as exc:
             raise ServiceError(ErrorCode.SESSION_STATE, str(exc)) from exc
 
-    def _begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
-        """The session's files and a transfer of them; :meth:`Transfer.finish` it."""
+    def begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
+        """The session's files and a transfer of them (an upload, a download, an
+        archive's): :meth:`Transfer.finish` it once its files are closed."""
         record = self.sessions.require_running(owner, session_id)
         # A run of the session is told from the next by when it became running.
         transfer = self.transfers.begin(session_id, record.updated_at)
@@ -140,7 +136,7 @@ class FileService:
                 ErrorCode.FILE_TOO_LARGE,
                 f"upload of {declared_size} bytes exceeds the limit of {limit}",
             )
-        fs, transfer = self._begin_transfer(owner, session_id)
+        fs, transfer = self.begin_transfer(owner, session_id)
         try:
             return await fs.write(path, transfer.guard(chunks), limit, mode=mode, as_root=as_root)
         except sandbox_fs.FsError as exc:
@@ -180,7 +176,7 @@ class FileService:
         self, owner: str, session_id: str, path: str, *, as_root: bool = False
     ) -> Download:
         """The file, opened: its size and its bytes (see :class:`Download`)."""
-        fs, transfer = self._begin_transfer(owner, session_id)
+        fs, transfer = self.begin_transfer(owner, session_id)
         try:
             fd, size = await run_to_end_or_undo(
                 lambda opened: os.close(opened[0]), fs.open_read, path, as_root=as_root
