@@ -189,8 +189,22 @@ def _pool_size(srv: ServerProcess) -> int:
     return int(args[args.index("--pool-size") + 1]) if "--pool-size" in args else 2
 
 
+def _wait_for_pool(srv: ServerProcess) -> None:
+    """Until the warm pool is full (its sandboxes' agents are up), so that none is
+    being made while the host is looked at."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = list(_sessions_dir(srv).glob("pool_*/run/*"))
+        if len(ready) >= _pool_size(srv):
+            time.sleep(0.5)  # handed to the pool a moment after its agent is up
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the warm pool did not fill:\n{srv.log_tail()}")
+
+
 def _check_host(srv: ServerProcess, listed: dict[str, dict[str, object]]) -> None:
     """Nothing on the host that no live session (or the warm pool) owns."""
+    _wait_for_pool(srv)
     running = {sid for sid, s in listed.items() if s["status"] == "running"}
     on_disk = {p.name for p in _sessions_dir(srv).iterdir() if p.is_dir()}
     pool = {name for name in on_disk if name.startswith("pool_")}
@@ -290,12 +304,18 @@ def check_invariants(srv: ServerProcess, ack: Acknowledged) -> dict[str, dict[st
 
 
 @pytest.fixture
-def srv(private_server: ServerProcess) -> Iterator[ServerProcess]:
-    """A private server without the warm pool (so create allocates in the request)."""
-    private_server.extra_args = ("--pool-size", "0")
+def pooled(private_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A private server with the default warm pool."""
     yield private_server
     private_server.extra_env = {}
     print(private_server.log_tail(20000))  # shown when the test failed
+
+
+@pytest.fixture
+def srv(pooled: ServerProcess) -> ServerProcess:
+    """A private server without the warm pool (so create allocates in the request)."""
+    pooled.extra_args = ("--pool-size", "0")
+    return pooled
 
 
 def _create(c: httpx.Client, key: str | None = None, **body: object) -> httpx.Response | None:
@@ -362,14 +382,11 @@ def test_create_acknowledged_survives_and_replays(srv: ServerProcess) -> None:
         assert replay is not None and replay.json()["session_id"] == sid
 
 
-def test_create_from_warm_pool_interrupted(private_server: ServerProcess) -> None:
-    srv = private_server
+def test_create_from_warm_pool_interrupted(pooled: ServerProcess) -> None:
+    srv = pooled
     srv.extra_args = ("--pool-size", "1")
     _start_with_fault(srv, "create.mid_claim")
-    deadline = time.monotonic() + 30
-    while not list(_sessions_dir(srv).glob("pool_*/run/*")) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the pool's sandbox is up once its agent socket is there
-    time.sleep(1)  # and handed to the pool a moment later
+    _wait_for_pool(srv)
     with _client(srv) as c:
         assert _create(c) is None
     _die_and_restart(srv)
@@ -543,14 +560,15 @@ def test_job_start_time_survives_sigkill(srv: ServerProcess) -> None:
 # -- randomized -------------------------------------------------------------------------
 
 
-def test_kill_during_concurrent_creates(private_server: ServerProcess) -> None:
+def test_kill_during_concurrent_creates(pooled: ServerProcess) -> None:
     """The issue's run: many creates at once, kill -9 at a random moment, restart."""
-    srv = private_server
+    srv = pooled
     srv.start()
-    count, concurrency = 48, 16
+    count, concurrency = 80, 16
     keys = [f"storm-{uuid.uuid4()}" for _ in range(count)]
     ack = Acknowledged()
     lock = threading.Lock()
+    flowing = threading.Event()
 
     def create(key: str) -> None:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -558,9 +576,11 @@ def test_kill_during_concurrent_creates(private_server: ServerProcess) -> None:
         if r is not None and r.status_code == 201:
             with lock:
                 ack.sessions.add(r.json()["session_id"])
+            flowing.set()
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency)
     futures = [pool.submit(create, key) for key in keys]
+    flowing.wait(60)  # creates are being answered: kill in the thick of them
     time.sleep(random.uniform(0.3, 0.8))
     assert srv.proc is not None
     srv.proc.kill()
@@ -569,6 +589,8 @@ def test_kill_during_concurrent_creates(private_server: ServerProcess) -> None:
     srv.stop()
     srv.start()
     listed = check_invariants(srv, ack)
+    rolled_back = srv.log_tail(10**7).count("session create rolled back")
+    print(f"{len(ack.sessions)} creates answered, {len(listed)} kept, {rolled_back} rolled back")
     with _client(srv) as c:
         before = set(listed)
         for key in keys:

@@ -106,14 +106,17 @@ class IdRangeRegistry:
     def _owners(entry: Path) -> list[str]:
         return [line for line in entry.read_text().splitlines() if line.strip()]
 
+    def _holds(self, owner: str, base: int) -> bool:
+        """Whether the directory ``owner`` records the range at ``base``."""
+        found = self.recorded(Path(owner))
+        return found is not None and found.base == base
+
     def _stale(self, entry: Path, base: int) -> bool:
         try:
             owners = self._owners(entry)
         except OSError:
             return False
-        return all(
-            (found := self.recorded(Path(owner))) is None or found.base != base for owner in owners
-        )
+        return not any(self._holds(owner, base) for owner in owners)
 
     def take(self, owner_dir: Path) -> IdRange:
         """A range of ids nobody else has; recorded in the registry and in ``owner_dir``."""
@@ -155,7 +158,8 @@ class IdRangeRegistry:
 
     def release_stale(self, under: Path) -> int:
         """Remove stale entries of owners under ``under`` (one server's sessions), and
-        entries a crash left empty; returns how many went."""
+        entries a crash left empty, and drop the name that is gone from an entry a
+        crash left with both names of a rename; returns how many entries went."""
         prefix = f"{under}/"
         removed = 0
         with self._locked():
@@ -167,10 +171,14 @@ class IdRangeRegistry:
                 except OSError:
                     continue
                 base = FIRST_BASE + int(entry.name) * RANGE_SIZE
-                mine = all(owner.startswith(prefix) for owner in owners)
-                if not owners or (mine and self._stale(entry, base)):
+                if owners and not all(owner.startswith(prefix) for owner in owners):
+                    continue  # another server's
+                holders = [owner for owner in owners if self._holds(owner, base)]
+                if not holders:
                     entry.unlink(missing_ok=True)
                     removed += 1
+                elif len(holders) < len(owners):
+                    self._write(entry, "".join(f"{o}\n" for o in holders))
         return removed
 
     def release(self, rng: IdRange, owner_dir: Path) -> None:

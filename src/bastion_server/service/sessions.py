@@ -278,6 +278,8 @@ class SessionService:
         self.quotas.check_new_session(owner)  # and no await until the insert
         async with self._lock(record.id):
             self.store.insert_session(record)
+            if env:  # part of the create: rolled back with it
+                self.store.set_session_env(record.id, dict(env))
             faults.point("create.after_insert")
             try:
                 await self.runtime.create(record.id, SandboxLimits(**record.limits))
@@ -293,8 +295,6 @@ class SessionService:
             if not self.store.commit_created(record.id, record.updated_at):
                 raise RuntimeError(f"session {record.id} left its creating state under its lock")
             faults.point("create.after_commit")
-            if env:
-                self.store.set_session_env(record.id, dict(env))
         self.audit.session_changed(record)
         self.touch(record.id)
         log.info("session created", extra={"session_id": record.id})
