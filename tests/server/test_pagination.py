@@ -396,3 +396,5 @@ def test_openapi_documents_the_page_parameters(api: TestClient) -> None:
             DEFAULT_PAGE_SIZE,
         )
         assert "cursor" in params
+        refused = spec["paths"][url]["get"]["responses"]["400"]["description"]
+        assert "invalid_cursor" in refused
