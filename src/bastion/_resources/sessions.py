@@ -74,7 +74,10 @@ class Sessions:
             idempotency_key: Sent as the ``Idempotency-Key`` header; a fresh one is made
                 per call and kept across its retries, so a retry never makes a second
                 session.  Pass your own to retry a create yourself after an error
-                (for example :class:`APIConnectionError`).
+                (for example :class:`APIConnectionError`).  A create is all or
+                nothing, even if the server dies in the middle of it: after its
+                restart the session is there whole or not at all (a retry with the
+                same key then makes it).
 
         Returns:
             The new session's ``SessionInfo``.
@@ -152,7 +155,10 @@ class Sessions:
     def delete(self, session_id: str) -> SessionInfo:
         """Delete a session and everything in it.  This cannot be undone.
 
-        Uploads and downloads in progress end at once, as with :meth:`stop`.
+        Uploads and downloads in progress end at once, as with :meth:`stop`.  Once
+        the server has begun, the delete is carried through: the session shows
+        ``"deleted"`` from then on, and if the server dies mid-way it removes the
+        rest when it starts again.
 
         Args:
             session_id: The session's id.
