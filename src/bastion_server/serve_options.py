@@ -259,32 +259,18 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                 groups[option.group] = parser.add_argument_group(option.group)
             target = groups[option.group]
         help_text = f"{option.help} ({option.env}; default {_describe_default(option)})"
+        how: dict[str, Any] = {"type": option.kind, "choices": option.choices}
         if option.kind is bool:
-            target.add_argument(
-                option.option_string,
-                dest=option.name,
-                action="store_true",
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
+            how = {"action": "store_true"}
         elif option.kind is list:
-            target.add_argument(
-                option.option_string,
-                dest=option.name,
-                action="append",
-                default=argparse.SUPPRESS,
-                metavar="KEY",
-                help=help_text,
-            )
-        else:
-            target.add_argument(
-                option.option_string,
-                dest=option.name,
-                type=option.kind,
-                default=argparse.SUPPRESS,
-                choices=option.choices,
-                help=help_text,
-            )
+            how = {"action": "append", "metavar": "KEY"}
+        target.add_argument(
+            option.option_string,
+            dest=option.name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            **how,
+        )
 
 
 def _from_env(option: Option, raw: str) -> Any:
