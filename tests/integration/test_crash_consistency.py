@@ -228,7 +228,9 @@ def _check_host(srv: ServerProcess, listed: dict[str, dict[str, object]]) -> Non
         if not (stray_mounts or stray_loops) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert not stray_mounts, f"mounts of no running session: {stray_mounts}"
+    assert not stray_mounts, (
+        f"mounts of no running session: {stray_mounts}; containers: {_containers(srv)}"
+    )
     assert not stray_loops, f"loop devices of no running session: {stray_loops}"
 
     containers = _containers(srv)

@@ -558,6 +558,10 @@ class SessionService:
                 continue
             if record.status == SessionStatus.RUNNING or record.id in started:
                 # Unmount what a dead sandbox, or a start cut short, left.
+                log.info(
+                    "stopping what a run left",
+                    extra={"session_id": record.id, "status": record.status},
+                )
                 await self.runtime.stop(record.id)
             if record.status == SessionStatus.RUNNING:
                 self._set_status(
