@@ -80,21 +80,21 @@ class MultipartReader:
         start = 0
         while (at := self._buffer.find(needle, start)) < 0:
             if len(self._buffer) > MAX_HEADER_BYTES:
-                raise MultipartError(f"{what} is longer than {MAX_HEADER_BYTES} bytes")
+                raise MultipartError(f"{what} longer than {MAX_HEADER_BYTES} bytes")
             start = max(0, len(self._buffer) - len(needle) + 1)
             if not await self._fill():
                 raise MultipartError("the multipart body ends in the middle of a part")
         return at
 
     async def parts(self) -> AsyncIterator[Part]:
-        at = await self._find(self._delimiter, "the preamble")  # skipped
+        at = await self._find(self._delimiter, "the preamble is")  # skipped
         del self._buffer[: at + len(self._delimiter)]
         while True:
             while len(self._buffer) < 2 and await self._fill():
                 pass
             if self._buffer[:2] == b"--":
                 return  # the closing delimiter; an epilogue after it is ignored
-            end = await self._find(b"\r\n\r\n", "a part's headers")
+            end = await self._find(b"\r\n\r\n", "a part's headers are")
             head = bytes(self._buffer[:end]).decode("latin-1")
             del self._buffer[: end + 4]
             yield self._part(head)
