@@ -121,9 +121,9 @@ and ``/stop``, ``GET /session/{id}/status``, ``DELETE /session/{id}``, ``POST
 tenancy as ``/v1``.  Differences: errors are ``{"error": "<message>"}`` with the old
 statuses (400 bad request or path, 401, 403 for what the session's state or a path's
 type forbids, 404, 413, 429, 500); file paths are relative to the sandbox user's
-home (the old ``/workspace``, where jobs start); an upload replaces an existing file
-(the old server answered 409); each terminal connection gets a shell of its own; a
-plain ``GET`` of the terminal is answered 426.
+home (the old ``/workspace``, where jobs start); an upload never replaces a file
+(409, as before); each terminal connection gets a shell of its own; a plain ``GET``
+of the terminal is answered 426.
 """
 
 from ._async_terminal import AsyncTerminal

@@ -125,6 +125,10 @@ DRIVER = textwrap.dedent(
             break
         time.sleep(0.05)
     seen["job_sees_upload"] = job.output.console_output
+    seen["upload_again"] = status_of(
+        lambda: files.upload_file(sid, ("hi.sh", b"other"), meta(path="hi.sh")))
+    seen["upload_onto_dir"] = status_of(
+        lambda: files.upload_file(sid, ("d", b"x"), meta(path="dir")))
     seen["download_missing"] = status_of(lambda: files.download_file(sid, path="nope"))
     seen["download_dir"] = status_of(lambda: files.download_file(sid, path="dir"))
     seen["escape"] = status_of(lambda: files.download_file(sid, path="../../etc/passwd"))
@@ -211,6 +215,8 @@ def test_generated_client_drives_every_endpoint(
     assert seen["list_dir"] == [["data.bin", 256 * 4096, "-rw-r--r--", True]]
     assert seen["download_ok"] is True
     assert seen["job_sees_upload"] == "hi from a file\n"
+    assert seen["upload_again"] == [409, {"error": "File already exists"}]  # never replaced
+    assert seen["upload_onto_dir"][0] == 409
     assert seen["download_missing"][0] == 404
     assert seen["download_dir"][0] == 403
     assert seen["escape"][0] == 400

@@ -98,6 +98,10 @@ def legacy_service_error(exc: ServiceError) -> JSONResponse:
     return legacy_error(legacy_status(exc.code), exc.message)
 
 
+class _FileExists(Exception):
+    """The old upload never replaced a file: 409."""
+
+
 class LegacyRoute(APIRoute):
     """A route whose errors leave in the old shape, ``{"error": "<message>"}``."""
 
@@ -109,6 +113,8 @@ class LegacyRoute(APIRoute):
                 return await handler(request)
             except ServiceError as exc:
                 return legacy_service_error(exc)
+            except _FileExists:
+                return legacy_error(409, "File already exists")
             except RequestValidationError as exc:
                 where = [".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:3]]
                 return legacy_error(400, "Invalid request: " + ", ".join(where))
@@ -283,13 +289,24 @@ async def upload_file(session_id: str, request: Request, who: Owner, svc: Svc) -
             elif part.name == "file":
                 if path is None:
                     raise _bad("Metadata required (send the metadata field before the file)")
-                await svc.files.upload(
-                    who, session_id, _sandbox_path(svc, path), part.chunks(), None
-                )
+                target = _sandbox_path(svc, path)
+                if await _exists(svc, who, session_id, target):
+                    raise _FileExists()
+                await svc.files.upload(who, session_id, target, part.chunks(), None)
                 return {"status": "success", "path": posixpath.normpath(path)}
     except MultipartError as exc:
         raise _bad(f"Cannot parse form: {exc}") from exc
     raise _bad("Failed to retrieve file" if path is not None else "Metadata required")
+
+
+async def _exists(svc: Services, who: str, session_id: str, path: str) -> bool:
+    """Whether ``path`` names something (as the old server's ``stat`` before writing:
+    a file created meanwhile by the session itself is replaced, as it could be anyway)."""
+    try:
+        (await svc.files.download(who, session_id, path)).close()
+    except ServiceError as exc:
+        return exc.code not in (ErrorCode.FILE_NOT_FOUND, ErrorCode.NOT_A_DIRECTORY)
+    return True
 
 
 def _metadata_path(raw: bytes) -> str:
