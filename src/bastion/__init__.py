@@ -167,6 +167,7 @@ from ._exceptions import (
 from ._resources.jobs import AsyncJobEventStream, JobEventStream
 from ._terminal import Terminal
 from .wire import (
+    ArchiveUploadResult,
     CreatedKey,
     CreateKeyRequest,
     CreateSessionRequest,
@@ -204,6 +205,7 @@ from .wire import (
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
+    "ArchiveUploadResult",
     "AsyncBastion",
     "AsyncJobEventStream",
     "AsyncTerminal",

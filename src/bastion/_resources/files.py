@@ -498,7 +498,16 @@ class AsyncFiles:
         progress: ProgressCallback | None = None,
     ) -> ArchiveUploadResult:
         """Upload a local directory tree into ``remote_dir``, as :meth:`Files.upload_dir`
-        (the tree is read in worker threads)."""
+        (the tree is read in worker threads).
+
+        Returns:
+            ``{"path", "files", "directories", "symlinks", "bytes"}``.
+
+        Raises:
+            FileUploadError: Bad path, too large, a refused member, ...
+            LocalFileError: ``local_dir`` is not a directory or could not be read.
+            SessionStateError: The session is not running.
+        """
         archive = await asyncio.to_thread(LocalTreeArchive, local_dir, progress)
         request = upload_archive_request(
             session_id, remote_dir, async_upload_body(archive), user=user
@@ -515,7 +524,16 @@ class AsyncFiles:
         progress: ProgressCallback | None = None,
     ) -> int:
         """Download directory ``remote_dir`` into ``local_dir``, as
-        :meth:`Files.download_dir` (extracted in a worker thread as it arrives)."""
+        :meth:`Files.download_dir` (extracted in a worker thread as it arrives).
+
+        Returns:
+            The number of entries written.
+
+        Raises:
+            FileDownloadError: No such directory, not a directory, a refused member.
+            LocalFileError: Writing into ``local_dir`` failed.
+            APIConnectionError: The connection broke during the transfer.
+        """
         request = download_archive_request(session_id, remote_dir, user=user)
         async with self._client._stream(request) as response:
             reader = QueueReader()
