@@ -311,6 +311,7 @@ def agent(c_agent_binary: Path) -> Iterator[Agent]:
         "BASTION_GID": str(NOBODY),
         "BASTION_HOME": "/tmp",
         "BASTION_SOCKET_DIR": str(sock_dir),
+        "BASTION_SPOOL_DIR": str(sock_dir / "spool"),
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -35,7 +35,30 @@
  * {"event":"exit","exit_code","signal","timed_out","error","kill_signal","usage"},
  * usage = {"wall_us","user_cpu_us","system_cpu_us","peak_rss_kb"} of the job's main
  * process and every descendant reaped before it ended (null if the supervisor died).
- * Closing the connection kills the job's whole tree.
+ * Closing the connection kills the job's whole tree, unless the job is persistent.
+ *
+ * Persistent jobs (what lets a job outlive a restart of the server): exec with
+ * "persist": true, "job_id" (1-64 of [A-Za-z0-9_-], unique among the agent's live
+ * persistent jobs) and "spool_bytes" (per stream; default 16 MiB); never with a pty.
+ *   - Its output is also spooled, up to spool_bytes per stream (what is past that is
+ *     only counted), as records of the wire's frame format (so both streams keep their
+ *     order), in a file of $BASTION_SPOOL_DIR (default /var/lib/bastion-agent/spool,
+ *     made 0700) unlinked as soon as it is made: it lives on the session's own disk
+ *     exactly as long as the agent holds it, nobody else opens it, and nothing is left
+ *     behind when the sandbox stops.  A job that prints nothing makes no file.
+ *   - A closed connection does not kill it: it runs on, its output read as it comes
+ *     (into the spool alone), its timeout counting from its start as before.
+ *   - Its exit event also carries "output_bytes": {"stdout","stderr"}, every byte the
+ *     job wrote, and is kept: after it the connection stays open until the server
+ *     sends {"op":"forget"} (it has recorded the end); the agent then drops the job
+ *     and closes.  A connection that closes without it leaves the job to be attached.
+ *   - {"op":"attach","job_id","stdout_offset","stderr_offset"} on a new connection
+ *     takes the job over (an old connection of it is closed): the spool is replayed
+ *     from the start, minus the first *_offset bytes of each stream (what the server
+ *     has), then the job goes on live (control frames and input as after exec), or,
+ *     if it has ended, its exit event is sent again.  An id the agent does not know
+ *     (never run here, forgotten, or run by an agent of an earlier start of the
+ *     sandbox) gets {"event":"exit","exit_code":null,"error":"unknown_job",...}.
  *
  * Killing a tree: the agent sends SIGUSR1 to the supervisor ("kill mode": from now on
  * it stays until it has no child left, instead of leaving as soon as the job's main
@@ -101,11 +124,15 @@
 #define DEFAULT_SOCKET_DIR "/run/bastion"
 #define DEFAULT_PATH "/bin:/usr/bin" /* Python's os.defpath, as execvpe uses it */
 #define MAX_CG_FDS 4
+#define DEFAULT_SPOOL_DIR "/var/lib/bastion-agent/spool"
+#define MAX_JOB_ID 64
+#define DEFAULT_SPOOL_BYTES (16LL * 1024 * 1024) /* per stream, as the server's default cap */
 #define ERR_LIMITS (1 << 20) /* on the exec error pipe: placing the job in its cgroups */
 
 static uid_t g_uid;
 static gid_t g_gid;
 static const char *g_home;
+static const char *g_spool_dir;
 /* /proc as it was when the sandbox started, held open: a timeout's sweep must find
  * the job's tree even if the mount at /proc were later taken away or covered. */
 static int g_proc = -1;
@@ -637,6 +664,19 @@ struct sess {
     int64_t timeout_ns, deadline, drain_until, next_sweep;
     char *argv0;     /* for an exec failure's message */
     char *message;   /* for the exit event, after a bad control frame */
+    /* A persistent job (exec with "persist"): it outlives its connection, its output
+     * is spooled (to an unlinked file, created with the first byte), and its exit
+     * event is kept until the server forgets it. */
+    bool persist, forgotten, replaying, spool_broken;
+    char job_id[MAX_JOB_ID + 1];
+    int spool_fd;
+    int64_t spool_cap;          /* bytes kept per stream */
+    int64_t spool_kept[2];      /* stdout, stderr: bytes in the spool */
+    int64_t produced[2];        /* stdout, stderr: every byte the job wrote */
+    int64_t spool_size;         /* the spool file's length */
+    int64_t replay_at;          /* attach: where in the spool the replay is */
+    int64_t replay_skip[2];     /* attach: bytes of each stream the server has already */
+    struct buf exit_ev;         /* the exit event's payload, once the job ended */
 };
 
 static struct sess *g_sessions;
@@ -667,21 +707,31 @@ static void wclose(struct watch *w) {
 
 static bool sock_open(const struct sess *s) { return s->w[W_SOCK].fd >= 0; }
 
+/* Whether frames from the socket are taken now: the request; a running job's control
+ * frames (not while its input waits); a persistent job's "forget" once it ended. */
+static bool takes_frames(const struct sess *s) {
+    return sock_open(s) && !s->closing && !s->no_input &&
+           (s->job == JOB_NONE || (s->job == JOB_RUNNING && !buf_avail(&s->pend)) ||
+            (s->job == JOB_DONE && s->persist));
+}
+
 /* What each descriptor of a session waits for, from the session's state. */
 static void update(struct sess *s) {
     if (s->dead)
         return;
     bool queued = buf_avail(&s->out) > 0;
     if (sock_open(s)) {
-        bool reading = !s->closing && !s->no_input &&
-                       (s->job == JOB_NONE || (s->job == JOB_RUNNING && !buf_avail(&s->pend)));
+        bool reading = takes_frames(s);
         /* Always registered: a hang-up is seen even while nothing is read (once the
          * last event is queued, only a full hang-up counts: the peer may still read). */
         wset(&s->w[W_SOCK], (s->closing ? 0 : EPOLLRDHUP) | (reading ? EPOLLIN : 0) |
                                 (queued ? EPOLLOUT : 0));
     }
-    /* Backpressure: no output is read while the socket has not taken the last chunk. */
-    bool relay = s->job == JOB_RUNNING && sock_open(s) && !queued;
+    /* Backpressure: no output is read while the socket has not taken the last chunk
+     * (nor while a replay of the spool runs); a detached persistent job's output goes
+     * to its spool alone, as fast as it comes. */
+    bool relay = s->job == JOB_RUNNING && !s->replaying &&
+                 (sock_open(s) ? !queued : s->persist);
     bool pending = buf_avail(&s->pend) > 0;
     wset(&s->w[W_OUT], s->w[W_OUT].eof ? 0
                        : (relay ? EPOLLIN : 0) | (s->pty && pending ? EPOLLOUT : 0));
@@ -700,9 +750,13 @@ static void close_sock(struct sess *s) {
 
 static void start_kill(struct sess *s);
 
-/* The server went away (or broke the protocol beyond repair): nobody owns this job. */
+/* The server went away (or broke the protocol beyond repair): nobody owns this job,
+ * but a persistent one, which runs on (spooled) until it is attached again. */
 static void disconnect(struct sess *s) {
     close_sock(s);
+    s->replaying = false;
+    if (s->persist)
+        return;
     if (s->job == JOB_RUNNING) {
         wclose(&s->w[W_OUT]);
         wclose(&s->w[W_ERR]);
@@ -759,9 +813,10 @@ static void send_json(struct sess *s, struct buf *b) {
     buf_free(b);
 }
 
-/* Close the connection once everything queued is sent. */
+/* Close the connection once everything queued is sent (a persistent job's stays open
+ * until the server forgets the job: then it knows the exit event was recorded). */
 static void finish_conn(struct sess *s) {
-    if (!sock_open(s))
+    if (!sock_open(s) || (s->persist && !s->forgotten))
         return;
     s->closing = true;
     if (!buf_avail(&s->out))
@@ -798,7 +853,15 @@ static void send_exit(struct sess *s, bool has_code, int code, int sig, bool tim
         buf_printf(&b, "\"system_cpu_us\":%lld,", (long long)s->usage.stime_us);
         buf_printf(&b, "\"peak_rss_kb\":%lld}", (long long)s->usage.maxrss_kb);
     }
+    if (s->persist) {
+        buf_printf(&b, ",\"output_bytes\":{\"stdout\":%lld,", (long long)s->produced[0]);
+        buf_printf(&b, "\"stderr\":%lld}", (long long)s->produced[1]);
+    }
     buf_puts(&b, "}");
+    if (s->persist && !b.oom) { /* sent again to whoever attaches until it is forgotten */
+        buf_free(&s->exit_ev);
+        buf_put(&s->exit_ev, b.d, b.len);
+    }
     send_json(s, &b);
 }
 
@@ -816,6 +879,119 @@ static void send_event_pid(struct sess *s, const char *event, pid_t pid) {
     struct buf b = {0};
     buf_printf(&b, "{\"event\":\"%s\",\"pid\":%d}", event, (int)pid);
     send_json(s, &b);
+}
+
+/* ------------------------------------------------------------------ persistent jobs */
+
+/* The live persistent job of that id, or NULL. */
+static struct sess *find_job(const char *job_id) {
+    for (struct sess *s = g_sessions; s; s = s->next)
+        if (!s->dead && s->persist && !s->forgotten && !strcmp(s->job_id, job_id))
+            return s;
+    return NULL;
+}
+
+/* mkdir -p, each directory it makes 0700 (root's alone). */
+static void make_dirs(const char *dir) {
+    char path[PATH_MAX];
+    size_t n = strlen(dir);
+    if (n >= sizeof path)
+        return;
+    memcpy(path, dir, n + 1);
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = 0;
+        mkdir(path, 0700);
+        *p = '/';
+    }
+    mkdir(path, 0700);
+}
+
+/* The job's spool: a file unlinked as soon as it is made, so that it goes with the
+ * agent (with the sandbox) and nobody else ever opens it. */
+static bool spool_open(struct sess *s) {
+    char path[PATH_MAX];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", g_spool_dir, s->job_id) >= sizeof path)
+        return false;
+    int flags = O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC;
+    int fd = open(path, flags, 0600);
+    if (fd < 0 && errno == ENOENT) {
+        make_dirs(g_spool_dir);
+        fd = open(path, flags, 0600);
+    }
+    if (fd < 0) {
+        logmsg("job %s: cannot spool its output in %s: %s", s->job_id, g_spool_dir,
+               strerror(errno));
+        return false;
+    }
+    unlink(path);
+    s->spool_fd = fd;
+    return true;
+}
+
+/* Keep a persistent job's output (up to spool_cap bytes per stream; the rest is only
+ * counted), as records of the wire's own frame format. */
+static void spool(struct sess *s, int stream, const void *data, size_t n) {
+    s->produced[stream] += (int64_t)n;
+    int64_t room = s->spool_cap - s->spool_kept[stream];
+    size_t keep = room <= 0 ? 0 : (int64_t)n < room ? n : (size_t)room;
+    if (!keep || s->spool_broken)
+        return;
+    if (s->spool_fd < 0 && !spool_open(s)) {
+        s->spool_broken = true;
+        return;
+    }
+    unsigned char h[FRAME_HDR] = {stream ? 'E' : 'O', (unsigned char)(keep >> 24),
+                                  (unsigned char)(keep >> 16), (unsigned char)(keep >> 8),
+                                  (unsigned char)keep};
+    struct iovec iov[2] = {{h, FRAME_HDR}, {(void *)data, keep}};
+    ssize_t w = pwritev(s->spool_fd, iov, 2, s->spool_size);
+    if (w != (ssize_t)(FRAME_HDR + keep)) { /* the session's disk is full: keep no more */
+        logmsg("job %s: spool write failed: %s", s->job_id, w < 0 ? strerror(errno) : "short");
+        if (ftruncate(s->spool_fd, s->spool_size) < 0) {
+            /* the replay stops at spool_size all the same */
+        }
+        s->spool_broken = true;
+        return;
+    }
+    s->spool_size += w;
+    s->spool_kept[stream] += (int64_t)keep;
+}
+
+/* Replay the spool to an attached server, a record at a time as the socket takes it
+ * (past what it has of each stream); at its end, live output resumes, or the recorded
+ * exit event is sent. */
+static void pump_replay(struct sess *s) {
+    while (s->replaying && sock_open(s) && !buf_avail(&s->out)) {
+        if (s->replay_at >= s->spool_size) {
+            s->replaying = false;
+            if (s->have_status) /* what the pipes still hold is read from now */
+                s->drain_until = now_ns() + DRAIN_NS;
+            if (s->job == JOB_DONE && buf_avail(&s->exit_ev))
+                send_frame(s, 'J', s->exit_ev.d + s->exit_ev.off, buf_avail(&s->exit_ev));
+            return;
+        }
+        unsigned char h[FRAME_HDR];
+        uint32_t len = 0;
+        bool ok = pread(s->spool_fd, h, FRAME_HDR, s->replay_at) == FRAME_HDR;
+        if (ok) {
+            len = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
+            ok = len <= READ_CHUNK &&
+                 pread(s->spool_fd, g_buf, len, s->replay_at + FRAME_HDR) == (ssize_t)len;
+        }
+        if (!ok) {
+            logmsg("job %s: spool unreadable at %lld", s->job_id, (long long)s->replay_at);
+            s->replay_at = s->spool_size;
+            continue;
+        }
+        s->replay_at += FRAME_HDR + len;
+        int stream = h[0] == 'E';
+        int64_t skip = s->replay_skip[stream] < (int64_t)len ? s->replay_skip[stream] : len;
+        s->replay_skip[stream] -= skip;
+        if ((int64_t)len > skip)
+            send_frame(s, (char)h[0], g_buf + skip, len - (size_t)skip);
+    }
 }
 
 /* ------------------------------------------------------------------ process trees */
@@ -1286,6 +1462,34 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
             *slots[k] = (rlim_t)v->num;
         }
     }
+    if (jtruthy(jget(req, "persist"))) {
+        const struct jv *id_v = jget(req, "job_id"), *cap_v = jget(req, "spool_bytes");
+        bool id_ok = jcstr(id_v) && id_v->n && id_v->n <= MAX_JOB_ID;
+        for (size_t k = 0; id_ok && k < id_v->n; k++) {
+            char c = id_v->s[k];
+            id_ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '-' || c == '_';
+        }
+        if (pty) {
+            start_failed(s, "persist is for jobs without a terminal");
+            return;
+        }
+        if (!id_ok) {
+            start_failed(s, "job_id must be 1 to %d letters, digits, '-' or '_'", MAX_JOB_ID);
+            return;
+        }
+        if (find_job(id_v->s)) {
+            start_failed(s, "job %s exists already", id_v->s);
+            return;
+        }
+        if (cap_v && cap_v->t != JNULL && (cap_v->t != JNUM || cap_v->num < 0 || cap_v->num > 1e15)) {
+            start_failed(s, "spool_bytes must be a number from 0");
+            return;
+        }
+        s->persist = true;
+        memcpy(s->job_id, id_v->s, id_v->n + 1);
+        s->spool_cap = cap_v && cap_v->t == JNUM ? (int64_t)cap_v->num : DEFAULT_SPOOL_BYTES;
+    }
 
     int status_p[2] = {-1, -1}, err_p[2] = {-1, -1}, out_p[2] = {-1, -1}, eout_p[2] = {-1, -1};
     int in_p[2] = {-1, -1};
@@ -1389,6 +1593,47 @@ static void unknown_op(struct sess *s, const struct jv *op) {
     finish_conn(s);
 }
 
+static void process_input(struct sess *s);
+static void after(struct sess *s);
+
+/* attach: this connection takes over a persistent job (its old one, if any, is
+ * dropped), the spool is replayed past the offsets, then the job goes on live. */
+static void do_attach(struct sess *s, const struct jv *req) {
+    const struct jv *id_v = jget(req, "job_id");
+    struct sess *t = jcstr(id_v) ? find_job(id_v->s) : NULL;
+    if (!t) {
+        send_exit(s, false, 0, 0, false, "unknown_job", "no such job in this sandbox");
+        finish_conn(s);
+        return;
+    }
+    static const char *const names[] = {"stdout_offset", "stderr_offset"};
+    int64_t skip[2] = {0, 0};
+    for (int k = 0; k < 2; k++) {
+        const struct jv *v = jget(req, names[k]);
+        if (v && v->t != JNULL && (v->t != JNUM || v->num < 0 || v->num > 1e15)) {
+            send_exit(s, false, 0, 0, false, "start_failed", "offsets must be numbers from 0");
+            finish_conn(s);
+            return;
+        }
+        skip[k] = v && v->t == JNUM ? (int64_t)v->num : 0;
+    }
+    if (sock_open(t))
+        close_sock(t); /* a connection its server no longer holds */
+    wset(&s->w[W_SOCK], 0);
+    t->w[W_SOCK].fd = s->w[W_SOCK].fd;
+    t->w[W_SOCK].ev = 0;
+    s->w[W_SOCK].fd = -1;
+    t->in = s->in; /* frames sent after the attach (this request is taken already) */
+    s->in = (struct buf){0};
+    t->replaying = true;
+    t->replay_at = 0;
+    t->replay_skip[0] = skip[0];
+    t->replay_skip[1] = skip[1];
+    pump_replay(t);
+    process_input(t);
+    after(t);
+}
+
 static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
     if (kind != 'J') {
         unknown_op(s, NULL);
@@ -1406,6 +1651,8 @@ static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
         finish_conn(s);
     } else if (jis_str(jget(req, "op"), "exec"))
         do_exec(s, req, &a);
+    else if (jis_str(jget(req, "op"), "attach"))
+        do_attach(s, req);
     else
         unknown_op(s, jget(req, "op"));
     arena_free(&a);
@@ -1438,8 +1685,6 @@ static void write_input(struct sess *s) {
     }
     buf_free(&s->pend);
 }
-
-static void process_input(struct sess *s);
 
 /* A bad frame during a job: the connection is no longer trusted; the job is killed. */
 static void protocol_error(struct sess *s, const char *what) {
@@ -1477,6 +1722,13 @@ static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
     struct jv *msg = jparse(&a, p, n, &err);
     if (!msg || msg->t != JOBJ) {
         protocol_error(s, msg ? "not a JSON object" : err);
+    } else if (jis_str(jget(msg, "op"), "forget")) {
+        if (s->persist && s->job == JOB_DONE) { /* its server has recorded the end */
+            s->forgotten = true;
+            finish_conn(s);
+        }
+    } else if (s->job == JOB_DONE) {
+        /* the job is over: nothing else applies */
     } else if (jis_str(jget(msg, "op"), "kill")) {
         const struct jv *sg = jget(msg, "signal");
         int sig = sg && sg->t == JNUM && sg->num >= 1 && sg->num < NSIG ? (int)sg->num : SIGKILL;
@@ -1508,8 +1760,7 @@ static void handle_control(struct sess *s, char kind, const char *p, size_t n) {
 
 /* Take the complete frames read so far. */
 static void process_input(struct sess *s) {
-    while (sock_open(s) && !s->closing && !s->no_input &&
-           (s->job == JOB_NONE || (s->job == JOB_RUNNING && !buf_avail(&s->pend)))) {
+    while (takes_frames(s)) {
         size_t avail = buf_avail(&s->in);
         if (avail < FRAME_HDR)
             break;
@@ -1615,6 +1866,8 @@ static void on_output(struct sess *s, struct watch *w, uint32_t ev) {
         return; /* paused: backpressure from the socket */
     ssize_t n = read(w->fd, g_buf, READ_CHUNK);
     if (n > 0) {
+        if (s->persist)
+            spool(s, w->kind == W_OUT ? 0 : 1, g_buf, (size_t)n);
         send_frame(s, w->kind == W_OUT ? 'O' : 'E', g_buf, (size_t)n);
     } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
         /* End of file, or EIO from a pty whose last holder closed it.  Not closed yet:
@@ -1692,7 +1945,7 @@ static void on_execerr(struct sess *s) {
     s->has_deadline = s->has_timeout;
     if (s->has_timeout)
         s->deadline = now_ns() + s->timeout_ns;
-    if (!sock_open(s)) {
+    if (!sock_open(s) && !s->persist) {
         start_kill(s); /* the server left while it started */
         return;
     }
@@ -1707,7 +1960,7 @@ static bool outputs_open(const struct sess *s) {
 }
 
 static void check_complete(struct sess *s) {
-    if (s->dead || s->job != JOB_RUNNING || !s->have_status || s->killing)
+    if (s->dead || s->job != JOB_RUNNING || !s->have_status || s->killing || s->replaying)
         return;
     if (outputs_open(s) && now_ns() < s->drain_until)
         return;
@@ -1725,6 +1978,12 @@ static void check_complete(struct sess *s) {
 static void maybe_free(struct sess *s) {
     if (s->dead || sock_open(s) || s->job == JOB_STARTING || s->job == JOB_RUNNING)
         return;
+    if (s->persist && !s->forgotten)
+        return; /* ended, but its server has not recorded that yet */
+    if (s->spool_fd >= 0)
+        close(s->spool_fd);
+    s->spool_fd = -1;
+    buf_free(&s->exit_ev);
     for (int k = 0; k < W_N; k++)
         wclose(&s->w[k]);
     close_cgroup_fds(s);
@@ -1735,6 +1994,8 @@ static void maybe_free(struct sess *s) {
 }
 
 static void after(struct sess *s) {
+    if (s->replaying)
+        pump_replay(s);
     check_complete(s);
     update(s);
     maybe_free(s);
@@ -1771,6 +2032,7 @@ static void on_accept(void) {
         for (int k = 0; k < W_N; k++)
             s->w[k] = (struct watch){.s = s, .fd = -1, .kind = k};
         s->w[W_SOCK].fd = fd;
+        s->spool_fd = -1;
         s->next = g_sessions;
         if (g_sessions)
             g_sessions->prev = s;
@@ -1862,8 +2124,21 @@ static void free_dead(void) {
 
 /* ------------------------------------------------------------------ main */
 
+/* Spools are unlinked as they are made: a name left is one an agent died with. */
+static void clear_spools(void) {
+    DIR *d = opendir(g_spool_dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            unlinkat(dirfd(d), e->d_name, 0);
+    closedir(d);
+}
+
 static _Noreturn void serve(const char *dir, pid_t reaper) {
     g_proc = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    clear_spools();
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != reaper)
         _exit(1);
@@ -1962,6 +2237,9 @@ int main(void) {
     g_home = getenv("BASTION_HOME");
     if (!g_home || !*g_home)
         g_home = "/";
+    g_spool_dir = getenv("BASTION_SPOOL_DIR");
+    if (!g_spool_dir || !*g_spool_dir)
+        g_spool_dir = DEFAULT_SPOOL_DIR;
     const char *dir = getenv("BASTION_SOCKET_DIR");
     if (!dir || !*dir)
         dir = DEFAULT_SOCKET_DIR;
