@@ -292,6 +292,7 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.SESSION_NOT_FOUND: SessionNotFoundError,
     ErrorCode.SESSION_STATE: SessionStateError,
     ErrorCode.SESSION_STOPPED: SessionStateError,
+    ErrorCode.SESSION_PAUSED: SessionStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
@@ -673,12 +674,14 @@ def create_key_body(scope: str, name: str | None, tenant: str | None) -> CreateK
     return body
 
 
-SessionAction = Literal["start", "stop", "delete"]
+SessionAction = Literal["start", "stop", "pause", "resume", "delete"]
 
 #: The status each action leaves a session in.
 SESSION_ACTION_TARGETS: dict[SessionAction, SessionStatus] = {
     "start": SessionStatus.RUNNING,
     "stop": SessionStatus.STOPPED,
+    "pause": SessionStatus.PAUSED,
+    "resume": SessionStatus.RUNNING,
     "delete": SessionStatus.DELETED,
 }
 
@@ -866,6 +869,7 @@ def create_session_body(
     on_timeout: ExpiryAction | None = None,
     network: NetworkRequest | None = None,
     env: Mapping[str, str] | None = None,
+    paused_timeout: float | None = None,
 ) -> CreateSessionRequest:
     body: CreateSessionRequest = {}
     if limits is not None:
@@ -882,6 +886,8 @@ def create_session_body(
         body["network"] = network
     if env is not None:
         body["env"] = dict(env)
+    if paused_timeout is not None:
+        body["paused_timeout"] = paused_timeout
     return body
 
 

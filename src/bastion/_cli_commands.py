@@ -280,10 +280,11 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
     actions = _group(
         subparsers,
         "sessions",
-        help="create, list, start, stop and delete sessions",
+        help="create, list, start, stop, pause and delete sessions",
         description="Manage sessions: isolated sandboxes that jobs run in and files live "
-        "in. A session is created (status 'created'), started ('running'), stopped "
-        "('stopped', its files kept) and deleted ('deleted', everything gone).",
+        "in. A session is created (status 'created'), started ('running'), paused "
+        "('paused', its processes frozen), stopped ('stopped', its files kept) and "
+        "deleted ('deleted', everything gone).",
         examples=[
             "SID=$(bastion sessions create --memory-mb 256 --start -q)",
             "bastion sessions list",
@@ -328,6 +329,12 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
         type=duration,
         metavar="DURATION",
         help="stop the session this long after it was created",
+    )
+    timeouts.add_argument(
+        "--paused-timeout",
+        type=duration,
+        metavar="DURATION",
+        help="stop the session once it has been paused this long",
     )
     timeouts.add_argument(
         "--on-timeout",
@@ -408,6 +415,19 @@ def _add_sessions(subparsers: _Subparsers, common: list[argparse.ArgumentParser]
             "bastion sessions stop $SID",
         ),
         (
+            "pause",
+            "pause a session (processes frozen, memory kept)",
+            "Freeze every process of a running session: memory kept, no CPU used, its "
+            "timers stand still. Jobs, terminals and files are refused until it is resumed.",
+            "bastion sessions pause $SID",
+        ),
+        (
+            "resume",
+            "resume a paused session",
+            "Thaw a paused session: its processes go on where they were.",
+            "bastion sessions resume $SID",
+        ),
+        (
             "delete",
             "delete a session, or all of them (irreversible)",
             "Delete a session and everything in it, or with --all every session of your "
@@ -472,6 +492,7 @@ def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
         on_timeout=cast(ExpiryAction | None, args.on_timeout),
         network=network,
         env=dict(args.env) if args.env else None,
+        paused_timeout=args.paused_timeout,
     )
     if args.start:
         try:

@@ -84,6 +84,7 @@ _NOT_FOUND_CODES = frozenset(
 _CONFLICT_CODES = frozenset(
     {
         ErrorCode.SESSION_STATE,
+        ErrorCode.SESSION_PAUSED,
         ErrorCode.NOT_A_DIRECTORY,
         ErrorCode.IS_A_DIRECTORY,
         ErrorCode.DIRECTORY_NOT_EMPTY,

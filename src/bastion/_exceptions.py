@@ -20,7 +20,8 @@ value, or ``None`` when the failure did not come from an error response) and the
     ├── SessionError                  any session_* code, whatever the operation
     │   ├── SessionNotFoundError      [NotFoundError] session_not_found
     │   ├── SessionStateError         session_state: wrong state for the operation;
-    │   │                             session_stopped: a transfer's session stopped
+    │   │                             session_stopped: a transfer's session stopped;
+    │   │                             session_paused: the session is paused
     │   └── SessionStartError         session_start_failed
     ├── JobError
     │   ├── JobNotFoundError          [NotFoundError] job_not_found

@@ -75,6 +75,7 @@ _ERROR_CODE_ERRORS: dict[str, type[TerminalConnectionError]] = {
     ErrorCode.INSUFFICIENT_SCOPE: TerminalForbiddenError,
     ErrorCode.SESSION_NOT_FOUND: TerminalSessionNotFoundError,
     ErrorCode.SESSION_STATE: TerminalSessionStateError,
+    ErrorCode.SESSION_PAUSED: TerminalSessionStateError,
 }
 
 _DEFAULT_ERROR_CODES: dict[type[TerminalConnectionError], str] = {

@@ -27,6 +27,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 class SessionStatus(StrEnum):
     CREATED = "created"
     RUNNING = "running"
+    #: Every process frozen (memory kept, no CPU); ``resume`` makes it running again.
+    PAUSED = "paused"
     STOPPED = "stopped"
     DELETED = "deleted"
 
@@ -41,7 +43,7 @@ class JobStatus(StrEnum):
 #: Job states after which nothing about the job changes any more.
 FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 
-SessionStatusName = Literal["created", "running", "stopped", "deleted"]
+SessionStatusName = Literal["created", "running", "paused", "stopped", "deleted"]
 JobStatusName = Literal["queued", "running", "completed", "failed"]
 FileType = Literal["file", "directory", "symlink", "other"]
 
@@ -92,6 +94,8 @@ class ErrorCode(StrEnum):
     #: deleted meanwhile (nothing of an upload is written).
     SESSION_STOPPED = "session_stopped"
     SESSION_START_FAILED = "session_start_failed"
+    #: The session is paused: resume it before running jobs or terminals or using files.
+    SESSION_PAUSED = "session_paused"
     LIMIT_EXCEEDED = "limit_exceeded"
     # jobs
     JOB_NOT_FOUND = "job_not_found"
@@ -128,6 +132,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_STATE: 409,
     ErrorCode.SESSION_STOPPED: 409,
     ErrorCode.SESSION_START_FAILED: 500,
+    ErrorCode.SESSION_PAUSED: 409,
     ErrorCode.LIMIT_EXCEEDED: 422,
     ErrorCode.JOB_NOT_FOUND: 404,
     ErrorCode.INVALID_COMMAND: 422,
@@ -224,7 +229,10 @@ class CreateSessionRequest(TypedDict, total=False):
     #: Stop (or delete) the session this many seconds after it was created (at most a
     #: year).
     max_lifetime: float | None
-    #: What happens when either timeout passes (default "stop").
+    #: Stop (or delete) the session once it has been paused this many seconds (none
+    #: by default; at most a year).
+    paused_timeout: float | None
+    #: What happens when any of these timeouts passes (default "stop").
     on_timeout: ExpiryAction
     network: NetworkRequest
     #: Environment variables every job (and terminal) of the session gets, over the
@@ -250,6 +258,7 @@ class SessionInfo(TypedDict):
     metadata: dict[str, str]
     idle_timeout: float | None
     max_lifetime: float | None
+    paused_timeout: float | None
     on_timeout: ExpiryAction
     network: NetworkInfo
     #: Why the session is in its state when the server changed it (restart, timeout).

@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 
 
 class Sessions:
-    """Create, inspect, start, stop and delete sessions (``bastion.sessions``).
+    """Create, inspect, start, stop, pause, resume and delete sessions
+    (``bastion.sessions``).
 
-    ``start``, ``stop`` and ``delete`` are retried like reads after a lost answer: if
+    ``start``, ``stop``, ``pause``, ``resume`` and ``delete`` are retried like reads after a lost answer: if
     the retry is refused because the session is already where the action takes it
     (an earlier attempt did the work), the session's info is returned as success.
     """
@@ -54,6 +55,7 @@ class Sessions:
         on_timeout: ExpiryAction | None = None,
         network: NetworkRequest | None = None,
         env: Mapping[str, str] | None = None,
+        paused_timeout: float | None = None,
     ) -> SessionInfo:
         """Create a session (status ``"created"``; call :meth:`start` to run it).
 
@@ -64,6 +66,9 @@ class Sessions:
             idle_timeout: Seconds without activity (no job, terminal or request) after
                 which the server stops the session (or deletes it, see ``on_timeout``).
             max_lifetime: Seconds after creation when the same happens regardless.
+            paused_timeout: Seconds a paused session may stay paused before the same
+                happens (none by default).  Paused time is not idle time: the idle
+                clock stands still while the session is paused.
             on_timeout: ``"stop"`` (default; files kept) or ``"delete"``.
             network: Outbound network, off by default: ``{"enabled": True}`` and
                 optionally ``"allow": ["203.0.113.0/24", "pypi.org"]``.  A session never
@@ -95,6 +100,7 @@ class Sessions:
             on_timeout=on_timeout,
             network=network,
             env=env,
+            paused_timeout=paused_timeout,
         )
         data = self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -151,6 +157,42 @@ class Sessions:
             SessionStateError: The session cannot be stopped from its state.
         """
         return self._act(session_id, "stop")
+
+    def pause(self, session_id: str) -> SessionInfo:
+        """Freeze every process of a running session; its status becomes ``"paused"``.
+
+        Memory is kept and no CPU is used; a job running at the pause stands still
+        (its timers do not fire) and goes on at :meth:`resume` with its whole output.
+        While paused, new jobs, terminals and file operations are refused with
+        SessionStateError (code ``session_paused``); the session may be stopped or
+        deleted.  Its idle timeout does not run while paused (see ``paused_timeout``).
+
+        Args:
+            session_id: The session's id.
+
+        Returns:
+            The session's ``SessionInfo`` (status ``"paused"``).
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            SessionStateError: The session is not running.
+        """
+        return self._act(session_id, "pause")
+
+    def resume(self, session_id: str) -> SessionInfo:
+        """Thaw a paused session; its status becomes ``"running"`` again.
+
+        Args:
+            session_id: The session's id.
+
+        Returns:
+            The session's ``SessionInfo`` (status ``"running"``).
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            SessionStateError: The session is not paused.
+        """
+        return self._act(session_id, "resume")
 
     def delete(self, session_id: str) -> SessionInfo:
         """Delete a session and everything in it.  This cannot be undone.
@@ -244,6 +286,7 @@ class AsyncSessions:
         on_timeout: ExpiryAction | None = None,
         network: NetworkRequest | None = None,
         env: Mapping[str, str] | None = None,
+        paused_timeout: float | None = None,
     ) -> SessionInfo:
         body = create_session_body(
             limits,
@@ -253,6 +296,7 @@ class AsyncSessions:
             on_timeout=on_timeout,
             network=network,
             env=env,
+            paused_timeout=paused_timeout,
         )
         data = await self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -268,6 +312,12 @@ class AsyncSessions:
 
     async def stop(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "stop")
+
+    async def pause(self, session_id: str) -> SessionInfo:
+        return await self._act(session_id, "pause")
+
+    async def resume(self, session_id: str) -> SessionInfo:
+        return await self._act(session_id, "resume")
 
     async def delete(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "delete")

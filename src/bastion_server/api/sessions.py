@@ -1,4 +1,4 @@
-"""/v1/sessions: create, list, status, start, stop, delete."""
+"""/v1/sessions: create, list, status, start, stop, pause, resume, delete."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ async def create_session(
         on_timeout=body.get("on_timeout", "stop"),
         network=dict(body.get("network") or {}),
         env=body.get("env"),
+        paused_timeout=body.get("paused_timeout"),
     )
     return session_view(record)
 
@@ -66,6 +67,20 @@ async def start_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
 async def stop_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
     """Stop every process of the session; its files are kept. ``running`` -> ``stopped``."""
     return session_view(await svc.sessions.stop(who, session_id))
+
+
+@router.post("/{session_id}/pause", response_model=SessionInfo)
+async def pause_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    """Freeze every process of the session (memory kept, no CPU, timers stand still):
+    ``running`` -> ``paused``.  Until it is resumed, new jobs, terminals and file
+    operations are refused with 409 ``session_paused``; it may be stopped or deleted."""
+    return session_view(await svc.sessions.pause(who, session_id))
+
+
+@router.post("/{session_id}/resume", response_model=SessionInfo)
+async def resume_session(session_id: str, who: Owner, svc: Svc) -> SessionInfo:
+    """Thaw a paused session: ``paused`` -> ``running``; its jobs go on where they were."""
+    return session_view(await svc.sessions.resume(who, session_id))
 
 
 @router.delete("/{session_id}", response_model=SessionInfo)

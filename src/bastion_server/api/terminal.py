@@ -32,6 +32,7 @@ _CLOSE_CODES = {
     ErrorCode.INSUFFICIENT_SCOPE: TerminalCloseCode.FORBIDDEN,
     ErrorCode.SESSION_NOT_FOUND: TerminalCloseCode.SESSION_NOT_FOUND,
     ErrorCode.SESSION_STATE: TerminalCloseCode.SESSION_NOT_RUNNING,
+    ErrorCode.SESSION_PAUSED: TerminalCloseCode.SESSION_NOT_RUNNING,
     ErrorCode.INVALID_REQUEST: TerminalCloseCode.BAD_MESSAGE,
     ErrorCode.SERVER_SHUTDOWN: TerminalCloseCode.GOING_AWAY,
 }

@@ -19,6 +19,7 @@ def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> Se
         "metadata": record.metadata,
         "idle_timeout": record.idle_timeout,
         "max_lifetime": record.max_lifetime,
+        "paused_timeout": record.paused_timeout,
         "on_timeout": record.on_timeout,  # type: ignore[typeddict-item]
         "network": {
             "enabled": bool(record.network.get("enabled")),

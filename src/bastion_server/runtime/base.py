@@ -132,12 +132,22 @@ class Runtime(abc.ABC):
     async def delete(self, session_id: str) -> None:
         """Stop if needed and remove every trace of the sandbox."""
 
+    async def pause(self, session_id: str) -> None:
+        """Freeze every process of a running sandbox (memory kept, no CPU, no time
+        passing for its timers).  Pausing a paused sandbox does nothing."""
+        raise SandboxError(f"the {self.name} runtime cannot pause a sandbox")
+
+    async def resume(self, session_id: str) -> None:
+        """Thaw a paused sandbox's processes.  Resuming one not paused does nothing
+        (so, for a runtime that cannot pause, this never has anything to do)."""
+
     @abc.abstractmethod
-    async def is_running(self, session_id: str) -> bool: ...
+    async def is_running(self, session_id: str) -> bool:
+        """Whether the sandbox is up (running, or paused)."""
 
     @abc.abstractmethod
     async def running_sandboxes(self) -> set[str]:
-        """Session ids of every sandbox running now (one look, however many)."""
+        """Session ids of every sandbox up now, running or paused (one look)."""
 
     @abc.abstractmethod
     async def list_sandboxes(self) -> set[str]:

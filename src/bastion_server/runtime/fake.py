@@ -171,6 +171,8 @@ class FakeSandbox:
     root: Path
     limits: SandboxLimits
     running: bool = False
+    #: Frozen by pause (still running: its processes wait for resume).
+    paused: bool = False
     network: NetworkPolicy | None = None
     processes: set[FakeProcess] = field(default_factory=set)
 
@@ -196,7 +198,8 @@ class FakeRuntime(Runtime):
         self.programs[name] = program
 
     def fail(self, operation: str, error: SandboxError | None = None) -> None:
-        """The next call of ``operation`` ("create", "start", "stop", "delete", "exec")
+        """The next call of ``operation`` ("create", "start", "stop", "delete", "exec",
+        "pause", "resume")
         raises ``error`` instead of doing anything."""
         self._faults[operation] = error or SandboxError(f"injected failure of {operation}")
 
@@ -265,7 +268,7 @@ class FakeRuntime(Runtime):
             return
         for process in list(sandbox.processes):
             await process.kill()
-        sandbox.running = False
+        sandbox.running = sandbox.paused = False
 
     async def delete(self, session_id: str) -> None:
         self._enter("delete", session_id)
@@ -275,6 +278,16 @@ class FakeRuntime(Runtime):
         for process in list(sandbox.processes):
             await process.kill()
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
+
+    async def pause(self, session_id: str) -> None:
+        self._enter("pause", session_id)
+        self._running(session_id).paused = True
+
+    async def resume(self, session_id: str) -> None:
+        self._enter("resume", session_id)
+        sandbox = self.sandboxes.get(session_id)
+        if sandbox is not None:
+            sandbox.paused = False
 
     async def is_running(self, session_id: str) -> bool:
         sandbox = self.sandboxes.get(session_id)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion_server import faults
-from bastion_server.runtime import agent_protocol, host, idmap, seccomp
+from bastion_server.runtime import agent_protocol, freezer, host, idmap, seccomp
 from bastion_server.runtime.agent_build import BINARY_NAME, find_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
 from bastion_server.runtime.base import (
@@ -75,6 +75,10 @@ _AGENT_CAPABILITIES = [
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
 ]
+
+
+#: The OCI runtime's statuses of a container that is up: a paused one is frozen, alive.
+_UP = frozenset({"running", "paused"})
 
 
 def _read_int(path: str) -> int | None:
@@ -497,7 +501,27 @@ class OciRuntime(Runtime):
         if network.enabled:
             await self.network.restore(session_id, await self._pid(session_id), network)
 
+    def _cgroup(self, session_id: str) -> str:
+        return f"{self.cgroup_parent}/{self._container(session_id)}"
+
+    async def pause(self, session_id: str) -> None:
+        if not await self._still_runs(session_id):
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        try:
+            await asyncio.to_thread(freezer.freeze, self._cgroup(session_id))
+        except OSError as exc:
+            raise SandboxError(f"cannot pause sandbox {session_id}: {exc}") from exc
+
+    async def resume(self, session_id: str) -> None:
+        try:
+            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
+        except OSError as exc:
+            raise SandboxError(f"cannot resume sandbox {session_id}: {exc}") from exc
+
     async def stop(self, session_id: str) -> None:
+        # A frozen sandbox is thawed first: its processes then die at once of the kill.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
         await self.network.detach(session_id)
         self._prestarted.discard(session_id)
         await self._run("delete", "--force", self._container(session_id), check=False)
@@ -621,7 +645,7 @@ class OciRuntime(Runtime):
         await self.network.close()
 
     async def usage(self, session_id: str) -> SandboxUsage:
-        cgroup = f"{self.cgroup_parent}/{self._container(session_id)}"
+        cgroup = self._cgroup(session_id)
         v1, v2 = "/sys/fs/cgroup/{}" + cgroup + "/{}", "/sys/fs/cgroup" + cgroup + "/{}"
         cpu_ns = _read_int(v1.format("cpuacct", "cpuacct.usage"))
         if cpu_ns is None:
@@ -652,7 +676,7 @@ class OciRuntime(Runtime):
         if code != 0:
             return False
         try:
-            return bool(json.loads(out).get("status") == "running")
+            return json.loads(out).get("status") in _UP
         except ValueError:
             return False
 
@@ -688,7 +712,7 @@ class OciRuntime(Runtime):
 
     async def running_sandboxes(self) -> set[str]:
         states = await self._container_states(self._on_disk())
-        return self._not_the_pools({sid for sid, st in states.items() if st == "running"})
+        return self._not_the_pools({sid for sid, st in states.items() if st in _UP})
 
     async def started_sandboxes(self) -> set[str]:
         containers = await self._container_states(self._on_disk())
@@ -857,7 +881,7 @@ class OciRuntime(Runtime):
                     {"type": "user", **({"path": userns} if userns else {})},
                     *({"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")),
                 ],
-                "cgroupsPath": f"{self.cgroup_parent}/{self._container(session_id)}",
+                "cgroupsPath": self._cgroup(session_id),
                 "resources": {
                     "devices": [{"allow": False, "access": "rwm"}],
                     "memory": {"limit": memory, "swap": memory},

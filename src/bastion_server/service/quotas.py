@@ -3,8 +3,8 @@
 Set by the operator (``bastion serve --max-sessions-per-key`` ...; 0 = no quota):
 
 * ``max_sessions_per_key``: sessions a tenant has that are not deleted;
-* ``max_running_sessions_per_key`` / ``max_running_sessions``: sessions running at
-  once, per tenant and on the whole server;
+* ``max_running_sessions_per_key`` / ``max_running_sessions``: sessions running (or
+  paused: they keep their memory) at once, per tenant and on the whole server;
 * ``max_jobs_per_session`` / ``max_jobs_per_key``: jobs running (or queued) at once,
   per session and per tenant.
 
@@ -25,6 +25,9 @@ from bastion.wire import ErrorCode, SessionStatus
 from bastion_server.config import ServerConfig
 from bastion_server.service.errors import ServiceError
 from bastion_server.store.sqlite import Store
+
+#: A session holds its place (memory, processes) while running or paused.
+UP_STATUSES = (SessionStatus.RUNNING, SessionStatus.PAUSED)
 
 
 def quota_exceeded(message: str) -> ServiceError:
@@ -54,14 +57,14 @@ class Quotas:
         start past ``max_running_sessions_per_key`` or ``max_running_sessions``."""
         per_key, total = self.config.max_running_sessions_per_key, self.config.max_running_sessions
         if per_key:
-            mine = self.store.count_sessions(owner, SessionStatus.RUNNING) + self._starting[owner]
+            mine = self.store.count_sessions(owner, UP_STATUSES) + self._starting[owner]
             if mine >= per_key:
                 raise quota_exceeded(
                     f"this key's tenant has {per_key} sessions running, its quota "
                     "(max_running_sessions_per_key): stop one before starting another"
                 )
         if total:
-            everyone = self.store.count_sessions(status=SessionStatus.RUNNING) + sum(
+            everyone = self.store.count_sessions(status=UP_STATUSES) + sum(
                 self._starting.values()
             )
             if everyone >= total:

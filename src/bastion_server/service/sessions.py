@@ -1,7 +1,8 @@
 """Sessions: the state machine, ownership, lifetimes, and reconciliation with the runtime.
 
-States move only along ``created -> running <-> stopped``, and from any of those to
-``deleted``, which is final.  Create and delete are atomic across a crash: a session
+States move only along ``created -> running <-> stopped`` and ``running <-> paused``
+(a paused session's processes are frozen; it may also be stopped), and from any of
+those to ``deleted``, which is final.  Create and delete are atomic across a crash: a session
 is first recorded ``creating`` (an internal state no read shows) and becomes
 ``created`` once its storage is whole, and a delete is recorded before the sandbox is
 removed; the next start rolls back the one and finishes the other.  Transitions of
@@ -18,6 +19,7 @@ crash between two steps).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -43,8 +45,15 @@ log = logging.getLogger("bastion.sessions")
 
 _ALLOWED: dict[str, set[str]] = {
     "start": {SessionStatus.CREATED, SessionStatus.STOPPED},
-    "stop": {SessionStatus.RUNNING},
-    "delete": {SessionStatus.CREATED, SessionStatus.RUNNING, SessionStatus.STOPPED},
+    "stop": {SessionStatus.RUNNING, SessionStatus.PAUSED},
+    "pause": {SessionStatus.RUNNING},
+    "resume": {SessionStatus.PAUSED},
+    "delete": {
+        SessionStatus.CREATED,
+        SessionStatus.RUNNING,
+        SessionStatus.PAUSED,
+        SessionStatus.STOPPED,
+    },
 }
 _LIMIT_FIELDS = (
     ("memory_mb", 32, int),
@@ -90,6 +99,9 @@ class SessionService:
         self._locks: dict[str, asyncio.Lock] = {}
         #: Monotonic time of the last request or process that touched each session.
         self._last_active: dict[str, float] = {}
+        #: A paused session's idle seconds at its pause: its idle clock stands still
+        #: while it is paused and goes on from there at its resume.
+        self._idle_at_pause: dict[str, float] = {}
         #: Called with (session_id, reason) before a session's sandbox goes away, so
         #: that running jobs and terminals end with that reason.
         self.before_sandbox_stops: list[Callable[[str, str], Awaitable[None]]] = []
@@ -119,6 +131,11 @@ class SessionService:
 
     def require_running(self, owner: str, session_id: str) -> SessionRecord:
         record = self.get(owner, session_id)
+        if record.status == SessionStatus.PAUSED:
+            raise ServiceError(
+                ErrorCode.SESSION_PAUSED,
+                f"session {session_id!r} is paused; resume it first",
+            )
         if record.status != SessionStatus.RUNNING:
             raise ServiceError(
                 ErrorCode.SESSION_STATE,
@@ -131,7 +148,7 @@ class SessionService:
         return record
 
     async def usage(self, record: SessionRecord) -> SandboxUsage | None:
-        if record.status != SessionStatus.RUNNING:
+        if record.status not in (SessionStatus.RUNNING, SessionStatus.PAUSED):
             return None
         return await self.runtime.usage(record.id)
 
@@ -218,6 +235,7 @@ class SessionService:
         on_timeout: str = "stop",
         network: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        paused_timeout: Any = None,
     ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
@@ -270,6 +288,7 @@ class SessionService:
             ),
             on_timeout=on_timeout,
             network={"enabled": policy.enabled, "allow": list(policy.allow)},
+            paused_timeout=self._timeout("paused_timeout", paused_timeout),
         )
         # All or nothing, across a crash too: the record comes first, as being created
         # (so nothing is made on the host that no record names), then the storage, then
@@ -358,7 +377,15 @@ class SessionService:
         for hook in self.before_sandbox_stops:
             await hook(session_id, reason)
 
+    async def _thaw_if_paused(self, record: SessionRecord) -> None:
+        """Resume a paused session's processes before they are ended (a frozen agent
+        could not end its jobs, and a frozen process dies only once thawed)."""
+        self._idle_at_pause.pop(record.id, None)
+        if record.status == SessionStatus.PAUSED:
+            await self.runtime.resume(record.id)
+
     async def _stop_locked(self, record: SessionRecord, reason: str | None = None) -> None:
+        await self._thaw_if_paused(record)
         await self._halt(record.id, "session_stopped")
         await self.runtime.stop(record.id)
         self._set_status(record, SessionStatus.STOPPED, reason)
@@ -367,6 +394,8 @@ class SessionService:
     async def _delete_locked(self, record: SessionRecord, reason: str | None = None) -> None:
         # Recorded first: from here on the delete is carried through, across a crash
         # too (reap_orphans finishes what a deleted session left, at the next start).
+        with contextlib.suppress(SandboxError, OSError):  # stop() thaws it anyway
+            await self._thaw_if_paused(record)
         self._set_status(record, SessionStatus.DELETED, reason)
         self._last_active.pop(record.id, None)
         faults.point("delete.after_record")
@@ -390,6 +419,45 @@ class SessionService:
             record = self.get(owner, session_id)
             self._check_transition(record, "stop")
             await self._stop_locked(record)
+            return record
+
+    async def pause(self, owner: str, session_id: str) -> SessionRecord:
+        """Freeze every process of a running session: ``running`` -> ``paused``.
+
+        Its jobs and terminals are kept, frozen where they are; new jobs, terminals
+        and file operations are refused (``session_paused``) until it is resumed.
+        Uploads and downloads already under way go on (the server moves their bytes,
+        no process of the session)."""
+        async with self._lock(session_id):
+            record = self.get(owner, session_id)
+            self._check_transition(record, "pause")
+            try:
+                await self.runtime.pause(session_id)
+            except SandboxError as exc:
+                raise ServiceError(
+                    ErrorCode.SESSION_STATE, f"cannot pause session {session_id!r}: {exc}"
+                ) from exc
+            now = time.monotonic()
+            self._idle_at_pause[session_id] = now - self._last_active.get(session_id, now)
+            self._set_status(record, SessionStatus.PAUSED)
+            log.info("session paused", extra={"session_id": session_id})
+            return record
+
+    async def resume(self, owner: str, session_id: str) -> SessionRecord:
+        """Thaw a paused session: ``paused`` -> ``running``; what ran goes on."""
+        async with self._lock(session_id):
+            record = self.get(owner, session_id)
+            self._check_transition(record, "resume")
+            try:
+                await self.runtime.resume(session_id)
+            except SandboxError as exc:
+                raise ServiceError(
+                    ErrorCode.SESSION_STATE, f"cannot resume session {session_id!r}: {exc}"
+                ) from exc
+            self._set_status(record, SessionStatus.RUNNING)
+            idle = self._idle_at_pause.pop(session_id, 0.0)
+            self._last_active[session_id] = time.monotonic() - idle
+            log.info("session resumed", extra={"session_id": session_id})
             return record
 
     async def delete(self, owner: str, session_id: str) -> SessionRecord:
@@ -431,6 +499,13 @@ class SessionService:
             last = self._last_active.setdefault(record.id, now)
             if now - last >= record.idle_timeout:
                 return f"it was idle for {record.idle_timeout:g}s"
+        if (
+            record.paused_timeout is not None
+            and record.status == SessionStatus.PAUSED
+            # updated_at is when it was paused: a paused session changes no further.
+            and now_wall - _epoch(record.updated_at) >= record.paused_timeout
+        ):
+            return f"it was paused for {record.paused_timeout:g}s"
         return None
 
     async def expire_sessions(self) -> None:
@@ -446,7 +521,7 @@ class SessionService:
                     continue
                 if current.on_timeout == "delete":
                     await self._delete_locked(current, f"deleted because {reason}")
-                elif current.status == SessionStatus.RUNNING:
+                elif current.status in _ALLOWED["stop"]:
                     await self._stop_locked(current, f"stopped because {reason}")
 
     async def check_sandbox(self, session_id: str) -> None:
@@ -472,6 +547,19 @@ class SessionService:
         for record in self.store.list_sessions():
             if record.status == SessionStatus.RUNNING and record.id not in running:
                 await self.check_sandbox(record.id)  # looks again, under the lock
+
+    async def _adopt_freezer_state(self, record: SessionRecord) -> None:
+        """Make an adopted sandbox frozen as its record says: a crash between a freeze
+        and its record (or a thaw and its) left them apart.  One that cannot be put
+        right is stopped."""
+        try:
+            if record.status == SessionStatus.PAUSED:
+                await self.runtime.pause(record.id)
+            else:
+                await self.runtime.resume(record.id)
+        except (SandboxError, OSError) as exc:
+            log.error("sandbox freezer state not restored", extra={"session_id": record.id})
+            await self._stop_locked(record, f"could not be adopted when the server started: {exc}")
 
     async def reap_orphans(self) -> None:
         """Remove sandboxes that no live record owns: what a crash mid-operation left
@@ -529,7 +617,8 @@ class SessionService:
         started = await self.runtime.started_sandboxes()
         for record in self.store.list_sessions():
             running = record.id in running_now
-            if record.status == SessionStatus.RUNNING and running:
+            up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
+            if up and running:
                 policy = NetworkPolicy(
                     enabled=bool(record.network.get("enabled")),
                     allow=tuple(record.network.get("allow") or ()),
@@ -554,16 +643,17 @@ class SessionService:
                         f"its network could not be restored when the server started: {exc}",
                     )
                     continue
+                await self._adopt_freezer_state(record)
                 log.info("session adopted", extra={"session_id": record.id})
                 continue
-            if record.status == SessionStatus.RUNNING or record.id in started:
+            if up or record.id in started:
                 # Unmount what a dead sandbox, or a start cut short, left.
                 log.info(
                     "stopping what a run left",
                     extra={"session_id": record.id, "status": record.status},
                 )
                 await self.runtime.stop(record.id)
-            if record.status == SessionStatus.RUNNING:
+            if up:
                 self._set_status(
                     record,
                     SessionStatus.STOPPED,

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     on_timeout TEXT NOT NULL DEFAULT 'stop',
     network TEXT NOT NULL DEFAULT '{"enabled": false, "allow": []}',
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    paused_timeout REAL,
+    snapshot TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
 CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)
@@ -79,6 +81,27 @@ OPERATOR_TABLES = [
 ]
 SCHEMA += "".join(f"{statement};\n" for statement in OPERATOR_TABLES)
 
+#: Snapshots of sessions' files (see service/snapshots.py): a layer each, over its
+#: ``parent`` snapshot's (or over the image, for none).  A deleted one's row stays
+#: (status ``deleted``, hidden) until no session or snapshot stands on its layer.
+SNAPSHOT_TABLES = [
+    """CREATE TABLE IF NOT EXISTS snapshots (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        name TEXT,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        parent TEXT,
+        size_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS snapshots_page ON snapshots(owner, created_at, id)"
+    " WHERE status != 'deleted'",
+]
+SCHEMA += "".join(f"{statement};\n" for statement in SNAPSHOT_TABLES)
+
 
 #: Changes to databases made by earlier versions, in order: (version, statements).
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -108,6 +131,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (5, OPERATOR_TABLES),
+    (
+        # Pause and resume, and snapshots: a session may start from one.
+        6,
+        [
+            "ALTER TABLE sessions ADD COLUMN paused_timeout REAL",
+            "ALTER TABLE sessions ADD COLUMN snapshot TEXT",
+            *SNAPSHOT_TABLES,
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -134,6 +166,10 @@ class SessionRecord:
     max_lifetime: float | None = None
     on_timeout: str = "stop"
     network: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "allow": []})
+    #: Seconds a paused session may stay paused before ``on_timeout`` applies.
+    paused_timeout: float | None = None
+    #: The snapshot the session's files started from (None: the image alone).
+    snapshot: str | None = None
 
 
 @dataclass
@@ -282,13 +318,15 @@ class Store:
             network=_column(row, "network", {"enabled": False, "allow": []}),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            paused_timeout=row["paused_timeout"],
+            snapshot=row["snapshot"],
         )
 
     def insert_session(self, s: SessionRecord) -> None:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
             " idempotency_key, idle_timeout, max_lifetime, on_timeout, network, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, paused_timeout, snapshot) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.owner,
@@ -303,6 +341,8 @@ class Store:
                 json.dumps(s.network),
                 s.created_at,
                 s.updated_at,
+                s.paused_timeout,
+                s.snapshot,
             ),
         )
 
@@ -364,10 +404,11 @@ class Store:
             )
 
     def list_expirable_sessions(self) -> list[SessionRecord]:
-        """Sessions not deleted that have an idle timeout or a maximum lifetime."""
+        """Sessions not deleted that have an idle or paused timeout or a maximum lifetime."""
         rows = self._db.execute(
             "SELECT * FROM sessions WHERE status != 'deleted'"
-            " AND (idle_timeout IS NOT NULL OR max_lifetime IS NOT NULL)"
+            " AND (idle_timeout IS NOT NULL OR max_lifetime IS NOT NULL"
+            " OR paused_timeout IS NOT NULL)"
         ).fetchall()
         return [self._session(r) for r in rows]
 
@@ -388,15 +429,18 @@ class Store:
             )
             self.space_to_reclaim = True
 
-    def count_sessions(self, owner: str | None = None, status: str | None = None) -> int:
-        """Sessions not deleted (of ``owner``, in ``status``, when given)."""
+    def count_sessions(
+        self, owner: str | None = None, status: str | tuple[str, ...] | None = None
+    ) -> int:
+        """Sessions not deleted (of ``owner``, in ``status`` or one of them, when given)."""
         query, args = "SELECT COUNT(*) FROM sessions WHERE status != 'deleted'", []
         if owner is not None:
             query += " AND owner = ?"
             args.append(owner)
         if status is not None:
-            query += " AND status = ?"
-            args.append(status)
+            statuses = (status,) if isinstance(status, str) else status
+            query += f" AND status IN ({','.join('?' * len(statuses))})"
+            args.extend(statuses)
         return int(self._db.execute(query, args).fetchone()[0])
 
     def set_session_env(self, session_id: str, env: dict[str, str]) -> None:
