@@ -100,6 +100,9 @@ class ErrorCode(StrEnum):
     # jobs
     JOB_NOT_FOUND = "job_not_found"
     INVALID_COMMAND = "invalid_command"
+    #: The job cannot do this now: stdin written to a job that ended, or that was not
+    #: started with ``"stdin": true`` (or whose stdin was closed); a kill of an ended job.
+    JOB_STATE = "job_state"
     # files
     INVALID_PATH = "invalid_path"
     FILE_NOT_FOUND = "file_not_found"
@@ -136,6 +139,7 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.LIMIT_EXCEEDED: 422,
     ErrorCode.JOB_NOT_FOUND: 404,
     ErrorCode.INVALID_COMMAND: 422,
+    ErrorCode.JOB_STATE: 409,
     ErrorCode.INVALID_PATH: 422,
     ErrorCode.FILE_NOT_FOUND: 404,
     ErrorCode.NOT_A_DIRECTORY: 409,
@@ -263,6 +267,10 @@ class SessionInfo(TypedDict):
     network: NetworkInfo
     #: Why the session is in its state when the server changed it (restart, timeout).
     status_reason: str | None
+    #: The cluster node that holds the session for its whole life (``bastion serve
+    #: --ray``); None on a server of one machine.  A session whose node left the
+    #: cluster is deleted, its status_reason starting with "lost:".
+    node: NotRequired[str | None]
     #: Current consumption; only on a single running session's status.
     usage: NotRequired[SessionUsage | None]
 
@@ -286,6 +294,43 @@ class RunJobRequest(TypedDict):
     #: Seconds after which the server kills the job's processes (at most 7 days);
     #: ``None`` = no limit.
     timeout: NotRequired[float | None]
+    #: The job's stdin: ``true`` keeps it open, for ``POST .../jobs/{id}/stdin``;
+    #: a string is the job's whole input (UTF-8, at most ``MAX_INLINE_STDIN`` bytes;
+    #: more, or bytes that are not text, go through that endpoint); absent or
+    #: ``false``: the job reads nothing (``/dev/null``).
+    stdin: NotRequired[bool | str]
+    #: Limits of this job alone, each within the session's own (``limit_exceeded``
+    #: above them), each reported with its own ``failure_reason``.
+    limits: NotRequired[JobLimitsRequest]
+
+
+#: The most a run request carries inline as the job's stdin (bytes of UTF-8).
+MAX_INLINE_STDIN = 1024 * 1024
+
+
+class JobLimitsRequest(TypedDict, total=False):
+    #: Memory of the job's whole tree, in MiB (a cgroup of its own): ``oom``.
+    memory_mb: int
+    #: CPU seconds of each of its processes (an rlimit: SIGXCPU, then SIGKILL):
+    #: ``cpu_time``.
+    cpu_seconds: int
+    #: Processes and threads of its tree at once (forks beyond fail): ``pids_limit``
+    #: when the job then fails.
+    pids: int
+    #: Bytes of each output stream; the job is killed when one exceeds it:
+    #: ``output_limit``.
+    output_bytes: int
+
+
+class JobUsageInfo(TypedDict):
+    """What a finished job used: its main process and every descendant reaped."""
+
+    wall_seconds: float
+    user_cpu_seconds: float
+    system_cpu_seconds: float
+    #: The job cgroup's peak (with a ``memory_mb`` limit), else its largest process's
+    #: peak resident memory; None if unknown.
+    peak_memory_bytes: int | None
 
 
 class JobOutput(TypedDict):
@@ -310,12 +355,54 @@ class JobInfo(JobResult):
     #: "not_found", "invalid_cwd" (its working directory is missing), "exec_failed",
     #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted",
     #: "lost", "internal_error" (the server itself failed while running the job; the
-    #: job's errout ends with what failed); None unless failed.
+    #: job's errout ends with what failed), "killed" (``POST .../kill``), "oom" (the
+    #: kernel's OOM killer ended it), "cpu_time" (its ``cpu_seconds`` limit),
+    #: "pids_limit" (it failed after its ``pids`` limit refused a fork),
+    #: "output_limit" (a stream exceeded its ``output_bytes``); None unless failed.
     failure_reason: str | None
+    #: The signal that ended the job's main process ("SIGSEGV", "SIGKILL"), else None
+    #: (then ``output.status_code`` is its exit status).  Absent from older servers.
+    signal: NotRequired[str | None]
+    #: What it used, once final (None for a job that never ran, or recorded by an
+    #: older server).  Absent from older servers.
+    usage: NotRequired[JobUsageInfo | None]
 
 
 class JobList(Page):
     jobs: list[JobInfo]
+
+
+class KillJobRequest(TypedDict):
+    #: A signal name ("SIGTERM", "SIGINT", "SIGKILL"...) or number; SIGKILL kills the
+    #: job's whole tree at once, another is sent to every process of it.
+    signal: NotRequired[str | int]
+
+
+class StdinResult(TypedDict):
+    #: Bytes of the body handed to the job (all of it, unless it ended meanwhile).
+    written: int
+    #: Whether the job's stdin is now closed.
+    closed: bool
+
+
+class ProcessInfo(TypedDict):
+    """One process of a running session, as its sandbox names it."""
+
+    pid: int
+    #: Its parent's pid (0 for the sandbox's first process, or a parent outside it).
+    ppid: int
+    #: "root", "user", or the uid inside the sandbox as a string.
+    user: str
+    command: list[str]
+    cpu_seconds: float
+    memory_bytes: int
+    #: The running job it belongs to; None for the agent's own processes (and what a
+    #: finished job left running).
+    job_id: str | None
+
+
+class ProcessList(TypedDict):
+    processes: list[ProcessInfo]
 
 
 # --------------------------------------------------------------------------- files

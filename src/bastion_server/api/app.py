@@ -94,6 +94,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(docs.router)
     for module in (sessions, jobs, files, files_archive, terminal, keys, sdk_index, legacy):
         app.include_router(module.router)
+    app.include_router(jobs.processes_router)
 
     @app.get(f"{API_PREFIX}/health", response_model=HealthInfo, tags=["service"])
     async def health() -> HealthInfo:

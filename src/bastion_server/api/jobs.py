@@ -1,4 +1,4 @@
-"""/v1/sessions/{id}/jobs: run, list, get, wait."""
+"""/v1/sessions/{id}/jobs: run, list, get, wait, stdin, kill; /v1/sessions/{id}/processes."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bastion.wire import FINAL_JOB_STATUSES, ErrorCode, JobInfo, JobList, RunJobRequest
+from bastion.wire import (
+    FINAL_JOB_STATUSES,
+    ErrorCode,
+    JobInfo,
+    JobList,
+    KillJobRequest,
+    ProcessList,
+    RunJobRequest,
+    StdinResult,
+)
 from bastion_server.api.auth import owner
 from bastion_server.api.deps import services
+from bastion_server.api.files import request_body
 from bastion_server.api.paging import PageParams
 from bastion_server.service.container import Services
 from bastion_server.service.errors import ServiceError
@@ -49,6 +59,8 @@ async def run_job(
         env=body.get("env"),
         cwd=body.get("cwd"),
         timeout=body.get("timeout"),
+        stdin=body.get("stdin"),
+        limits=body.get("limits"),
     )
     if wait is not None:
         try:
@@ -151,3 +163,55 @@ async def job_events(session_id: str, job_id: str, who: Owner, svc: Svc) -> Stre
         media_type="application/x-ndjson",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+@router.post(
+    "/{job_id}/stdin",
+    response_model=StdinResult,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "required": False,
+        }
+    },
+)
+async def write_stdin(
+    session_id: str,
+    job_id: str,
+    request: Request,
+    who: Owner,
+    svc: Svc,
+    close: Annotated[bool, Query()] = False,
+) -> StdinResult:
+    """Write the raw body to the stdin of a job run with ``"stdin": true``, as it
+    arrives (a big input is streamed, never held whole); with ``close=true`` the job's
+    stdin is then closed (end of file).  An empty body with ``close=true`` only closes.
+    A job still queued is waited for; one that ended is the ``job_state`` error (409)."""
+    written, closed = await svc.jobs.write_stdin(
+        who, session_id, job_id, request_body(request), close=close
+    )
+    return {"written": written, "closed": closed}
+
+
+@router.post("/{job_id}/kill", response_model=JobInfo, status_code=202)
+async def kill_job(
+    session_id: str, job_id: str, who: Owner, svc: Svc, body: KillJobRequest | None = None
+) -> JobInfo:
+    """Send a signal (default ``SIGKILL``: the whole tree dies) to every process of a
+    running job; answers at once (202) with the job as it is.  The job then ends
+    ``failed`` with ``failure_reason`` ``"killed"`` (and ``signal`` if the signal
+    ended it).  A job that ended already is the ``job_state`` error (409)."""
+    record = await svc.jobs.kill(who, session_id, job_id, (body or {}).get("signal"))
+    return svc.jobs.view(record, with_output=False)
+
+
+processes_router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["sessions"])
+
+
+@processes_router.get("/processes", response_model=ProcessList)
+async def list_processes(session_id: str, who: Owner, svc: Svc) -> ProcessList:
+    """Every process of a running session now: pid and parent as the sandbox sees
+    them, user, command, CPU time, resident memory, and the running job it belongs to."""
+    return {"processes": await svc.jobs.processes(who, session_id)}

@@ -2,47 +2,150 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import signal as signals
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from bastion_server.runtime import agent_protocol as protocol
-from bastion_server.runtime.base import ExecSpec, ExitEvent, OutputEvent, Process, SandboxError
+from bastion_server.runtime.base import (
+    ExecSpec,
+    ExitEvent,
+    JobUsage,
+    OutputEvent,
+    Process,
+    SandboxError,
+)
+
+#: Given the agent's exit event, the event to report (the runtime adds what only the
+#: host knows, such as the job cgroup's OOM kills, and releases the job's cgroup).
+ExitHook = Callable[[ExitEvent], Awaitable[ExitEvent]]
+
+
+def _usage(raw: Any) -> JobUsage | None:
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return JobUsage(
+            wall_seconds=int(raw["wall_us"]) / 1e6,
+            user_cpu_seconds=int(raw["user_cpu_us"]) / 1e6,
+            system_cpu_seconds=int(raw["system_cpu_us"]) / 1e6,
+            peak_memory_bytes=int(raw["peak_rss_kb"]) * 1024,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _connect_and_send(socket_path: str, frame: bytes, fds: Sequence[int]) -> socket.socket:
+    """Connect and send the exec frame, with ``fds`` as SCM_RIGHTS (blocking, brief)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+        ancillary = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        sent = sock.sendmsg([frame], ancillary)
+        if sent < len(frame):
+            sock.sendall(frame[sent:])
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
 
 _STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
+
+
+def exec_request(spec: ExecSpec) -> bytes:
+    """The frame that asks an agent to run ``spec`` (the sandbox's, or a node agent's)."""
+    request: dict[str, Any] = {
+        "op": "exec",
+        "argv": spec.argv,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "timeout": spec.timeout,
+        "pty": spec.pty,
+        "rows": spec.rows,
+        "cols": spec.cols,
+    }
+    if spec.stdin:
+        request["stdin"] = True
+    if spec.user is not None:
+        request["user"] = spec.user
+    if spec.limits.cpu_seconds is not None:
+        request["rlimits"] = {"cpu_seconds": spec.limits.cpu_seconds}
+    return protocol.encode_json(request)
+
+
+def exit_event_frame(event: ExitEvent) -> bytes:
+    """An ExitEvent as the agent's ``exit`` frame (what :meth:`AgentProcess.events` reads)."""
+    return protocol.encode_json(
+        {
+            "event": "exit",
+            "exit_code": event.exit_code,
+            "signal": event.signal,
+            "timed_out": event.timed_out,
+            "error": event.error,
+            "message": event.message,
+            "kill_signal": event.kill_signal,
+            "usage": None
+            if event.usage is None
+            else {
+                "wall_us": round(event.usage.wall_seconds * 1e6),
+                "user_cpu_us": round(event.usage.user_cpu_seconds * 1e6),
+                "system_cpu_us": round(event.usage.system_cpu_seconds * 1e6),
+                "peak_rss_kb": (event.usage.peak_memory_bytes or 0) // 1024,
+            },
+        }
+    )
 
 
 class AgentProcess(Process):
     """A process started by a sandbox's agent, over its own Unix connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_exit: ExitHook | None = None,
+    ) -> None:
         self._reader, self._writer = reader, writer
+        self._on_exit = on_exit
         self._exited = False
+        self.pid: int | None = None
 
     @classmethod
-    async def start(cls, socket_path: str, spec: ExecSpec) -> AgentProcess:
+    async def start(
+        cls,
+        socket_path: str,
+        spec: ExecSpec,
+        fds: Sequence[int] = (),
+        on_exit: ExitHook | None = None,
+    ) -> AgentProcess:
+        """Start ``spec``; ``fds`` (cgroup.procs descriptors) go with the request, and
+        ``on_exit`` is given the exit event (also a lost one) before it is reported."""
+        frame = exec_request(spec)
+        limit = protocol.MAX_FRAME + protocol.FRAME_HEADER.size
         try:
-            reader, writer = await asyncio.open_unix_connection(
-                socket_path, limit=protocol.MAX_FRAME + protocol.FRAME_HEADER.size
-            )
+            if fds:
+                sock = await asyncio.to_thread(_connect_and_send, socket_path, frame, fds)
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
+                return cls(reader, writer, on_exit)
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=limit)
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
-        writer.write(
-            protocol.encode_json(
-                {
-                    "op": "exec",
-                    "argv": spec.argv,
-                    "env": spec.env,
-                    "cwd": spec.cwd,
-                    "timeout": spec.timeout,
-                    "pty": spec.pty,
-                    "rows": spec.rows,
-                    "cols": spec.cols,
-                }
-            )
-        )
+        writer.write(frame)
         await writer.drain()
-        return cls(reader, writer)
+        return cls(reader, writer, on_exit)
+
+    async def _exit(self, event: ExitEvent) -> ExitEvent:
+        self._exited = True
+        hook, self._on_exit = self._on_exit, None
+        return await hook(event) if hook is not None else event
 
     async def _read_frame(self) -> tuple[bytes, bytes] | None:
         try:
@@ -59,11 +162,12 @@ class AgentProcess(Process):
             while not self._exited:
                 frame = await self._read_frame()
                 if frame is None:
-                    self._exited = True
-                    yield ExitEvent(
-                        exit_code=None,
-                        error="lost",
-                        message="the sandbox went away while the process ran",
+                    yield await self._exit(
+                        ExitEvent(
+                            exit_code=None,
+                            error="lost",
+                            message="the sandbox went away while the process ran",
+                        )
                     )
                     return
                 kind, payload = frame
@@ -73,14 +177,19 @@ class AgentProcess(Process):
                 if kind != protocol.FRAME_JSON:
                     continue
                 msg = json.loads(payload)
-                if msg.get("event") == "exit":
-                    self._exited = True
-                    yield ExitEvent(
-                        exit_code=msg.get("exit_code"),
-                        signal=msg.get("signal"),
-                        timed_out=bool(msg.get("timed_out")),
-                        error=msg.get("error"),
-                        message=msg.get("message"),
+                if msg.get("event") == "started":
+                    self.pid = msg.get("pid")
+                elif msg.get("event") == "exit":
+                    yield await self._exit(
+                        ExitEvent(
+                            exit_code=msg.get("exit_code"),
+                            signal=msg.get("signal"),
+                            timed_out=bool(msg.get("timed_out")),
+                            error=msg.get("error"),
+                            message=msg.get("message"),
+                            kill_signal=msg.get("kill_signal"),
+                            usage=_usage(msg.get("usage")),
+                        )
                     )
                     return
         finally:
@@ -92,15 +201,24 @@ class AgentProcess(Process):
         self._writer.write(data)
         await self._writer.drain()
 
-    async def kill(self) -> None:
+    async def kill(self, signal: int | None = None) -> None:
+        request: dict[str, Any] = {"op": "kill"}
+        if signal is not None and signal != signals.SIGKILL:
+            request["signal"] = int(signal)
         if not self._exited and not self._writer.is_closing():
             try:
-                await self._send(protocol.encode_json({"op": "kill"}))
+                await self._send(protocol.encode_json(request))
             except (ConnectionError, SandboxError):
                 pass
 
     async def send_input(self, data: bytes) -> None:
-        await self._send(protocol.encode_frame(protocol.FRAME_STDIN, data))
+        for at in range(0, len(data), protocol.MAX_FRAME):
+            await self._send(
+                protocol.encode_frame(protocol.FRAME_STDIN, data[at : at + protocol.MAX_FRAME])
+            )
+
+    async def close_input(self) -> None:
+        await self._send(protocol.encode_json({"op": "close_stdin"}))
 
     async def resize(self, rows: int, cols: int) -> None:
         await self._send(protocol.encode_json({"op": "resize", "rows": rows, "cols": cols}))
@@ -112,6 +230,8 @@ class AgentProcess(Process):
             await self._writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+        if self._on_exit is not None:  # never started reading: release what it holds
+            await self._exit(ExitEvent(exit_code=None, error="lost"))
 
 
 async def ping(socket_path: str, timeout: float = 1.0) -> bool:

@@ -8,13 +8,13 @@ sandboxes named by a session id, runs processes in them and exposes their files.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from bastion_server.runtime.files import SandboxFiles
     from bastion_server.runtime.network import NetworkPolicy
-    from bastion_server.runtime.sandbox_fs import SandboxFS
 
 
 class SandboxError(Exception):
@@ -44,6 +44,34 @@ class SandboxUsage:
 
 
 @dataclass(frozen=True)
+class JobLimits:
+    """Kernel limits of one job, inside its sandbox's: ``memory_mb`` and ``pids`` for
+    the job's whole tree (a cgroup of its own), ``cpu_seconds`` per process (an
+    rlimit: SIGXCPU, then SIGKILL).  None: only the sandbox's own limits apply."""
+
+    memory_mb: int | None = None
+    pids: int | None = None
+    cpu_seconds: int | None = None
+
+    @property
+    def needs_cgroup(self) -> bool:
+        return self.memory_mb is not None or self.pids is not None
+
+
+@dataclass(frozen=True)
+class SandboxProcess:
+    """One process of a running sandbox, as its own pid namespace names it."""
+
+    pid: int
+    ppid: int
+    #: "root", "user" (the sandbox's ordinary user), else the uid inside the sandbox.
+    user: str
+    command: list[str]
+    cpu_seconds: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class ExecSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -52,6 +80,28 @@ class ExecSpec:
     pty: bool = False
     rows: int = 24
     cols: int = 80
+    #: True: the process's stdin is a pipe fed by ``send_input`` until ``close_input``.
+    stdin: bool = False
+    #: "root": the process runs as the sandbox's root; None: as its ordinary user.
+    user: str | None = None
+    limits: JobLimits = field(default_factory=JobLimits)
+    #: A job's id: its process outlives a lost connection (it runs on, its output
+    #: kept in the sandbox, up to ``spool_bytes`` per stream) until the runtime's
+    #: :meth:`Runtime.attach` takes it up again.  Only for a runtime that
+    #: ``reattaches_jobs``; never with a pty.
+    persist_as: str | None = None
+    spool_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    """What a finished process and its descendants used."""
+
+    wall_seconds: float
+    user_cpu_seconds: float
+    system_cpu_seconds: float
+    #: The job cgroup's peak when it had one, else the largest process's peak RSS.
+    peak_memory_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -69,6 +119,17 @@ class ExitEvent:
     #: "not_found", "exec_failed", "start_failed", "timeout", "killed", "lost".
     error: str | None = None
     message: str | None = None
+    #: The signal a ``kill(signal)`` sent (the process may have handled it).
+    kill_signal: int | None = None
+    usage: JobUsage | None = None
+    #: The kernel's OOM killer killed a process of the job (its cgroup's counter, or
+    #: with no job cgroup the sandbox's counter moved while the job ran).
+    oom_killed: bool = False
+    #: The job's pids limit refused a fork.
+    pids_refused: bool = False
+    #: A persistent process's: every byte it wrote to each stream ("stdout",
+    #: "stderr"), also what was past its spool's cap (so what was dropped is known).
+    output_bytes: dict[str, int] | None = None
 
 
 class Process(abc.ABC):
@@ -77,19 +138,33 @@ class Process(abc.ABC):
     @abc.abstractmethod
     def events(self) -> AsyncIterator[OutputEvent | ExitEvent]: ...
 
+    #: The process's pid inside the sandbox once it started (its supervisor's, for
+    #: the agent: an ancestor of every process of the job), else None.
+    pid: int | None = None
+
     @abc.abstractmethod
-    async def kill(self) -> None:
-        """Kill the process and everything it started."""
+    async def kill(self, signal: int | None = None) -> None:
+        """Kill the process and everything it started; with ``signal`` (other than
+        SIGKILL), send that signal to every process of its tree instead."""
 
     @abc.abstractmethod
     async def send_input(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def close_input(self) -> None:
+        """End the process's stdin (with a terminal: send end-of-file)."""
 
     @abc.abstractmethod
     async def resize(self, rows: int, cols: int) -> None: ...
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Drop the connection; a process still running is killed with its tree."""
+        """Drop the connection; a process still running is killed with its tree
+        (a persistent one runs on, for :meth:`Runtime.attach`)."""
+
+    async def forget(self) -> None:  # noqa: B027 - only persistent processes need it
+        """A persistent process ended and its end is recorded: the sandbox may drop
+        what it kept of it (its exit and output)."""
 
 
 class Runtime(abc.ABC):
@@ -165,6 +240,35 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def exec(self, session_id: str, spec: ExecSpec) -> Process: ...
 
+    #: Whether processes started with ``persist_as`` outlive the server (see attach).
+    reattaches_jobs: bool = False
+
+    async def attach(
+        self, session_id: str, job_id: str, stdout_offset: int, stderr_offset: int
+    ) -> Process:
+        """Take up again the persistent process ``job_id`` (started by an earlier
+        server): its output from the given byte of each stream (what is already
+        recorded), then live, then its exit.  A job the sandbox does not know (never
+        ran, or ran in an earlier start of the sandbox) ends at once with error
+        "unknown_job"; SandboxError if the sandbox does not answer."""
+        raise SandboxError(f"the {self.name} runtime cannot reattach a job")
+
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        """Every process of a running sandbox now (a runtime that cannot look says so)."""
+        raise SandboxError(f"the {self.name} runtime cannot list a sandbox's processes")
+
     @abc.abstractmethod
-    def files(self, session_id: str) -> SandboxFS:
-        """File access confined to the sandbox's root filesystem."""
+    def files(self, session_id: str) -> SandboxFiles:
+        """The running sandbox's files, confined to its root (runtime/files.py: an
+        async contract; no host file descriptor crosses it).  SandboxNotRunning if the
+        sandbox does not run."""
+
+    def node_of(self, session_id: str) -> str | None:
+        """The name of the machine that holds the sandbox, for a runtime of several
+        (a cluster's); None for one that runs everything where it is."""
+        return None
+
+    async def find_file(self, session_id: str, paths: Sequence[str]) -> str | None:
+        """The first of ``paths`` the sandbox user can open in the sandbox (a terminal's
+        shell, say), or None.  A runtime whose files are elsewhere looks there."""
+        return await self.files(session_id).find_openable(paths)

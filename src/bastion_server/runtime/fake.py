@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import os
 import shutil
+import signal as signals
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +31,32 @@ from typing import TYPE_CHECKING
 from bastion_server.runtime.base import (
     ExecSpec,
     ExitEvent,
+    JobUsage,
     OutputEvent,
     Process,
     Runtime,
     SandboxError,
     SandboxLimits,
     SandboxNotRunning,
+    SandboxProcess,
     SandboxUsage,
 )
+from bastion_server.runtime.files import SandboxFiles
+from bastion_server.runtime.host_files import HostFiles
 from bastion_server.runtime.sandbox_fs import SandboxFS
 
 if TYPE_CHECKING:
     from bastion_server.runtime.network import NetworkPolicy
 
 
+_PIDS = itertools.count(2)
+
+
 class FakeProcess(Process):
-    """A running program: what it writes becomes events; ``kill`` cancels it."""
+    """A running program: what it writes becomes events; ``kill`` cancels it (with a
+    signal, the program ends as if killed by it).  Its exit event carries usage (the
+    wall time; no CPU time); a program that returns an ExitEvent reports that one (a
+    test's OOM kill, say)."""
 
     def __init__(self, spec: ExecSpec, sandbox: FakeSandbox) -> None:
         self.spec, self.sandbox = spec, sandbox
@@ -50,6 +64,9 @@ class FakeProcess(Process):
         self._input: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._killed = False
+        self._kill_signal: int | None = None
+        self.input_closed = False
+        self.pid: int = next(_PIDS)
         self.size = (spec.rows, spec.cols)
 
     # -- what a program sees ------------------------------------------------------------
@@ -72,16 +89,23 @@ class FakeProcess(Process):
 
     async def _run(self, program: Program) -> None:
         exit_event: ExitEvent
+        began = time.monotonic()
         try:
             async with asyncio.timeout(self.spec.timeout):
                 status = await program(self)
-            exit_event = ExitEvent(exit_code=status)
+            exit_event = status if isinstance(status, ExitEvent) else ExitEvent(exit_code=status)
         except TimeoutError:
             exit_event = ExitEvent(exit_code=None, signal=9, timed_out=True, error="timeout")
         except asyncio.CancelledError:
-            exit_event = ExitEvent(exit_code=None, signal=9, error="killed")
+            sig = self._kill_signal or signals.SIGKILL
+            exit_event = ExitEvent(
+                exit_code=None, signal=sig, error="killed", kill_signal=self._kill_signal
+            )
         except Exception as exc:  # a program's bug is the test's: report it as a crash
             exit_event = ExitEvent(exit_code=None, error="lost", message=repr(exc))
+        if exit_event.usage is None and exit_event.error != "lost":
+            usage = JobUsage(time.monotonic() - began, 0.0, 0.0, None)
+            exit_event = dataclasses.replace(exit_event, usage=usage)
         self.sandbox.processes.discard(self)
         self._events.put_nowait(exit_event)
 
@@ -92,8 +116,9 @@ class FakeProcess(Process):
             if isinstance(event, ExitEvent):
                 return
 
-    async def kill(self) -> None:
+    async def kill(self, signal: int | None = None) -> None:
         self._killed = True
+        self._kill_signal = signal
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,6 +128,7 @@ class FakeProcess(Process):
         self._input.put_nowait(data)
 
     async def close_input(self) -> None:
+        self.input_closed = True
         self._input.put_nowait(None)
 
     async def resize(self, rows: int, cols: int) -> None:
@@ -112,8 +138,9 @@ class FakeProcess(Process):
         await self.kill()
 
 
-#: A program: given its process, writes output, reads input, returns the exit status.
-Program = Callable[[FakeProcess], Awaitable[int]]
+#: A program: given its process, writes output, reads input, returns the exit status
+#: (or the whole exit event).
+Program = Callable[[FakeProcess], Awaitable[int | ExitEvent]]
 
 
 async def _echo(p: FakeProcess) -> int:
@@ -318,7 +345,21 @@ class FakeRuntime(Runtime):
         process.begin(program)
         return process
 
-    def files(self, session_id: str) -> SandboxFS:
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        sandbox = self._running(session_id)
+        return [
+            SandboxProcess(
+                pid=p.pid,
+                ppid=1,
+                user=p.spec.user or "user",
+                command=list(p.spec.argv),
+                cpu_seconds=0.0,
+                memory_bytes=0,
+            )
+            for p in sorted(sandbox.processes, key=lambda p: p.pid)
+        ]
+
+    def files(self, session_id: str) -> SandboxFiles:
         sandbox = self._running(session_id)
         me = (os.getuid(), os.getgid())
-        return SandboxFS(str(sandbox.root), user=me, superuser=me)
+        return HostFiles(SandboxFS(str(sandbox.root), user=me, superuser=me))

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -36,18 +38,31 @@ from pathlib import Path
 from typing import Any
 
 from bastion_server import faults
-from bastion_server.runtime import agent_protocol, freezer, host, idmap, seccomp
+from bastion_server.runtime import (
+    agent_protocol,
+    freezer,
+    host,
+    idmap,
+    job_limits,
+    sandbox_procs,
+    seccomp,
+)
 from bastion_server.runtime.agent_build import BINARY_NAME, find_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
 from bastion_server.runtime.base import (
     ExecSpec,
+    ExitEvent,
     Process,
     Runtime,
     SandboxError,
     SandboxLimits,
     SandboxNotRunning,
+    SandboxProcess,
     SandboxUsage,
 )
+from bastion_server.runtime.cgroups import Cgroup
+from bastion_server.runtime.files import SandboxFiles
+from bastion_server.runtime.host_files import HostFiles
 from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
@@ -525,6 +540,7 @@ class OciRuntime(Runtime):
         await self.network.detach(session_id)
         self._prestarted.discard(session_id)
         await self._run("delete", "--force", self._container(session_id), check=False)
+        await asyncio.to_thread(job_limits.remove_leftovers, Cgroup(self._cgroup(session_id)))
         await asyncio.to_thread(self._unmount, self._dir(session_id))
 
     @staticmethod
@@ -622,7 +638,7 @@ class OciRuntime(Runtime):
     def _sweep_temp_names(self, session_id: str) -> None:
         """Remove upload temp names a crash left in a mounted sandbox (blocking)."""
         try:
-            removed = self.files(session_id).sweep_temp_names()
+            removed = self._host_fs(session_id).sweep_temp_names()
         except (OSError, SandboxNotRunning) as exc:
             log.warning(
                 "upload temp names not swept", extra={"session_id": session_id, "error": str(exc)}
@@ -745,18 +761,33 @@ class OciRuntime(Runtime):
             **({"TERM": "xterm-256color"} if spec.pty else {}),
             **spec.env,
         }
-        spec = ExecSpec(
-            argv=spec.argv,
-            env=env,
-            cwd=spec.cwd or self.image.home,
-            timeout=spec.timeout,
-            pty=spec.pty,
-            rows=spec.rows,
-            cols=spec.cols,
+        spec = dataclasses.replace(spec, env=env, cwd=spec.cwd or self.image.home)
+        # A job cgroup for memory/pids limits; the OOM facts at exit (job_limits.py).
+        fds, on_exit = await job_limits.prepare(
+            Cgroup(self._cgroup(session_id)), f"job_{secrets.token_hex(6)}", spec.limits
         )
-        return await AgentProcess.start(path, spec)
+        try:
+            return await AgentProcess.start(path, spec, fds, on_exit)
+        except BaseException:
+            await on_exit(ExitEvent(exit_code=None, error="start_failed"))
+            raise
+        finally:
+            await job_limits.release_fds(fds)
 
-    def files(self, session_id: str) -> SandboxFS:
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        if not os.path.exists(self.socket_path(session_id)):
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        return await asyncio.to_thread(
+            sandbox_procs.list_processes,
+            Cgroup(self._cgroup(session_id)),
+            self.id_range(session_id),
+            {0: "root", self.image.sandbox_uid: "user"},
+        )
+
+    def files(self, session_id: str) -> SandboxFiles:
+        return HostFiles(self._host_fs(session_id))
+
+    def _host_fs(self, session_id: str) -> SandboxFS:
         rootfs = self._dir(session_id) / "rootfs"
         if not os.path.ismount(rootfs):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")

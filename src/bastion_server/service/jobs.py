@@ -16,9 +16,11 @@ service closes, and are then recorded as killed by the restart.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+import signal as signals
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,21 @@ from bastion.wire import (
     FINAL_JOB_STATUSES,
     MAX_COMMAND_ARGS,
     MAX_COMMAND_BYTES,
+    MAX_INLINE_STDIN,
     ErrorCode,
     JobEvent,
     JobInfo,
     JobOutput,
     JobStatus,
+    JobUsageInfo,
+    ProcessInfo,
 )
 from bastion_server import faults
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
     ExecSpec,
     ExitEvent,
+    JobLimits,
     OutputEvent,
     Process,
     Runtime,
@@ -69,8 +75,43 @@ _FAILURE_MESSAGES = {
     "session_deleted": "the session was deleted while the job ran",
     "server_restarted": "the server restarted while the job ran; its processes were killed",
     "lost": "the sandbox went away while the job ran",
+    "node_lost": "the session's node left the cluster while the job ran",
     "killed": "the job was killed",
+    "oom": "the job ran out of memory and the kernel's OOM killer ended it",
+    "cpu_time": "the job used its CPU time limit of {cpu_seconds}s and was killed",
+    "pids_limit": "the job reached its limit of {pids} processes (a fork was refused)",
+    "output_limit": "the job's output exceeded its limit of {output_bytes} bytes per stream"
+    " and the job was killed",
 }
+
+#: The per-job limits a run may set: name -> the session limit it must stay within.
+_JOB_LIMITS = {"memory_mb": "memory_mb", "cpu_seconds": None, "pids": "pids", "output_bytes": None}
+
+
+def signal_number(value: Any) -> int:
+    """A signal given by name ("SIGTERM", "TERM") or number, checked."""
+    if isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name in signals.Signals.__members__:
+            return int(signals.Signals[name])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            return int(signals.Signals(value))
+    raise invalid(f"signal must be a signal name such as 'SIGTERM' or its number, not {value!r}")
+
+
+def signal_name(number: int | None) -> str | None:
+    if number is None:
+        return None
+    try:
+        return signals.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def _job_state(message: str) -> ServiceError:
+    return ServiceError(ErrorCode.JOB_STATE, message)
 
 
 def _internal_failure(doing: str, exc: Exception) -> str:
@@ -97,6 +138,18 @@ class _LiveJob:
     internal_error: str | None = None
     #: One event per waiter or follower, set on every status change or new output.
     wakers: set[asyncio.Event] = field(default_factory=set)
+    #: Set once the process started (or the job ended without starting).
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The job's whole stdin, given with the run request (fed, then closed).
+    inline_stdin: bytes | None = None
+    #: Its stdin pipe is open for ``write_stdin`` (``"stdin": true``).
+    stdin_open: bool = False
+    #: One writer of stdin at a time (chunks of two bodies must not interleave).
+    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The signal a kill request sent (the job may have handled it).
+    kill_signal: int | None = None
+    #: A stream went past the job's ``output_bytes``: it was killed for it.
+    output_limited: bool = False
 
     def notify(self) -> None:
         for waker in self.wakers:
@@ -156,6 +209,50 @@ class JobService:
         ):
             raise invalid(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}]")
 
+    @staticmethod
+    def _validate_stdin(stdin: Any) -> bytes | None:
+        """The job's whole stdin if given inline (None for none, or an open pipe)."""
+        if stdin is None or isinstance(stdin, bool):
+            return None
+        if not isinstance(stdin, str):
+            raise invalid("stdin must be true, false or a string (the job's whole input)")
+        data = stdin.encode("utf-8", "surrogateescape")
+        if len(data) > MAX_INLINE_STDIN:
+            raise ServiceError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"inline stdin is {len(data)} bytes, over {MAX_INLINE_STDIN}: run the job "
+                "with stdin true and send its input to POST .../jobs/{job_id}/stdin",
+            )
+        return data
+
+    def _validate_limits(self, limits: Any, session_limits: dict[str, Any]) -> dict[str, int]:
+        """The job's own limits, each a positive integer within the session's."""
+        if limits is None:
+            return {}
+        if not isinstance(limits, dict) or set(limits) - set(_JOB_LIMITS):
+            raise invalid(f"limits must be an object of {', '.join(_JOB_LIMITS)}")
+        caps: dict[str, tuple[int, str]] = {
+            "cpu_seconds": (int(MAX_TIMEOUT), "the longest job"),
+            "output_bytes": (self.config.max_output_bytes, "the server's output cap"),
+        }
+        for name, session_name in _JOB_LIMITS.items():
+            if session_name is not None and session_name in session_limits:
+                caps[name] = (int(session_limits[session_name]), "the session's own")
+        checked: dict[str, int] = {}
+        for name, value in limits.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid(f"limits.{name} must be a positive integer")
+            cap, whose = caps[name]
+            if value > cap:
+                raise ServiceError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"limits.{name} of {value} is over {whose} ({cap})",
+                )
+            checked[name] = value
+        return checked
+
     # -- commands -------------------------------------------------------------------
 
     async def run(
@@ -167,9 +264,15 @@ class JobService:
         env: Any = None,
         cwd: Any = None,
         timeout: Any = None,
+        stdin: Any = None,
+        limits: Any = None,
     ) -> JobRecord:
+        """Record a job and start it.  ``stdin``: True keeps the job's stdin open for
+        :meth:`write_stdin`, text is its whole input; ``limits``: see JobLimitsRequest."""
         self._validate(command, env, cwd, timeout)
-        self.sessions.require_running(owner, session_id)
+        inline_stdin = self._validate_stdin(stdin)
+        session = self.sessions.require_running(owner, session_id)
+        job_limits = self._validate_limits(limits, session.limits)
         if self._shutting_down:
             raise shutting_down()  # it would be killed before it could finish
         job_id = new_id("job")
@@ -179,7 +282,13 @@ class JobService:
             session_id=session_id,
             status=JobStatus.QUEUED,
             command=list(command),
-            spec={"env": env or {}, "cwd": cwd, "timeout": timeout},
+            spec={
+                "env": env or {},
+                "cwd": cwd,
+                "timeout": timeout,
+                **({"stdin": True} if stdin is True else {}),
+                **({"limits": job_limits} if job_limits else {}),
+            },
             created_at=now_iso(),
         )
         try:
@@ -188,7 +297,7 @@ class JobService:
             self.sessions.quotas.job_ended(job_id)
             raise
         faults.point("job.after_insert")
-        live = _LiveJob(record)
+        live = _LiveJob(record, inline_stdin=inline_stdin, stdin_open=stdin is True)
         self._live[record.id] = live
         live.task = spawn(self._execute(live), name=f"job {record.id}")
         return record
@@ -296,6 +405,102 @@ class JobService:
             if live is not None:
                 live.wakers.discard(waker)
 
+    # -- stdin, signals, processes --------------------------------------------------
+
+    async def _running(self, owner: str, session_id: str, job_id: str) -> _LiveJob:
+        """The job, once its process started; JOB_STATE if it ended (or never ran)."""
+        record = self.get(owner, session_id, job_id)
+        live = self._live.get(job_id)
+        if live is not None:
+            await live.started.wait()
+        if live is None or live.process is None or job_id not in self._live:
+            raise _job_state(f"job {job_id!r} is {record.status}: it is not running")
+        return live
+
+    async def write_stdin(
+        self,
+        owner: str,
+        session_id: str,
+        job_id: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        close: bool = False,
+    ) -> tuple[int, bool]:
+        """Feed ``chunks`` to the job's stdin as they come (each is sent before the next
+        is read: a big input is never held whole), then close it if ``close``.  The
+        job must have been run with ``stdin`` true.  Returns (bytes written, closed);
+        input the job no longer reads is dropped by the sandbox."""
+        live = await self._running(owner, session_id, job_id)
+        if not live.stdin_open:
+            raise _job_state(
+                f"job {job_id!r} has no open stdin (run it with stdin true; "
+                "it may have been closed already)"
+            )
+        written = 0
+        async with live.stdin_lock:
+            process = live.process
+            assert process is not None
+            try:
+                async for chunk in chunks:
+                    if chunk:
+                        await process.send_input(chunk)
+                        written += len(chunk)
+                if close and live.stdin_open:
+                    live.stdin_open = False
+                    await process.close_input()
+            except (SandboxError, ConnectionError) as exc:
+                raise _job_state(f"job {job_id!r} ended while its stdin was written") from exc
+        return written, not live.stdin_open
+
+    async def kill(self, owner: str, session_id: str, job_id: str, signal: Any) -> JobRecord:
+        """Send ``signal`` to every process of the job (SIGKILL: kill its tree); the
+        job then ends ``failed`` with ``failure_reason`` "killed"."""
+        number = signal_number("SIGKILL" if signal is None else signal)
+        live = await self._running(owner, session_id, job_id)
+        live.kill_signal = number
+        assert live.process is not None
+        await live.process.kill(number)
+        return live.record
+
+    async def processes(self, owner: str, session_id: str) -> builtins.list[ProcessInfo]:
+        """Every process of a running session, with the running job each belongs to
+        (the job whose supervisor, the agent's process for it, is an ancestor)."""
+        self.sessions.require_running(owner, session_id)
+        try:
+            found = await self.runtime.processes(session_id)
+        except SandboxError as exc:
+            raise ServiceError(ErrorCode.SESSION_STATE, str(exc)) from exc
+        supervisors = {
+            live.process.pid: job_id
+            for job_id, live in self._live.items()
+            if live.record.session_id == session_id
+            and live.process is not None
+            and live.process.pid is not None
+        }
+        parents = {p.pid: p.ppid for p in found}
+
+        def job_of(pid: int) -> str | None:
+            for _ in range(len(parents) + 1):
+                if pid in supervisors:
+                    return supervisors[pid]
+                if pid not in parents:
+                    return None
+                pid = parents[pid]
+            return None
+
+        return [
+            {
+                "pid": p.pid,
+                "ppid": p.ppid,
+                "user": p.user,
+                "command": p.command,
+                "cpu_seconds": round(p.cpu_seconds, 3),
+                "memory_bytes": p.memory_bytes,
+                "job_id": job_of(p.pid),
+            }
+            for p in found
+        ]
+
     def view(self, record: JobRecord, *, with_output: bool = True) -> JobInfo:
         """The job as the wire shows it; the output only once the job is final (and
         only when asked: a listing of many jobs carries none)."""
@@ -313,6 +518,8 @@ class JobService:
             "started_at": record.started_at,
             "finished_at": record.finished_at,
             "failure_reason": record.failure_reason,
+            "signal": record.signal,
+            "usage": record.usage,  # type: ignore[typeddict-item]
         }
 
     def output(self, record: JobRecord) -> tuple[str, str]:
@@ -406,7 +613,7 @@ class JobService:
             record.failure_reason = reason or "nonzero_exit"
             if reason is not None:
                 record.error_message = message or _FAILURE_MESSAGES.get(reason, reason).format(
-                    timeout=record.spec.get("timeout")
+                    timeout=record.spec.get("timeout"), **(record.spec.get("limits") or {})
                 )
         if note:
             record.error_message = (
@@ -418,7 +625,12 @@ class JobService:
 
     async def _execute(self, live: _LiveJob) -> None:
         record = live.record
-        writer = JobLogWriter(self.log_path(record.id), self.config.max_output_bytes)
+        limits = record.spec.get("limits") or {}
+        output_cap = limits.get("output_bytes")
+        writer = JobLogWriter(
+            self.log_path(record.id),
+            min(output_cap or self.config.max_output_bytes, self.config.max_output_bytes),
+        )
         exit_event: ExitEvent | None = None
         doing = "start the job"
         try:
@@ -427,12 +639,24 @@ class JobService:
                 env=self.sessions.job_env(record.session_id, record.spec["env"]),
                 cwd=record.spec.get("cwd"),
                 timeout=record.spec.get("timeout"),
+                stdin=live.stdin_open or live.inline_stdin is not None,
+                limits=JobLimits(
+                    memory_mb=limits.get("memory_mb"),
+                    pids=limits.get("pids"),
+                    cpu_seconds=limits.get("cpu_seconds"),
+                ),
             )
             try:
                 live.process = await self.runtime.exec(record.session_id, spec)
             except SandboxError as exc:
                 exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
                 return
+            if live.inline_stdin is not None:
+                if live.inline_stdin:
+                    await live.process.send_input(live.inline_stdin)
+                await live.process.close_input()
+                live.inline_stdin = None
+            live.started.set()
             # Written now: a job the server's death interrupts keeps its real start.
             live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
             self.store.update_job(live.record)
@@ -446,6 +670,13 @@ class JobService:
                         if isinstance(event, OutputEvent):
                             if writer.append(event.stream, event.data):
                                 live.notify()
+                            if (
+                                output_cap
+                                and not live.output_limited
+                                and any(writer.dropped.values())
+                            ):
+                                live.output_limited = True
+                                await live.process.kill()
                             faults.point("job.after_output")
                         else:
                             exit_event = event
@@ -469,9 +700,33 @@ class JobService:
                 self._record_end(live, exit_event, writer.dropped)
             finally:
                 self._live.pop(record.id, None)
+                live.started.set()  # a stdin writer or kill waiting for the start: it ended
                 self.sessions.quotas.job_ended(record.id)
                 live.notify()
                 self.sessions.touch(record.session_id)  # idle time counts from the job's end
+
+    @staticmethod
+    def _hit_cpu_limit(record: JobRecord, event: ExitEvent) -> bool:
+        """The kernel ended the job for its CPU time: SIGXCPU at the soft limit, or
+        SIGKILL at the hard one (a second later) with the CPU time to show for it."""
+        limit = (record.spec.get("limits") or {}).get("cpu_seconds")
+        if limit is None or event.signal not in (signals.SIGXCPU, signals.SIGKILL):
+            return False
+        if event.signal == signals.SIGXCPU:
+            return True
+        used = event.usage.user_cpu_seconds + event.usage.system_cpu_seconds if event.usage else 0
+        return bool(used >= limit * 0.95)
+
+    @staticmethod
+    def _usage_view(event: ExitEvent) -> JobUsageInfo | None:
+        if event.usage is None:
+            return None
+        return {
+            "wall_seconds": round(event.usage.wall_seconds, 6),
+            "user_cpu_seconds": round(event.usage.user_cpu_seconds, 6),
+            "system_cpu_seconds": round(event.usage.system_cpu_seconds, 6),
+            "peak_memory_bytes": event.usage.peak_memory_bytes,
+        }
 
     def _record_end(self, live: _LiveJob, event: ExitEvent | None, dropped: dict[str, int]) -> None:
         record = live.record
@@ -487,6 +742,15 @@ class JobService:
             reason = "server_restarted"
         elif event.timed_out:
             reason = "timeout"
+        elif live.kill_signal is not None and event.error == "killed":
+            reason = "killed"
+            message = f"the job was killed on request with {signal_name(live.kill_signal)}"
+        elif live.output_limited:
+            reason = "output_limit"
+        elif event.oom_killed:
+            reason = "oom"
+        elif self._hit_cpu_limit(record, event):
+            reason = "cpu_time"
         elif event.error == "invalid_cwd":
             reason = event.error
             cwd = record.spec.get("cwd") or "the home directory"
@@ -500,15 +764,23 @@ class JobService:
             )
         elif event.error is not None:
             reason, message = event.error, event.message
+        elif event.pids_refused and event.exit_code != 0:
+            reason = "pids_limit"
         exit_code = event.exit_code if event is not None else None
+        if event is not None:
+            record.signal = signal_name(event.signal)
+            usage = self._usage_view(event)
+            record.usage = dict(usage) if usage is not None else None
         truncation = None
         if any(dropped.values()):
             log.warning("job output truncated", extra={"job_id": record.id, "dropped": dropped})
             lost = ", ".join(f"{n} bytes of {s}" for s, n in dropped.items() if n)
-            truncation = (
-                f"output truncated at {self.config.max_output_bytes} bytes per stream "
-                f"({lost} dropped)"
+            cap = min(
+                (record.spec.get("limits") or {}).get("output_bytes")
+                or self.config.max_output_bytes,
+                self.config.max_output_bytes,
             )
+            truncation = f"output truncated at {cap} bytes per stream ({lost} dropped)"
         self._finish(record, exit_code, reason, message, truncation)
         if reason == "lost":
             # The sandbox may have died under the job: let the session say so.

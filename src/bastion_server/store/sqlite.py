@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     paused_timeout REAL,
-    snapshot TEXT
+    snapshot TEXT,
+    node TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
 CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)
@@ -55,7 +56,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message TEXT,
     created_at TEXT NOT NULL,
     started_at TEXT,
-    finished_at TEXT
+    finished_at TEXT,
+    signal TEXT,
+    usage TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_page ON jobs(session_id, created_at, id);
 """
@@ -140,6 +143,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             *SNAPSHOT_TABLES,
         ],
     ),
+    # The node of a cluster that holds the session (bastion serve --ray).
+    (7, ["ALTER TABLE sessions ADD COLUMN node TEXT"]),
+    # A finished job's verdict: the signal that ended it, what it used (JSON).
+    (8, ["ALTER TABLE jobs ADD COLUMN signal TEXT", "ALTER TABLE jobs ADD COLUMN usage TEXT"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -170,6 +177,8 @@ class SessionRecord:
     paused_timeout: float | None = None
     #: The snapshot the session's files started from (None: the image alone).
     snapshot: str | None = None
+    #: The cluster node that holds the session's sandbox (None: a server of one machine).
+    node: str | None = None
 
 
 @dataclass
@@ -198,6 +207,10 @@ class JobRecord:
     error_message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    #: The signal that ended the job ("SIGSEGV"); None for an exit or a job that never ran.
+    signal: str | None = None
+    #: What the job used (``JobUsageInfo``); None if it never ran, or from an old server.
+    usage: dict[str, Any] | None = None
 
 
 def _column(row: sqlite3.Row, name: str, default: Any) -> Any:
@@ -320,6 +333,7 @@ class Store:
             updated_at=row["updated_at"],
             paused_timeout=row["paused_timeout"],
             snapshot=row["snapshot"],
+            node=row["node"],
         )
 
     def insert_session(self, s: SessionRecord) -> None:
@@ -412,6 +426,9 @@ class Store:
         ).fetchall()
         return [self._session(r) for r in rows]
 
+    def set_session_node(self, session_id: str, node: str) -> None:
+        self._db.execute("UPDATE sessions SET node = ? WHERE id = ?", (node, session_id))
+
     def update_session_status(
         self, session_id: str, status: str, updated_at: str, reason: str | None = None
     ) -> None:
@@ -501,6 +518,8 @@ class Store:
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
+            signal=row["signal"],
+            usage=_column(row, "usage", {}) or None if row["usage"] is not None else None,
         )
 
     def insert_job(self, j: JobRecord) -> None:
@@ -535,7 +554,7 @@ class Store:
     def update_job(self, j: JobRecord) -> None:
         self._db.execute(
             "UPDATE jobs SET status = ?, exit_code = ?, failure_reason = ?, error_message = ?,"
-            " started_at = ?, finished_at = ? WHERE id = ?",
+            " started_at = ?, finished_at = ?, signal = ?, usage = ? WHERE id = ?",
             (
                 j.status,
                 j.exit_code,
@@ -543,6 +562,8 @@ class Store:
                 j.error_message,
                 j.started_at,
                 j.finished_at,
+                j.signal,
+                None if j.usage is None else json.dumps(j.usage),
                 j.id,
             ),
         )
