@@ -228,7 +228,7 @@ class DownloadResponse(StreamingResponse):
             log.info("download cut short", extra={"error": exc.message})
         finally:
             await body.aclose()
-            self.download.close()
+            await self.download.close()
 
 
 @router.delete("", response_model=FileDeleteResult)

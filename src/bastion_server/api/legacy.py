@@ -303,7 +303,7 @@ async def _exists(svc: Services, who: str, session_id: str, path: str) -> bool:
     """Whether ``path`` names something (as the old server's ``stat`` before writing:
     a file created meanwhile by the session itself is replaced, as it could be anyway)."""
     try:
-        (await svc.files.download(who, session_id, path)).close()
+        await (await svc.files.download(who, session_id, path)).close()
     except ServiceError as exc:
         return exc.code not in (ErrorCode.FILE_NOT_FOUND, ErrorCode.NOT_A_DIRECTORY)
     return True

@@ -36,7 +36,6 @@ import stat
 import struct
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from bastion._tar_stream import (
     END_OF_ARCHIVE,
@@ -46,11 +45,11 @@ from bastion._tar_stream import (
     open_stream,
     padding,
 )
+from bastion_server.runtime.files import BadArchive, ExtractResult
 from bastion_server.runtime.sandbox_fs import (
     _SYS_OPENAT2,
     MAX_NAME_BYTES,
     READ_CHUNK,
-    FsError,
     Identity,
     InvalidPath,
     NotADirectory,
@@ -74,20 +73,6 @@ _BENEATH = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS | _R
 _MAX_OPEN_DIRS = 256
 #: Output gathered before a piece of an archive is handed on.
 _OUT_CHUNK = 1024 * 1024
-
-
-class BadArchive(FsError):
-    """The stream is not a tar archive (or is cut short)."""
-
-    kind = "invalid_request"
-
-
-@dataclass
-class ExtractResult:
-    files: int = 0
-    directories: int = 0
-    symlinks: int = 0
-    bytes: int = 0
 
 
 def _beneath(dir_fd: int, name: str, flags: int, mode: int = 0) -> int:

@@ -22,6 +22,9 @@ Names are bytes on Linux; a name that is not UTF-8 is carried as Python carries 
 
 Blocking: every method but :meth:`write` blocks; call them off the event loop (with
 :func:`bastion_server.blocking.run_to_end` where a cancellation must not cut them short).
+The service layer never uses this class directly: :class:`~bastion_server.runtime.
+host_files.HostFiles` offers it as the runtime's async files contract
+(:mod:`bastion_server.runtime.files`, whose types and errors it uses).
 """
 
 from __future__ import annotations
@@ -42,6 +45,43 @@ from datetime import UTC, datetime
 
 from bastion_server import faults
 from bastion_server.blocking import run_to_end, run_to_end_or_undo
+from bastion_server.runtime.files import (
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    READ_CHUNK,
+    DiskFull,
+    Entry,
+    FsError,
+    InvalidPath,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+    encode_name,
+    split_path,
+)
+
+__all__ = [  # the contract's names, which this module's callers have used from here
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "READ_CHUNK",
+    "DiskFull",
+    "Entry",
+    "FsError",
+    "InvalidPath",
+    "IsADirectory",
+    "NotADirectory",
+    "NotEmpty",
+    "NotFound",
+    "PermissionDenied",
+    "SandboxFS",
+    "TooLarge",
+    "acting_as",
+    "encode_name",
+    "split_path",
+]
 
 _SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64 (generic syscall table)
 _RESOLVE_NO_XDEV = 0x01
@@ -56,9 +96,6 @@ for _setfs in (_libc.setfsuid, _libc.setfsgid):
     _setfs.argtypes = [ctypes.c_uint32]
     _setfs.restype = ctypes.c_uint32
 
-MAX_PATH_BYTES = 4096
-MAX_NAME_BYTES = 255
-READ_CHUNK = 1024 * 1024
 #: Upload bytes gathered before one write in a worker thread.
 WRITE_BATCH = 1024 * 1024
 #: What temp names of uploads start with (only ever there for the instant between
@@ -70,48 +107,6 @@ _AT_SYMLINK_FOLLOW = 0x400
 
 if platform.system() != "Linux":  # pragma: no cover
     raise ImportError("SandboxFS needs Linux (openat2)")
-
-
-class FsError(Exception):
-    """A file operation failed; ``kind`` says why in words the service layer maps."""
-
-    kind = "failed"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidPath(FsError):
-    kind = "invalid_path"
-
-
-class NotFound(FsError):
-    kind = "not_found"
-
-
-class NotADirectory(FsError):
-    kind = "not_a_directory"
-
-
-class IsADirectory(FsError):
-    kind = "is_a_directory"
-
-
-class NotEmpty(FsError):
-    kind = "not_empty"
-
-
-class DiskFull(FsError):
-    kind = "disk_full"
-
-
-class TooLarge(FsError):
-    kind = "too_large"
-
-
-class PermissionDenied(FsError):
-    kind = "permission_denied"
 
 
 Identity = tuple[int, int]
@@ -132,43 +127,6 @@ def acting_as(identity: Identity | None) -> Iterator[None]:
     finally:
         _libc.setfsuid(old_uid)
         _libc.setfsgid(old_gid)
-
-
-def encode_name(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    path: str
-    size: int
-    type: str
-    modified_at: str
-    mode: str
-
-
-def split_path(path: str) -> list[str]:
-    """Validate an absolute sandbox path and return its components ('/' -> [])."""
-    if not isinstance(path, str) or not path:
-        raise InvalidPath("path must be a non-empty string")
-    if "\x00" in path:
-        raise InvalidPath("path must not contain NUL bytes")
-    if not path.startswith("/"):
-        raise InvalidPath(f"path must be absolute (start with '/'): {path!r}")
-    try:
-        raw = encode_name(path)
-    except UnicodeEncodeError:
-        raise InvalidPath("path is not valid text") from None
-    if len(raw) > MAX_PATH_BYTES:
-        raise InvalidPath(f"path is longer than {MAX_PATH_BYTES} bytes")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    for part in parts:
-        if part == "..":
-            raise InvalidPath("path must not contain '..' components")
-        if len(encode_name(part)) > MAX_NAME_BYTES:
-            raise InvalidPath(f"path component is longer than {MAX_NAME_BYTES} bytes")
-    return parts
 
 
 def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:

@@ -1,31 +1,25 @@
 """Directory trees in and out of a running session as streamed tar archives.
 
-An upload's body is handed, as it arrives, to an extraction running in a worker
-thread (:func:`bastion_server.runtime.sandbox_archive.extract_archive`) through a
-bounded queue: the server holds a few MiB of it at most, whatever the tree's size, and
-keeps no copy anywhere.  A download is a tar made while the tree is walked.  The body
+An upload's body is handed, as it arrives, to the runtime's files
+(:meth:`SandboxFiles.extract_archive`), which hold a few MiB of it at most, whatever
+the tree's size, and keep no copy anywhere.  A download is a tar made while the tree is
+walked (:meth:`SandboxFiles.read_archive`).  The body
 of an upload counts against ``max_upload_bytes`` like a single file's.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from bastion._tar_stream import QueueReader, SourceFailed
 from bastion.wire import ErrorCode
 from bastion_server.config import ServerConfig
-from bastion_server.runtime import sandbox_archive, sandbox_fs
-from bastion_server.runtime.sandbox_archive import BadArchive, ExtractResult
+from bastion_server.runtime.files import BadArchive, ExtractResult, FsError
 from bastion_server.service.errors import ServiceError
 from bastion_server.service.files import FileService, _service_error
 from bastion_server.service.transfers import Transfer
 
-#: Body bytes gathered before one hand-over to the extracting thread.
-_BATCH = 1024 * 1024
 
-
-def _error(exc: sandbox_fs.FsError) -> ServiceError:
+def _error(exc: FsError) -> ServiceError:
     if isinstance(exc, BadArchive):
         return ServiceError(ErrorCode.INVALID_REQUEST, exc.message)
     return _service_error(exc)
@@ -55,95 +49,59 @@ class ArchiveService:
             )
         fs, transfer = self.files.begin_transfer(owner, session_id)
         try:
-            return await self._extract(fs, path, transfer.guard(chunks), limit, as_root)
+            body = _capped(transfer.guard(chunks), limit)
+            return await fs.extract_archive(path, body, as_root=as_root)
+        except FsError as exc:
+            raise _error(exc) from exc
         finally:
             transfer.finish()  # the extraction has ended: its files are closed
-
-    async def _extract(
-        self,
-        fs: sandbox_fs.SandboxFS,
-        path: str,
-        chunks: AsyncIterator[bytes],
-        limit: int,
-        as_root: bool,
-    ) -> ExtractResult:
-        reader = QueueReader()
-        extraction = asyncio.ensure_future(
-            asyncio.to_thread(sandbox_archive.extract_archive, fs, path, reader, as_root=as_root)
-        )
-        extraction.add_done_callback(lambda _: reader.abandon())
-        failure: BaseException | None = None
-        try:
-            await self._feed(reader, chunks, extraction, limit)
-        except BaseException as exc:  # the client left, sent too much, or the session stops
-            failure = exc
-            await asyncio.to_thread(reader.fail, exc)
-        try:
-            result = await extraction
-        except SourceFailed:
-            assert failure is not None
-            raise failure from None
-        except sandbox_fs.FsError as exc:
-            raise _error(exc) from exc
-        if failure is not None:
-            raise failure
-        return result
-
-    @staticmethod
-    async def _feed(
-        reader: QueueReader,
-        chunks: AsyncIterator[bytes],
-        extraction: asyncio.Future[ExtractResult],
-        limit: int,
-    ) -> None:
-        size = 0
-        batch = bytearray()
-        async for chunk in chunks:
-            if extraction.done():
-                return  # it ended (the archive's end, or an error): the rest is unread
-            size += len(chunk)
-            if size > limit:
-                raise ServiceError(
-                    ErrorCode.FILE_TOO_LARGE, f"archive exceeds the upload limit of {limit} bytes"
-                )
-            batch += chunk
-            if len(batch) >= _BATCH:
-                await asyncio.to_thread(reader.put, bytes(batch))
-                batch.clear()
-        if batch:
-            await asyncio.to_thread(reader.put, bytes(batch))
-        await asyncio.to_thread(reader.close)
 
     async def download(
         self, owner: str, session_id: str, path: str, *, as_root: bool = False
     ) -> AsyncGenerator[bytes, None]:
-        """The tar stream of directory ``path``, made in worker threads; a stop of the
-        session ends it (the answer is cut short).  Close it when done."""
+        """The tar stream of directory ``path``, made as it is sent; a stop of the
+        session ends it (the answer is cut short).  Errors about ``path`` come here,
+        before any byte.  Close it when done."""
         fs, transfer = self.files.begin_transfer(owner, session_id)
+        tree = fs.read_archive(path, as_root=as_root)
         try:
-            fd = await asyncio.to_thread(sandbox_archive.open_tree, fs, path, as_root=as_root)
+            first = await anext(aiter(tree), b"")
         except BaseException as exc:
+            await _aclose(tree)
             transfer.finish()
-            if isinstance(exc, sandbox_fs.FsError):
+            if isinstance(exc, FsError):
                 raise _error(exc) from exc
             raise
-        return self._pieces(sandbox_archive.iter_tree(fs, fd, as_root=as_root), transfer)
+        return self._pieces(first, tree, transfer)
 
     @staticmethod
-    async def _pieces(tree: Iterator[bytes], transfer: Transfer) -> AsyncGenerator[bytes, None]:
+    async def _pieces(
+        first: bytes, tree: AsyncIterator[bytes], transfer: Transfer
+    ) -> AsyncGenerator[bytes, None]:
         try:
-            while True:
+            if first:
+                yield first
+            async for piece in tree:
                 transfer.raise_if_ended()
-                piece = await asyncio.to_thread(next, tree, None)
-                if piece is None:
-                    return
                 yield piece
         finally:
-            await asyncio.to_thread(_close, tree)
+            await _aclose(tree)
             transfer.finish()
 
 
-def _close(tree: Iterator[bytes]) -> None:
-    close = getattr(tree, "close", None)
+async def _capped(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``chunks``, refused once they exceed ``limit`` bytes in all."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(
+                ErrorCode.FILE_TOO_LARGE, f"archive exceeds the upload limit of {limit} bytes"
+            )
+        yield chunk
+
+
+async def _aclose(tree: AsyncIterator[bytes]) -> None:
+    close = getattr(tree, "aclose", None)
     if close is not None:
-        close()
+        await close()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from bastion.wire import ErrorCode, SessionStatus
-from bastion_server.blocking import run_to_end, run_to_end_or_undo
 from bastion_server.config import ServerConfig
-from bastion_server.runtime import sandbox_fs
+from bastion_server.runtime import files as sandbox_files
 from bastion_server.runtime.base import Runtime, SandboxNotRunning
-from bastion_server.runtime.sandbox_fs import Entry, SandboxFS
+from bastion_server.runtime.files import Entry, FileReader, FsError, SandboxFiles
 from bastion_server.service.errors import ServiceError
 from bastion_server.service.paging import Key, Page, PageRequest, invalid_cursor, take_page
 from bastion_server.service.sessions import SessionService
@@ -35,13 +32,13 @@ _CODES = {
 }
 
 
-def _service_error(exc: sandbox_fs.FsError) -> ServiceError:
+def _service_error(exc: FsError) -> ServiceError:
     return ServiceError(_CODES[exc.kind], exc.message)
 
 
 def _name_key(entry: Entry) -> Key:
     """A listing's key: the name's bytes (as hex: a name need not be UTF-8)."""
-    return (sandbox_fs.encode_name(entry.name).hex(),)
+    return (sandbox_files.encode_name(entry.name).hex(),)
 
 
 class Download:
@@ -49,28 +46,29 @@ class Download:
     each handed on with :meth:`send` (a stop of the session ends it: ServiceError
     ``session_stopped``).  Whoever takes it must :meth:`close` it in the end."""
 
-    def __init__(self, fd: int, size: int, transfer: Transfer) -> None:
-        self.size, self._fd, self._transfer = size, fd, transfer
+    def __init__(self, reader: FileReader, transfer: Transfer) -> None:
+        self.size, self._reader, self._transfer = reader.size, reader, transfer
+        self._closed = False
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             while True:
                 self._transfer.raise_if_ended()
-                chunk = await run_to_end(os.read, self._fd, sandbox_fs.READ_CHUNK)
+                chunk = await self._reader.read()
                 if not chunk:
                     return
                 yield chunk
         finally:
-            self.close()
+            await self.close()
 
     async def send(self, step: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Await ``step``, the client taking bytes: a stop of the session interrupts it."""
         return await self._transfer.wait(step, *args, **kwargs)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._reader.close()
             self._transfer.finish()
 
 
@@ -82,16 +80,16 @@ class FileService:
         sessions.before_sandbox_stops.insert(0, self._end_transfers)
         sessions.busy_checks.append(self.transfers.active)
 
-    def _fs(self, owner: str, session_id: str) -> SandboxFS:
+    def _fs(self, owner: str, session_id: str) -> SandboxFiles:
         return self._running_fs(self.sessions.require_running(owner, session_id))
 
-    def _running_fs(self, record: SessionRecord) -> SandboxFS:
+    def _running_fs(self, record: SessionRecord) -> SandboxFiles:
         try:
             return self.runtime.files(record.id)
         except SandboxNotRunning as exc:
             raise ServiceError(ErrorCode.SESSION_STATE, str(exc)) from exc
 
-    def begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFS, Transfer]:
+    def begin_transfer(self, owner: str, session_id: str) -> tuple[SandboxFiles, Transfer]:
         """The session's files and a transfer of them (an upload, a download, an
         archive's): :meth:`Transfer.finish` it once its files are closed."""
         record = self.sessions.require_running(owner, session_id)
@@ -114,8 +112,8 @@ class FileService:
     def check_path(path: str) -> None:
         """Reject a bad path before any byte of a request body is read."""
         try:
-            sandbox_fs.split_path(path)
-        except sandbox_fs.FsError as exc:
+            sandbox_files.split_path(path)
+        except FsError as exc:
             raise _service_error(exc) from exc
 
     async def upload(
@@ -139,7 +137,7 @@ class FileService:
         fs, transfer = self.begin_transfer(owner, session_id)
         try:
             return await fs.write(path, transfer.guard(chunks), limit, mode=mode, as_root=as_root)
-        except sandbox_fs.FsError as exc:
+        except FsError as exc:
             raise _service_error(exc) from exc
         finally:
             transfer.finish()  # its files are closed: a stop waiting for it may go on
@@ -163,10 +161,8 @@ class FileService:
         fs = self._fs(owner, session_id)
         count = page.limit + 1 if page is not None else None
         try:
-            entries = await asyncio.to_thread(
-                fs.list, path, after=start, count=count, as_root=as_root
-            )
-        except sandbox_fs.FsError as exc:
+            entries = await fs.list(path, after=start, count=count, as_root=as_root)
+        except FsError as exc:
             raise _service_error(exc) from exc
         if page is None:
             return Page(entries, None)
@@ -178,22 +174,20 @@ class FileService:
         """The file, opened: its size and its bytes (see :class:`Download`)."""
         fs, transfer = self.begin_transfer(owner, session_id)
         try:
-            fd, size = await run_to_end_or_undo(
-                lambda opened: os.close(opened[0]), fs.open_read, path, as_root=as_root
-            )
-        except sandbox_fs.FsError as exc:
+            reader = await fs.open_read(path, as_root=as_root)
+        except FsError as exc:
             transfer.finish()
             raise _service_error(exc) from exc
         except BaseException:
             transfer.finish()
             raise
-        return Download(fd, size, transfer)
+        return Download(reader, transfer)
 
     async def delete(
         self, owner: str, session_id: str, path: str, *, recursive: bool, as_root: bool = False
     ) -> None:
         fs = self._fs(owner, session_id)
         try:
-            await asyncio.to_thread(fs.delete, path, recursive=recursive, as_root=as_root)
-        except sandbox_fs.FsError as exc:
+            await fs.delete(path, recursive=recursive, as_root=as_root)
+        except FsError as exc:
             raise _service_error(exc) from exc
