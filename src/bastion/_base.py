@@ -41,6 +41,7 @@ from ._exceptions import (
     InvalidRequestError,
     JobFailedError,
     JobNotFoundError,
+    JobStateError,
     JobTimeoutError,
     NotFoundError,
     QuotaExceededError,
@@ -56,6 +57,7 @@ from .wire import (
     FINAL_JOB_STATUSES,
     IDEMPOTENCY_HEADER,
     JOB_WAIT_MAX_HOLD,
+    MAX_INLINE_STDIN,
     CreateKeyRequest,
     CreateSessionRequest,
     ErrorCode,
@@ -63,6 +65,7 @@ from .wire import (
     FileDeleteResult,
     JobEvent,
     JobInfo,
+    JobLimitsRequest,
     KeyScopeName,
     NetworkRequest,
     RunJobRequest,
@@ -297,6 +300,7 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
     ErrorCode.INVALID_COMMAND: InvalidCommandError,
+    ErrorCode.JOB_STATE: JobStateError,
 }
 
 #: Codes whose class depends on the operation (an upload fails with FileUploadError...).
@@ -731,6 +735,51 @@ def run_job_request(
     )
 
 
+def job_stdin_request(
+    session_id: str, job_id: str, body: UploadBody | None, *, close: bool
+) -> APIRequest:
+    """``POST .../stdin``: not retried (a repeat would feed the input twice)."""
+    return APIRequest(
+        "POST",
+        _session_url(session_id, "jobs", job_id, "stdin"),
+        params={"close": "true"} if close else None,
+        body=body,
+        idempotent=False,
+    )
+
+
+def kill_job_request(session_id: str, job_id: str, signal: str | int) -> APIRequest:
+    return APIRequest(
+        "POST",
+        _session_url(session_id, "jobs", job_id, "kill"),
+        json={"signal": signal},
+        idempotent=False,
+    )
+
+
+def processes_request(session_id: str) -> APIRequest:
+    return APIRequest("GET", _session_url(session_id, "processes"))
+
+
+def split_stdin(stdin: object) -> tuple[bool | str | None, object]:
+    """What a run request carries for ``stdin``, and what is left to stream after it:
+    small text (or UTF-8 bytes) goes inline; other bytes, or a file object, go through
+    the stdin endpoint (the job is run with an open stdin, ``True``, first)."""
+    if stdin is None or isinstance(stdin, bool):
+        return stdin, None
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    if isinstance(stdin, bytes | bytearray | memoryview):
+        data = bytes(stdin)
+        if len(data) <= MAX_INLINE_STDIN:
+            try:
+                return data.decode("utf-8"), None
+            except UnicodeDecodeError:
+                pass
+        return True, data
+    return True, stdin
+
+
 def get_job_request(session_id: str, job_id: str) -> APIRequest:
     return APIRequest("GET", _session_url(session_id, "jobs", job_id))
 
@@ -913,8 +962,14 @@ def run_job_body(
     env: Mapping[str, str] | None,
     cwd: str | None,
     timeout: float | None,
+    stdin: bool | str | None = None,
+    limits: JobLimitsRequest | Mapping[str, int] | None = None,
 ) -> RunJobRequest:
     body: RunJobRequest = {"command": normalize_command(command)}
+    if stdin is not None and stdin is not False:
+        body["stdin"] = stdin
+    if limits is not None:
+        body["limits"] = cast(JobLimitsRequest, dict(limits))
     if env is not None:
         body["env"] = dict(env)
     if cwd is not None:

@@ -26,6 +26,7 @@ value, or ``None`` when the failure did not come from an error response) and the
     ├── JobError
     │   ├── JobNotFoundError          [NotFoundError] job_not_found
     │   ├── InvalidCommandError       invalid_command
+    │   ├── JobStateError             job_state: stdin or kill of a job not running
     │   ├── JobFailedError            [Mapping] the job ended "failed"; it *is* the result
     │   └── JobTimeoutError           [TimeoutError] wait()/watch() deadline passed
     ├── FileError                     file codes, as the class of the operation performed
@@ -73,6 +74,7 @@ __all__ = [
     "JobError",
     "JobFailedError",
     "JobNotFoundError",
+    "JobStateError",
     "JobTimeoutError",
     "LocalFileError",
     "NotFoundError",
@@ -213,6 +215,10 @@ class JobNotFoundError(JobError, NotFoundError):
 
 class InvalidCommandError(JobError):
     """The command is empty or otherwise unusable."""
+
+
+class JobStateError(JobError):
+    """The job cannot do this now: it ended, or has no open stdin to write to."""
 
 
 class JobFailedError(JobError, Mapping[str, object]):

@@ -30,18 +30,35 @@ from .._base import (
     get_job_request,
     is_final,
     job_events_request,
+    job_stdin_request,
     job_timeout_error,
+    kill_job_request,
     list_jobs_request,
     parse_job_event,
     run_job_body,
     run_job_request,
+    split_stdin,
     stream_ended_early,
     wait_job_request,
     watch_hold,
 )
 from .._exceptions import APITimeoutError, BastionError
+from .._local_files import (
+    AsyncUploadData,
+    UploadData,
+    async_upload_body,
+    upload_body,
+)
 from .._pages import merge_pages, wants_every_page
-from ..wire import JOB_WAIT_MAX_HOLD, MAX_PAGE_SIZE, JobEvent, JobInfo, JobList
+from ..wire import (
+    JOB_WAIT_MAX_HOLD,
+    MAX_PAGE_SIZE,
+    JobEvent,
+    JobInfo,
+    JobLimitsRequest,
+    JobList,
+    StdinResult,
+)
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
@@ -61,6 +78,8 @@ class Jobs:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        stdin: bool | str | UploadData | None = None,
+        limits: JobLimitsRequest | Mapping[str, int] | None = None,
     ) -> JobInfo:
         """Start a command in the session and return at once (the job is queued).
 
@@ -75,6 +94,13 @@ class Jobs:
             cwd: Working directory inside the session.
             timeout: Seconds after which the server kills the job's processes and
                 fails it (``failure_reason`` ``"timeout"``); ``None`` = no limit.
+            stdin: The job's input: ``bytes``/``str`` or a binary file object is fed
+                to it and then closed (up to 1 MiB of text goes in the run request;
+                more, or a file, is streamed after it); ``True`` keeps it open for
+                :meth:`write_stdin` / :meth:`close_stdin`; ``None``: no input.
+            limits: The job's own limits, within the session's: ``memory_mb``,
+                ``cpu_seconds``, ``pids``, ``output_bytes`` (failure reasons
+                ``"oom"``, ``"cpu_time"``, ``"pids_limit"``, ``"output_limit"``).
 
         Returns:
             The new job's ``JobInfo`` (``job_id``, ``status``, ...).
@@ -85,7 +111,41 @@ class Jobs:
             SessionNotFoundError: No session has this id.
             SessionStateError: The session is not running.
         """
-        request = run_job_request(session_id, run_job_body(command, env, cwd, timeout))
+        inline, rest = split_stdin(stdin)
+        body = run_job_body(command, env, cwd, timeout, inline, limits)
+        job = cast(JobInfo, self._client._request(run_job_request(session_id, body)))
+        if rest is not None:
+            self.write_stdin(session_id, job["job_id"], cast(UploadData, rest), close=True)
+        return job
+
+    def write_stdin(
+        self, session_id: str, job_id: str, data: str | UploadData, *, close: bool = False
+    ) -> StdinResult:
+        """Write to the stdin of a job run with ``stdin=True`` (a file object is
+        streamed in chunks); with ``close`` its stdin is then closed.
+
+        Raises:
+            JobStateError: The job ended, or has no open stdin.
+        """
+        content = data.encode() if isinstance(data, str) else data
+        request = job_stdin_request(session_id, job_id, upload_body(content), close=close)
+        return cast(StdinResult, self._client._request(request))
+
+    def close_stdin(self, session_id: str, job_id: str) -> StdinResult:
+        """Close a job's stdin (it reads end of file)."""
+        request = job_stdin_request(session_id, job_id, None, close=True)
+        return cast(StdinResult, self._client._request(request))
+
+    def kill(self, session_id: str, job_id: str, signal: str | int = "SIGTERM") -> JobInfo:
+        """Send ``signal`` to every process of a running job (``"SIGKILL"`` kills its
+        whole tree at once).  Returns at once; the job then ends ``failed`` with
+        ``failure_reason`` ``"killed"`` (and ``signal`` if the signal ended it).
+
+        Raises:
+            JobStateError: The job is not running.
+            InvalidRequestError: No such signal.
+        """
+        request = kill_job_request(session_id, job_id, signal)
         return cast(JobInfo, self._client._request(request))
 
     def get(self, session_id: str, job_id: str) -> JobInfo:
@@ -139,6 +199,8 @@ class Jobs:
         wait_timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        stdin: bool | str | UploadData | None = None,
+        limits: JobLimitsRequest | Mapping[str, int] | None = None,
     ) -> JobInfo:
         """Run a command and wait for its result, optionally watching its output live.
 
@@ -155,6 +217,9 @@ class Jobs:
                 it is produced (the job's event stream is followed).
             on_stderr: Likewise for standard error.  All chunks of both have been
                 delivered, in order, before this returns or raises.
+            stdin: The job's input, as for :meth:`run` (small text keeps this one
+                round trip).
+            limits: The job's own limits, as for :meth:`run`.
 
         Returns:
             The final ``JobInfo``; ``result["output"]["console_output"]`` is stdout
@@ -167,7 +232,8 @@ class Jobs:
             InvalidCommandError: The server rejected the command.
             SessionStateError: The session is not running.
         """
-        if on_stdout is None and on_stderr is None:
+        inline, rest = split_stdin(stdin)
+        if on_stdout is None and on_stderr is None and rest is None:
             # One round trip for a short job: the run request itself waits.
             poll = LongPoll(wait_timeout)
             hold = poll.next_hold(JOB_WAIT_MAX_HOLD)
@@ -176,7 +242,7 @@ class Jobs:
                 self._client._request(
                     run_job_request(
                         session_id,
-                        run_job_body(command, env, cwd, timeout),
+                        run_job_body(command, env, cwd, timeout, inline, limits),
                         hold,
                         self._client._long_poll_timeout(hold),
                     )
@@ -187,7 +253,9 @@ class Jobs:
             if poll.expired():
                 raise job_timeout_error(job, wait_timeout)
             return check_job_result(self._wait_final(session_id, job["job_id"], wait_timeout, poll))
-        job = self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
+        job = self.run(
+            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+        )
         follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
         return check_job_result(self._follow(session_id, job["job_id"], follower))
 
@@ -491,8 +559,31 @@ class AsyncJobs:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        stdin: bool | str | AsyncUploadData | None = None,
+        limits: JobLimitsRequest | Mapping[str, int] | None = None,
     ) -> JobInfo:
-        request = run_job_request(session_id, run_job_body(command, env, cwd, timeout))
+        inline, rest = split_stdin(stdin)
+        body = run_job_body(command, env, cwd, timeout, inline, limits)
+        job = cast(JobInfo, await self._client._request(run_job_request(session_id, body)))
+        if rest is not None:
+            await self.write_stdin(
+                session_id, job["job_id"], cast(AsyncUploadData, rest), close=True
+            )
+        return job
+
+    async def write_stdin(
+        self, session_id: str, job_id: str, data: str | AsyncUploadData, *, close: bool = False
+    ) -> StdinResult:
+        content = data.encode() if isinstance(data, str) else data
+        request = job_stdin_request(session_id, job_id, async_upload_body(content), close=close)
+        return cast(StdinResult, await self._client._request(request))
+
+    async def close_stdin(self, session_id: str, job_id: str) -> StdinResult:
+        request = job_stdin_request(session_id, job_id, None, close=True)
+        return cast(StdinResult, await self._client._request(request))
+
+    async def kill(self, session_id: str, job_id: str, signal: str | int = "SIGTERM") -> JobInfo:
+        request = kill_job_request(session_id, job_id, signal)
         return cast(JobInfo, await self._client._request(request))
 
     async def get(self, session_id: str, job_id: str) -> JobInfo:
@@ -512,6 +603,8 @@ class AsyncJobs:
         wait_timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        stdin: bool | str | AsyncUploadData | None = None,
+        limits: JobLimitsRequest | Mapping[str, int] | None = None,
     ) -> JobInfo:
         """Run a command and wait for its result, optionally watching its output live.
 
@@ -537,7 +630,8 @@ class AsyncJobs:
             InvalidCommandError: The server rejected the command.
             SessionStateError: The session is not running.
         """
-        if on_stdout is None and on_stderr is None:
+        inline, rest = split_stdin(stdin)
+        if on_stdout is None and on_stderr is None and rest is None:
             # One round trip for a short job: the run request itself waits.
             poll = LongPoll(wait_timeout)
             hold = poll.next_hold(JOB_WAIT_MAX_HOLD)
@@ -546,7 +640,7 @@ class AsyncJobs:
                 await self._client._request(
                     run_job_request(
                         session_id,
-                        run_job_body(command, env, cwd, timeout),
+                        run_job_body(command, env, cwd, timeout, inline, limits),
                         hold,
                         self._client._long_poll_timeout(hold),
                     )
@@ -559,7 +653,9 @@ class AsyncJobs:
             return check_job_result(
                 await self._wait_final(session_id, job["job_id"], wait_timeout, poll)
             )
-        job = await self.run(session_id, command, env=env, cwd=cwd, timeout=timeout)
+        job = await self.run(
+            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+        )
         follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
         return check_job_result(await self._follow(session_id, job["job_id"], follower))
 

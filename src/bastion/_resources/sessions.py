@@ -13,6 +13,7 @@ from .._base import (
     docs_from,
     get_session_request,
     list_sessions_request,
+    processes_request,
     session_action_recovered,
     session_action_request,
     session_reached,
@@ -23,6 +24,8 @@ from ..wire import (
     MAX_PAGE_SIZE,
     ExpiryAction,
     NetworkRequest,
+    ProcessInfo,
+    ProcessList,
     SessionInfo,
     SessionLimits,
     SessionList,
@@ -122,6 +125,17 @@ class Sessions:
     def status(self, session_id: str) -> SessionInfo:
         """Alias of :meth:`get`: the session's info, whose ``"status"`` is its state."""
         return self.get(session_id)
+
+    def processes(self, session_id: str) -> list[ProcessInfo]:
+        """Every process of a running session now: ``pid``, ``ppid``, ``user``,
+        ``command``, ``cpu_seconds``, ``memory_bytes`` and the ``job_id`` of the
+        running job it belongs to (None for the sandbox's own).
+
+        Raises:
+            SessionStateError: The session is not running.
+        """
+        answer = cast(ProcessList, self._client._request(processes_request(session_id)))
+        return answer["processes"]
 
     def start(self, session_id: str) -> SessionInfo:
         """Start a created or stopped session; its status becomes ``"running"``.
@@ -306,6 +320,10 @@ class AsyncSessions:
 
     async def status(self, session_id: str) -> SessionInfo:
         return await self.get(session_id)
+
+    async def processes(self, session_id: str) -> list[ProcessInfo]:
+        answer = cast(ProcessList, await self._client._request(processes_request(session_id)))
+        return answer["processes"]
 
     async def start(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "start")
