@@ -65,6 +65,9 @@ def ratios(results: Results) -> dict[str, float | None]:
         # Against the floors: how much more than a bare crun exec / a host process.
         "run_and_wait_over_crun_exec": _ratio(raw, median(results, "baselines", "crun_exec")),
         "run_and_wait_over_host_true": _ratio(raw, median(results, "baselines", "host_true")),
+        "agent_direct_over_host_true": _ratio(
+            median(results, "jobs", "agent_direct"), median(results, "baselines", "host_true")
+        ),
         # The breakdown: SDK over one raw HTTP request, HTTP over the agent alone.
         "run_and_wait_over_http_post_wait": _ratio(raw, median(results, "jobs", "http_post_wait")),
         "http_post_wait_over_agent_direct": _ratio(
@@ -186,6 +189,10 @@ def render(results: Results) -> str:
             cells,
             "jobs/s across 16 sessions" if level == "16" else None,
         )
+    for kind, label in (("warm", "one warm session"), ("fresh", "a fresh session each")):
+        rate = dig(results, "judge", kind, "submissions_per_s")
+        cells = (f"{rate} submissions/s", "100 judged, own limits each") if rate else ("-", "")
+        add(f"judge: {label}", cells)
     for direction in ("upload", "download"):
         s = dig(results, "files", direction) or {}
         cells = (f"{s['median']} MiB/s", f"worst {s['min']} MiB/s") if s.get("n") else ("-", "")
@@ -264,6 +271,7 @@ def render(results: Results) -> str:
         "podman_run_over_create_to_first_result": "podman run --rm / (create+start+first job)",
         "run_and_wait_over_crun_exec": "run_and_wait / crun exec",
         "run_and_wait_over_host_true": "run_and_wait / host true",
+        "agent_direct_over_host_true": "agent directly / host true (fork+exec floor)",
         "run_and_wait_over_http_post_wait": "run_and_wait / one raw HTTP request",
         "http_post_wait_over_agent_direct": "one raw HTTP request / agent directly",
     }

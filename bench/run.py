@@ -29,6 +29,7 @@ from bench import (
     density,
     files,
     jobs,
+    judge,
     lifecycle,
     load,
     parallel,
@@ -51,6 +52,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "terminal": ("terminal echo round trip", terminal.run),
     "density": ("idle running sessions: memory per session, job latency", density.run),
     "load": ("100 concurrent creates, 3000 jobs by 64 concurrent callers, deletes", load.run),
+    "judge": ("100 judged submissions, each with its own limits: warm and fresh", judge.run),
 }
 
 
