@@ -87,7 +87,7 @@ def test_wheel_contents(wheel: Path) -> None:
     for required in (
         "bastion/__init__.py",
         "bastion/py.typed",
-        "bastion/cli.py",
+        "bastion/cli/__init__.py",
         "bastion/wire.py",
         "bastion/_resources/jobs.py",
         "bastion_server/__init__.py",

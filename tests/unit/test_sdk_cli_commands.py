@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bastion import _cli_progress
+from bastion.cli import progress as cli_progress
 from bastion.cli import ExitCode, main
 
 URL = "http://bastion.test"
@@ -700,7 +700,7 @@ class TtyStream(io.StringIO):
 def test_progress_bar_on_a_tty_for_large_transfers(
     server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_cli_progress, "MIN_BYTES", 1000)
+    monkeypatch.setattr(cli_progress, "MIN_BYTES", 1000)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(3 * 1024 * 1024))
     small = tmp_path / "small.bin"
@@ -729,7 +729,7 @@ def test_no_progress_bar_without_a_tty(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(_cli_progress, "MIN_BYTES", 1)
+    monkeypatch.setattr(cli_progress, "MIN_BYTES", 1)
     big = tmp_path / "big.bin"
     big.write_bytes(b"y" * 100_000)
     assert cli(server, "files", "upload", str(big), "s1:/tmp/big.bin") == 0

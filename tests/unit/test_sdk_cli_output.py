@@ -21,8 +21,8 @@ from bastion import (
     SessionStateError,
     TerminalAuthenticationError,
 )
-from bastion._cli_errors import ExitCode, UsageError, describe
-from bastion._cli_format import (
+from bastion.cli.errors import ExitCode, UsageError, describe
+from bastion.cli.format import (
     command_text,
     format_duration,
     format_size,
@@ -31,7 +31,7 @@ from bastion._cli_format import (
     table,
     write_json,
 )
-from bastion._cli_progress import CountingReader, CountingWriter, Progress
+from bastion.cli.progress import CountingReader, CountingWriter, Progress
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ import pytest
 from tests.unit.test_sdk_terminal import API_KEY, Connection, FakeTerminalServer
 from websockets.sync.server import ServerConnection
 
-from bastion import Terminal, cli
+from bastion import Terminal
+from bastion.cli import shell as cli
 from bastion.cli import EXEC_FAILED, main
 
 #: A hang (a bug) fails one test quickly instead of stalling the run.

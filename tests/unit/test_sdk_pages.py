@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from bastion import AsyncBastion, Bastion, ServerError
-from bastion._cli_commands import page_size
+from bastion.cli.common import page_size
 from bastion.wire import MAX_PAGE_SIZE
 
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
-from ._cli_format import format_size
+from .format import format_size
 
 __all__ = ["MIN_BYTES", "CountingReader", "CountingWriter", "Progress"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from enum import IntEnum
 
-from ._exceptions import (
+from .._exceptions import (
     APIConnectionError,
     AuthenticationError,
     BastionError,
@@ -24,7 +24,7 @@ from ._exceptions import (
     SessionStateError,
     TerminalConnectionError,
 )
-from .wire import ErrorCode
+from ..wire import ErrorCode
 
 __all__ = ["ExitCode", "UsageError", "describe"]
 

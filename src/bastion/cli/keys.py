@@ -6,19 +6,19 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, cast
 
-from ._cli_errors import ExitCode
-from ._cli_format import format_time_ago, table, write_json
-from .wire import KeyScope, KeyScopeName
+from ..wire import KeyScope, KeyScopeName
+from .common import add_command, add_group, json_mode, print_lines, table_width, to_stderr
+from .errors import ExitCode
+from .format import format_time_ago, table, write_json
 
 if TYPE_CHECKING:
-    from ._cli_commands import _Subparsers
-    from ._client import Bastion
+    from .._client import Bastion
+    from .common import Subparsers
 
 
-def add_keys_command(subparsers: _Subparsers, common: list[argparse.ArgumentParser]) -> None:
-    from ._cli_commands import _group, _parser
+def add_keys_command(subparsers: Subparsers, common: list[argparse.ArgumentParser]) -> None:
 
-    actions = _group(
+    actions = add_group(
         subparsers,
         "keys",
         help="make, list and revoke API keys (admin)",
@@ -32,7 +32,7 @@ def add_keys_command(subparsers: _Subparsers, common: list[argparse.ArgumentPars
             "bastion keys revoke ci",
         ],
     )
-    create = _parser(
+    create = add_command(
         actions,
         "create",
         help="make a key (printed once)",
@@ -56,7 +56,7 @@ def add_keys_command(subparsers: _Subparsers, common: list[argparse.ArgumentPars
     create.add_argument("-q", "--quiet", action="store_true", help="print only the key")
     create.set_defaults(runner=_keys_create)
 
-    list_ = _parser(
+    list_ = add_command(
         actions,
         "list",
         help="list the keys (never the keys themselves)",
@@ -67,7 +67,7 @@ def add_keys_command(subparsers: _Subparsers, common: list[argparse.ArgumentPars
     )
     list_.set_defaults(runner=_keys_list)
 
-    revoke = _parser(
+    revoke = add_command(
         actions,
         "revoke",
         help="revoke a made key",
@@ -81,16 +81,15 @@ def add_keys_command(subparsers: _Subparsers, common: list[argparse.ArgumentPars
 
 
 def _keys_create(client: Bastion, args: argparse.Namespace) -> int:
-    from ._cli_commands import _json_mode, _print_lines, _stderr
 
     made = client.keys.create(cast(KeyScopeName, args.scope), name=args.name, tenant=args.tenant)
-    if _json_mode(args):
+    if json_mode(args):
         write_json(sys.stdout, made)
     elif args.quiet:
-        _print_lines([made["api_key"]])
+        print_lines([made["api_key"]])
     else:
-        _print_lines([made["api_key"]])
-        _stderr(
+        print_lines([made["api_key"]])
+        to_stderr(
             f"made {made['scope']} key {made['key_id']}"
             + (f" ({made['name']})" if made["name"] else "")
             + ": the line above is the key, shown this once; keep it secret"
@@ -99,10 +98,9 @@ def _keys_create(client: Bastion, args: argparse.Namespace) -> int:
 
 
 def _keys_list(client: Bastion, args: argparse.Namespace) -> int:
-    from ._cli_commands import _json_mode, _print_lines, _stderr, _table_width
 
     result = client.keys.list()
-    if _json_mode(args):
+    if json_mode(args):
         write_json(sys.stdout, result)
         return ExitCode.OK
     rows = [
@@ -118,24 +116,23 @@ def _keys_list(client: Bastion, args: argparse.Namespace) -> int:
         for k in result["keys"]
     ]
     if not rows:
-        _stderr("no keys")
+        to_stderr("no keys")
         return ExitCode.OK
-    _print_lines(
+    print_lines(
         table(
             ["KEY", "NAME", "SCOPE", "TENANT", "SOURCE", "CREATED", "STATE"],
             rows,
-            max_width=_table_width(),
+            max_width=table_width(),
         )
     )
     return ExitCode.OK
 
 
 def _keys_revoke(client: Bastion, args: argparse.Namespace) -> int:
-    from ._cli_commands import _json_mode, _print_lines
 
     info = client.keys.revoke(args.key)
-    if _json_mode(args):
+    if json_mode(args):
         write_json(sys.stdout, info)
     else:
-        _print_lines([f"{info['key_id']}  revoked"])
+        print_lines([f"{info['key_id']}  revoked"])
     return ExitCode.OK
