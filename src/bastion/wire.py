@@ -96,6 +96,10 @@ class ErrorCode(StrEnum):
     SESSION_START_FAILED = "session_start_failed"
     #: The session is paused: resume it before running jobs or terminals or using files.
     SESSION_PAUSED = "session_paused"
+    # snapshots
+    SNAPSHOT_NOT_FOUND = "snapshot_not_found"
+    #: The snapshot is not ready (still being made, or failed) for what was asked.
+    SNAPSHOT_STATE = "snapshot_state"
     LIMIT_EXCEEDED = "limit_exceeded"
     # jobs
     JOB_NOT_FOUND = "job_not_found"
@@ -136,6 +140,8 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_STOPPED: 409,
     ErrorCode.SESSION_START_FAILED: 500,
     ErrorCode.SESSION_PAUSED: 409,
+    ErrorCode.SNAPSHOT_NOT_FOUND: 404,
+    ErrorCode.SNAPSHOT_STATE: 409,
     ErrorCode.LIMIT_EXCEEDED: 422,
     ErrorCode.JOB_NOT_FOUND: 404,
     ErrorCode.INVALID_COMMAND: 422,
@@ -242,6 +248,8 @@ class CreateSessionRequest(TypedDict, total=False):
     #: Environment variables every job (and terminal) of the session gets, over the
     #: server's ``--env-file``; a job's own ``env`` overrides them.  Never shown back.
     env: dict[str, str]
+    #: Start from this snapshot's files (a ``ready`` snapshot of the same key).
+    snapshot: str
 
 
 class SessionUsage(TypedDict):
@@ -267,6 +275,8 @@ class SessionInfo(TypedDict):
     network: NetworkInfo
     #: Why the session is in its state when the server changed it (restart, timeout).
     status_reason: str | None
+    #: The snapshot its files started from (or were last restored to); None: the image.
+    snapshot: NotRequired[str | None]
     #: The cluster node that holds the session for its whole life (``bastion serve
     #: --ray``); None on a server of one machine.  A session whose node left the
     #: cluster is deleted, its status_reason starting with "lost:".
@@ -277,6 +287,65 @@ class SessionInfo(TypedDict):
 
 class SessionList(Page):
     sessions: list[SessionInfo]
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+class SnapshotStatus(StrEnum):
+    #: Being copied; usable once ``ready``.
+    CREATING = "creating"
+    READY = "ready"
+    #: The copy failed (``status_reason`` says why); it holds no space.
+    FAILED = "failed"
+
+
+SnapshotStatusName = Literal["creating", "ready", "failed"]
+
+
+class SnapshotInfo(TypedDict):
+    snapshot_id: str
+    #: The session it was taken of (which may since have been deleted).
+    session_id: str
+    name: str | None
+    status: SnapshotStatusName
+    status_reason: str | None
+    #: The snapshot the session's files stood on when it was taken, if any: this one
+    #: holds only what changed since.
+    parent: str | None
+    #: Disk space its own layer takes (what counts against the key's snapshot quota).
+    size_bytes: int
+    created_at: str
+    updated_at: str
+
+
+class SnapshotList(Page):
+    snapshots: list[SnapshotInfo]
+
+
+class CreateSnapshotRequest(TypedDict, total=False):
+    #: A label of your own (at most ``MAX_METADATA_LENGTH`` characters).
+    name: str | None
+
+
+class ForkRequest(TypedDict, total=False):
+    #: How many running copies to make (1 to ``MAX_FORK_COUNT``; default 1).
+    count: int
+    name: str | None
+
+
+class ForkResult(TypedDict):
+    #: The snapshot the copies start from (kept: delete it when done).
+    snapshot: SnapshotInfo
+    sessions: list[SessionInfo]
+
+
+class RestoreRequest(TypedDict):
+    snapshot_id: str
+
+
+#: Most copies one fork makes.
+MAX_FORK_COUNT = 64
 
 
 # --------------------------------------------------------------------------- jobs
@@ -304,8 +373,9 @@ class RunJobRequest(TypedDict):
     limits: NotRequired[JobLimitsRequest]
 
 
-#: The most a run request carries inline as the job's stdin (bytes of UTF-8).
-MAX_INLINE_STDIN = 1024 * 1024
+#: The most a run request carries inline as the job's stdin (bytes of UTF-8): well
+#: within the server's JSON body limit, escapes included.
+MAX_INLINE_STDIN = 256 * 1024
 
 
 class JobLimitsRequest(TypedDict, total=False):

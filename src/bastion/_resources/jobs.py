@@ -95,7 +95,7 @@ class Jobs:
             timeout: Seconds after which the server kills the job's processes and
                 fails it (``failure_reason`` ``"timeout"``); ``None`` = no limit.
             stdin: The job's input: ``bytes``/``str`` or a binary file object is fed
-                to it and then closed (up to 1 MiB of text goes in the run request;
+                to it and then closed (up to 256 KiB of text goes in the run request;
                 more, or a file, is streamed after it); ``True`` keeps it open for
                 :meth:`write_stdin` / :meth:`close_stdin`; ``None``: no input.
             limits: The job's own limits, within the session's: ``memory_mb``,

@@ -35,10 +35,11 @@ from bastion_server.api.text import TextProblem, check_body_text
 from bastion_server.config import ServerConfig
 
 #: The streamed uploads, the routes whose body is not JSON: a file, a directory's tar
-#: archive, and the original server's multipart upload.
+#: archive, a job's stdin, and the original server's multipart upload.
 _UPLOADS = (
     ("PUT", re.compile(r"/v1/sessions/[^/]+/files/?")),
     ("POST", re.compile(r"/v1/sessions/[^/]+/files/archive")),
+    ("POST", re.compile(r"/v1/sessions/[^/]+/jobs/[^/]+/stdin")),
     ("POST", re.compile(r"/session/[^/]+/upload")),
 )
 
