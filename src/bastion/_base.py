@@ -32,9 +32,12 @@ from ._exceptions import (
     AuthenticationError,
     BastionError,
     FileDeleteError,
+    FileDeleteNotFoundError,
     FileDownloadError,
+    FileDownloadNotFoundError,
     FileError,
     FileListError,
+    FileListNotFoundError,
     FileUploadError,
     InsufficientScopeError,
     InvalidCommandError,
@@ -44,6 +47,7 @@ from ._exceptions import (
     JobStateError,
     JobTimeoutError,
     NotFoundError,
+    PathNotFoundError,
     QuotaExceededError,
     ServerError,
     ServerShutdownError,
@@ -326,6 +330,14 @@ _FILE_OPERATION_ERRORS: dict[FileOperation, type[FileError]] = {
 }
 
 
+#: A missing path, by operation: the operation's class that is also a NotFoundError.
+_FILE_NOT_FOUND_ERRORS: dict[FileOperation, type[FileError]] = {
+    "list": FileListNotFoundError,
+    "delete": FileDeleteNotFoundError,
+    "download": FileDownloadNotFoundError,
+}
+
+
 def error_class(
     code: str | None, status_code: int, file_op: FileOperation | None = None
 ) -> type[BastionError]:
@@ -337,6 +349,12 @@ def error_class(
         file_op: The file operation the request performed, if any.
     """
     if code is not None:
+        if code == ErrorCode.FILE_NOT_FOUND:
+            return (
+                _FILE_NOT_FOUND_ERRORS.get(file_op, PathNotFoundError)
+                if file_op
+                else (PathNotFoundError)
+            )
         if code in _FILE_CODES:
             return _FILE_OPERATION_ERRORS[file_op] if file_op else FileError
         if code in _CODE_ERRORS:

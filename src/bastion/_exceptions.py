@@ -34,6 +34,9 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   ├── FileListError
     │   ├── FileDeleteError
     │   ├── FileDownloadError
+    │   ├── PathNotFoundError     [NotFoundError] file_not_found, whatever the operation;
+    │   │                         raised as File{List,Delete,Download}NotFoundError, which
+    │   │                         are both the operation's class and this one
     │   └── LocalFileError        [OSError] a local file of upload()/download_to() failed
     └── TerminalError
         ├── TerminalConnectionError   the WebSocket could not be opened, or broke
@@ -64,9 +67,12 @@ __all__ = [
     "AuthenticationError",
     "BastionError",
     "FileDeleteError",
+    "FileDeleteNotFoundError",
     "FileDownloadError",
+    "FileDownloadNotFoundError",
     "FileError",
     "FileListError",
+    "FileListNotFoundError",
     "FileUploadError",
     "InsufficientScopeError",
     "InvalidCommandError",
@@ -78,6 +84,7 @@ __all__ = [
     "JobTimeoutError",
     "LocalFileError",
     "NotFoundError",
+    "PathNotFoundError",
     "QuotaExceededError",
     "ServerError",
     "ServerShutdownError",
@@ -347,6 +354,27 @@ class FileDeleteError(FileError):
 
 class FileDownloadError(FileError):
     """Downloading a file failed (no such file, is a directory, ...)."""
+
+
+class PathNotFoundError(FileError, NotFoundError):
+    """The path does not exist in the session (``file_not_found``).
+
+    Whatever the operation, a missing path is also a :class:`NotFoundError`: the
+    operation's own class below says what was being done, this one says why it failed,
+    so ``except NotFoundError`` catches a missing file as it catches a missing session.
+    """
+
+
+class FileListNotFoundError(FileListError, PathNotFoundError):
+    """Listing a directory that does not exist."""
+
+
+class FileDeleteNotFoundError(FileDeleteError, PathNotFoundError):
+    """Deleting a path that does not exist."""
+
+
+class FileDownloadNotFoundError(FileDownloadError, PathNotFoundError):
+    """Downloading a file (or a tree) that does not exist."""
 
 
 class LocalFileError(FileError, OSError):

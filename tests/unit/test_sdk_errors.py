@@ -86,6 +86,13 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
     ErrorCode.FILE_OPERATION_FAILED: FILE,
 }
 
+#: What a missing path raises, by the operation's file class.
+NOT_FOUND_BY_OPERATION: dict[type[BastionError] | None, type[BastionError]] = {
+    FileListError: bastion.FileListNotFoundError,
+    FileDeleteError: bastion.FileDeleteNotFoundError,
+    FileDownloadError: bastion.FileDownloadNotFoundError,
+}
+
 #: One SDK call per kind of operation, and the file class it must raise for file codes.
 Operation = Callable[[Bastion], object]
 OPERATIONS: dict[str, tuple[Operation, type[BastionError] | None]] = {
@@ -158,6 +165,8 @@ def test_error_responses_raise_mapped_exception(code: ErrorCode, operation: str)
     expected = EXPECTED[code]
     if expected == FILE:
         expected = file_class or FileError
+        if code == ErrorCode.FILE_NOT_FOUND:  # the operation's class, and NotFoundError
+            expected = NOT_FOUND_BY_OPERATION.get(file_class, bastion.PathNotFoundError)
     assert isinstance(expected, type)
     status = ERROR_HTTP_STATUS[code]
     with make_client(error_response(code, status, "it broke")) as client:
@@ -474,3 +483,14 @@ def test_download_error_leaves_existing_file_alone(tmp_path: Any) -> None:
         with pytest.raises(FileDownloadError):
             client.files.download_to("s1", "/x", dest)
     assert dest.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("operation", ["files.list", "files.delete", "files.download"])
+def test_a_missing_path_is_also_a_not_found_error(operation: str) -> None:
+    call, op_class = OPERATIONS[operation]
+    with make_client(error_response("file_not_found", 404)) as client:
+        with pytest.raises(NotFoundError) as caught:
+            call(client)
+    assert isinstance(caught.value, bastion.PathNotFoundError)
+    assert op_class is not None and isinstance(caught.value, op_class)
+    assert caught.value.code == "file_not_found"
