@@ -170,6 +170,12 @@ class ImageInfo:
         sandbox_user: Its name.
         home: Its home directory inside the sandbox.
         shell: Its login shell inside the sandbox.
+        parent: For a layer image (one built over another, see image/store.py): the
+            directory of the image it is a delta over, relative to the images
+            directory; None for a base image (a whole root filesystem).
+        digest: What names its content (``sha256:<hex>``).
+        env: Environment its sessions' jobs start with.
+        workdir: Where its sessions' jobs start (None: ``home``).
     """
 
     path: Path
@@ -184,6 +190,10 @@ class ImageInfo:
     sandbox_user: str
     home: str
     shell: str
+    parent: str | None = None
+    digest: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str | None = None
 
     @classmethod
     def load(cls, image_dir: Path) -> ImageInfo:
@@ -216,6 +226,10 @@ class ImageInfo:
                 sandbox_user=_field(data, "sandbox_user", str),
                 home=_field(data, "home", str),
                 shell=_field(data, "shell", str),
+                parent=_optional(data, "parent", str),
+                digest=_optional(data, "digest", str) or _base_digest(data),
+                env=tuple((str(k), str(v)) for k, v in (data.get("env") or {}).items()),
+                workdir=_optional(data, "workdir", str),
             )
         except (KeyError, TypeError) as exc:
             raise ImageError(f"image manifest {manifest_path} is invalid: {exc}") from exc
@@ -229,6 +243,17 @@ def _field(data: dict[str, Any], key: str, kind: type[_T]) -> _T:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"{key!r} should be {kind.__name__}, got {value!r}")
     return value
+
+
+def _optional(data: dict[str, Any], key: str, kind: type[_T]) -> _T | None:
+    return None if data.get(key) is None else _field(data, key, kind)
+
+
+def _base_digest(data: dict[str, Any]) -> str:
+    """A base image's digest: its name and cache key hashed (the key covers the
+    recipe and the builder's version, so the same key means the same tree)."""
+    blob = f"{data.get('name')}-{data.get('recipe_hash')}".encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def default_images_dir() -> Path:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bastion_server.runtime.files import SandboxFiles
     from bastion_server.runtime.network import NetworkPolicy
+    from bastion_server.runtime.sandbox_image import SandboxImage
 
 
 class SandboxError(Exception):
@@ -183,8 +184,16 @@ class Runtime(abc.ABC):
         """Release what the runtime holds for itself (never a session's sandbox)."""
 
     @abc.abstractmethod
-    async def create(self, session_id: str, limits: SandboxLimits) -> None:
-        """Allocate the sandbox's storage (of ``limits.disk_mb``); nothing runs yet."""
+    async def create(
+        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+    ) -> None:
+        """Allocate the sandbox's storage (of ``limits.disk_mb``) over ``image`` (None:
+        the runtime's default image), and record the image for every later start;
+        nothing runs yet."""
+
+    def image_of(self, session_id: str) -> SandboxImage | None:
+        """The image a sandbox was created from (None: a runtime without images)."""
+        return None
 
     @abc.abstractmethod
     async def start(

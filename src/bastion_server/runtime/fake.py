@@ -47,6 +47,7 @@ from bastion_server.runtime.sandbox_fs import SandboxFS
 
 if TYPE_CHECKING:
     from bastion_server.runtime.network import NetworkPolicy
+    from bastion_server.runtime.sandbox_image import SandboxImage
 
 
 _PIDS = itertools.count(2)
@@ -268,7 +269,9 @@ class FakeRuntime(Runtime):
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    async def create(self, session_id: str, limits: SandboxLimits) -> None:
+    async def create(
+        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+    ) -> None:
         self._enter("create", session_id)
         if session_id in self.sandboxes:
             raise SandboxError(f"sandbox {session_id} already exists")
@@ -291,6 +294,8 @@ class FakeRuntime(Runtime):
     async def stop(self, session_id: str) -> None:
         self._enter("stop", session_id)
         sandbox = self.sandboxes.get(session_id)
+        #: The image each sandbox was created from, when one was named.
+        self.images: dict[str, SandboxImage] = {}
         if sandbox is None:
             return
         for process in list(sandbox.processes):
@@ -350,6 +355,8 @@ class FakeRuntime(Runtime):
         return [
             SandboxProcess(
                 pid=p.pid,
+        if image is not None:
+            self.images[session_id] = image
                 ppid=1,
                 user=p.spec.user or "user",
                 command=list(p.spec.argv),
@@ -363,3 +370,4 @@ class FakeRuntime(Runtime):
         sandbox = self._running(session_id)
         me = (os.getuid(), os.getgid())
         return HostFiles(SandboxFS(str(sandbox.root), user=me, superuser=me))
+        self.images.pop(session_id, None)

@@ -33,9 +33,9 @@ import resource
 import secrets
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bastion_server import faults
 from bastion_server.runtime import (
@@ -66,9 +66,11 @@ from bastion_server.runtime.host_files import HostFiles
 from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
+from bastion_server.runtime.sandbox_image import SandboxImage
 from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.runtime")
+_T = TypeVar("_T")
 
 #: Container uid/gid 0..ID_RANGE-1 map to the session's own host id range.
 ID_RANGE = idmap.RANGE_SIZE
@@ -116,17 +118,6 @@ def _read_stat(path: str, key: str) -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class SandboxImage:
-    """What the runtime needs to know of the root filesystem image."""
-
-    rootfs: str
-    uid_shift: int
-    sandbox_uid: int
-    sandbox_gid: int
-    home: str
-
-
 class OciRuntime(Runtime):
     """A :class:`Runtime` backed by an OCI runtime binary (crun by default)."""
 
@@ -160,9 +151,13 @@ class OciRuntime(Runtime):
         self.pool_limits = pool_limits
         self._pool: list[str] = []
         self._preparing: set[str] = set()
+        #: Sandboxes the server runs for itself (image builds): no session's, so never
+        #: listed as one (a crash's leftovers are, and get reaped).
+        self.private: set[str] = set()
         self._pool_filler: asyncio.Task[None] | None = None
         self._prestarted: set[str] = set()
         self._containers: dict[str, str] = {}
+        self._images: dict[str, SandboxImage] = {}
         self.network = NetworkManager(Path(self.state_root))
         self._binary = binary
         self._binary_path = ""
@@ -293,19 +288,32 @@ class OciRuntime(Runtime):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def create(self, session_id: str, limits: SandboxLimits) -> None:
-        if limits == self.pool_limits and self._pool:
+    async def create(
+        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+    ) -> None:
+        image = image or self.image
+        if limits == self.pool_limits and image == self.image and self._pool:
             self._claim(session_id)
             return
-        await self._allocate(session_id, limits)
+        await self._allocate(session_id, limits, image)
+
+    def image_of(self, session_id: str) -> SandboxImage:
+        """The image a session was created from (the default image for a session made
+        before images could be chosen)."""
+        image = self._images.get(session_id)
+        if image is None:
+            image = SandboxImage.recorded(self._dir(session_id)) or self.image
+            self._images[session_id] = image
+        return image
 
     def id_range(self, session_id: str) -> IdRange:
         """The session's host ids; a session made by an older server has none of its
         own and uses the image's (shared) range."""
         return IdRangeRegistry.recorded(self._dir(session_id)) or IdRange(self.image.uid_shift)
 
-    async def _allocate(self, session_id: str, limits: SandboxLimits) -> None:
-        await asyncio.to_thread(self._make_dir, self._dir(session_id), limits.disk_mb)
+    async def _allocate(self, session_id: str, limits: SandboxLimits, image: SandboxImage) -> None:
+        await asyncio.to_thread(self._make_dir, self._dir(session_id), limits.disk_mb, image)
+        self._images[session_id] = image
         # The writable layer lives in a filesystem of its own (a sparse file): writing
         # past the session's disk limit fails with ENOSPC inside the sandbox and takes
         # nothing from anyone else.  Its root belongs to the sandbox's root.
@@ -313,9 +321,10 @@ class OciRuntime(Runtime):
         faults.point("create.before_mkfs")
         await self._mkfs(disk, self.id_range(session_id))
 
-    def _make_dir(self, base: Path, disk_mb: int) -> None:
+    def _make_dir(self, base: Path, disk_mb: int, image: SandboxImage) -> None:
         base.mkdir(mode=0o700)
         rng = self.id_ranges.take(base)
+        image.save(base)
         for sub in ("layer", "rootfs", "bundle", "run"):
             (base / sub).mkdir(mode=0o700)
         fd = os.open(base / "disk.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -397,26 +406,60 @@ class OciRuntime(Runtime):
         """
         fds: list[int] = []
         try:
-            if rng.base == self.image.uid_shift:
-                lower = os.open(self.image.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            else:
-                userns = UserNamespace(0, f"{self.image.uid_shift} {rng.base} {ID_RANGE}\n")
-                try:
-                    ns_fd = userns.open()
-                    try:
-                        lower = idmap.idmapped_tree(self.image.rootfs, ns_fd)
-                    finally:
-                        os.close(ns_fd)
-                finally:
-                    userns.close()
-            fds.append(lower)
+            # Top first: the image's layers, down to its base.
+            image = self.image_of(rootfs.parent.name)
+            for path in image.layers:
+                fds.append(self._lower_fd(Path(path), image.uid_shift, rng))
             for sub in ("upper", "work"):
                 fds.append(os.open(layer / sub, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-            options = "lowerdir=/proc/self/fd/{},upperdir=/proc/self/fd/{},workdir=/proc/self/fd/{}"
-            host.mount("overlay", str(rootfs), "overlay", options.format(*fds))
+            lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+            options = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{{}},workdir=/proc/self/fd/{{}}"
+            host.mount("overlay", str(rootfs), "overlay", options.format(*fds[-2:]))
         finally:
             for fd in fds:
                 os.close(fd)
+
+    @staticmethod
+    def _lower_fd(path: Path, shift: int, rng: IdRange) -> int:
+        """A read-only layer whose files are owned from host id ``shift`` on, seen
+        through the session's ids: an idmapped mount unless the two ranges are one."""
+        if rng.base == shift:
+            return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        userns = UserNamespace(0, f"{shift} {rng.base} {ID_RANGE}\n")
+        try:
+            ns_fd = userns.open()
+            try:
+                return idmap.idmapped_tree(str(path), ns_fd)
+            finally:
+                os.close(ns_fd)
+        finally:
+            userns.close()
+
+    async def with_upper(self, session_id: str, use: Callable[[Path | None, int], _T]) -> _T:
+        """``use(upper, shift)`` in a worker thread, on a stopped sandbox's writable
+        layer: its overlay upper directory (None: it never wrote a file) and the first
+        host id of the range its files are owned in.  How an image build's result (or
+        any session's own files) becomes a layer: see image/store.py capture."""
+        base = self._dir(session_id)
+        if os.path.ismount(base / "rootfs"):
+            raise SandboxError(f"sandbox {session_id} is running: stop it first")
+        rng = self.id_range(session_id)
+
+        def run() -> _T:
+            layer = base / "layer"
+            mounted_here = not os.path.ismount(layer)
+            if mounted_here:
+                host.mount_image(
+                    str(base / "disk.img"), str(layer), "ext4", flags=host.MS_NOSUID | host.MS_NODEV
+                )
+            try:
+                upper = layer / "upper"
+                return use(upper if upper.is_dir() else None, rng.base)
+            finally:
+                if mounted_here:
+                    host.umount(str(layer))
+
+        return await asyncio.to_thread(run)
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
@@ -554,6 +597,7 @@ class OciRuntime(Runtime):
         faults.point("delete.after_stop")
         await asyncio.to_thread(self._remove_dir, self._dir(session_id))
         self._containers.pop(session_id, None)
+        self._images.pop(session_id, None)
 
     def _remove_dir(self, base: Path) -> None:
         """Remove a stopped session's directory (blocking) so that a crash at any
@@ -598,6 +642,7 @@ class OciRuntime(Runtime):
                 os.rename(self._dir(name), self._dir(session_id))
                 faults.point("create.mid_claim")
         self._containers[session_id] = name
+        self._images[session_id] = self._images.pop(name, self.image)
         self._prestarted.add(session_id)
         self._refill_pool()
 
@@ -614,7 +659,7 @@ class OciRuntime(Runtime):
             name = f"pool_{os.urandom(8).hex()}"
             self._preparing.add(name)
             try:
-                await self._allocate(name, self.pool_limits)
+                await self._allocate(name, self.pool_limits, self.image)
                 await self.start(name, self.pool_limits)
             except asyncio.CancelledError:
                 await self.delete(name)  # shutting down mid-way: leave nothing behind
@@ -719,7 +764,7 @@ class OciRuntime(Runtime):
     def _not_the_pools(self, ids: set[str]) -> set[str]:
         """The warm pool's own sandboxes belong to no session yet; leftovers of an
         earlier run's pool are not in it, so they stay listed (and get reaped)."""
-        return ids - set(self._pool) - self._preparing
+        return ids - set(self._pool) - self._preparing - self.private
 
     async def list_sandboxes(self) -> set[str]:
         """Every sandbox on disk or known to the runtime, by session id."""
@@ -751,17 +796,20 @@ class OciRuntime(Runtime):
         path = self.socket_path(session_id)
         if not os.path.exists(path):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        image = self.image_of(session_id)
+        as_root = spec.user == "root"
         env = {
             "PATH": _DEFAULT_PATH,
-            "HOME": self.image.home,
-            "USER": "user",
-            "LOGNAME": "user",
+            "HOME": "/root" if as_root else image.home,
+            "USER": "root" if as_root else "user",
+            "LOGNAME": "root" if as_root else "user",
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             **({"TERM": "xterm-256color"} if spec.pty else {}),
+            **dict(image.env),
             **spec.env,
         }
-        spec = dataclasses.replace(spec, env=env, cwd=spec.cwd or self.image.home)
+        spec = dataclasses.replace(spec, env=env, cwd=spec.cwd or image.cwd)
         # A job cgroup for memory/pids limits; the OOM facts at exit (job_limits.py).
         fds, on_exit = await job_limits.prepare(
             Cgroup(self._cgroup(session_id)), f"job_{secrets.token_hex(6)}", spec.limits
@@ -781,7 +829,7 @@ class OciRuntime(Runtime):
             sandbox_procs.list_processes,
             Cgroup(self._cgroup(session_id)),
             self.id_range(session_id),
-            {0: "root", self.image.sandbox_uid: "user"},
+            {0: "root", self.image_of(session_id).sandbox_uid: "user"},
         )
 
     def files(self, session_id: str) -> SandboxFiles:
@@ -792,9 +840,10 @@ class OciRuntime(Runtime):
         if not os.path.ismount(rootfs):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
         rng = self.id_range(session_id)
+        image = self.image_of(session_id)
         return SandboxFS(
             str(rootfs),
-            user=(rng.host(self.image.sandbox_uid), rng.host(self.image.sandbox_gid)),
+            user=(rng.host(image.sandbox_uid), rng.host(image.sandbox_gid)),
             superuser=(rng.base, rng.base),
             protected=self.protected_paths,
             # Outside the sandbox's view, on the host's disk: the temp names of uploads
@@ -876,6 +925,7 @@ class OciRuntime(Runtime):
         self, session_id: str, limits: SandboxLimits, rng: IdRange, userns: str | None
     ) -> dict[str, Any]:
         base = self._dir(session_id)
+        image = self.image_of(session_id)
         shift = rng.base
         nofile = min(8192, host.hard_limit(resource.RLIMIT_NOFILE))
         memory = limits.memory_mb * 1024 * 1024
@@ -889,9 +939,9 @@ class OciRuntime(Runtime):
                 "args": self._agent_args(),
                 "env": [
                     f"PATH={_DEFAULT_PATH}",
-                    f"BASTION_UID={self.image.sandbox_uid}",
-                    f"BASTION_GID={self.image.sandbox_gid}",
-                    f"BASTION_HOME={self.image.home}",
+                    f"BASTION_UID={image.sandbox_uid}",
+                    f"BASTION_GID={image.sandbox_gid}",
+                    f"BASTION_HOME={image.home}",
                     f"BASTION_SOCKET_DIR={agent_protocol.SOCKET_DIR}",
                 ],
                 "cwd": "/",

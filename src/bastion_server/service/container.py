@@ -24,18 +24,12 @@ log = logging.getLogger("bastion.server")
 
 def make_runtime(config: ServerConfig) -> Runtime:
     """The OCI runtime over the configured image (built by `bastion image build`)."""
-    from bastion_server.image.builder import resolve_image
+    from bastion_server.image.store import ImageStore
     from bastion_server.runtime.base import SandboxLimits
-    from bastion_server.runtime.oci import OciRuntime, SandboxImage
+    from bastion_server.runtime.oci import OciRuntime
 
-    info = resolve_image(config.images_dir, config.image)
-    image = SandboxImage(
-        rootfs=str(info.rootfs),
-        uid_shift=info.uid_shift,
-        sandbox_uid=info.sandbox_uid,
-        sandbox_gid=info.sandbox_gid,
-        home=info.home,
-    )
+    store = ImageStore(config.images_dir)
+    image = store.sandbox_image(store.base(config.image))
     d = config.default_limits
     return OciRuntime(
         config.data_dir,

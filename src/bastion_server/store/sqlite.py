@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated_at TEXT NOT NULL,
     paused_timeout REAL,
     snapshot TEXT,
-    node TEXT
+    node TEXT,
+    image TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
 CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)
@@ -105,6 +106,28 @@ SNAPSHOT_TABLES = [
 ]
 SCHEMA += "".join(f"{statement};\n" for statement in SNAPSHOT_TABLES)
 
+#: Images by name (see service/images.py): an owner's own (``owner`` is its key's
+#: tenant) or shared (``owner`` ''), each once ready naming its layer image on disk
+#: (``ref``, below the images directory).  Sessions record theirs in ``image``.
+IMAGE_TABLES = [
+    """CREATE TABLE IF NOT EXISTS images (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        source TEXT NOT NULL,
+        ref TEXT,
+        digest TEXT,
+        parent TEXT,
+        size_bytes INTEGER NOT NULL DEFAULT 0,
+        build_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (owner, name)
+    )""",
+]
+SCHEMA += "".join(f"{statement};\n" for statement in IMAGE_TABLES)
+
 
 #: Changes to databases made by earlier versions, in order: (version, statements).
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -147,6 +170,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (7, ["ALTER TABLE sessions ADD COLUMN node TEXT"]),
     # A finished job's verdict: the signal that ended it, what it used (JSON).
     (8, ["ALTER TABLE jobs ADD COLUMN signal TEXT", "ALTER TABLE jobs ADD COLUMN usage TEXT"]),
+    # Images: a session names the one it runs (JSON: name, digest, ref; NULL: default).
+    (9, ["ALTER TABLE sessions ADD COLUMN image TEXT", *IMAGE_TABLES]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -179,6 +204,28 @@ class SessionRecord:
     snapshot: str | None = None
     #: The cluster node that holds the session's sandbox (None: a server of one machine).
     node: str | None = None
+    #: The image it runs: ``{"name", "digest", "ref"}`` (None: the server's default).
+    image: dict[str, str] | None = None
+
+
+@dataclass
+class ImageRecord:
+    """An image by name: ``owner`` '' is shared (stock images, an admin's)."""
+
+    owner: str
+    name: str
+    status: str  # building | ready | failed
+    source: str  # build | import | pull
+    build_id: str
+    created_at: str
+    updated_at: str
+    status_reason: str | None = None
+    #: Its layer image below the images directory, once ready.
+    ref: str | None = None
+    digest: str | None = None
+    #: The image it was built over (name), for a build.
+    parent: str | None = None
+    size_bytes: int = 0
 
 
 @dataclass
@@ -334,13 +381,15 @@ class Store:
             paused_timeout=row["paused_timeout"],
             snapshot=row["snapshot"],
             node=row["node"],
+            image=json.loads(row["image"]) if row["image"] else None,
         )
 
     def insert_session(self, s: SessionRecord) -> None:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
             " idempotency_key, idle_timeout, max_lifetime, on_timeout, network, created_at,"
-            " updated_at, paused_timeout, snapshot) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, paused_timeout, snapshot, image)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.owner,
@@ -357,6 +406,7 @@ class Store:
                 s.updated_at,
                 s.paused_timeout,
                 s.snapshot,
+                json.dumps(s.image) if s.image is not None else None,
             ),
         )
 
@@ -573,3 +623,51 @@ class Store:
             "SELECT * FROM jobs WHERE status IN ('queued', 'running')"
         ).fetchall()
         return [self._job(r) for r in rows]
+
+    # -- images ---------------------------------------------------------------------
+
+    @staticmethod
+    def _image(row: sqlite3.Row) -> ImageRecord:
+        return ImageRecord(**{key: row[key] for key in row.keys()})
+
+    def upsert_image(self, r: ImageRecord) -> None:
+        """Write an image's record (a rebuild of a name replaces its record)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO images (owner, name, status, status_reason, source, ref,"
+            " digest, parent, size_bytes, build_id, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.owner, r.name, r.status, r.status_reason, r.source, r.ref, r.digest,
+                r.parent, r.size_bytes, r.build_id, r.created_at, r.updated_at,
+            ),
+        )  # fmt: skip
+
+    def get_image(self, owner: str, name: str) -> ImageRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM images WHERE owner = ? AND name = ?", (owner, name)
+        ).fetchone()
+        return self._image(row) if row else None
+
+    def list_images(self, owners: list[str]) -> list[ImageRecord]:
+        marks = ",".join("?" * len(owners))
+        rows = self._db.execute(
+            f"SELECT * FROM images WHERE owner IN ({marks}) ORDER BY name, owner", owners
+        ).fetchall()
+        return [self._image(row) for row in rows]
+
+    def all_images(self) -> list[ImageRecord]:
+        return [self._image(row) for row in self._db.execute("SELECT * FROM images")]
+
+    def delete_image(self, owner: str, name: str) -> None:
+        self._db.execute("DELETE FROM images WHERE owner = ? AND name = ?", (owner, name))
+
+    def image_refs_of_sessions(self) -> dict[str, int]:
+        """How many sessions (not deleted) stand on each layer image, by ref."""
+        counts: dict[str, int] = {}
+        for row in self._db.execute(
+            "SELECT image FROM sessions WHERE image IS NOT NULL AND status != 'deleted'"
+        ):
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                ref = json.loads(row["image"])["ref"]
+                counts[ref] = counts.get(ref, 0) + 1
+        return counts

@@ -1,0 +1,279 @@
+"""The layered image store: base root filesystems and the deltas built over them.
+
+Beside the base images :mod:`bastion_server.image.builder` makes (``<name>-<key>/``),
+the images directory holds *layer images*::
+
+    images_dir/
+        default-3f2a9c0d1e4b/       a base image: rootfs/ is a whole root filesystem
+        layers/
+            <key>/                  a layer image, named by its content key
+                image.json          its manifest (ImageInfo), "parent" naming the image
+                                    it is a delta over ("default-3f2a9c0d1e4b",
+                                    "layers/<key>")
+                rootfs/             the delta: an overlay upper directory, ids shifted
+                                    like the base's (container id n = uid_shift + n)
+            .tmp-<key>/             one being captured (a crash leaves only these,
+                                    swept by prepare())
+
+A layer image's root filesystem is its own ``rootfs/`` over its parent's, and so on
+down to a base: :meth:`ImageStore.sandbox_image` gives the chain, top first, as the
+runtime mounts it.  A delta keeps the overlay's whiteouts (character devices 0/0) and
+opaque directories (``trusted.overlay.opaque``), so what a build removed from its base
+stays removed.
+
+:meth:`ImageStore.capture` turns any session's upper directory into a layer image over
+the image the session ran: builds use it, and so can snapshots.  Layers are installed by
+renaming a whole directory into place, never modified after, and removed only when no
+image record and no session uses them (the service layer's bookkeeping).
+
+Everything here blocks: call it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bastion_server.image.builder import (
+    MANIFEST_NAME,
+    ROOTFS_NAME,
+    ImageError,
+    ImageInfo,
+    resolve_image,
+)
+from bastion_server.runtime.sandbox_image import SandboxImage
+
+LAYERS_DIR = "layers"
+_TEMP_PREFIX = ".tmp-"
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+#: Extended attributes a layer may keep: the overlay's own (whiteouts, opaque
+#: directories) and ordinary user data; anything else (file capabilities, ACLs naming
+#: host ids, security labels) is dropped.
+_KEPT_XATTR_PREFIXES = ("trusted.overlay.", "user.")
+
+
+class ImageStore:
+    """The images of one images directory."""
+
+    def __init__(self, images_dir: Path) -> None:
+        self.images_dir = images_dir
+        self.layers_dir = images_dir / LAYERS_DIR
+
+    def prepare(self) -> int:
+        """Make the layers directory and remove what a crash left mid-capture; returns
+        how many such leftovers it removed."""
+        self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        swept = 0
+        for entry in self.layers_dir.iterdir():
+            if entry.name.startswith(_TEMP_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+                swept += 1
+        return swept
+
+    # -- reading ----------------------------------------------------------------------
+
+    def base(self, name: str) -> ImageInfo:
+        """A base image by name (see :func:`resolve_image`)."""
+        return resolve_image(self.images_dir, name)
+
+    def ref(self, info: ImageInfo) -> str:
+        """How a manifest names ``info`` as a parent: its path below the images dir."""
+        return str(info.path.relative_to(self.images_dir))
+
+    def load(self, ref: str) -> ImageInfo:
+        """The image at ``ref`` (a base's directory name or ``layers/<key>``)."""
+        path = (self.images_dir / ref).resolve()
+        if path.parent not in (self.images_dir.resolve(), self.layers_dir.resolve()):
+            raise ImageError(f"bad image reference {ref!r}")
+        return ImageInfo.load(path)
+
+    def layer(self, key: str) -> ImageInfo | None:
+        """The layer image of content key ``key``, if it is stored (a cache hit)."""
+        path = self._layer_dir(key)
+        if not (path / MANIFEST_NAME).is_file():
+            return None
+        return ImageInfo.load(path)
+
+    def chain(self, info: ImageInfo) -> list[ImageInfo]:
+        """``info`` and the images under it, top first, down to its base."""
+        chain = [info]
+        while chain[-1].parent is not None:
+            if len(chain) > 128:
+                raise ImageError(f"image {info.path} stands on more than 128 layers")
+            chain.append(self.load(chain[-1].parent))
+        return chain
+
+    def sandbox_image(self, info: ImageInfo, name: str | None = None) -> SandboxImage:
+        """What the runtime mounts for ``info``: its layers top first, and the facts of
+        its sandbox user.  ``name`` is what users call it (default: its manifest's)."""
+        return SandboxImage(
+            layers=tuple(str(image.rootfs) for image in self.chain(info)),
+            uid_shift=info.uid_shift,
+            sandbox_uid=info.sandbox_uid,
+            sandbox_gid=info.sandbox_gid,
+            home=info.home,
+            name=name or info.name,
+            digest=info.digest,
+            env=info.env,
+            workdir=info.workdir,
+        )
+
+    def layer_bytes(self, info: ImageInfo) -> int:
+        """Bytes ``info``'s own layer takes on disk (each inode once)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(info.rootfs):
+            for entry in (*dirnames, *filenames):
+                st = os.lstat(os.path.join(dirpath, entry))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        return total
+
+    def keys(self) -> set[str]:
+        """Every whole layer image on disk."""
+        if not self.layers_dir.is_dir():
+            return set()
+        return {p.name for p in self.layers_dir.iterdir() if _KEY_RE.fullmatch(p.name)}
+
+    # -- writing ----------------------------------------------------------------------
+
+    def capture(
+        self,
+        upper: Path | None,
+        parent: ImageInfo,
+        key: str,
+        *,
+        from_shift: int,
+        name: str,
+        env: tuple[tuple[str, str], ...] = (),
+        workdir: str | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> ImageInfo:
+        """Store a session's upper directory as the layer image ``key`` over ``parent``.
+
+        ``upper`` (None: an empty delta) is copied with its owners, modes, times,
+        device nodes (whiteouts) and overlay xattrs, then its ids are shifted from the
+        session's range (``from_shift``) to the image's (``parent.uid_shift``); setuid
+        and setgid bits and file capabilities are dropped, as in a base image.  The
+        layer is complete under its name or not there at all.  A key already stored
+        is returned as it is (the same content).
+
+        Raises:
+            ImageError: The copy failed, or a file is owned outside the session's range.
+        """
+        if not _KEY_RE.fullmatch(key):
+            raise ImageError(f"bad layer key {key!r}")
+        existing = self.layer(key)
+        if existing is not None:
+            return existing
+        self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        final = self._layer_dir(key)
+        temp = self.layers_dir / f"{_TEMP_PREFIX}{key}-{os.getpid()}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(mode=0o755)
+        try:
+            rootfs = temp / ROOTFS_NAME
+            if upper is None:
+                rootfs.mkdir()
+                os.chown(rootfs, parent.uid_shift, parent.uid_shift)
+            else:
+                _copy_tree(upper, rootfs)
+                reshift(rootfs, from_shift, parent.uid_shift)
+            os.chmod(rootfs, 0o755)
+            manifest = {
+                "name": name,
+                "recipe_hash": key[:12],
+                "digest": f"sha256:{key}",
+                "parent": self.ref(parent),
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "uid_shift": parent.uid_shift,
+                "id_map_size": parent.id_map_size,
+                "sandbox_uid": parent.sandbox_uid,
+                "sandbox_gid": parent.sandbox_gid,
+                "sandbox_user": parent.sandbox_user,
+                "home": parent.home,
+                "shell": parent.shell,
+                "env": dict(parent.env) | dict(env),
+                "workdir": workdir or parent.workdir,
+                **(extra or {}),
+            }
+            (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            os.chmod(temp / MANIFEST_NAME, 0o644)
+            os.rename(temp, final)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return ImageInfo.load(final)
+
+    def remove(self, key: str) -> None:
+        """Remove layer image ``key`` (nothing if absent).  The caller has checked that
+        nothing stands on it: no image record, no session, no layer over it."""
+        final = self._layer_dir(key)
+        if not final.exists():
+            return
+        doomed = self.layers_dir / f"{_TEMP_PREFIX}{key}-rm"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(final, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _layer_dir(self, key: str) -> Path:
+        if not _KEY_RE.fullmatch(key):
+            raise ImageError(f"bad layer key {key!r}")
+        return self.layers_dir / key
+
+
+def reshift(root: Path, from_shift: int, to_shift: int, size: int = 65536) -> None:
+    """Move every uid and gid under ``root`` from ``from_shift + n`` to ``to_shift + n``
+    and drop privilege bits and foreign xattrs (blocking; never follows symlinks).
+
+    Raises:
+        ImageError: A file is owned outside ``from_shift .. from_shift + size - 1``.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def fix(path: str) -> None:
+        st = os.lstat(path)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+        uid, gid = st.st_uid - from_shift, st.st_gid - from_shift
+        if not (0 <= uid < size and 0 <= gid < size):
+            raise ImageError(f"{path} is owned by {st.st_uid}:{st.st_gid}, outside the range")
+        for attr in os.listxattr(path, follow_symlinks=False):
+            if not attr.startswith(_KEPT_XATTR_PREFIXES):
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, attr, follow_symlinks=False)
+        os.lchown(path, uid + to_shift, gid + to_shift)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+
+    def raise_error(exc: OSError) -> None:
+        raise exc
+
+    fix(str(root))
+    for dirpath, dirnames, filenames in os.walk(root, onerror=raise_error):
+        for entry in (*dirnames, *filenames):
+            fix(os.path.join(dirpath, entry))
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """``cp -a`` (owners, modes, times, xattrs, device nodes: the overlay's whiteouts)."""
+    proc = subprocess.run(
+        ["cp", "-a", "--sparse=always", "--", str(source), str(target)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        message = proc.stdout.decode(errors="replace").strip()[-2000:]
+        raise ImageError(f"copying the build's files failed: {message}")
