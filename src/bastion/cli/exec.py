@@ -21,7 +21,7 @@ from .errors import ExitCode, error_code
 from .format import (
     write_text,
 )
-from .jobs import add_job_options, job_command
+from .jobs import add_job_options, forwarded_stdin, job_command, job_limits
 
 # --------------------------------------------------------------------------- exec
 
@@ -41,6 +41,8 @@ def add_exec_command(subparsers: Subparsers) -> None:
             "bastion exec $SID --cwd /tmp --env MODE=fast -- sh -c 'echo \"$MODE in $PWD\"'",
             "bastion exec $SID --shell -- 'ls / | wc -l'",
             'bastion exec $SID --timeout 10m -- make test || echo "exit status $?"',
+            "echo 'print(6 * 7)' | bastion exec $SID -- python3",
+            "bastion exec $SID --memory-mb 64 --cpu-seconds 2 -- ./solution < input.txt",
         ],
     )
     add_job_options(exec_)
@@ -56,6 +58,8 @@ def _exec(client: Bastion, args: argparse.Namespace) -> int:
             cwd=args.cwd,
             timeout=args.timeout,
             wait_timeout=args.wait_timeout,
+            stdin=forwarded_stdin(args),
+            limits=job_limits(args),
             on_stdout=lambda text: write_text(sys.stdout, text),
             on_stderr=lambda text: write_text(sys.stderr, text),
         )

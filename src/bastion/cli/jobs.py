@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from .._client import Bastion
 from .._exceptions import (
@@ -77,10 +79,43 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="give up waiting after this long (the job keeps running)",
     )
+    parser.add_argument(
+        "-n",
+        "--no-stdin",
+        action="store_true",
+        help="do not forward this command's stdin (forwarded when it is a pipe or a file)",
+    )
+    limits = parser.add_argument_group("the job's own limits (within the session's)")
+    limits.add_argument("--memory-mb", type=int, metavar="MIB", help="memory of its tree")
+    limits.add_argument("--cpu-seconds", type=int, metavar="S", help="CPU time per process")
+    limits.add_argument("--pids", type=int, metavar="N", help="processes of its tree at once")
+    limits.add_argument(
+        "--output-bytes", type=int, metavar="N", help="bytes per output stream (then killed)"
+    )
 
 
 def job_command(args: argparse.Namespace) -> str | list[str]:
     return " ".join(args.argv) if args.shell else list(args.argv)
+
+
+def job_limits(args: argparse.Namespace) -> dict[str, int] | None:
+    names = ("memory_mb", "cpu_seconds", "pids", "output_bytes")
+    limits = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return limits or None
+
+
+def forwarded_stdin(args: argparse.Namespace) -> BinaryIO | None:
+    """This command's stdin, to feed the job, when it is a pipe or a file (not a
+    terminal, not a device such as /dev/null, and not with --no-stdin)."""
+    if args.no_stdin:
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        if os.isatty(fd) or stat.S_ISCHR(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, ValueError, OSError):
+        return None  # no real stdin (closed, or replaced by a test's capture)
+    return sys.stdin.buffer
 
 
 def add_jobs(subparsers: Subparsers, common: list[argparse.ArgumentParser]) -> None:
@@ -122,6 +157,26 @@ def add_jobs(subparsers: Subparsers, common: list[argparse.ArgumentParser]) -> N
         "-q", "--quiet", action="store_true", help="with --no-wait: print only the job id"
     )
     run.set_defaults(runner=_jobs_run)
+
+    kill = add_command(
+        actions,
+        "kill",
+        help="send a signal to a running job",
+        description="Send a signal (default SIGTERM) to every process of a running job; "
+        "SIGKILL kills its whole tree at once. The job then ends failed, with failure "
+        "reason killed.",
+        examples=[
+            "bastion jobs kill $SID $JOB",
+            "bastion jobs kill $SID $JOB --signal SIGKILL",
+        ],
+        parents=common,
+    )
+    kill.add_argument("session_id", metavar="SESSION")
+    kill.add_argument("job_id", metavar="JOB")
+    kill.add_argument(
+        "-s", "--signal", default="SIGTERM", help="a signal name or number (default SIGTERM)"
+    )
+    kill.set_defaults(runner=_jobs_kill)
 
     list_ = add_command(
         actions,
@@ -204,7 +259,15 @@ def _jobs_run(client: Bastion, args: argparse.Namespace) -> int:
     command = job_command(args)
     env = dict(args.env) if args.env else None
     if args.no_wait:
-        job = client.jobs.run(args.session_id, command, env=env, cwd=args.cwd, timeout=args.timeout)
+        job = client.jobs.run(
+            args.session_id,
+            command,
+            env=env,
+            cwd=args.cwd,
+            timeout=args.timeout,
+            stdin=forwarded_stdin(args),
+            limits=job_limits(args),
+        )
         if json_mode(args):
             write_json(sys.stdout, job)
         elif args.quiet:
@@ -220,6 +283,8 @@ def _jobs_run(client: Bastion, args: argparse.Namespace) -> int:
             cwd=args.cwd,
             timeout=args.timeout,
             wait_timeout=args.wait_timeout,
+            stdin=forwarded_stdin(args),
+            limits=job_limits(args),
         )
     except JobFailedError as exc:
         _print_job_output(exc.result, args)
@@ -239,6 +304,14 @@ def _print_job_output(job: JobInfo, args: argparse.Namespace) -> None:
             write_text(sys.stdout, output["console_output"])
         if output.get("errout"):
             write_text(sys.stderr, output["errout"])
+
+
+def _jobs_kill(client: Bastion, args: argparse.Namespace) -> int:
+    signal: str | int = int(args.signal) if args.signal.isdigit() else args.signal
+    job = client.jobs.kill(args.session_id, args.job_id, signal)
+    if json_mode(args):
+        write_json(sys.stdout, job)
+    return ExitCode.OK
 
 
 def _jobs_list(client: Bastion, args: argparse.Namespace) -> int:

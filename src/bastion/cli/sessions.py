@@ -35,6 +35,7 @@ from .common import (
 )
 from .errors import ExitCode, UsageError
 from .format import (
+    command_text,
     format_size,
     format_time_ago,
     metadata_text,
@@ -166,6 +167,18 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
     add_page_options(list_, "sessions")
     list_.set_defaults(runner=_sessions_list)
 
+    ps = add_command(
+        actions,
+        "ps",
+        help="list a running session's processes",
+        description="List every process of a running session: pid and parent as the "
+        "session sees them, user, CPU time, memory, the job it belongs to, and command.",
+        examples=["bastion sessions ps $SID", "bastion sessions ps $SID --json"],
+        parents=common,
+    )
+    ps.add_argument("session_id", metavar="SESSION")
+    ps.set_defaults(runner=_sessions_ps)
+
     for name, summary, description, example in (
         (
             "status",
@@ -283,6 +296,28 @@ def _show_session(info: SessionInfo, args: argparse.Namespace) -> None:
         print_lines([info["session_id"]])
     else:
         print_lines(session_details(info))
+
+
+def _sessions_ps(client: Bastion, args: argparse.Namespace) -> int:
+    found = client.sessions.processes(args.session_id)
+    if json_mode(args):
+        write_json(sys.stdout, found)
+        return ExitCode.OK
+    rows = [
+        [
+            str(p["pid"]),
+            str(p["ppid"]),
+            p["user"],
+            f"{p['cpu_seconds']:.2f}s",
+            format_size(p["memory_bytes"]),
+            p["job_id"] or "-",
+            command_text(p["command"]),
+        ]
+        for p in found
+    ]
+    headers = ["PID", "PPID", "USER", "CPU", "MEM", "JOB", "COMMAND"]
+    print_lines(table(headers, rows, right=("PID", "PPID", "CPU", "MEM"), max_width=table_width()))
+    return ExitCode.OK
 
 
 def _sessions_list(client: Bastion, args: argparse.Namespace) -> int:
