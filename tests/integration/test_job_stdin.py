@@ -84,3 +84,8 @@ async def _async_stdin_and_kill(server: ServerProcess, sid: str) -> None:
             final = await c.jobs.get(sid, running["job_id"])
         assert final["failure_reason"] == "killed" and final["signal"] == "SIGINT"
         assert final["output"]["console_output"] == "part"  # type: ignore[index]
+
+
+def test_a_job_that_never_reads_its_streamed_stdin_is_no_error(client: Bastion, sid: str) -> None:
+    job = client.jobs.run_and_wait(sid, ["true"], stdin=io.BytesIO(os.urandom(4 << 20)))
+    assert job["status"] == "completed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import (
@@ -42,7 +43,7 @@ from .._base import (
     wait_job_request,
     watch_hold,
 )
-from .._exceptions import APITimeoutError, BastionError
+from .._exceptions import APITimeoutError, BastionError, JobStateError
 from .._local_files import (
     AsyncUploadData,
     UploadData,
@@ -115,7 +116,9 @@ class Jobs:
         body = run_job_body(command, env, cwd, timeout, inline, limits)
         job = cast(JobInfo, self._client._request(run_job_request(session_id, body)))
         if rest is not None:
-            self.write_stdin(session_id, job["job_id"], cast(UploadData, rest), close=True)
+            # A job may end without reading its input (or all of it): not an error.
+            with contextlib.suppress(JobStateError):
+                self.write_stdin(session_id, job["job_id"], cast(UploadData, rest), close=True)
         return job
 
     def write_stdin(
@@ -566,9 +569,10 @@ class AsyncJobs:
         body = run_job_body(command, env, cwd, timeout, inline, limits)
         job = cast(JobInfo, await self._client._request(run_job_request(session_id, body)))
         if rest is not None:
-            await self.write_stdin(
-                session_id, job["job_id"], cast(AsyncUploadData, rest), close=True
-            )
+            with contextlib.suppress(JobStateError):
+                await self.write_stdin(
+                    session_id, job["job_id"], cast(AsyncUploadData, rest), close=True
+                )
         return job
 
     async def write_stdin(
