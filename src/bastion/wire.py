@@ -13,7 +13,7 @@ This module has no dependencies beyond the standard library.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 # pydantic (the server's validation) accepts only typing_extensions' TypedDict before 3.12
 from typing_extensions import NotRequired, TypedDict  # noqa: UP035
@@ -101,6 +101,13 @@ class ErrorCode(StrEnum):
     #: The snapshot is not ready (still being made, or failed) for what was asked.
     SNAPSHOT_STATE = "snapshot_state"
     LIMIT_EXCEEDED = "limit_exceeded"
+    # images
+    IMAGE_NOT_FOUND = "image_not_found"
+    #: The image cannot do this now: it is not ready (building, failed) for a session,
+    #: or sessions (or images built over it) still use it for a delete.
+    IMAGE_STATE = "image_state"
+    #: A recipe that cannot be built as written; the message names the key.
+    INVALID_RECIPE = "invalid_recipe"
     # jobs
     JOB_NOT_FOUND = "job_not_found"
     INVALID_COMMAND = "invalid_command"
@@ -142,6 +149,9 @@ ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_PAUSED: 409,
     ErrorCode.SNAPSHOT_NOT_FOUND: 404,
     ErrorCode.SNAPSHOT_STATE: 409,
+    ErrorCode.IMAGE_NOT_FOUND: 404,
+    ErrorCode.IMAGE_STATE: 409,
+    ErrorCode.INVALID_RECIPE: 400,
     ErrorCode.LIMIT_EXCEEDED: 422,
     ErrorCode.JOB_NOT_FOUND: 404,
     ErrorCode.INVALID_COMMAND: 422,
@@ -250,6 +260,15 @@ class CreateSessionRequest(TypedDict, total=False):
     env: dict[str, str]
     #: Start from this snapshot's files (a ``ready`` snapshot of the same key).
     snapshot: str
+    #: The image to run (a ``ready`` image of the key's, or a shared one); default: the
+    #: server's default image.
+    image: str
+
+
+class SessionImage(TypedDict):
+    name: str
+    #: ``sha256:<hex>``: what names the image's content.
+    digest: str
 
 
 class SessionUsage(TypedDict):
@@ -277,6 +296,8 @@ class SessionInfo(TypedDict):
     status_reason: str | None
     #: The snapshot its files started from (or were last restored to); None: the image.
     snapshot: NotRequired[str | None]
+    #: The image it runs, as it was when the session was created.
+    image: NotRequired[SessionImage]
     #: The cluster node that holds the session for its whole life (``bastion serve
     #: --ray``); None on a server of one machine.  A session whose node left the
     #: cluster is deleted, its status_reason starting with "lost:".
@@ -287,6 +308,54 @@ class SessionInfo(TypedDict):
 
 class SessionList(Page):
     sessions: list[SessionInfo]
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageStatus(StrEnum):
+    #: Its recipe is being built (or it is being imported): follow its log.
+    BUILDING = "building"
+    READY = "ready"
+    #: The build failed (``status_reason`` says why; the log has the rest); nothing of
+    #: it was kept.
+    FAILED = "failed"
+
+
+ImageStatusName = Literal["building", "ready", "failed"]
+ImageSourceName = Literal["stock", "build", "import", "pull"]
+
+
+class ImageInfo(TypedDict):
+    name: str
+    status: ImageStatusName
+    status_reason: str | None
+    #: ``stock`` (the server's base image), ``build`` (a recipe), ``import``, ``pull``.
+    source: ImageSourceName
+    #: Whether every key may use it (stock images and those an admin key made), or
+    #: only the key that made it.
+    shared: bool
+    #: ``sha256:<hex>`` once ready (None before).
+    digest: str | None
+    #: The image it extends (a recipe's ``from``), if any.
+    parent: str | None
+    #: Disk space its own layer takes: only what it adds to ``parent``.
+    size_bytes: int
+    #: The build's id: its log is ``GET /v1/images/{name}/log``.
+    build_id: str
+    created_at: str
+    updated_at: str
+
+
+class ImageList(Page):
+    images: list[ImageInfo]
+
+
+class BuildImageRequest(TypedDict, total=False):
+    #: The recipe, as in a TOML recipe file; ``files`` values are base64 of the bytes.
+    recipe: dict[str, Any]
+    #: Build again even if the same recipe over the same base is stored (no cache).
+    no_cache: bool
 
 
 # --------------------------------------------------------------------------- snapshots

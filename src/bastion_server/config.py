@@ -49,6 +49,16 @@ class ServerConfig:
     pool_size: int = 2
     #: Whether sessions may ask for outbound network at all.
     allow_network: bool = True
+    # Image builds (service/images.py): each runs in a sandbox of its own.
+    #: Longest a whole build may take (seconds).
+    build_timeout: float = 1800.0
+    #: Disk a build's sandbox gets (MiB; within max_limits.disk_mb).
+    build_disk_mb: int = 8192
+    #: A CA bundle (such as the host's trust store) handed to builds, for package
+    #: indexes reached through a TLS-intercepting proxy; None: the image's own.
+    build_ca_file: Path | None = None
+    #: Hand the server's HTTP(S)_PROXY / NO_PROXY variables to builds.
+    build_proxy_env: bool = True
     #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).
     reaper_interval: float = 1.0
     max_upload_bytes: int = 4 * 1024**3

@@ -17,6 +17,7 @@ from bastion_server.api import (
     errors,
     files,
     files_archive,
+    images,
     jobs,
     keys,
     legacy,
@@ -92,7 +93,17 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     errors.install(app)
     openapi.install(app)
     app.include_router(docs.router)
-    for module in (sessions, jobs, files, files_archive, terminal, keys, sdk_index, legacy):
+    for module in (
+        sessions,
+        images,
+        jobs,
+        files,
+        files_archive,
+        terminal,
+        keys,
+        sdk_index,
+        legacy,
+    ):
         app.include_router(module.router)
     app.include_router(jobs.processes_router)
 

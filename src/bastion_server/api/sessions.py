@@ -12,6 +12,8 @@ from bastion_server.api.deps import services
 from bastion_server.api.paging import PageParams
 from bastion_server.api.views import session_view
 from bastion_server.service.container import Services
+from bastion_server.service.errors import invalid
+from bastion_server.service.images import ChosenImage
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 Owner = Annotated[str, Depends(owner)]
@@ -38,8 +40,17 @@ async def create_session(
         network=dict(body.get("network") or {}),
         env=body.get("env"),
         paused_timeout=body.get("paused_timeout"),
+        image=await _chosen_image(svc, who, body.get("image")),
     )
     return session_view(record)
+
+
+async def _chosen_image(svc: Services, who: str, image: object) -> ChosenImage | None:
+    if image is None:
+        return None
+    if not isinstance(image, str):
+        raise invalid("image must be an image's name")
+    return await svc.images.choose(who, image)
 
 
 @router.get("", response_model=SessionList)

@@ -27,6 +27,8 @@ def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> Se
         },
         "status_reason": record.status_reason,
     }
+    if record.image is not None:
+        view["image"] = {"name": record.image["name"], "digest": record.image["digest"]}
     if usage is not None:
         view["usage"] = usage_view(usage)
     return view

@@ -53,6 +53,8 @@ from bastion_server.runtime.sandbox_image import SandboxImage
 LAYERS_DIR = "layers"
 _TEMP_PREFIX = ".tmp-"
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
+#: How an image names its parent: a base's directory, or a layer image's.
+_REF_RE = re.compile(rf"[a-z0-9][a-z0-9_.]*-[0-9a-f]{{12}}|{LAYERS_DIR}/[0-9a-f]{{64}}")
 #: Extended attributes a layer may keep: the overlay's own (whiteouts, opaque
 #: directories) and ordinary user data; anything else (file capabilities, ACLs naming
 #: host ids, security labels) is dropped.
@@ -89,10 +91,9 @@ class ImageStore:
 
     def load(self, ref: str) -> ImageInfo:
         """The image at ``ref`` (a base's directory name or ``layers/<key>``)."""
-        path = (self.images_dir / ref).resolve()
-        if path.parent not in (self.images_dir.resolve(), self.layers_dir.resolve()):
+        if not _REF_RE.fullmatch(ref):
             raise ImageError(f"bad image reference {ref!r}")
-        return ImageInfo.load(path)
+        return ImageInfo.load(self.images_dir / ref)
 
     def layer(self, key: str) -> ImageInfo | None:
         """The layer image of content key ``key``, if it is stored (a cache hit)."""
@@ -246,6 +247,8 @@ def reshift(root: Path, from_shift: int, to_shift: int, size: int = 65536) -> No
                 return
             seen.add((st.st_dev, st.st_ino))
         uid, gid = st.st_uid - from_shift, st.st_gid - from_shift
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            uid = gid = 0  # a whiteout: the overlay makes it as its mounter (host root)
         if not (0 <= uid < size and 0 <= gid < size):
             raise ImageError(f"{path} is owned by {st.st_uid}:{st.st_gid}, outside the range")
         for attr in os.listxattr(path, follow_symlinks=False):

@@ -214,6 +214,8 @@ class FakeRuntime(Runtime):
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="bastion-fake-"))
         self.sandboxes: dict[str, FakeSandbox] = {}
+        #: The image each sandbox was created from, when one was named.
+        self.images: dict[str, SandboxImage] = {}
         self.programs: dict[str, Program] = dict(BUILTIN_PROGRAMS)
         self._faults: dict[str, SandboxError] = {}
         #: Every operation asked of the runtime, in order: ``(operation, session_id)``.
@@ -273,6 +275,8 @@ class FakeRuntime(Runtime):
         self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
     ) -> None:
         self._enter("create", session_id)
+        if image is not None:
+            self.images[session_id] = image
         if session_id in self.sandboxes:
             raise SandboxError(f"sandbox {session_id} already exists")
         root = self.root / session_id
@@ -294,16 +298,18 @@ class FakeRuntime(Runtime):
     async def stop(self, session_id: str) -> None:
         self._enter("stop", session_id)
         sandbox = self.sandboxes.get(session_id)
-        #: The image each sandbox was created from, when one was named.
-        self.images: dict[str, SandboxImage] = {}
         if sandbox is None:
             return
         for process in list(sandbox.processes):
             await process.kill()
         sandbox.running = sandbox.paused = False
 
+    def image_of(self, session_id: str) -> SandboxImage | None:
+        return self.images.get(session_id)
+
     async def delete(self, session_id: str) -> None:
         self._enter("delete", session_id)
+        self.images.pop(session_id, None)
         sandbox = self.sandboxes.pop(session_id, None)
         if sandbox is None:
             return
@@ -355,8 +361,6 @@ class FakeRuntime(Runtime):
         return [
             SandboxProcess(
                 pid=p.pid,
-        if image is not None:
-            self.images[session_id] = image
                 ppid=1,
                 user=p.spec.user or "user",
                 command=list(p.spec.argv),
@@ -370,4 +374,3 @@ class FakeRuntime(Runtime):
         sandbox = self._running(session_id)
         me = (os.getuid(), os.getgid())
         return HostFiles(SandboxFS(str(sandbox.root), user=me, superuser=me))
-        self.images.pop(session_id, None)

@@ -12,6 +12,7 @@ from bastion_server.runtime.base import Runtime
 from bastion_server.service.audit import AuditLog
 from bastion_server.service.environment import load_env_file
 from bastion_server.service.files import FileService
+from bastion_server.service.images import ImageService
 from bastion_server.service.jobs import JobService
 from bastion_server.service.keys import KeyService
 from bastion_server.service.sessions import SessionService
@@ -51,6 +52,7 @@ class Services:
     terminals: TerminalService
     keys: KeyService
     audit: AuditLog
+    images: ImageService
     reaper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -72,7 +74,13 @@ class Services:
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
         keys = KeyService(store, config.api_keys)
-        services = cls(config, store, runtime, sessions, jobs, files, terminals, keys, audit)
+        from bastion_server.image.store import ImageStore
+
+        images = ImageService(store, runtime, config, ImageStore(config.images_dir))
+        await images.prepare()
+        services = cls(
+            config, store, runtime, sessions, jobs, files, terminals, keys, audit, images
+        )
         services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
         return services
@@ -101,6 +109,7 @@ class Services:
                 action, f"the server shut down (on_shutdown = {action})"
             )
             log.info("exit policy applied", extra={"action": action, "sessions": done})
+        await self.images.shutdown()  # builds under way fail ("the server shut down")
         await self.jobs.shutdown()
         await self.runtime.close()
         await asyncio.to_thread(self.audit.close)

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.wire import MAX_METADATA_ITEMS, MAX_METADATA_LENGTH, ErrorCode, SessionStatus
 from bastion_server import faults
@@ -40,6 +40,9 @@ from bastion_server.service.errors import ServiceError, invalid, session_not_fou
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.quotas import Quotas
 from bastion_server.store.sqlite import CREATING, SessionRecord, Store
+
+if TYPE_CHECKING:
+    from bastion_server.service.images import ChosenImage
 
 log = logging.getLogger("bastion.sessions")
 
@@ -236,6 +239,7 @@ class SessionService:
         network: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         paused_timeout: Any = None,
+        image: ChosenImage | None = None,
     ) -> SessionRecord:
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
@@ -289,6 +293,7 @@ class SessionService:
             on_timeout=on_timeout,
             network={"enabled": policy.enabled, "allow": list(policy.allow)},
             paused_timeout=self._timeout("paused_timeout", paused_timeout),
+            image=image.record if image is not None else None,
         )
         # All or nothing, across a crash too: the record comes first, as being created
         # (so nothing is made on the host that no record names), then the storage, then
@@ -301,7 +306,11 @@ class SessionService:
                 self.store.set_session_env(record.id, dict(env))
             faults.point("create.after_insert")
             try:
-                await self.runtime.create(record.id, SandboxLimits(**record.limits))
+                await self.runtime.create(
+                    record.id,
+                    SandboxLimits(**record.limits),
+                    image.sandbox if image is not None else None,
+                )
                 faults.point("create.after_storage")
             except BaseException as exc:
                 await self._roll_back_create(record.id)
