@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
+from tests.conftest import ServerProcess
 
 from bastion import Bastion, JobFailedError, JobStateError
 from bastion.wire import JobInfo
@@ -119,3 +121,37 @@ def test_a_cancelled_job_tree_leaves_no_process(client: Bastion, sid: str) -> No
     assert not any("sleep" in " ".join(p["command"]) for p in left), left
     with pytest.raises(JobStateError):
         client.jobs.kill(sid, jid)
+
+
+def test_an_oom_kill_at_the_session_limit_is_told_too(client: Bastion, sid: str) -> None:
+    # No memory_mb of the job's own: the session cgroup's OOM counter tells it.
+    client.sessions.delete(sid)
+    sid = client.sessions.create(limits={"memory_mb": 96})["session_id"]
+    client.sessions.start(sid)
+    try:
+        job = _fails(client, sid, HOG)
+        assert job["failure_reason"] == "oom", job
+        # The session lives on, and its next job is judged on its own.
+        assert client.jobs.run_and_wait(sid, ["true"])["status"] == "completed"
+    finally:
+        client.sessions.delete(sid)
+
+
+def test_bad_kill_stdin_and_process_requests_have_clear_errors(
+    client: Bastion, sid: str, server: ServerProcess
+) -> None:
+    base = f"{server.url}/v1/sessions/{sid}"
+    job = client.jobs.run(sid, ["sleep", "30"])
+    with httpx.Client(timeout=30) as http:
+        bad_signal = http.post(f"{base}/jobs/{job['job_id']}/kill", json={"signal": "SIGNOPE"})
+        assert bad_signal.status_code == 422
+        assert bad_signal.json()["error"]["code"] == "invalid_request"
+        unknown = http.post(f"{base}/jobs/job_nope/stdin", content=b"x")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "job_not_found")
+        no_stdin = http.post(f"{base}/jobs/{job['job_id']}/stdin", content=b"x")
+        assert (no_stdin.status_code, no_stdin.json()["error"]["code"]) == (409, "job_state")
+        killed = http.post(f"{base}/jobs/{job['job_id']}/kill", json={"signal": "SIGKILL"})
+        assert killed.status_code == 202
+        client.sessions.stop(sid)
+        stopped = http.get(f"{base}/processes")
+        assert (stopped.status_code, stopped.json()["error"]["code"]) == (409, "session_state")

@@ -11,11 +11,19 @@ connection per job, carrying frames of
 * ``I`` stdin bytes (server -> agent; pty input)
 
 Requests: ``{"op": "ping"}``, or ``{"op": "exec", "argv", "env", "cwd", "timeout",
-"pty", "rows", "cols"}`` then optionally ``{"op": "kill"}`` /
-``{"op": "resize", "rows", "cols"}`` and input.  Events: ``{"event": "pong", "pid"}``;
-``{"event": "started", "pid"}``, output frames, and last ``{"event": "exit",
-"exit_code", "signal", "timed_out", "error", "message"}``.  Closing the connection
-kills the job's whole process tree: a job nobody watches does not run on.
+"pty", "rows", "cols", "stdin", "user", "rlimits"}`` (cgroup.procs descriptors may
+come with it as SCM_RIGHTS) then optionally ``{"op": "kill", "signal"}`` /
+``{"op": "resize", "rows", "cols"}`` / ``{"op": "close_stdin"}`` and input.  Events:
+``{"event": "pong", "pid"}``; ``{"event": "started", "pid"}``, output frames, and last
+``{"event": "exit", "exit_code", "signal", "timed_out", "error", "message",
+"kill_signal", "usage"}``.  The C agent's header comment is the full reference.  Closing the
+connection kills the job's whole process tree, unless the job is persistent (exec with
+``"persist": true, "job_id", "spool_bytes"``: what lets a job outlive the server): it
+runs on with its output spooled in the sandbox; ``{"op": "attach", "job_id",
+"stdout_offset", "stderr_offset"}`` on a new connection replays the spool past those
+offsets and goes on live (or sends the kept exit event, which then carries
+``"output_bytes"``), and ``{"op": "forget"}`` after the exit event lets the agent drop
+the job.
 
 This module is the codec both sides of the Python code use: the server's client
 (:mod:`.agent_client`) and the tests that speak to the agent directly.
