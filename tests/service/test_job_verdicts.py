@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from tests.service.conftest import OWNER, Run
@@ -264,16 +266,29 @@ def test_processes_name_their_job(run: Run) -> None:
     assert owners == expected
 
 
-def test_old_job_records_read_back(tmp_path: object) -> None:
-    # A record written before signal and usage existed (the columns NULL).
-    store = Store(tmp_path / "db.sqlite")  # type: ignore[operator]
-    store._db.execute(
-        "INSERT INTO sessions (id, owner, status, limits, metadata, created_at, updated_at)"
-        " VALUES ('s1', 'o', 'running', '{}', '{}', 't', 't')"
+def test_old_job_records_read_back(tmp_path: Path) -> None:
+    # A database of the first schema, with a finished job: migrated, it reads back
+    # with no usage and no signal, and the job can be recorded anew.
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.executescript(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL,"
+        " status_reason TEXT, limits TEXT NOT NULL, metadata TEXT NOT NULL,"
+        " idempotency_key TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
+        "INSERT INTO sessions VALUES ('ses_1', 'o', 'stopped', NULL, '{}', '{}', NULL, 't', 't');"
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),"
+        " status TEXT NOT NULL, command TEXT NOT NULL, spec TEXT NOT NULL, exit_code INTEGER,"
+        " failure_reason TEXT, error_message TEXT, created_at TEXT NOT NULL, started_at TEXT,"
+        " finished_at TEXT);"
+        "INSERT INTO jobs VALUES ('job_1', 'ses_1', 'failed', '[\"x\"]', '{}', 137,"
+        " 'nonzero_exit', NULL, 't', 't', 't');"
     )
-    store._db.execute(
-        "INSERT INTO jobs (id, session_id, status, command, spec, exit_code, created_at)"
-        " VALUES ('j1', 's1', 'completed', '[\"true\"]', '{}', 0, 't')"
-    )
-    record = store.get_job("j1")
-    assert record is not None and record.usage is None and record.signal is None
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "old.db")
+    record = store.get_job("job_1")
+    assert record is not None
+    assert (record.usage, record.signal, record.exit_code) == (None, None, 137)
+    record.signal, record.usage = "SIGKILL", {"wall_seconds": 1.0}
+    store.update_job(record)
+    again = store.get_job("job_1")
+    assert again is not None and again.signal == "SIGKILL" and again.usage == {"wall_seconds": 1.0}
