@@ -54,6 +54,8 @@ from ._exceptions import (
     SessionNotFoundError,
     SessionStartError,
     SessionStateError,
+    SnapshotNotFoundError,
+    SnapshotStateError,
 )
 from ._pages import page_params
 from .wire import (
@@ -300,6 +302,8 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.SESSION_STATE: SessionStateError,
     ErrorCode.SESSION_STOPPED: SessionStateError,
     ErrorCode.SESSION_PAUSED: SessionStateError,
+    ErrorCode.SNAPSHOT_NOT_FOUND: SnapshotNotFoundError,
+    ErrorCode.SNAPSHOT_STATE: SnapshotStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
@@ -937,6 +941,7 @@ def create_session_body(
     network: NetworkRequest | None = None,
     env: Mapping[str, str] | None = None,
     paused_timeout: float | None = None,
+    snapshot: str | None = None,
 ) -> CreateSessionRequest:
     body: CreateSessionRequest = {}
     if limits is not None:
@@ -955,6 +960,8 @@ def create_session_body(
         body["env"] = dict(env)
     if paused_timeout is not None:
         body["paused_timeout"] = paused_timeout
+    if snapshot is not None:
+        body["snapshot"] = snapshot
     return body
 
 

@@ -39,6 +39,7 @@ from ._resources.files import AsyncFiles, Files
 from ._resources.jobs import AsyncJobs, Jobs
 from ._resources.keys import AsyncKeys, Keys
 from ._resources.sessions import AsyncSessions, Sessions
+from ._resources.snapshots import AsyncSnapshots, Snapshots
 from ._terminal import Terminals
 from .wire import HealthInfo
 
@@ -77,11 +78,13 @@ class Bastion(BaseBastion):
         files: Upload, list, download and delete files in a session.
         terminal: Attach live shells to a session over a WebSocket.
         keys: Make, list and revoke the server's API keys (admin keys only).
+        snapshots: List, read and delete snapshots of sessions' files.
     """
 
     sessions: Sessions
     jobs: Jobs
     keys: Keys
+    snapshots: Snapshots
     files: Files
     terminal: Terminals
 
@@ -108,6 +111,7 @@ class Bastion(BaseBastion):
         self.sessions = Sessions(self)
         self.jobs = Jobs(self)
         self.keys = Keys(self)
+        self.snapshots = Snapshots(self)
         self.files = Files(self)
         self.terminal = Terminals(self)
 
@@ -258,11 +262,13 @@ class AsyncBastion(BaseBastion):
         files: Upload, list, download and delete files in a session.
         terminal: Attach live shells to a session over a WebSocket.
         keys: Make, list and revoke the server's API keys (admin keys only).
+        snapshots: List, read and delete snapshots of sessions' files.
     """
 
     sessions: AsyncSessions
     jobs: AsyncJobs
     keys: AsyncKeys
+    snapshots: AsyncSnapshots
     files: AsyncFiles
     terminal: AsyncTerminals
 
@@ -289,6 +295,7 @@ class AsyncBastion(BaseBastion):
         self.sessions = AsyncSessions(self)
         self.jobs = AsyncJobs(self)
         self.keys = AsyncKeys(self)
+        self.snapshots = AsyncSnapshots(self)
         self.files = AsyncFiles(self)
         self.terminal = AsyncTerminals(self)
 

@@ -92,6 +92,8 @@ class ServerConfig:
     max_jobs_per_session: int = 0
     #: Jobs running (or queued) at once over all of one tenant's sessions.
     max_jobs_per_key: int = 0
+    #: MiB of disk one tenant's snapshots may take.
+    max_snapshot_mb_per_key: int = 0
     # Session lifetimes, in seconds; 0 means none.
     #: Idle timeout of a session that sets none.
     default_idle_timeout: float = 0.0
@@ -147,6 +149,7 @@ class ServerConfig:
             "max_running_sessions",
             "max_jobs_per_session",
             "max_jobs_per_key",
+            "max_snapshot_mb_per_key",
             "default_idle_timeout",
             "default_max_lifetime",
             "max_idle_timeout",

@@ -169,6 +169,13 @@ OPTIONS: tuple[Option, ...] = (
         group=_QUOTAS,
     ),
     Option(
+        "max_snapshot_mb_per_key",
+        int,
+        0,
+        "MiB of disk one key's tenant's snapshots may take",
+        group=_QUOTAS,
+    ),
+    Option(
         "default_idle_timeout",
         float,
         0.0,
@@ -385,6 +392,7 @@ def config_from_args(
         max_running_sessions=s["max_running_sessions"],
         max_jobs_per_session=s["max_jobs_per_session"],
         max_jobs_per_key=s["max_jobs_per_key"],
+        max_snapshot_mb_per_key=s["max_snapshot_mb_per_key"],
         default_idle_timeout=s["default_idle_timeout"],
         default_max_lifetime=s["default_max_lifetime"],
         max_idle_timeout=s["max_idle_timeout"],

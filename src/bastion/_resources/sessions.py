@@ -23,13 +23,16 @@ from .._pages import merge_pages, wants_every_page
 from ..wire import (
     MAX_PAGE_SIZE,
     ExpiryAction,
+    ForkResult,
     NetworkRequest,
     ProcessInfo,
     ProcessList,
     SessionInfo,
     SessionLimits,
     SessionList,
+    SnapshotInfo,
 )
+from .snapshots import fork_request, restore_request, take_snapshot_request
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
@@ -39,9 +42,10 @@ class Sessions:
     """Create, inspect, start, stop, pause, resume and delete sessions
     (``bastion.sessions``).
 
-    ``start``, ``stop``, ``pause``, ``resume`` and ``delete`` are retried like reads after a lost answer: if
-    the retry is refused because the session is already where the action takes it
-    (an earlier attempt did the work), the session's info is returned as success.
+    ``start``, ``stop``, ``pause``, ``resume`` and ``delete`` are retried like reads
+    after a lost answer: if the retry is refused because the session is already where
+    the action takes it (an earlier attempt did the work), the session's info is
+    returned as success.
     """
 
     def __init__(self, client: Bastion) -> None:
@@ -59,6 +63,7 @@ class Sessions:
         network: NetworkRequest | None = None,
         env: Mapping[str, str] | None = None,
         paused_timeout: float | None = None,
+        snapshot: str | None = None,
     ) -> SessionInfo:
         """Create a session (status ``"created"``; call :meth:`start` to run it).
 
@@ -69,6 +74,8 @@ class Sessions:
             idle_timeout: Seconds without activity (no job, terminal or request) after
                 which the server stops the session (or deletes it, see ``on_timeout``).
             max_lifetime: Seconds after creation when the same happens regardless.
+            snapshot: Start from this snapshot's files (a ``"ready"`` snapshot of this
+                key: see :meth:`snapshot`); its image too.
             paused_timeout: Seconds a paused session may stay paused before the same
                 happens (none by default).  Paused time is not idle time: the idle
                 clock stands still while the session is paused.
@@ -93,6 +100,8 @@ class Sessions:
         Raises:
             InvalidRequestError: The limits are invalid or over the server's maximum.
             QuotaExceededError: The key's tenant has as many sessions as it may.
+            SnapshotNotFoundError: ``snapshot`` is no snapshot of this key.
+            SnapshotStateError: ``snapshot`` is not ready (being made, or failed).
             APIConnectionError: The server cannot be reached.
         """
         body = create_session_body(
@@ -104,6 +113,7 @@ class Sessions:
             network=network,
             env=env,
             paused_timeout=paused_timeout,
+            snapshot=snapshot,
         )
         data = self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -208,6 +218,76 @@ class Sessions:
         """
         return self._act(session_id, "resume")
 
+    def snapshot(
+        self, session_id: str, *, name: str | None = None, wait: bool = True
+    ) -> SnapshotInfo:
+        """Snapshot a session's files: the image plus everything written since.
+
+        Consistent while it runs: its processes are frozen for the copy (typically
+        milliseconds to a few hundred for 100 MB), so a write in flight is in the
+        snapshot or not, never torn; memory and processes are not part of it (see
+        :meth:`pause`).  Works on created, running, paused and stopped sessions.  The
+        snapshot belongs to this key and outlives the session.
+
+        Args:
+            session_id: The session's id.
+            name: A label of your own.
+            wait: Return once the snapshot is ``"ready"`` (or ``"failed"``, with
+                ``status_reason``); with False at once, ``"creating"``: poll
+                ``bastion.snapshots.get``.
+
+        Returns:
+            The snapshot's ``SnapshotInfo``.
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            QuotaExceededError: The key's snapshots take their quota of disk.
+            InvalidRequestError: The session stands on too many snapshots already.
+        """
+        request = take_snapshot_request(session_id, name, wait)
+        return cast(SnapshotInfo, self._client._request(request))
+
+    def fork(self, session_id: str, count: int = 1, *, name: str | None = None) -> ForkResult:
+        """Snapshot a session and start ``count`` running copies of it, in one call.
+
+        The copies have the session's files, limits, timeouts, network, metadata and
+        env; each one's writes are its own.  All are made, or none (and an error).
+
+        Args:
+            session_id: The session's id.
+            count: How many copies (1 to ``bastion.wire.MAX_FORK_COUNT``).
+            name: The snapshot's name.
+
+        Returns:
+            ``{"snapshot": SnapshotInfo, "sessions": [SessionInfo, ...]}``; the
+            snapshot is kept (delete it with ``bastion.snapshots.delete`` when done).
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            SnapshotStateError: The snapshot failed.
+            QuotaExceededError: The copies would pass a session quota.
+        """
+        return cast(ForkResult, self._client._request(fork_request(session_id, count, name)))
+
+    def restore(self, session_id: str, snapshot_id: str) -> SessionInfo:
+        """Reset a session's files to a snapshot's: the RL "reset".
+
+        A running (or paused) session's jobs and terminals are ended first, as at a
+        stop, and it is started again on the snapshot's files; a created or stopped
+        session keeps its state.  Any ready snapshot of this key will do, not only
+        one of this session.
+
+        Returns:
+            The session's ``SessionInfo`` (``"snapshot"`` is ``snapshot_id``).
+
+        Raises:
+            SessionNotFoundError: No session has this id.
+            SnapshotNotFoundError: No snapshot of this key has ``snapshot_id``.
+            SnapshotStateError: The snapshot is not ready.
+        """
+        request = restore_request(session_id, snapshot_id)
+        return cast(SessionInfo, self._client._request(request))
+
     def delete(self, session_id: str) -> SessionInfo:
         """Delete a session and everything in it.  This cannot be undone.
 
@@ -301,6 +381,7 @@ class AsyncSessions:
         network: NetworkRequest | None = None,
         env: Mapping[str, str] | None = None,
         paused_timeout: float | None = None,
+        snapshot: str | None = None,
     ) -> SessionInfo:
         body = create_session_body(
             limits,
@@ -311,6 +392,7 @@ class AsyncSessions:
             network=network,
             env=env,
             paused_timeout=paused_timeout,
+            snapshot=snapshot,
         )
         data = await self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -336,6 +418,20 @@ class AsyncSessions:
 
     async def resume(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "resume")
+
+    async def snapshot(
+        self, session_id: str, *, name: str | None = None, wait: bool = True
+    ) -> SnapshotInfo:
+        request = take_snapshot_request(session_id, name, wait)
+        return cast(SnapshotInfo, await self._client._request(request))
+
+    async def fork(self, session_id: str, count: int = 1, *, name: str | None = None) -> ForkResult:
+        data = await self._client._request(fork_request(session_id, count, name))
+        return cast(ForkResult, data)
+
+    async def restore(self, session_id: str, snapshot_id: str) -> SessionInfo:
+        request = restore_request(session_id, snapshot_id)
+        return cast(SessionInfo, await self._client._request(request))
 
     async def delete(self, session_id: str) -> SessionInfo:
         return await self._act(session_id, "delete")

@@ -24,6 +24,7 @@ from bastion_server.api import (
     openapi,
     sdk_index,
     sessions,
+    snapshots,
     terminal,
 )
 from bastion_server.api.bodies import BodyLimits
@@ -95,6 +96,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(docs.router)
     for module in (
         sessions,
+        snapshots,
         images,
         jobs,
         files,

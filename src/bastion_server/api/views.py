@@ -1,12 +1,12 @@
-"""Session and file records to wire shapes (a job's shape is JobService.view, which
+"""Session, snapshot and file records to wire shapes (a job's shape is JobService.view, which
 also reads its output)."""
 
 from __future__ import annotations
 
-from bastion.wire import FileEntry, SessionInfo, SessionUsage
+from bastion.wire import FileEntry, SessionInfo, SessionUsage, SnapshotInfo
 from bastion_server.runtime.base import SandboxUsage
 from bastion_server.runtime.sandbox_fs import Entry
-from bastion_server.store.sqlite import SessionRecord
+from bastion_server.store.sqlite import SessionRecord, SnapshotRecord
 
 
 def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> SessionInfo:
@@ -20,6 +20,7 @@ def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> Se
         "idle_timeout": record.idle_timeout,
         "max_lifetime": record.max_lifetime,
         "paused_timeout": record.paused_timeout,
+        "snapshot": record.snapshot,
         "on_timeout": record.on_timeout,  # type: ignore[typeddict-item]
         "network": {
             "enabled": bool(record.network.get("enabled")),
@@ -51,4 +52,18 @@ def file_view(entry: Entry) -> FileEntry:
         "type": entry.type,  # type: ignore[typeddict-item]
         "modified_at": entry.modified_at,
         "mode": entry.mode,
+    }
+
+
+def snapshot_view(record: SnapshotRecord) -> SnapshotInfo:
+    return {
+        "snapshot_id": record.id,
+        "session_id": record.session_id,
+        "name": record.name,
+        "status": record.status,  # type: ignore[typeddict-item]
+        "status_reason": record.status_reason,
+        "parent": record.parent,
+        "size_bytes": record.size_bytes,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
     }

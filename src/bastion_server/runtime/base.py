@@ -221,9 +221,30 @@ class Runtime(abc.ABC):
         passing for its timers).  Pausing a paused sandbox does nothing."""
         raise SandboxError(f"the {self.name} runtime cannot pause a sandbox")
 
-    async def resume(self, session_id: str) -> None:
+    async def resume(self, session_id: str) -> None:  # noqa: B027 - nothing by default
         """Thaw a paused sandbox's processes.  Resuming one not paused does nothing
         (so, for a runtime that cannot pause, this never has anything to do)."""
+
+    # Snapshots: a sandbox's writable layer copied whole, as a layer that sandboxes
+    # can stand on (read-only, above the image); see runtime/snapshots.py.
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        """Copy the sandbox's files (its writable layer, over the layers it stands on)
+        as snapshot ``snapshot_id``: whole or not at all, across a crash too.  A running
+        sandbox is frozen for the copy, so no write is torn.  Returns its size in bytes."""
+        raise SandboxError(f"the {self.name} runtime cannot snapshot a sandbox")
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        """Make a stopped (or created) sandbox's files those of the snapshots
+        ``layers`` (top first: a snapshot, then its parent's...), its own writes gone."""
+        raise SandboxError(f"the {self.name} runtime cannot start a sandbox from a snapshot")
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:  # noqa: B027 - nothing by default
+        """Remove a snapshot's layer (nothing if it is not there)."""
+
+    async def snapshot_ids(self) -> set[str]:
+        """Every whole snapshot this runtime keeps."""
+        return set()
 
     @abc.abstractmethod
     async def is_running(self, session_id: str) -> bool:

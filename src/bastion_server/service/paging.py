@@ -28,7 +28,7 @@ from bastion_server.unicode_text import is_encodable
 T = TypeVar("T")
 
 #: The lists that are paged; a cursor names the one it was made for.
-ListKind = Literal["sessions", "jobs", "files", "images"]
+ListKind = Literal["sessions", "jobs", "files", "snapshots", "images"]
 Key = tuple[str, ...]
 
 #: Longest cursor accepted: a files cursor holds a name of up to 255 bytes as hex.

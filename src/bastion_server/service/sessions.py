@@ -25,7 +25,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +46,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.sessions")
 
+_NOT_DELETED: set[str] = {
+    SessionStatus.CREATED,
+    SessionStatus.RUNNING,
+    SessionStatus.PAUSED,
+    SessionStatus.STOPPED,
+}
 _ALLOWED: dict[str, set[str]] = {
     "start": {SessionStatus.CREATED, SessionStatus.STOPPED},
     "stop": {SessionStatus.RUNNING, SessionStatus.PAUSED},
     "pause": {SessionStatus.RUNNING},
     "resume": {SessionStatus.PAUSED},
-    "delete": {
-        SessionStatus.CREATED,
-        SessionStatus.RUNNING,
-        SessionStatus.PAUSED,
-        SessionStatus.STOPPED,
-    },
+    "restore": _NOT_DELETED,
+    "delete": _NOT_DELETED,
 }
 _LIMIT_FIELDS = (
     ("memory_mb", 32, int),
@@ -108,6 +110,8 @@ class SessionService:
         #: Called with (session_id, reason) before a session's sandbox goes away, so
         #: that running jobs and terminals end with that reason.
         self.before_sandbox_stops: list[Callable[[str, str], Awaitable[None]]] = []
+        #: Called with each session's id once it is deleted (its sandbox removed).
+        self.after_delete: list[Callable[[str], Awaitable[None]]] = []
         #: Each answers whether a session has work in progress (jobs, terminals): a
         #: busy session is never idle.
         self.busy_checks: list[Callable[[str], bool]] = []
@@ -239,8 +243,12 @@ class SessionService:
         network: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         paused_timeout: Any = None,
+        snapshot: str | None = None,
+        layers: Sequence[str] = (),
         image: ChosenImage | None = None,
     ) -> SessionRecord:
+        """Create a session; with ``snapshot`` its files are that snapshot's, whose
+        ``layers`` (top first) the caller has resolved (see SnapshotService)."""
         if idempotency_key is not None:
             if len(idempotency_key) > 255:
                 raise invalid("Idempotency-Key must be at most 255 characters")
@@ -293,6 +301,7 @@ class SessionService:
             on_timeout=on_timeout,
             network={"enabled": policy.enabled, "allow": list(policy.allow)},
             paused_timeout=self._timeout("paused_timeout", paused_timeout),
+            snapshot=snapshot,
             image=image.record if image is not None else None,
         )
         # All or nothing, across a crash too: the record comes first, as being created
@@ -311,6 +320,8 @@ class SessionService:
                     SandboxLimits(**record.limits),
                     image.sandbox if image is not None else None,
                 )
+                if snapshot is not None:
+                    await self.runtime.set_layers(record.id, list(layers))
                 faults.point("create.after_storage")
             except BaseException as exc:
                 await self._roll_back_create(record.id)
@@ -469,12 +480,51 @@ class SessionService:
             log.info("session resumed", extra={"session_id": session_id})
             return record
 
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        """Copy a session's files as snapshot ``snapshot_id`` (see Runtime.capture),
+        under its lock: no start, stop or restore runs meanwhile.  Returns its size."""
+        async with self._lock(session_id):
+            record = self.store.get_session(session_id)
+            if record is None or record.status in (SessionStatus.DELETED, CREATING):
+                raise session_not_found(session_id)
+            return await self.runtime.capture(session_id, snapshot_id)
+
+    async def restore(
+        self, owner: str, session_id: str, snapshot_id: str, layers: Sequence[str]
+    ) -> SessionRecord:
+        """Reset a session's files to snapshot ``snapshot_id`` (``layers``, top first):
+        a running or paused one is stopped (its jobs and terminals end, as at a stop),
+        given the snapshot's files and started again; another keeps its state."""
+        async with self._lock(session_id):
+            record = self.get(owner, session_id)
+            self._check_transition(record, "restore")
+            was_up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
+            if was_up:
+                await self._stop_locked(record, "restored to a snapshot")
+            try:
+                await self.runtime.set_layers(session_id, list(layers))
+            except (SandboxError, OSError) as exc:
+                raise ServiceError(
+                    ErrorCode.SESSION_START_FAILED,
+                    f"session {session_id!r} could not be given snapshot {snapshot_id!r}'s "
+                    f"files: {exc}",
+                ) from exc
+            self.store.set_session_snapshot(session_id, snapshot_id)
+            record.snapshot = snapshot_id
+            if was_up:
+                with self.quotas.starting(record.owner):
+                    await self._start_locked(record)
+            log.info("session restored", extra={"session_id": session_id, "snapshot": snapshot_id})
+            return record
+
     async def delete(self, owner: str, session_id: str) -> SessionRecord:
         async with self._lock(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "delete")
             await self._delete_locked(record)
         self._locks.pop(session_id, None)
+        for hook in self.after_delete:
+            await hook(session_id)
         return record
 
     async def retire_all(self, action: str, reason: str) -> int:

@@ -209,6 +209,24 @@ class SessionRecord:
 
 
 @dataclass
+class SnapshotRecord:
+    id: str
+    owner: str
+    session_id: str
+    name: str | None
+    status: str
+    created_at: str
+    updated_at: str
+    status_reason: str | None = None
+    parent: str | None = None
+    size_bytes: int = 0
+
+
+#: A deleted snapshot's status: hidden, its layer kept while anything stands on it.
+SNAPSHOT_DELETED = "deleted"
+
+
+@dataclass
 class ImageRecord:
     """An image by name: ``owner`` '' is shared (stock images, an admin's)."""
 
@@ -521,6 +539,94 @@ class Store:
             "SELECT env FROM session_env WHERE session_id = ?", (session_id,)
         ).fetchone()
         return dict(json.loads(row["env"])) if row else {}
+
+    def set_session_snapshot(self, session_id: str, snapshot_id: str | None) -> None:
+        self._db.execute("UPDATE sessions SET snapshot = ? WHERE id = ?", (snapshot_id, session_id))
+
+    # -- snapshots ------------------------------------------------------------------
+
+    @staticmethod
+    def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
+        return SnapshotRecord(
+            id=row["id"],
+            owner=row["owner"],
+            session_id=row["session_id"],
+            name=row["name"],
+            status=row["status"],
+            status_reason=row["status_reason"],
+            parent=row["parent"],
+            size_bytes=row["size_bytes"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def insert_snapshot(self, r: SnapshotRecord) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots (id, owner, session_id, name, status, status_reason,"
+            " parent, size_bytes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.id,
+                r.owner,
+                r.session_id,
+                r.name,
+                r.status,
+                r.status_reason,
+                r.parent,
+                r.size_bytes,
+                r.created_at,
+                r.updated_at,
+            ),
+        )
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        row = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        return self._snapshot(row) if row else None
+
+    def update_snapshot(self, r: SnapshotRecord) -> None:
+        self._db.execute(
+            "UPDATE snapshots SET status = ?, status_reason = ?, size_bytes = ?, updated_at = ?"
+            " WHERE id = ?",
+            (r.status, r.status_reason, r.size_bytes, r.updated_at, r.id),
+        )
+
+    def page_snapshots(
+        self, owner: str, after: tuple[str, ...] | None, count: int
+    ) -> list[SnapshotRecord]:
+        """The owner's first ``count`` snapshots not deleted after ``(created_at, id)``."""
+        rows = self._db.execute(
+            "SELECT * FROM snapshots WHERE owner = ? AND status != ?"
+            " AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?",
+            (owner, SNAPSHOT_DELETED, *(after or ("", "")), count),
+        ).fetchall()
+        return [self._snapshot(r) for r in rows]
+
+    def list_snapshots(self, status: str | None = None) -> list[SnapshotRecord]:
+        """Every snapshot (in ``status``, when given), deleted ones included."""
+        query, args = "SELECT * FROM snapshots", []
+        if status is not None:
+            query, args = query + " WHERE status = ?", [status]
+        return [self._snapshot(r) for r in self._db.execute(query, args).fetchall()]
+
+    def snapshot_bytes(self, owner: str) -> int:
+        """Disk the owner's snapshots (not deleted) take."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE owner = ? AND status != ?",
+            (owner, SNAPSHOT_DELETED),
+        ).fetchone()
+        return int(row[0])
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    def snapshots_in_use(self) -> set[str]:
+        """Snapshots a session that is not deleted, or a snapshot that is not, stands
+        on directly (their parents, transitively, are found by walking up)."""
+        rows = self._db.execute(
+            "SELECT snapshot FROM sessions WHERE status != 'deleted' AND snapshot IS NOT NULL"
+            " UNION SELECT parent FROM snapshots WHERE status != ? AND parent IS NOT NULL",
+            (SNAPSHOT_DELETED,),
+        ).fetchall()
+        return {r[0] for r in rows}
 
     # -- API keys -------------------------------------------------------------------
 

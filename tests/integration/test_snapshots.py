@@ -1,0 +1,163 @@
+"""Snapshots, forks and restore on real sandboxes: the files are the snapshot's
+(image, writes, deletions), copies diverge, a restore resets files and ends jobs, and
+a server that dies mid-snapshot leaves a whole snapshot or none."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from tests.conftest import ServerProcess
+
+from bastion import (
+    Bastion,
+    SessionStateError,
+    SnapshotNotFoundError,
+    SnapshotStateError,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _sh(client: Bastion, sid: str, script: str) -> str:
+    result = client.jobs.run_and_wait(sid, ["sh", "-c", script])
+    output = result["output"]
+    assert result["status"] == "completed" and output is not None, result
+    return output["console_output"]
+
+
+@pytest.fixture
+def cleanup(client: Bastion) -> Iterator[list[str]]:
+    """Session ids to delete after the test, then every snapshot of the key."""
+    made: list[str] = []
+    yield made
+    for sid in made:
+        with contextlib.suppress(SessionStateError):
+            client.sessions.delete(sid)
+    for snap in client.snapshots.list()["snapshots"]:
+        with contextlib.suppress(SnapshotNotFoundError, SnapshotStateError):
+            client.snapshots.delete(snap["snapshot_id"])
+
+
+def test_a_session_from_a_snapshot_has_exactly_its_files(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    _sh(client, sid, "echo one > ~/state; mkdir -p ~/d && echo x > ~/d/f; rm ~/.bash_logout")
+    snap = client.sessions.snapshot(sid, name="first")
+    assert snap["status"] == "ready" and snap["name"] == "first", snap
+    assert snap["size_bytes"] > 0 and snap["session_id"] == sid
+    _sh(client, sid, "echo two > ~/state")  # after the snapshot: not in it
+    copy = client.sessions.create(snapshot=snap["snapshot_id"])
+    cleanup.append(copy["session_id"])
+    assert copy["snapshot"] == snap["snapshot_id"]
+    client.sessions.start(copy["session_id"])
+    seen = _sh(client, copy["session_id"], "cat ~/state ~/d/f; test -e ~/.bash_logout || echo gone")
+    assert seen == "one\nx\ngone\n"
+    # A snapshot of the copy stands on the first, and has the copy's writes.
+    _sh(client, copy["session_id"], "echo three >> ~/state")
+    second = client.sessions.snapshot(copy["session_id"])
+    assert second["parent"] == snap["snapshot_id"]
+    third = client.sessions.create(snapshot=second["snapshot_id"])
+    cleanup.append(third["session_id"])
+    client.sessions.start(third["session_id"])
+    assert _sh(client, third["session_id"], "cat ~/state") == "one\nthree\n"
+
+
+def test_fork_copies_diverge_without_seeing_each_other(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    _sh(client, sid, "echo base > ~/state")
+    forked = client.sessions.fork(sid, 3)
+    copies = [s["session_id"] for s in forked["sessions"]]
+    cleanup.extend(copies)
+    assert len(set(copies)) == 3 and all(s["status"] == "running" for s in forked["sessions"])
+    for n, copy in enumerate(copies):
+        _sh(client, copy, f"echo copy{n} > ~/state; echo mine > ~/only-{n}")
+    for n, copy in enumerate(copies):
+        assert _sh(client, copy, "cat ~/state; ls ~") == f"copy{n}\nonly-{n}\nstate\n"
+    assert _sh(client, sid, "cat ~/state; ls ~") == "base\nstate\n"
+
+
+def test_restore_resets_files_and_stops_jobs_first(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    _sh(client, sid, "echo clean > ~/state")
+    snap = client.sessions.snapshot(sid)
+    _sh(client, sid, "echo dirty > ~/state; echo junk > ~/junk; rm ~/.profile")
+    job = client.jobs.run(sid, ["sleep", "600"])
+    restored = client.sessions.restore(sid, snap["snapshot_id"])
+    assert restored["status"] == "running" and restored["snapshot"] == snap["snapshot_id"]
+    ended = client.jobs.get(sid, job["job_id"])
+    assert ended["status"] == "failed" and ended["failure_reason"] == "session_stopped"
+    assert _sh(client, sid, "cat ~/state; ls ~; test -e ~/.profile && echo profile") == (
+        "clean\nstate\nprofile\n"
+    )
+
+
+def test_snapshot_of_stopped_and_paused_sessions(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    _sh(client, sid, "echo kept > ~/state")
+    client.sessions.pause(sid)
+    paused = client.sessions.snapshot(sid)
+    assert paused["status"] == "ready"
+    assert client.sessions.get(sid)["status"] == "paused"  # still paused
+    client.sessions.resume(sid)
+    client.sessions.stop(sid)
+    stopped = client.sessions.snapshot(sid)
+    assert stopped["status"] == "ready"
+    client.sessions.delete(sid)  # a snapshot outlives its session
+    copy = client.sessions.create(snapshot=stopped["snapshot_id"])
+    cleanup.append(copy["session_id"])
+    client.sessions.start(copy["session_id"])
+    assert _sh(client, copy["session_id"], "cat ~/state") == "kept\n"
+
+
+def test_snapshot_of_a_full_disk_succeeds(client: Bastion, cleanup: list[str]) -> None:
+    sid = client.sessions.create(limits={"disk_mb": 32})["session_id"]
+    cleanup.append(sid)
+    client.sessions.start(sid)
+    client.jobs.run_and_wait(sid, ["sh", "-c", "cat /dev/urandom > ~/fill; true"])
+    snap = client.sessions.snapshot(sid)
+    assert snap["status"] == "ready" and snap["size_bytes"] > 20 * 1024 * 1024, snap
+    copy = client.sessions.create(snapshot=snap["snapshot_id"])
+    cleanup.append(copy["session_id"])
+    client.sessions.start(copy["session_id"])
+    size = int(_sh(client, copy["session_id"], "stat -c %s ~/fill"))
+    assert size > 20 * 1024 * 1024
+    # The copy's own disk is whole: the snapshot's bytes are below it, not in it.
+    assert _sh(client, copy["session_id"], "echo more > ~/more && cat ~/more") == "more\n"
+
+
+@pytest.mark.parametrize("point", ["snapshot.before_rename", "snapshot.after_rename"])
+def test_a_server_dying_mid_snapshot_leaves_none(private_server: ServerProcess, point: str) -> None:
+    srv = private_server
+    srv.extra_env = {"BASTION_FAULT": point}
+    srv.start()
+    with Bastion(base_url=srv.url, max_retries=0) as c:
+        sid = c.sessions.create()["session_id"]
+        c.sessions.start(sid)
+        c.jobs.run_and_wait(sid, ["sh", "-c", "echo x > ~/x"])
+        with contextlib.suppress(Exception):
+            c.sessions.snapshot(sid)  # the server dies answering
+    assert srv.proc is not None
+    try:
+        srv.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server did not die at {point}:\n{srv.log_tail()}")
+    srv.stop()
+    srv.extra_env = {}
+    srv.start()
+    with Bastion(base_url=srv.url) as c:
+        snaps = c.snapshots.list()["snapshots"]
+        assert len(snaps) == 1 and snaps[0]["status"] == "failed", snaps
+        assert "stopped" in (snaps[0]["status_reason"] or "")
+        assert list((srv.data_dir / "snapshots").iterdir()) == []  # nothing half made
+        # The session was frozen for the copy: it is thawed again, and works.
+        assert c.sessions.get(sid)["status"] == "running"
+        assert (
+            c.jobs.run_and_wait(sid, ["cat", "/home/user/x"])["output"]["console_output"] == "x\n"
+        )  # type: ignore[index]
+        assert c.sessions.snapshot(sid)["status"] == "ready"
