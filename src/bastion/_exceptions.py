@@ -23,9 +23,6 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   │                             session_stopped: a transfer's session stopped;
     │   │                             session_paused: the session is paused
     │   └── SessionStartError         session_start_failed
-    ├── SnapshotError
-    │   ├── SnapshotNotFoundError     [NotFoundError] snapshot_not_found
-    │   └── SnapshotStateError        snapshot_state: not ready (being made, or failed)
     ├── JobError
     │   ├── JobNotFoundError          [NotFoundError] job_not_found
     │   ├── InvalidCommandError       invalid_command
@@ -95,9 +92,6 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStartError",
     "SessionStateError",
-    "SnapshotError",
-    "SnapshotNotFoundError",
-    "SnapshotStateError",
     "TerminalAuthenticationError",
     "TerminalConnectionError",
     "TerminalError",
@@ -190,8 +184,8 @@ class ServerShutdownError(ServerError, APIConnectionError):
 
     Raised for a job ``wait`` or an event stream the server was holding when it began
     to shut down, and for a job it refused to start then; not retried (the
-    server is going away).  A job that was running is killed by the shutdown: once the
-    server is back, it reads ``failed`` with ``failure_reason`` ``"server_restarted"``.
+    server is going away).  A job that was running runs on in its sandbox: once the
+    server is back, it is taken up again (wait for it or stream it again).
     It is also an :class:`APIConnectionError`, as a connection the server cut.
     """
 
@@ -213,21 +207,6 @@ class SessionStateError(SessionError):
 
 class SessionStartError(SessionError):
     """The server could not start the session's sandbox."""
-
-
-# --------------------------------------------------------------------------- snapshots
-
-
-class SnapshotError(BastionError):
-    """A snapshot operation failed."""
-
-
-class SnapshotNotFoundError(SnapshotError, NotFoundError):
-    """No snapshot of this key has this id (it may have been deleted)."""
-
-
-class SnapshotStateError(SnapshotError):
-    """The snapshot is not ready for the operation (still being made, or failed)."""
 
 
 # --------------------------------------------------------------------------- jobs

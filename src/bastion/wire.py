@@ -492,8 +492,10 @@ class JobInfo(JobResult):
     finished_at: str | None
     #: Why a failed job failed: "nonzero_exit" (its own exit status, in output.status_code),
     #: "not_found", "invalid_cwd" (its working directory is missing), "exec_failed",
-    #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted",
-    #: "lost", "internal_error" (the server itself failed while running the job; the
+    #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted"
+    #: (the server restarted before the job started), "sandbox_lost" (its sandbox stopped
+    #: while the server was down, and the job with it: a job whose sandbox runs on is
+    #: taken up again by the next server), "lost", "internal_error" (the server itself failed while running the job; the
     #: job's errout ends with what failed), "killed" (``POST .../kill``), "oom" (the
     #: kernel's OOM killer ended it), "cpu_time" (its ``cpu_seconds`` limit),
     #: "pids_limit" (it failed after its ``pids`` limit refused a fork),
@@ -758,8 +760,8 @@ class TerminalMessage(TypedDict):
 #   {"type": "end", "job": JobInfo}                            the final job, last line
 # If the server begins to shut down before the job ends, the stream ends at once with
 #   {"type": "end", "job": JobInfo, "reason": "server_shutdown"}
-# where the job is as it was then (not final: it is then killed by the shutdown and
-# recorded "failed" with failure_reason "server_restarted").
+# where the job is as it was then (not final: it runs on in its sandbox, and the next
+# server takes it up again; its stream can then be followed again from the start).
 
 
 class JobEvent(TypedDict):

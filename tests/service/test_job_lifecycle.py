@@ -154,7 +154,12 @@ def test_output_streams_live_before_the_end(run: Run, runtime: FakeRuntime) -> N
     assert text.index("first") < text.index("second")
 
 
-def test_restart_recovery_fails_unfinished_jobs(run: Run, config: object) -> None:
+def test_restart_recovery_fails_unfinished_jobs_of_a_runtime_that_cannot_keep_them(
+    run: Run, runtime: FakeRuntime
+) -> None:
+    # (A runtime that keeps them: tests/service/test_job_reattach.py.)
+    runtime.reattaches_jobs = False
+
     async def first(s: Services) -> str:
         sid = await _running_session(s)
         job = await s.jobs.run(OWNER, sid, ["sleep", "30"])

@@ -33,9 +33,7 @@ def persist(agent: Agent, argv: list[str], job_id: str = "job_1", **fields: Any)
 
 def attach(agent: Agent, job_id: str = "job_1", stdout: int = 0, stderr: int = 0) -> Conn:
     conn = agent.connect()
-    conn.send(
-        {"op": "attach", "job_id": job_id, "stdout_offset": stdout, "stderr_offset": stderr}
-    )
+    conn.send({"op": "attach", "job_id": job_id, "stdout_offset": stdout, "stderr_offset": stderr})
     return conn
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import signal as signals
 import socket
@@ -78,7 +79,30 @@ def exec_request(spec: ExecSpec) -> bytes:
         request["user"] = spec.user
     if spec.limits.cpu_seconds is not None:
         request["rlimits"] = {"cpu_seconds": spec.limits.cpu_seconds}
+    if spec.persist_as is not None:
+        request.update(persist=True, job_id=spec.persist_as, spool_bytes=spec.spool_bytes)
     return protocol.encode_json(request)
+
+
+def attach_request(job_id: str, stdout_offset: int, stderr_offset: int) -> bytes:
+    """The frame that takes up a persistent job again past what the server has of it."""
+    return protocol.encode_json(
+        {
+            "op": "attach",
+            "job_id": job_id,
+            "stdout_offset": stdout_offset,
+            "stderr_offset": stderr_offset,
+        }
+    )
+
+
+def _output_bytes(raw: Any) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return {"stdout": int(raw["stdout"]), "stderr": int(raw["stderr"])}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def exit_event_frame(event: ExitEvent) -> bytes:
@@ -117,6 +141,8 @@ class AgentProcess(Process):
         self._on_exit = on_exit
         self._exited = False
         self.pid: int | None = None
+        #: A persistent process: once it ended, the agent keeps it until ``forget``.
+        self.persistent = False
 
     @classmethod
     async def start(
@@ -134,13 +160,32 @@ class AgentProcess(Process):
             if fds:
                 sock = await asyncio.to_thread(_connect_and_send, socket_path, frame, fds)
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
-                return cls(reader, writer, on_exit)
+                return cls(reader, writer, on_exit)._persisting(spec.persist_as is not None)
             reader, writer = await asyncio.open_unix_connection(socket_path, limit=limit)
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
         writer.write(frame)
         await writer.drain()
-        return cls(reader, writer, on_exit)
+        return cls(reader, writer, on_exit)._persisting(spec.persist_as is not None)
+
+    @classmethod
+    async def attach(
+        cls, socket_path: str, job_id: str, stdout_offset: int, stderr_offset: int
+    ) -> AgentProcess:
+        """Take up the persistent job ``job_id`` again (see Runtime.attach)."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                socket_path, limit=protocol.MAX_FRAME + protocol.FRAME_HEADER.size
+            )
+        except OSError as exc:
+            raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
+        writer.write(attach_request(job_id, stdout_offset, stderr_offset))
+        await writer.drain()
+        return cls(reader, writer)._persisting(True)
+
+    def _persisting(self, persistent: bool) -> AgentProcess:
+        self.persistent = persistent
+        return self
 
     async def _exit(self, event: ExitEvent) -> ExitEvent:
         self._exited = True
@@ -189,11 +234,13 @@ class AgentProcess(Process):
                             message=msg.get("message"),
                             kill_signal=msg.get("kill_signal"),
                             usage=_usage(msg.get("usage")),
+                            output_bytes=_output_bytes(msg.get("output_bytes")),
                         )
                     )
                     return
         finally:
-            await self.close()
+            if not (self.persistent and self._exited):  # that one waits for forget()
+                await self.close()
 
     async def _send(self, data: bytes) -> None:
         if self._writer.is_closing():
@@ -222,6 +269,12 @@ class AgentProcess(Process):
 
     async def resize(self, rows: int, cols: int) -> None:
         await self._send(protocol.encode_json({"op": "resize", "rows": rows, "cols": cols}))
+
+    async def forget(self) -> None:
+        if self.persistent and self._exited and not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError, SandboxError):
+                await self._send(protocol.encode_json({"op": "forget"}))
+        await self.close()
 
     async def close(self) -> None:
         if not self._writer.is_closing():

@@ -69,6 +69,13 @@ class FakeProcess(Process):
         self.input_closed = False
         self.pid: int = next(_PIDS)
         self.size = (spec.rows, spec.cols)
+        # A persistent process (spec.persist_as) is kept as the agent keeps one: its
+        # output spooled (up to spec.spool_bytes per stream), its end recorded.
+        self.spool: list[OutputEvent] = []
+        self.spooled = {"stdout": 0, "stderr": 0}
+        self.produced = {"stdout": 0, "stderr": 0}
+        self.ended: ExitEvent | None = None
+        self.changed = asyncio.Event()
 
     # -- what a program sees ------------------------------------------------------------
 
@@ -77,6 +84,14 @@ class FakeProcess(Process):
             data = data.encode()
         if data:
             self._events.put_nowait(OutputEvent(stream, data))
+            if self.spec.persist_as is not None:
+                self.produced[stream] += len(data)
+                cap = self.spec.spool_bytes
+                kept = data if cap is None else data[: max(cap - self.spooled[stream], 0)]
+                if kept:
+                    self.spooled[stream] += len(kept)
+                    self.spool.append(OutputEvent(stream, kept))
+                self.changed.set()
 
     async def read(self) -> bytes | None:
         """The next chunk of input; None once input is closed."""
@@ -108,6 +123,13 @@ class FakeProcess(Process):
             usage = JobUsage(time.monotonic() - began, 0.0, 0.0, None)
             exit_event = dataclasses.replace(exit_event, usage=usage)
         self.sandbox.processes.discard(self)
+        self.end(exit_event)
+
+    def end(self, exit_event: ExitEvent) -> None:
+        if self.spec.persist_as is not None:
+            exit_event = dataclasses.replace(exit_event, output_bytes=dict(self.produced))
+            self.ended = exit_event
+            self.changed.set()
         self._events.put_nowait(exit_event)
 
     async def events(self) -> AsyncIterator[OutputEvent | ExitEvent]:
@@ -136,7 +158,55 @@ class FakeProcess(Process):
         self.size = (rows, cols)
 
     async def close(self) -> None:
-        await self.kill()
+        if self.spec.persist_as is None:
+            await self.kill()  # a persistent one runs on, for FakeRuntime.attach
+
+    async def forget(self) -> None:
+        if self.spec.persist_as is not None and self.ended is not None:
+            self.sandbox.jobs.pop(self.spec.persist_as, None)
+
+
+class FakeAttachment(Process):
+    """A persistent process taken up again: its spool past the offsets, then what it
+    writes live, then its exit (as the agent's attach gives them)."""
+
+    def __init__(self, process: FakeProcess, stdout_offset: int, stderr_offset: int) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._skip = {"stdout": stdout_offset, "stderr": stderr_offset}
+
+    async def events(self) -> AsyncIterator[OutputEvent | ExitEvent]:
+        p, at = self.process, 0
+        while True:
+            p.changed.clear()
+            for event in p.spool[at:]:
+                at += 1
+                cut = min(self._skip[event.stream], len(event.data))
+                self._skip[event.stream] -= cut
+                if event.data[cut:]:
+                    yield OutputEvent(event.stream, event.data[cut:])
+            if p.ended is not None:
+                yield p.ended
+                return
+            await p.changed.wait()
+
+    async def kill(self, signal: int | None = None) -> None:
+        await self.process.kill(signal)
+
+    async def send_input(self, data: bytes) -> None:
+        await self.process.send_input(data)
+
+    async def close_input(self) -> None:
+        await self.process.close_input()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.process.resize(rows, cols)
+
+    async def close(self) -> None:
+        pass  # detached again: it runs on
+
+    async def forget(self) -> None:
+        await self.process.forget()
 
 
 #: A program: given its process, writes output, reads input, returns the exit status
@@ -194,12 +264,6 @@ BUILTIN_PROGRAMS: dict[str, Program] = {
 }
 
 
-def _empty_root(root: Path) -> None:
-    """A new sandbox's files: a home and /tmp."""
-    (root / "home" / "user").mkdir(parents=True)
-    (root / "tmp").mkdir()
-
-
 @dataclass
 class FakeSandbox:
     root: Path
@@ -209,6 +273,8 @@ class FakeSandbox:
     paused: bool = False
     network: NetworkPolicy | None = None
     processes: set[FakeProcess] = field(default_factory=set)
+    #: Persistent processes by job id, until forgotten (what its agent keeps).
+    jobs: dict[str, FakeProcess] = field(default_factory=dict)
 
 
 class FakeRuntime(Runtime):
@@ -243,6 +309,7 @@ class FakeRuntime(Runtime):
         """The sandbox dies on its own, as if its init were killed: processes end lost."""
         sandbox = self.sandboxes[session_id]
         sandbox.running = False
+        sandbox.jobs.clear()
         for process in list(sandbox.processes):
             if process._task is not None:
                 process._task.cancel()
@@ -273,7 +340,8 @@ class FakeRuntime(Runtime):
     async def close(self) -> None:
         for sandbox in self.sandboxes.values():
             for process in list(sandbox.processes):
-                await process.kill()
+                if process.spec.persist_as is None:  # the sandbox's: it outlives the server
+                    await process.kill()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -286,7 +354,8 @@ class FakeRuntime(Runtime):
         if session_id in self.sandboxes:
             raise SandboxError(f"sandbox {session_id} already exists")
         root = self.root / session_id
-        _empty_root(root)
+        (root / "home" / "user").mkdir(parents=True)
+        (root / "tmp").mkdir()
         self.sandboxes[session_id] = FakeSandbox(root, limits)
 
     async def start(
@@ -308,6 +377,7 @@ class FakeRuntime(Runtime):
         for process in list(sandbox.processes):
             await process.kill()
         sandbox.running = sandbox.paused = False
+        sandbox.jobs.clear()
 
     def image_of(self, session_id: str) -> SandboxImage | None:
         return self.images.get(session_id)
@@ -321,41 +391,6 @@ class FakeRuntime(Runtime):
         for process in list(sandbox.processes):
             await process.kill()
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
-
-    # Snapshots are whole copies of a sandbox's directory (no layers: nothing is shared).
-
-    def _snapshot_dir(self, snapshot_id: str) -> Path:
-        return self.root / ".snapshots" / snapshot_id
-
-    async def capture(self, session_id: str, snapshot_id: str) -> int:
-        self._enter("capture", session_id)
-        sandbox = self._sandbox(session_id)
-        target = self._snapshot_dir(snapshot_id)
-        await asyncio.to_thread(shutil.copytree, sandbox.root, target, symlinks=True)
-        return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-
-    async def set_layers(self, session_id: str, layers: list[str]) -> None:
-        self._enter("set_layers", session_id)
-        sandbox = self._sandbox(session_id)
-        if sandbox.running:
-            raise SandboxError(f"sandbox {session_id} is running: stop it first")
-        if not all(self._snapshot_dir(name).is_dir() for name in layers):
-            raise SandboxError(f"a snapshot of {layers} is missing")
-        await asyncio.to_thread(shutil.rmtree, sandbox.root)
-        if layers:  # the top snapshot is a whole copy already
-            await asyncio.to_thread(
-                shutil.copytree, self._snapshot_dir(layers[0]), sandbox.root, symlinks=True
-            )
-        else:
-            _empty_root(sandbox.root)
-
-    async def remove_snapshot(self, snapshot_id: str) -> None:
-        self._enter("remove_snapshot", snapshot_id)
-        await asyncio.to_thread(shutil.rmtree, self._snapshot_dir(snapshot_id), True)
-
-    async def snapshot_ids(self) -> set[str]:
-        snapshots = self.root / ".snapshots"
-        return {p.name for p in snapshots.iterdir()} if snapshots.is_dir() else set()
 
     async def pause(self, session_id: str) -> None:
         self._enter("pause", session_id)
@@ -387,14 +422,29 @@ class FakeRuntime(Runtime):
         self._enter("exec", session_id)
         sandbox = self._running(session_id)
         process = FakeProcess(spec, sandbox)
+        if spec.persist_as is not None:
+            sandbox.jobs[spec.persist_as] = process
         program = self.programs.get(spec.argv[0]) if spec.argv else None
         if program is None:
-            process._events.put_nowait(
+            process.end(
                 ExitEvent(exit_code=None, error="not_found", message=f"{spec.argv[0]}: not found")
             )
             return process
         process.begin(program)
         return process
+
+    reattaches_jobs = True
+
+    async def attach(
+        self, session_id: str, job_id: str, stdout_offset: int, stderr_offset: int
+    ) -> Process:
+        self._enter("attach", session_id)
+        process = self._running(session_id).jobs.get(job_id)
+        if process is None:
+            unknown = FakeProcess(ExecSpec(argv=["?"]), self._running(session_id))
+            unknown.end(ExitEvent(exit_code=None, error="unknown_job", message="no such job"))
+            return unknown
+        return FakeAttachment(process, stdout_offset, stderr_offset)
 
     async def processes(self, session_id: str) -> list[SandboxProcess]:
         sandbox = self._running(session_id)

@@ -16,7 +16,6 @@ from bastion_server.service.images import ImageService
 from bastion_server.service.jobs import JobService
 from bastion_server.service.keys import KeyService
 from bastion_server.service.sessions import SessionService
-from bastion_server.service.snapshots import SnapshotService
 from bastion_server.service.terminals import TerminalService
 from bastion_server.store.sqlite import Store
 from bastion_server.tasks import spawn
@@ -53,7 +52,6 @@ class Services:
     terminals: TerminalService
     keys: KeyService
     audit: AuditLog
-    snapshots: SnapshotService
     images: ImageService
     reaper: asyncio.Task[None] | None = None
 
@@ -70,10 +68,8 @@ class Services:
         jobs = JobService(store, runtime, sessions, config)
         files = FileService(runtime, sessions, config)
         terminals = TerminalService(runtime, sessions)
-        snapshots = SnapshotService(store, runtime, sessions, config)
-        jobs.recover()
         await sessions.reconcile()
-        await snapshots.reconcile()
+        jobs.recover()  # after it: the jobs of a sandbox still running are taken up again
         log.info(
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
@@ -83,8 +79,7 @@ class Services:
         images = ImageService(store, runtime, config, ImageStore(config.images_dir))
         await images.prepare()
         services = cls(
-            config, store, runtime, sessions, jobs, files, terminals, keys, audit, snapshots,
-            images,
+            config, store, runtime, sessions, jobs, files, terminals, keys, audit, images
         )
         services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
@@ -100,14 +95,13 @@ class Services:
 
     async def close(self) -> None:
         # By default (on_shutdown = "keep") sandboxes keep running across a server
-        # restart (the next start adopts them); jobs cannot, since their output flows
-        # through this process.
+        # restart (the next start adopts them), and their jobs with them (the next
+        # start takes them up again: JobService.recover).
         await self.begin_shutdown()
         if self.reaper is not None:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
-        await self.snapshots.shutdown()  # copies under way finish: none is cut off
         if self.config.on_shutdown != "keep":
             # The operator's exit policy: nothing is left running (or kept) behind.
             action = self.config.on_shutdown

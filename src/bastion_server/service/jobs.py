@@ -9,8 +9,12 @@ job's whole process tree), with a server-side backstop a little later.
 
 When the server begins to shut down, every hold ends at once with its documented
 ending: a ``wait`` with the ``server_shutdown`` error, an event stream with an ``end``
-event that says so; new jobs are refused.  The jobs themselves run on until the
-service closes, and are then recorded as killed by the restart.
+event that says so; new jobs are refused.  The jobs themselves run on in their
+sandboxes (started ``persist_as`` their id: the agent keeps each one's output,
+bounded, and its end), and the next server takes them up again (:meth:`recover`):
+it attaches to each past what its log holds, and the job ends as any other.  Only a
+job whose sandbox died meanwhile is failed, ``sandbox_lost``.  Once its end is
+recorded, the sandbox is told to forget it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import signal as signals
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from bastion.wire import (
     JobStatus,
     JobUsageInfo,
     ProcessInfo,
+    SessionStatus,
 )
 from bastion_server import faults
 from bastion_server.config import ServerConfig
@@ -74,6 +80,7 @@ _FAILURE_MESSAGES = {
     "session_stopped": "the session was stopped while the job ran",
     "session_deleted": "the session was deleted while the job ran",
     "server_restarted": "the server restarted while the job ran; its processes were killed",
+    "sandbox_lost": "the session's sandbox stopped while the server was down; the job too",
     "lost": "the sandbox went away while the job ran",
     "node_lost": "the session's node left the cluster while the job ran",
     "killed": "the job was killed",
@@ -120,6 +127,24 @@ def _internal_failure(doing: str, exc: Exception) -> str:
     return f"internal error: the server could not {doing}: {detail or type(exc).__name__}"
 
 
+def _seconds_since(iso: str | None) -> float:
+    """Seconds from an ISO timestamp of now_iso() to now (0 without one)."""
+    if iso is None:
+        return 0.0
+    started = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return max((datetime.now(UTC) - started).total_seconds(), 0.0)
+
+
+def _dropped(writer: JobLogWriter, event: ExitEvent | None) -> dict[str, int]:
+    """What the log lacks of each stream: what it dropped, or what a persistent job
+    wrote past it (its sandbox counted it, say while no server listened)."""
+    produced = (event.output_bytes if event is not None else None) or {}
+    return {
+        stream: max(dropped, produced.get(stream, 0) - writer.kept[stream])
+        for stream, dropped in writer.dropped.items()
+    }
+
+
 def _remove_files(paths: list[Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -150,6 +175,10 @@ class _LiveJob:
     kill_signal: int | None = None
     #: A stream went past the job's ``output_bytes``: it was killed for it.
     output_limited: bool = False
+    #: Started by an earlier server and taken up again (Runtime.attach).
+    reattach: bool = False
+    #: The server shuts down: the job runs on in its sandbox, for the next server.
+    detached: bool = False
 
     def notify(self) -> None:
         for waker in self.wakers:
@@ -578,10 +607,15 @@ class JobService:
             live.notify()
 
     async def shutdown(self) -> None:
-        """Server shutdown: running jobs end as failed (their processes are killed)."""
+        """Server shutdown: running jobs are left to run on in their sandboxes, for the
+        next server to take up (where the runtime cannot keep them, they end as failed,
+        their processes killed)."""
         self.begin_shutdown()
         for live in list(self._live.values()):
-            live.stop_reason = "server_restarted"
+            if self.runtime.reattaches_jobs:
+                live.detached = True
+            else:
+                live.stop_reason = "server_restarted"
             if live.task is not None:
                 live.task.cancel()
         tasks = [j.task for j in self._live.values() if j.task is not None]
@@ -589,9 +623,30 @@ class JobService:
             await asyncio.wait(tasks, timeout=10)
 
     def recover(self) -> None:
-        """After a restart: jobs the previous server left unfinished are failed."""
+        """After a restart (and the sessions' reconcile): the jobs an earlier server
+        left unfinished.  Those of a session whose sandbox still runs are taken up
+        again, their output from where the log ends; the rest failed ``sandbox_lost``
+        (``server_restarted`` if the job never started, or the runtime cannot keep
+        jobs across a restart)."""
         for record in self.store.unfinished_jobs():
-            self._finish(record, exit_code=None, reason="server_restarted")
+            session = self.store.get_session(record.session_id)
+            up = session is not None and session.status in (
+                SessionStatus.RUNNING,
+                SessionStatus.PAUSED,
+            )
+            if session is not None and up and self.runtime.reattaches_jobs:
+                # Counted as running (the quota admitted it before the restart).
+                with contextlib.suppress(ServiceError):
+                    self.sessions.quotas.admit_job(record.id, session.owner, record.session_id)
+                live = _LiveJob(record, stdin_open=bool(record.spec.get("stdin")), reattach=True)
+                self._live[record.id] = live
+                live.task = spawn(self._execute(live), name=f"job {record.id}")
+            elif record.started_at is None:
+                message = "the server restarted before the job started"
+                self._finish(record, exit_code=None, reason="server_restarted", message=message)
+            else:
+                reason = "sandbox_lost" if self.runtime.reattaches_jobs else "server_restarted"
+                self._finish(record, exit_code=None, reason=reason)
 
     # -- execution ------------------------------------------------------------------
 
@@ -645,25 +700,39 @@ class JobService:
                     pids=limits.get("pids"),
                     cpu_seconds=limits.get("cpu_seconds"),
                 ),
+                persist_as=record.id if self.runtime.reattaches_jobs else None,
+                spool_bytes=writer.max_bytes_per_stream,
             )
-            try:
-                live.process = await self.runtime.exec(record.session_id, spec)
-            except SandboxError as exc:
-                exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
-                return
+            if live.reattach:
+                try:
+                    live.process = await self._reattach(live, writer)
+                except SandboxError:
+                    exit_event = ExitEvent(exit_code=None, error="sandbox_lost")
+                    return
+            else:
+                try:
+                    live.process = await self.runtime.exec(record.session_id, spec)
+                except SandboxError as exc:
+                    exit_event = ExitEvent(exit_code=None, error="lost", message=str(exc))
+                    return
             if live.inline_stdin is not None:
                 if live.inline_stdin:
                     await live.process.send_input(live.inline_stdin)
                 await live.process.close_input()
                 live.inline_stdin = None
             live.started.set()
-            # Written now: a job the server's death interrupts keeps its real start.
-            live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
-            self.store.update_job(live.record)
+            if not live.reattach:  # (one taken up again keeps its start, or has none)
+                # Written now: a job the server's death interrupts keeps its real start.
+                live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
+                self.store.update_job(live.record)
             live.notify()
             doing = "collect the job's output"
             faults.point("job.after_start")
-            backstop = (spec.timeout + TIMEOUT_BACKSTOP) if spec.timeout else None
+            backstop = (
+                spec.timeout + TIMEOUT_BACKSTOP - _seconds_since(record.started_at)
+                if spec.timeout
+                else None
+            )
             try:
                 async with asyncio.timeout(backstop):
                     async for event in live.process.events():
@@ -694,16 +763,27 @@ class JobService:
                 await live.process.kill()  # nobody collects its output any more
         finally:
             try:
-                if live.process is not None:
-                    await live.process.close()
                 writer.close()
-                self._record_end(live, exit_event, writer.dropped)
+                if not live.detached:
+                    self._record_end(live, exit_event, _dropped(writer, exit_event))
+                    if live.process is not None and exit_event is not None:
+                        await live.process.forget()  # recorded: the sandbox may drop it
             finally:
+                if live.process is not None:
+                    await live.process.close()  # (a persistent job runs on, detached)
                 self._live.pop(record.id, None)
                 live.started.set()  # a stdin writer or kill waiting for the start: it ended
                 self.sessions.quotas.job_ended(record.id)
                 live.notify()
                 self.sessions.touch(record.session_id)  # idle time counts from the job's end
+
+    async def _reattach(self, live: _LiveJob, writer: JobLogWriter) -> Process:
+        """Take up a job an earlier server started, past what its log holds."""
+        await asyncio.to_thread(writer.resume)
+        log.info("job taken up again", extra={"job_id": live.record.id})
+        return await self.runtime.attach(
+            live.record.session_id, live.record.id, writer.kept["stdout"], writer.kept["stderr"]
+        )
 
     @staticmethod
     def _hit_cpu_limit(record: JobRecord, event: ExitEvent) -> bool:
@@ -762,6 +842,10 @@ class JobService:
                 if event.error == "not_found"
                 else f"cannot run {record.command[0]}: {event.message}"
             )
+        elif event.error in ("unknown_job", "sandbox_lost") and record.started_at is None:
+            reason, message = "server_restarted", "the server restarted before the job started"
+        elif event.error in ("unknown_job", "sandbox_lost"):  # its sandbox is not the one
+            reason = "sandbox_lost"  # that ran it (restarted, or gone)
         elif event.error is not None:
             reason, message = event.error, event.message
         elif event.pids_refused and event.exit_code != 0:

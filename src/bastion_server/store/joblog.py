@@ -28,9 +28,14 @@ class JobLogWriter:
     def __init__(self, path: Path, max_bytes_per_stream: int) -> None:
         self.path = path
         self._fd = -1
-        self._max = max_bytes_per_stream
+        self._max = self.max_bytes_per_stream = max_bytes_per_stream
         self.kept = {"stdout": 0, "stderr": 0}
         self.dropped = {"stdout": 0, "stderr": 0}
+
+    def resume(self) -> None:
+        """Go on after what the log holds already (a job taken up again after a
+        restart), counting it as kept (blocking: reads the records' headers)."""
+        self.kept = stream_sizes(self.path)
 
     def append(self, stream: str, data: bytes) -> bytes:
         """Record ``data``; returns the part that was kept (empty past the cap)."""
@@ -71,6 +76,29 @@ def read_records(path: Path, offset: int = 0) -> Iterator[tuple[str, bytes, int]
             yield _STREAM_NAMES[code], data, offset
     finally:
         f.close()
+
+
+def stream_sizes(path: Path) -> dict[str, int]:
+    """Bytes of each stream in the log's complete records (headers read, data skipped).
+    A record cut short by a crash is cut off: appends go on after the last whole one."""
+    sizes = {"stdout": 0, "stderr": 0}
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return sizes
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        offset = 0
+        while offset + _HEADER.size <= end:
+            f.seek(offset)
+            code, length = _HEADER.unpack(f.read(_HEADER.size))
+            if offset + _HEADER.size + length > end:
+                break
+            sizes[_STREAM_NAMES[code]] += length
+            offset += _HEADER.size + length
+        if offset < end:
+            f.truncate(offset)
+    return sizes
 
 
 def stream_decoders() -> dict[str, codecs.IncrementalDecoder]:

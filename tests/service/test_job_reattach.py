@@ -1,0 +1,203 @@
+"""Jobs outlive a restart of the server: the next one takes them up again.
+
+Both servers run in one event loop over one FakeRuntime (the sandboxes, and the jobs
+they keep, outlive the first server as they do with real sandboxes); the first one is
+closed as on SIGTERM (a kill -9 is tests/integration/test_job_restart.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from tests.service.conftest import OWNER
+
+from bastion.wire import JobStatus
+from bastion_server.config import ServerConfig
+from bastion_server.runtime.fake import FakeProcess
+from bastion_server.service.container import Services
+from bastion_server.testing import FakeRuntime
+
+Body = Callable[[ServerConfig, FakeRuntime], Awaitable[Any]]
+
+
+def run_twice(config: ServerConfig, runtime: FakeRuntime, body: Body) -> Any:
+    return asyncio.run(body(config, runtime))
+
+
+def gated(runtime: FakeRuntime) -> asyncio.Event:
+    """A program "gated" that prints, waits for the gate, prints again and exits 0."""
+    gate = asyncio.Event()
+
+    async def program(p: FakeProcess) -> int:
+        p.write("before\n")
+        p.write("err\n", "stderr")
+        await gate.wait()
+        p.write("after\n")
+        return 0
+
+    runtime.program("gated", program)
+    return gate
+
+
+async def started(s: Services, **kw: Any) -> tuple[str, str]:
+    session = await s.sessions.create(OWNER)
+    await s.sessions.start(OWNER, session.id)
+    job = await s.jobs.run(OWNER, session.id, ["gated"], **kw)
+    for _ in range(100):
+        if s.jobs.get(OWNER, session.id, job.id).status == JobStatus.RUNNING:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # its first output is in the log
+    return session.id, job.id
+
+
+def test_a_job_that_ends_while_the_server_is_down_keeps_its_result_and_output(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gate = gated(runtime)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        gate.set()  # it ends with nobody listening
+        await asyncio.sleep(0.05)
+        second = await Services.start(config, runtime)
+        try:
+            done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
+            events = [e async for e in second.jobs.follow(OWNER, sid, jid)]
+            kept = jid in runtime.sandboxes[sid].jobs
+            return done.status, done.exit_code, second.jobs.output(done), events, kept
+        finally:
+            await second.close()
+
+    status, code, output, events, kept = run_twice(config, runtime, body)
+    assert (status, code) == (JobStatus.COMPLETED, 0)
+    assert output == ("before\nafter\n", "err\n")
+    text = "".join(e["data"] for e in events if e["type"] == "stdout")
+    assert text == "before\nafter\n"
+    assert not kept  # recorded: the sandbox was told to forget it
+
+
+def test_a_running_job_is_taken_up_again_and_goes_on_live(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gate = gated(runtime)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        second = await Services.start(config, runtime)
+        try:
+            assert second.jobs.get(OWNER, sid, jid).status == JobStatus.RUNNING
+            assert second.jobs.has_running_jobs(sid)
+            waiting = asyncio.create_task(second.jobs.wait(OWNER, sid, jid, timeout=10))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            gate.set()
+            done = await waiting
+            return done.status, second.jobs.output(done), done.started_at
+        finally:
+            await second.close()
+
+    status, output, started_at = run_twice(config, runtime, body)
+    assert status == JobStatus.COMPLETED
+    assert output == ("before\nafter\n", "err\n")  # nothing twice, nothing lost
+    assert started_at is not None
+
+
+def test_a_job_whose_sandbox_died_while_the_server_was_down_is_sandbox_lost(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gated(runtime)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        runtime.crash(sid)
+        second = await Services.start(config, runtime)
+        try:
+            done = second.jobs.get(OWNER, sid, jid)
+            return done.status, done.failure_reason, second.jobs.output(done)
+        finally:
+            await second.close()
+
+    status, reason, (stdout, stderr) = run_twice(config, runtime, body)
+    assert (status, reason) == (JobStatus.FAILED, "sandbox_lost")
+    assert stdout == "before\n"  # what was recorded stays
+    assert "sandbox stopped while the server was down" in stderr
+
+
+def test_a_job_its_sandbox_no_longer_knows_is_sandbox_lost(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gated(runtime)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        runtime.sandboxes[sid].jobs.clear()  # as a sandbox restarted meanwhile
+        second = await Services.start(config, runtime)
+        try:
+            done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
+            return done.status, done.failure_reason
+        finally:
+            await second.close()
+
+    assert run_twice(config, runtime, body) == (JobStatus.FAILED, "sandbox_lost")
+
+
+def test_output_past_the_cap_while_the_server_was_down_is_counted(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    config = dataclasses.replace(config, max_output_bytes=10)
+
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gate = asyncio.Event()
+
+        async def program(p: FakeProcess) -> int:
+            p.write("12345")
+            await gate.wait()
+            p.write("67890abcdefghij")
+            return 0
+
+        runtime.program("gated", program)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        gate.set()
+        await asyncio.sleep(0.05)
+        second = await Services.start(config, runtime)
+        try:
+            done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
+            return second.jobs.output(done)
+        finally:
+            await second.close()
+
+    stdout, stderr = run_twice(config, runtime, body)
+    assert stdout == "1234567890"
+    assert "10 bytes of stdout dropped" in stderr
+
+
+@pytest.mark.parametrize("on_shutdown", ["stop"])
+def test_the_exit_policy_still_ends_jobs_with_their_sessions(
+    config: ServerConfig, runtime: FakeRuntime, on_shutdown: str
+) -> None:
+    config = dataclasses.replace(config, on_shutdown=on_shutdown)
+
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gated(runtime)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first)
+        await first.close()
+        second = await Services.start(config, runtime)
+        try:
+            done = second.jobs.get(OWNER, sid, jid)
+            return done.status, done.failure_reason
+        finally:
+            await second.close()
+
+    assert run_twice(config, runtime, body) == (JobStatus.FAILED, "session_stopped")
