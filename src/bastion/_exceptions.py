@@ -23,6 +23,9 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   │                             session_stopped: a transfer's session stopped;
     │   │                             session_paused: the session is paused
     │   └── SessionStartError         session_start_failed
+    ├── SnapshotError
+    │   ├── SnapshotNotFoundError     [NotFoundError] snapshot_not_found
+    │   └── SnapshotStateError        snapshot_state: not ready (being made, or failed)
     ├── JobError
     │   ├── JobNotFoundError          [NotFoundError] job_not_found
     │   ├── InvalidCommandError       invalid_command
@@ -92,6 +95,9 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStartError",
     "SessionStateError",
+    "SnapshotError",
+    "SnapshotNotFoundError",
+    "SnapshotStateError",
     "TerminalAuthenticationError",
     "TerminalConnectionError",
     "TerminalError",
@@ -207,6 +213,21 @@ class SessionStateError(SessionError):
 
 class SessionStartError(SessionError):
     """The server could not start the session's sandbox."""
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+class SnapshotError(BastionError):
+    """A snapshot operation failed."""
+
+
+class SnapshotNotFoundError(SnapshotError, NotFoundError):
+    """No snapshot of this key has this id (it may have been deleted)."""
+
+
+class SnapshotStateError(SnapshotError):
+    """The snapshot is not ready for the operation (still being made, or failed)."""
 
 
 # --------------------------------------------------------------------------- jobs

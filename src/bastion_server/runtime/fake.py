@@ -264,6 +264,12 @@ BUILTIN_PROGRAMS: dict[str, Program] = {
 }
 
 
+def _empty_root(root: Path) -> None:
+    """A new sandbox's files: a home and /tmp."""
+    (root / "home" / "user").mkdir(parents=True)
+    (root / "tmp").mkdir()
+
+
 @dataclass
 class FakeSandbox:
     root: Path
@@ -354,8 +360,7 @@ class FakeRuntime(Runtime):
         if session_id in self.sandboxes:
             raise SandboxError(f"sandbox {session_id} already exists")
         root = self.root / session_id
-        (root / "home" / "user").mkdir(parents=True)
-        (root / "tmp").mkdir()
+        _empty_root(root)
         self.sandboxes[session_id] = FakeSandbox(root, limits)
 
     async def start(
@@ -391,6 +396,41 @@ class FakeRuntime(Runtime):
         for process in list(sandbox.processes):
             await process.kill()
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
+
+    # Snapshots are whole copies of a sandbox's directory (no layers: nothing is shared).
+
+    def _snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.root / ".snapshots" / snapshot_id
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        self._enter("capture", session_id)
+        sandbox = self._sandbox(session_id)
+        target = self._snapshot_dir(snapshot_id)
+        await asyncio.to_thread(shutil.copytree, sandbox.root, target, symlinks=True)
+        return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        self._enter("set_layers", session_id)
+        sandbox = self._sandbox(session_id)
+        if sandbox.running:
+            raise SandboxError(f"sandbox {session_id} is running: stop it first")
+        if not all(self._snapshot_dir(name).is_dir() for name in layers):
+            raise SandboxError(f"a snapshot of {layers} is missing")
+        await asyncio.to_thread(shutil.rmtree, sandbox.root)
+        if layers:  # the top snapshot is a whole copy already
+            await asyncio.to_thread(
+                shutil.copytree, self._snapshot_dir(layers[0]), sandbox.root, symlinks=True
+            )
+        else:
+            _empty_root(sandbox.root)
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        self._enter("remove_snapshot", snapshot_id)
+        await asyncio.to_thread(shutil.rmtree, self._snapshot_dir(snapshot_id), True)
+
+    async def snapshot_ids(self) -> set[str]:
+        snapshots = self.root / ".snapshots"
+        return {p.name for p in snapshots.iterdir()} if snapshots.is_dir() else set()
 
     async def pause(self, session_id: str) -> None:
         self._enter("pause", session_id)

@@ -67,6 +67,7 @@ from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
 from bastion_server.runtime.sandbox_fs import SandboxFS
 from bastion_server.runtime.sandbox_image import SandboxImage
+from bastion_server.runtime.snapshots import SnapshotLayer, SnapshotStore
 from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.runtime")
@@ -94,6 +95,8 @@ _AGENT_CAPABILITIES = [
 ]
 
 
+#: In a session's directory: the snapshots its files stand on, top first, one a line.
+_LAYERS_FILE = "snapshot-layers"
 #: The OCI runtime's statuses of a container that is up: a paused one is frozen, alive.
 _UP = frozenset({"running", "paused"})
 
@@ -161,6 +164,7 @@ class OciRuntime(Runtime):
         self._containers: dict[str, str] = {}
         self._images: dict[str, SandboxImage] = {}
         self.network = NetworkManager(Path(self.state_root))
+        self.snapshots = SnapshotStore(data_dir / "snapshots")
         self._binary = binary
         self._binary_path = ""
 
@@ -211,6 +215,8 @@ class OciRuntime(Runtime):
             )
         os.makedirs(self.state_root, mode=0o700, exist_ok=True)
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        if swept := await asyncio.to_thread(self.snapshots.prepare):
+            log.warning("removed %d snapshots a crash left unfinished", swept)
         # What a crash left in the host-wide id-range registry for this server's
         # sessions: a range registered to a directory that does not record it.
         if stale := await asyncio.to_thread(self.id_ranges.release_stale, self.sessions_dir):
@@ -376,9 +382,7 @@ class OciRuntime(Runtime):
         """Mount the session's disk, its overlay root and its run directory (blocking)."""
         layer, rootfs, run = base / "layer", base / "rootfs", base / "run"
         if not os.path.ismount(layer):
-            host.mount_image(
-                str(base / "disk.img"), str(layer), "ext4", flags=host.MS_NOSUID | host.MS_NODEV
-            )
+            self._mount_disk(base)
         for sub in ("upper", "work"):
             path = layer / sub
             if not path.is_dir():
@@ -400,6 +404,12 @@ class OciRuntime(Runtime):
                 host.MS_NOSUID | host.MS_NODEV | host.MS_NOEXEC,
             )  # fmt: skip
 
+    @staticmethod
+    def _mount_disk(base: Path) -> None:
+        """Mount the session's disk (its writable layer) on ``layer/`` (blocking)."""
+        flags = host.MS_NOSUID | host.MS_NODEV
+        host.mount_image(str(base / "disk.img"), str(base / "layer"), "ext4", flags=flags)
+
     def _mount_overlay(self, rootfs: Path, layer: Path, rng: IdRange) -> None:
         """The image (seen through the session's ids) under the session's own layer.
 
@@ -408,10 +418,12 @@ class OciRuntime(Runtime):
         """
         fds: list[int] = []
         try:
-            # Top first: the image's layers, down to its base.
+            # Top first: the snapshots the session started from, then the image.
+            lowers = [(s.path, s.shift) for s in self._snapshot_layers(rootfs.parent)]
             image = self.image_of(rootfs.parent.name)
-            for path in image.layers:
-                fds.append(self._lower_fd(Path(path), image.uid_shift, rng))
+            lowers.extend((Path(path), image.uid_shift) for path in image.layers)
+            for path, shift in lowers:
+                fds.append(self._lower_fd(path, shift, rng))
             for sub in ("upper", "work"):
                 fds.append(os.open(layer / sub, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
             lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
@@ -462,6 +474,84 @@ class OciRuntime(Runtime):
                     host.umount(str(layer))
 
         return await asyncio.to_thread(run)
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def _snapshot_layers(self, base: Path) -> list[SnapshotLayer]:
+        """The snapshot layers a session's files stand on, top first (none: the image)."""
+        try:
+            names = (base / _LAYERS_FILE).read_text().split()
+        except FileNotFoundError:
+            return []
+        return [self.snapshots.layer(name) for name in names]
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        base = self._dir(session_id)
+        if session_id in self._prestarted:  # a warm pool's sandbox: over the image alone
+            await self.stop(session_id)
+        if os.path.ismount(base / "rootfs"):
+            raise SandboxError(f"sandbox {session_id} is running: stop it first")
+        await asyncio.to_thread(self._set_layers, base, layers)
+
+    def _set_layers(self, base: Path, layers: list[str]) -> None:
+        found = [self.snapshots.layer(name) for name in layers]  # each there, whole
+        image = found[0].image if found else None
+        layer = base / "layer"
+        mounted_here = not os.path.ismount(layer)
+        if mounted_here:
+            self._mount_disk(base)
+        try:
+            # The session's own writes go: its files are the snapshot's alone.
+            for sub in ("upper", "work"):
+                shutil.rmtree(layer / sub, ignore_errors=True)
+            if image is not None:  # the snapshot's files stand on its own image
+                image.save(base)
+                self._images[base.name] = image
+            temp = base / f"{_LAYERS_FILE}.tmp"
+            temp.write_text("".join(f"{name}\n" for name in layers))
+            temp.replace(base / _LAYERS_FILE)
+        finally:
+            if mounted_here:
+                host.umount(str(layer))
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        base = self._dir(session_id)
+        if not (base / "disk.img").is_file():
+            raise SandboxError(f"sandbox {session_id} has no storage")
+        rng = self.id_range(session_id)
+        cgroup = self._cgroup(session_id)
+        frozen_here = False
+        if await self._still_runs(session_id) and not freezer.is_frozen(cgroup):
+            # Frozen for the copy: a write in flight is in it or not, never torn.
+            await asyncio.to_thread(freezer.freeze, cgroup)
+            frozen_here = True
+        try:
+            return await asyncio.to_thread(self._capture, base, snapshot_id, rng)
+        except OSError as exc:
+            raise SandboxError(f"cannot snapshot {session_id}: {exc}") from exc
+        finally:
+            if frozen_here:
+                await asyncio.to_thread(freezer.thaw, cgroup)
+
+    def _capture(self, base: Path, snapshot_id: str, rng: IdRange) -> int:
+        layer = base / "layer"
+        mounted_here = not os.path.ismount(layer)
+        if mounted_here:  # a stopped session: its disk, for the copy
+            self._mount_disk(base)
+        try:
+            upper = layer / "upper"
+            return self.snapshots.capture(
+                upper if upper.is_dir() else None, snapshot_id, rng.base, self.image_of(base.name)
+            )
+        finally:
+            if mounted_here:
+                host.umount(str(layer))
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        await asyncio.to_thread(self.snapshots.remove, snapshot_id)
+
+    async def snapshot_ids(self) -> set[str]:
+        return await asyncio.to_thread(self.snapshots.ids)
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None

@@ -16,6 +16,7 @@ from bastion_server.service.images import ImageService
 from bastion_server.service.jobs import JobService
 from bastion_server.service.keys import KeyService
 from bastion_server.service.sessions import SessionService
+from bastion_server.service.snapshots import SnapshotService
 from bastion_server.service.terminals import TerminalService
 from bastion_server.store.sqlite import Store
 from bastion_server.tasks import spawn
@@ -52,6 +53,7 @@ class Services:
     terminals: TerminalService
     keys: KeyService
     audit: AuditLog
+    snapshots: SnapshotService
     images: ImageService
     reaper: asyncio.Task[None] | None = None
 
@@ -68,8 +70,10 @@ class Services:
         jobs = JobService(store, runtime, sessions, config)
         files = FileService(runtime, sessions, config)
         terminals = TerminalService(runtime, sessions)
+        snapshots = SnapshotService(store, runtime, sessions, config)
         await sessions.reconcile()
         jobs.recover()  # after it: the jobs of a sandbox still running are taken up again
+        await snapshots.reconcile()
         log.info(
             "services ready", extra={"runtime": runtime.name, "data_dir": str(config.data_dir)}
         )
@@ -79,7 +83,8 @@ class Services:
         images = ImageService(store, runtime, config, ImageStore(config.images_dir))
         await images.prepare()
         services = cls(
-            config, store, runtime, sessions, jobs, files, terminals, keys, audit, images
+            config, store, runtime, sessions, jobs, files, terminals, keys, audit, snapshots,
+            images,
         )
         services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
@@ -102,6 +107,7 @@ class Services:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
+        await self.snapshots.shutdown()  # copies under way finish: none is cut off
         if self.config.on_shutdown != "keep":
             # The operator's exit policy: nothing is left running (or kept) behind.
             action = self.config.on_shutdown
