@@ -56,6 +56,7 @@ from .jobs import add_jobs
 from .keys import add_keys_command
 from .sessions import add_sessions
 from .shell import add_shell_command
+from .snapshots import add_snapshots_command
 
 __all__ = ["ENTRY_POINT_GROUP", "EXEC_FAILED", "ExitCode", "build_parser", "main"]
 
@@ -307,6 +308,7 @@ def add_client_commands(subparsers: Subparsers) -> None:
     add_files(subparsers, common)
     add_jobs(subparsers, common)
     add_keys_command(subparsers, common)
+    add_snapshots_command(subparsers, common)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from .format import (
     table,
     write_json,
 )
+from .snapshots import add_session_snapshot_actions
 
 # --------------------------------------------------------------------------- sessions
 
@@ -141,6 +142,9 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
         metavar="NAME=VALUE",
         type=key_value,
         help="a variable every job and terminal of the session gets (repeatable)",
+    )
+    create.add_argument(
+        "--snapshot", metavar="SNAPSHOT", help="start from this snapshot's files (and image)"
     )
     create.add_argument("--start", action="store_true", help="start the session right away")
     create.add_argument("-q", "--quiet", action="store_true", help="print only the session id")
@@ -252,6 +256,7 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
         parents=common,
     )
     prune.set_defaults(runner=_sessions_prune)
+    add_session_snapshot_actions(actions, common)
 
 
 def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
@@ -278,6 +283,7 @@ def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
         network=network,
         env=dict(args.env) if args.env else None,
         paused_timeout=args.paused_timeout,
+        snapshot=args.snapshot,
     )
     if args.start:
         try:
