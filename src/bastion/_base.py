@@ -39,8 +39,11 @@ from ._exceptions import (
     FileListError,
     FileListNotFoundError,
     FileUploadError,
+    ImageNotFoundError,
+    ImageStateError,
     InsufficientScopeError,
     InvalidCommandError,
+    InvalidRecipeError,
     InvalidRequestError,
     JobFailedError,
     JobNotFoundError,
@@ -305,6 +308,9 @@ _CODE_ERRORS: dict[str, type[BastionError]] = {
     ErrorCode.SNAPSHOT_NOT_FOUND: SnapshotNotFoundError,
     ErrorCode.SNAPSHOT_STATE: SnapshotStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
+    ErrorCode.IMAGE_NOT_FOUND: ImageNotFoundError,
+    ErrorCode.IMAGE_STATE: ImageStateError,
+    ErrorCode.INVALID_RECIPE: InvalidRecipeError,
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
     ErrorCode.INVALID_COMMAND: InvalidCommandError,
@@ -942,6 +948,7 @@ def create_session_body(
     env: Mapping[str, str] | None = None,
     paused_timeout: float | None = None,
     snapshot: str | None = None,
+    image: str | None = None,
 ) -> CreateSessionRequest:
     body: CreateSessionRequest = {}
     if limits is not None:
@@ -962,6 +969,8 @@ def create_session_body(
         body["paused_timeout"] = paused_timeout
     if snapshot is not None:
         body["snapshot"] = snapshot
+    if image is not None:
+        body["image"] = image
     return body
 
 
@@ -989,8 +998,11 @@ def run_job_body(
     timeout: float | None,
     stdin: bool | str | None = None,
     limits: JobLimitsRequest | Mapping[str, int] | None = None,
+    user: Literal["user", "root"] | None = None,
 ) -> RunJobRequest:
     body: RunJobRequest = {"command": normalize_command(command)}
+    if user is not None:
+        body["user"] = user
     if stdin is not None and stdin is not False:
         body["stdin"] = stdin
     if limits is not None:

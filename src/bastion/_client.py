@@ -36,6 +36,7 @@ from ._base import (
 )
 from ._pages import PageRequestFor, next_cursor
 from ._resources.files import AsyncFiles, Files
+from ._resources.images import AsyncImages, Images
 from ._resources.jobs import AsyncJobs, Jobs
 from ._resources.keys import AsyncKeys, Keys
 from ._resources.sessions import AsyncSessions, Sessions
@@ -79,12 +80,14 @@ class Bastion(BaseBastion):
         terminal: Attach live shells to a session over a WebSocket.
         keys: Make, list and revoke the server's API keys (admin keys only).
         snapshots: List, read and delete snapshots of sessions' files.
+        images: Build images from recipes; list, show and delete them.
     """
 
     sessions: Sessions
     jobs: Jobs
     keys: Keys
     snapshots: Snapshots
+    images: Images
     files: Files
     terminal: Terminals
 
@@ -112,6 +115,7 @@ class Bastion(BaseBastion):
         self.jobs = Jobs(self)
         self.keys = Keys(self)
         self.snapshots = Snapshots(self)
+        self.images = Images(self)
         self.files = Files(self)
         self.terminal = Terminals(self)
 
@@ -263,12 +267,14 @@ class AsyncBastion(BaseBastion):
         terminal: Attach live shells to a session over a WebSocket.
         keys: Make, list and revoke the server's API keys (admin keys only).
         snapshots: List, read and delete snapshots of sessions' files.
+        images: Build images from recipes; list, show and delete them.
     """
 
     sessions: AsyncSessions
     jobs: AsyncJobs
     keys: AsyncKeys
     snapshots: AsyncSnapshots
+    images: AsyncImages
     files: AsyncFiles
     terminal: AsyncTerminals
 
@@ -296,6 +302,7 @@ class AsyncBastion(BaseBastion):
         self.jobs = AsyncJobs(self)
         self.keys = AsyncKeys(self)
         self.snapshots = AsyncSnapshots(self)
+        self.images = AsyncImages(self)
         self.files = AsyncFiles(self)
         self.terminal = AsyncTerminals(self)
 

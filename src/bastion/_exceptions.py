@@ -77,8 +77,13 @@ __all__ = [
     "FileListError",
     "FileListNotFoundError",
     "FileUploadError",
+    "ImageBuildError",
+    "ImageError",
+    "ImageNotFoundError",
+    "ImageStateError",
     "InsufficientScopeError",
     "InvalidCommandError",
+    "InvalidRecipeError",
     "InvalidRequestError",
     "JobError",
     "JobFailedError",
@@ -194,6 +199,42 @@ class ServerShutdownError(ServerError, APIConnectionError):
     server is back, it is taken up again (wait for it or stream it again).
     It is also an :class:`APIConnectionError`, as a connection the server cut.
     """
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageError(BastionError):
+    """An image operation failed."""
+
+
+class ImageNotFoundError(ImageError, NotFoundError):
+    """The key has no image of this name, and none is shared."""
+
+
+class ImageStateError(ImageError):
+    """The image cannot do this now: not ready for a session, or still in use (by
+    sessions, or images built over it) for a delete."""
+
+
+class InvalidRecipeError(ImageError, InvalidRequestError):
+    """The recipe cannot be built as written; the message names the key."""
+
+
+class ImageBuildError(ImageError):
+    """A build failed (a step's exit status, its timeout); nothing of it was kept.
+
+    Attributes:
+        image: The image's info (``status`` ``"failed"``, ``status_reason``); its log
+            (``images.log(name)``) has the failing step's output.
+    """
+
+    def __init__(self, image: Mapping[str, object]) -> None:
+        super().__init__(
+            f"image {image.get('name')!r} failed to build: {image.get('status_reason')}",
+            code="image_build_failed",
+        )
+        self.image = image
 
 
 # --------------------------------------------------------------------------- sessions

@@ -440,6 +440,9 @@ class RunJobRequest(TypedDict):
     #: Limits of this job alone, each within the session's own (``limit_exceeded``
     #: above them), each reported with its own ``failure_reason``.
     limits: NotRequired[JobLimitsRequest]
+    #: ``"root"``: run as the sandbox's root (root of the session's own user namespace,
+    #: never the host's), to install packages at run time; default ``"user"``.
+    user: NotRequired[Literal["user", "root"]]
 
 
 #: The most a run request carries inline as the job's stdin (bytes of UTF-8): well

@@ -59,6 +59,8 @@ class ServerConfig:
     build_ca_file: Path | None = None
     #: Hand the server's HTTP(S)_PROXY / NO_PROXY variables to builds.
     build_proxy_env: bool = True
+    #: Where builds may connect (a network allow-list); empty: anywhere public.
+    build_network_allow: tuple[str, ...] = ()
     #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).
     reaper_interval: float = 1.0
     max_upload_bytes: int = 4 * 1024**3
@@ -110,6 +112,9 @@ class ServerConfig:
     env_file: Path | None = None
     #: Where the audit log is appended (service/audit.py); None: no audit log.
     audit_log: Path | None = None
+    #: A Ray cluster's address (or "auto"): serve as the gateway of its nodes
+    #: (bastion_server/cluster/); None: run sandboxes on this machine.
+    ray: str | None = None
 
     def check(self) -> None:
         """Refuse settings that would expose sandboxes to the network unauthenticated."""

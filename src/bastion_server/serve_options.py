@@ -68,6 +68,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", Path, DEFAULT_DATA_DIR, "records, session files and job output"),
     Option("images_dir", Path, DEFAULT_IMAGES_DIR, "built sandbox images"),
     Option(
+        "image",
+        str,
+        "default",
+        "the base image sessions run unless they name one (built by `bastion image build`)",
+    ),
+    Option("build_timeout", float, 1800.0, "longest an image build may take (seconds)"),
+    Option(
+        "build_ca_file",
+        Path,
+        None,
+        "a CA bundle handed to image builds (such as the host's trust store), for "
+        "package indexes reached through a TLS-intercepting proxy",
+    ),
+    Option(
+        "build_network_allow",
+        list,
+        (),
+        "where image builds may connect (CIDRs or host names; repeat or comma-separate); "
+        "default: anywhere public.  Name a proxy's private network here to open it",
+    ),
+    Option(
         "api_keys",
         list,
         (),
@@ -230,6 +251,15 @@ OPTIONS: tuple[Option, ...] = (
         group=_OPERATOR,
     ),
     Option(
+        "ray",
+        str,
+        None,
+        "a Ray cluster's address (host:port, or auto): serve as the gateway of its nodes, "
+        "each running its own sessions (needs the ray extra; README, \"More than one "
+        'machine")',
+        flag="--ray",
+    ),
+    Option(
         "log_level",
         str,
         "info",
@@ -370,6 +400,10 @@ def config_from_args(
         port=s["port"],
         data_dir=s["data_dir"].absolute(),
         images_dir=s["images_dir"].absolute(),
+        image=s["image"],
+        build_timeout=s["build_timeout"],
+        build_ca_file=_absolute(s["build_ca_file"]),
+        build_network_allow=tuple(s["build_network_allow"]),
         api_keys=tuple(s["api_keys"]),
         runtime=s["runtime"],
         max_upload_bytes=s["max_upload_bytes"],
@@ -400,6 +434,7 @@ def config_from_args(
         on_shutdown=s["on_shutdown"],
         env_file=_absolute(s["env_file"]),
         audit_log=_absolute(s["audit_log"]),
+        ray=s["ray"],
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from .._base import (
     EventCallback,
@@ -81,6 +81,7 @@ class Jobs:
         timeout: float | None = None,
         stdin: bool | str | UploadData | None = None,
         limits: JobLimitsRequest | Mapping[str, int] | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> JobInfo:
         """Start a command in the session and return at once (the job is queued).
 
@@ -102,6 +103,9 @@ class Jobs:
             limits: The job's own limits, within the session's: ``memory_mb``,
                 ``cpu_seconds``, ``pids``, ``output_bytes`` (failure reasons
                 ``"oom"``, ``"cpu_time"``, ``"pids_limit"``, ``"output_limit"``).
+            user: ``"root"`` runs it as the sandbox's root (root of the session's own
+                user namespace, never the host's), e.g. for ``apt-get install``;
+                default: the sandbox user.
 
         Returns:
             The new job's ``JobInfo`` (``job_id``, ``status``, ...).
@@ -113,7 +117,7 @@ class Jobs:
             SessionStateError: The session is not running.
         """
         inline, rest = split_stdin(stdin)
-        body = run_job_body(command, env, cwd, timeout, inline, limits)
+        body = run_job_body(command, env, cwd, timeout, inline, limits, user)
         job = cast(JobInfo, self._client._request(run_job_request(session_id, body)))
         if rest is not None:
             # A job may end without reading its input (or all of it): not an error.
@@ -204,6 +208,7 @@ class Jobs:
         on_stderr: OutputCallback | None = None,
         stdin: bool | str | UploadData | None = None,
         limits: JobLimitsRequest | Mapping[str, int] | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> JobInfo:
         """Run a command and wait for its result, optionally watching its output live.
 
@@ -223,6 +228,7 @@ class Jobs:
             stdin: The job's input, as for :meth:`run` (small text keeps this one
                 round trip).
             limits: The job's own limits, as for :meth:`run`.
+            user: ``"root"`` to run as the sandbox's root, as for :meth:`run`.
 
         Returns:
             The final ``JobInfo``; ``result["output"]["console_output"]`` is stdout
@@ -245,7 +251,7 @@ class Jobs:
                 self._client._request(
                     run_job_request(
                         session_id,
-                        run_job_body(command, env, cwd, timeout, inline, limits),
+                        run_job_body(command, env, cwd, timeout, inline, limits, user),
                         hold,
                         self._client._long_poll_timeout(hold),
                     )
@@ -564,9 +570,10 @@ class AsyncJobs:
         timeout: float | None = None,
         stdin: bool | str | AsyncUploadData | None = None,
         limits: JobLimitsRequest | Mapping[str, int] | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> JobInfo:
         inline, rest = split_stdin(stdin)
-        body = run_job_body(command, env, cwd, timeout, inline, limits)
+        body = run_job_body(command, env, cwd, timeout, inline, limits, user)
         job = cast(JobInfo, await self._client._request(run_job_request(session_id, body)))
         if rest is not None:
             with contextlib.suppress(JobStateError):
@@ -609,6 +616,7 @@ class AsyncJobs:
         on_stderr: OutputCallback | None = None,
         stdin: bool | str | AsyncUploadData | None = None,
         limits: JobLimitsRequest | Mapping[str, int] | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> JobInfo:
         """Run a command and wait for its result, optionally watching its output live.
 
@@ -644,7 +652,7 @@ class AsyncJobs:
                 await self._client._request(
                     run_job_request(
                         session_id,
-                        run_job_body(command, env, cwd, timeout, inline, limits),
+                        run_job_body(command, env, cwd, timeout, inline, limits, user),
                         hold,
                         self._client._long_poll_timeout(hold),
                     )

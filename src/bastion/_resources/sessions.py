@@ -64,6 +64,7 @@ class Sessions:
         env: Mapping[str, str] | None = None,
         paused_timeout: float | None = None,
         snapshot: str | None = None,
+        image: str | None = None,
     ) -> SessionInfo:
         """Create a session (status ``"created"``; call :meth:`start` to run it).
 
@@ -76,6 +77,8 @@ class Sessions:
             max_lifetime: Seconds after creation when the same happens regardless.
             snapshot: Start from this snapshot's files (a ``"ready"`` snapshot of this
                 key: see :meth:`snapshot`); its image too.
+            image: The image to run (``bastion.images``: a ready image of this key,
+                or a shared one such as ``"python"``); default: the server's default.
             paused_timeout: Seconds a paused session may stay paused before the same
                 happens (none by default).  Paused time is not idle time: the idle
                 clock stands still while the session is paused.
@@ -102,6 +105,8 @@ class Sessions:
             QuotaExceededError: The key's tenant has as many sessions as it may.
             SnapshotNotFoundError: ``snapshot`` is no snapshot of this key.
             SnapshotStateError: ``snapshot`` is not ready (being made, or failed).
+            ImageNotFoundError: No image of that name for this key.
+            ImageStateError: The image is not ready (building, or failed).
             APIConnectionError: The server cannot be reached.
         """
         body = create_session_body(
@@ -114,6 +119,7 @@ class Sessions:
             env=env,
             paused_timeout=paused_timeout,
             snapshot=snapshot,
+            image=image,
         )
         data = self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)
@@ -382,6 +388,7 @@ class AsyncSessions:
         env: Mapping[str, str] | None = None,
         paused_timeout: float | None = None,
         snapshot: str | None = None,
+        image: str | None = None,
     ) -> SessionInfo:
         body = create_session_body(
             limits,
@@ -393,6 +400,7 @@ class AsyncSessions:
             env=env,
             paused_timeout=paused_timeout,
             snapshot=snapshot,
+            image=image,
         )
         data = await self._client._request(create_session_request(body, idempotency_key))
         return cast(SessionInfo, data)

@@ -100,9 +100,10 @@ async def image_log(
     return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
 
 
-@router.delete("/{name}", status_code=204)
-async def delete_image(name: str, who: Caller, svc: Svc) -> None:
+@router.delete("/{name}", response_model=ImageInfo)
+async def delete_image(name: str, who: Caller, svc: Svc) -> ImageInfo:
     """Delete an image: refused (409 ``image_state``) while sessions run it or images
     are built over it; a shared image only by an admin key."""
-    await svc.images.delete(who.owner, name, admin=who.scope == KeyScope.ADMIN)
+    record = await svc.images.delete(who.owner, name, admin=who.scope == KeyScope.ADMIN)
     svc.audit.record("image_delete", target=name)
+    return image_view(record)

@@ -61,6 +61,7 @@ async def run_job(
         timeout=body.get("timeout"),
         stdin=body.get("stdin"),
         limits=body.get("limits"),
+        user=body.get("user"),
     )
     if wait is not None:
         try:

@@ -115,12 +115,14 @@ async def _pump_output(ws: WebSocket, terminal: Terminal) -> ExitEvent:
 
 
 @router.websocket("/v1/sessions/{session_id}/terminal")
-async def terminal_socket(ws: WebSocket, session_id: str, rows: int = 24, cols: int = 80) -> None:
+async def terminal_socket(
+    ws: WebSocket, session_id: str, rows: int = 24, cols: int = 80, user: str | None = None
+) -> None:
     await ws.accept()
     svc = await services(ws)
     try:
         owner = terminal_owner(ws)
-        terminal = await svc.terminals.open(owner, session_id, rows, cols)
+        terminal = await svc.terminals.open(owner, session_id, rows, cols, user)
     except ServiceError as exc:
         await _refuse(ws, exc)
         return

@@ -264,7 +264,8 @@ class ImageService:
             if with_upper is None:
                 raise SandboxError(f"the {self.runtime.name} runtime cannot build images")
             await self.runtime.create(sandbox_id, limits, parent.sandbox)
-            await self.runtime.start(sandbox_id, limits, NetworkPolicy(enabled=True))
+            network = NetworkPolicy(enabled=True, allow=self.config.build_network_allow)
+            await self.runtime.start(sandbox_id, limits, network)
             await self._run_steps(record, recipe, sandbox_id, started)
             await self.runtime.stop(sandbox_id)
             self._write_log(record.build_id, "[image] storing the layer\n")
@@ -440,7 +441,7 @@ class ImageService:
 
     # -- delete -----------------------------------------------------------------------
 
-    async def delete(self, owner: str, name: str, *, admin: bool) -> None:
+    async def delete(self, owner: str, name: str, *, admin: bool) -> ImageRecord:
         record = self._find(owner, name)
         if record is None:
             if await self._base_record(name) is not None:
@@ -471,6 +472,7 @@ class ImageService:
         self.store.delete_image(record.owner, record.name)
         if record.ref is not None:
             await asyncio.to_thread(self._remove_unused, record.ref)
+        return record
 
     def _images_over(self, ref: str) -> set[str]:
         """Names of the image records whose layer stands directly on ``ref``."""

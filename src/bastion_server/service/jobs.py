@@ -295,10 +295,15 @@ class JobService:
         timeout: Any = None,
         stdin: Any = None,
         limits: Any = None,
+        user: Any = None,
     ) -> JobRecord:
         """Record a job and start it.  ``stdin``: True keeps the job's stdin open for
-        :meth:`write_stdin`, text is its whole input; ``limits``: see JobLimitsRequest."""
+        :meth:`write_stdin`, text is its whole input; ``limits``: see JobLimitsRequest;
+        ``user``: "root" runs it as the sandbox's root (root of the session's user
+        namespace only), "user" or None as the sandbox user."""
         self._validate(command, env, cwd, timeout)
+        if user not in (None, "user", "root"):
+            raise invalid('user must be "user" (the default) or "root"')
         inline_stdin = self._validate_stdin(stdin)
         session = self.sessions.require_running(owner, session_id)
         job_limits = self._validate_limits(limits, session.limits)
@@ -317,6 +322,7 @@ class JobService:
                 "timeout": timeout,
                 **({"stdin": True} if stdin is True else {}),
                 **({"limits": job_limits} if job_limits else {}),
+                **({"user": "root"} if user == "root" else {}),
             },
             created_at=now_iso(),
         )
@@ -695,6 +701,7 @@ class JobService:
                 cwd=record.spec.get("cwd"),
                 timeout=record.spec.get("timeout"),
                 stdin=live.stdin_open or live.inline_stdin is not None,
+                user=record.spec.get("user"),
                 limits=JobLimits(
                     memory_mb=limits.get("memory_mb"),
                     pids=limits.get("pids"),

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 
 from bastion.wire import ErrorCode
 from bastion_server.runtime.base import ExecSpec, Process, Runtime, SandboxError
-from bastion_server.runtime.sandbox_fs import FsError
 from bastion_server.service.errors import ServiceError, shutting_down
 from bastion_server.service.sessions import SessionService, new_id
 
@@ -57,24 +55,22 @@ class TerminalService:
         sessions.before_sandbox_stops.append(self.close_session_terminals)
         sessions.busy_checks.append(lambda session_id: bool(self._open.get(session_id)))
 
-    def _shell(self, session_id: str) -> str:
+    async def _shell(self, session_id: str) -> str:
         """bash where the image has it, else sh (looked up inside the sandbox's root)."""
-        fs = self.runtime.files(session_id)
-        for shell in _SHELLS:
-            try:
-                fd, _ = fs.open_read(shell)
-            except FsError:
-                continue
-            os.close(fd)
-            return shell
-        return _SHELLS[-1]
+        return await self.runtime.find_file(session_id, _SHELLS) or _SHELLS[-1]
 
-    async def open(self, owner: str, session_id: str, rows: int, cols: int) -> Terminal:
+    async def open(
+        self, owner: str, session_id: str, rows: int, cols: int, user: str | None = None
+    ) -> Terminal:
+        """``user`` "root": the shell runs as the sandbox's root (of its own user
+        namespace); "user" or None: as the sandbox user."""
         check_size(rows, cols)
+        if user not in (None, "user", "root"):
+            raise ServiceError(ErrorCode.INVALID_REQUEST, 'user must be "user" or "root"')
         self.sessions.require_running(owner, session_id)
         if self._shutting_down:
             raise shutting_down()
-        shell = await asyncio.to_thread(self._shell, session_id)
+        shell = await self._shell(session_id)
         try:
             process = await self.runtime.exec(
                 session_id,
@@ -84,6 +80,7 @@ class TerminalService:
                     pty=True,
                     rows=rows,
                     cols=cols,
+                    user="root" if user == "root" else None,
                 ),
             )
         except SandboxError as exc:
