@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bastion.cli import progress as cli_progress
 from bastion.cli import ExitCode, main
+from bastion.cli import progress as cli_progress
 
 URL = "http://bastion.test"
 T0 = "2024-05-01T10:00:00.000000Z"

@@ -27,8 +27,8 @@ from tests.unit.test_sdk_terminal import API_KEY, Connection, FakeTerminalServer
 from websockets.sync.server import ServerConnection
 
 from bastion import Terminal
-from bastion.cli import shell as cli
 from bastion.cli import EXEC_FAILED, main
+from bastion.cli import shell as cli
 
 #: A hang (a bug) fails one test quickly instead of stalling the run.
 pytestmark = pytest.mark.timeout(60)
