@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import io
 import os
+import select
+import subprocess
 
 import pytest
 from tests.conftest import ServerProcess
@@ -89,3 +91,38 @@ async def _async_stdin_and_kill(server: ServerProcess, sid: str) -> None:
 def test_a_job_that_never_reads_its_streamed_stdin_is_no_error(client: Bastion, sid: str) -> None:
     job = client.jobs.run_and_wait(sid, ["true"], stdin=io.BytesIO(os.urandom(4 << 20)))
     assert job["status"] == "completed"
+
+
+def test_exec_forwards_a_pipe_and_answers_live(server: ServerProcess, sid: str) -> None:
+    # `producer | bastion exec`: each line is answered while the pipe is still open.
+    from tests.integration.test_cli import BIN, client_env
+
+    script = "import sys\nfor line in sys.stdin: print(line.upper(), end='', flush=True)"
+    proc = subprocess.Popen(
+        [str(BIN / "bastion"), "exec", sid, "--", "python3", "-u", "-c", script],
+        env=client_env(server.url),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    with proc:
+        proc.stdin.write(b"first\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "no answer while stdin was open"
+        assert proc.stdout.readline() == b"FIRST\n"
+        rest, errors = proc.communicate(b"second\n", timeout=30)
+        assert rest == b"SECOND\n", errors
+        assert proc.returncode == 0
+
+
+def test_jobs_run_forwards_a_file_and_not_dev_null(server: ServerProcess, sid: str) -> None:
+    from tests.integration.test_cli import BIN, client_env
+
+    argv = [str(BIN / "bastion"), "jobs", "run", sid, "--", "wc", "-c"]
+    env = client_env(server.url)
+    piped = subprocess.run(argv, env=env, input=b"12345", capture_output=True, timeout=60)
+    assert piped.stdout.strip() == b"5", piped.stderr
+    empty = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert empty.stdout.strip() == b"0", empty.stderr

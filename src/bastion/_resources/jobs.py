@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -262,11 +263,34 @@ class Jobs:
             if poll.expired():
                 raise job_timeout_error(job, wait_timeout)
             return check_job_result(self._wait_final(session_id, job["job_id"], wait_timeout, poll))
+        if rest is None:
+            job = self.run(
+                session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+            )
+            follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+            return check_job_result(self._follow(session_id, job["job_id"], follower))
+        # Input streamed while the output is followed: a job answering line by line
+        # (``cat | bastion exec``) is seen live, not once its input has ended.
         job = self.run(
-            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=True, limits=limits
         )
+        failure: list[BaseException] = []
+
+        def feed() -> None:
+            try:
+                with contextlib.suppress(JobStateError):
+                    self.write_stdin(session_id, job["job_id"], cast(UploadData, rest), close=True)
+            except BaseException as exc:  # raised in the caller's thread, below
+                failure.append(exc)
+
+        feeder = threading.Thread(target=feed, name=f"stdin of {job['job_id']}", daemon=True)
+        feeder.start()
         follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
-        return check_job_result(self._follow(session_id, job["job_id"], follower))
+        result = self._follow(session_id, job["job_id"], follower)
+        feeder.join()
+        if failure:
+            raise failure[0]
+        return check_job_result(result)
 
     def stream(self, session_id: str, job_id: str) -> JobEventStream:
         """Follow a job's events as they happen: status changes, output, the end.
@@ -665,11 +689,32 @@ class AsyncJobs:
             return check_job_result(
                 await self._wait_final(session_id, job["job_id"], wait_timeout, poll)
             )
+        if rest is None:
+            job = await self.run(
+                session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+            )
+            follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+            return check_job_result(await self._follow(session_id, job["job_id"], follower))
+        # As in Jobs.run_and_wait: the input is streamed while the output is followed.
         job = await self.run(
-            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, limits=limits
+            session_id, command, env=env, cwd=cwd, timeout=timeout, stdin=True, limits=limits
         )
-        follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
-        return check_job_result(await self._follow(session_id, job["job_id"], follower))
+
+        async def feed() -> None:
+            with contextlib.suppress(JobStateError):
+                await self.write_stdin(
+                    session_id, job["job_id"], cast(AsyncUploadData, rest), close=True
+                )
+
+        feeder = asyncio.create_task(feed())
+        try:
+            follower = JobFollower(job, wait_timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+            result = await self._follow(session_id, job["job_id"], follower)
+        except BaseException:
+            feeder.cancel()
+            raise
+        await feeder
+        return check_job_result(result)
 
     def stream(self, session_id: str, job_id: str) -> AsyncJobEventStream:
         """Follow a job's events as they happen: status changes, output, the end.
