@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,27 @@ def targets(results: Results) -> list[dict[str, Any]]:
             f"{per} MiB host-wide, {attributable} MiB attributable, at {reached} sessions",
         ),
     ]
+    out += _snapshot_targets(results)
+    return out
+
+
+def _at_most(most: float, value: float) -> bool:
+    return value <= most
+
+
+def _snapshot_targets(results: Results) -> list[dict[str, Any]]:
+    """Issue 14's: snapshot, fork, restore, pause and resume."""
+    out = []
+    for name, key, most in (
+        ("snapshot of 100 MiB written (p50)", "snapshot_100mb", 300),
+        ("fork(count=10) to 10 running (p50)", "fork10", 1000),
+        ("restore of a small session (p50)", "restore_small", 50),
+        ("pause (p50)", "pause", 10),
+        ("resume (p50)", "resume", 10),
+    ):
+        value = median(results, "snapshots", key)
+        check = functools.partial(_at_most, most)
+        out.append(_target(name, f"<= {most} ms", value, check, f"{value} ms"))
     return out
 
 

@@ -34,6 +34,7 @@ from bench import (
     load,
     parallel,
     report,
+    snapshots,
     terminal,
 )
 from bench.context import Context
@@ -53,6 +54,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "density": ("idle running sessions: memory per session, job latency", density.run),
     "load": ("100 concurrent creates, 3000 jobs by 64 concurrent callers, deletes", load.run),
     "judge": ("100 judged submissions, each with its own limits: warm and fresh", judge.run),
+    "snapshots": ("snapshot of 100 MiB, fork(10), restore, pause and resume", snapshots.run),
 }
 
 

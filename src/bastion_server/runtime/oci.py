@@ -497,12 +497,14 @@ class OciRuntime(Runtime):
         found = [self.snapshots.layer(name) for name in layers]  # each there, whole
         image = found[0].image if found else None
         layer = base / "layer"
-        mounted_here = not os.path.ismount(layer)
+        # A sandbox never started has written nothing: its disk need not be opened.
+        started = (base / "agent.log").exists()
+        mounted_here = started and not os.path.ismount(layer)
         if mounted_here:
             self._mount_disk(base)
         try:
             # The session's own writes go: its files are the snapshot's alone.
-            for sub in ("upper", "work"):
+            for sub in ("upper", "work") if started else ():
                 shutil.rmtree(layer / sub, ignore_errors=True)
             if image is not None:  # the snapshot's files stand on its own image
                 image.save(base)
