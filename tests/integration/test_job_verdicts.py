@@ -3,7 +3,9 @@ says why (OOM, CPU time, a signal, an output cap, a kill), with usage to grade b
 
 from __future__ import annotations
 
+import glob
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -155,3 +157,15 @@ def test_bad_kill_stdin_and_process_requests_have_clear_errors(
         client.sessions.stop(sid)
         stopped = http.get(f"{base}/processes")
         assert (stopped.status_code, stopped.json()["error"]["code"]) == (409, "session_state")
+
+
+def test_a_job_cgroup_goes_when_its_job_ends(
+    client: Bastion, sid: str, server: ServerProcess
+) -> None:
+    from bastion_server.runtime.oci import OciRuntime
+
+    tag = OciRuntime._tag(Path(server.data_dir))
+    pattern = f"/sys/fs/cgroup/*/bastion/{tag}/*/job_*"
+    for _ in range(10):
+        client.jobs.run_and_wait(sid, ["true"], limits={"memory_mb": 16, "pids": 8})
+    assert glob.glob(pattern) == []

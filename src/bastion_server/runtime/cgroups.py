@@ -147,6 +147,10 @@ class JobCgroup(Cgroup):
                 path.rmdir()
         self._made = [p for p in self._made if p.exists()]
 
+    def exists(self) -> bool:
+        """Whether any directory of the cgroup is still there (after :meth:`remove`)."""
+        return any(path.exists() for path in self._made)
+
 
 def remove_job_cgroups(sandbox: Cgroup) -> None:
     """Remove every job cgroup left inside a sandbox's (blocking; once its processes

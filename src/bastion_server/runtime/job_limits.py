@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 
 from bastion_server.runtime.agent_client import ExitHook
@@ -26,6 +27,9 @@ from bastion_server.runtime.base import ExitEvent, JobLimits, JobUsage
 from bastion_server.runtime.cgroups import JOB_CONTROLLERS, Cgroup, JobCgroup, remove_job_cgroups
 
 _MIB = 1024 * 1024
+#: Removing a job's cgroup: tries, and the pause between two (about 0.1 s in all).
+REMOVE_TRIES = 20
+REMOVE_PAUSE = 0.005
 
 
 def _close(fds: Sequence[int]) -> None:
@@ -61,7 +65,14 @@ async def prepare(sandbox: Cgroup, job_name: str, limits: JobLimits) -> tuple[li
 
     def read_and_remove() -> tuple[int | None, int | None, int | None]:
         facts = cgroup.oom_kills(), cgroup.pids_refused(), cgroup.peak_memory()
-        cgroup.remove()
+        # The job's supervisor is in the cgroup too, and leaves it only as it exits,
+        # just after the exit event: give it a moment.  What the job left running in
+        # the background keeps the cgroup, which then goes with the sandbox's.
+        for _ in range(REMOVE_TRIES):
+            cgroup.remove()
+            if not cgroup.exists():
+                break
+            time.sleep(REMOVE_PAUSE)
         return facts
 
     async def job_verdict(event: ExitEvent) -> ExitEvent:
