@@ -1,0 +1,260 @@
+"""Images on real sandboxes: recipes built in a sandbox of their own, stored as layers
+over their base, chosen by sessions; cache hits, failures, tenancy, deletes in use,
+and root inside a session.
+
+The servers here use an images directory of their own (the machine's base image
+linked into it), so the layers these tests build never reach the shared one.  Builds
+that fetch packages (apt, pip) reach the package indexes through this machine's
+TLS-intercepting proxy: the build is handed the host's trust store and allowed its
+network (``--build-ca-file``, ``--build-network-allow``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.conftest import KEY_A, KEY_B, ServerProcess
+
+from bastion import (
+    Bastion,
+    ImageBuildError,
+    ImageNotFoundError,
+    ImageStateError,
+    InvalidRecipeError,
+    JobFailedError,
+)
+from bastion_server.testing import IMAGES_DIR
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+#: Where this machine's package indexes are (behind its intercepting proxy).
+PROXY_NET = "203.0.113.0/24"
+
+
+def _images_dir(parent: Path) -> Path:
+    images = parent / "images"
+    images.mkdir(mode=0o755)
+    for base in IMAGES_DIR.iterdir():
+        if base.name.startswith("default-") and base.is_dir():
+            (images / base.name).symlink_to(base)
+    return images
+
+
+def _server(data_root: Path, **kwargs: object) -> ServerProcess:
+    parent = Path(tempfile.mkdtemp(dir=data_root))
+    parent.chmod(0o711)
+    images = _images_dir(parent)
+    args = ["--images-dir", str(images), "--pool-size", "0"]
+    args += ["--build-network-allow", PROXY_NET]
+    if HOST_CA.is_file():
+        args += ["--build-ca-file", str(HOST_CA)]
+    return ServerProcess(parent / "data", extra_args=tuple(args), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def image_server(data_root: Path) -> Iterator[ServerProcess]:
+    srv = _server(data_root)
+    srv.start()
+    yield srv
+    srv.delete_all_sessions()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(image_server: ServerProcess) -> Iterator[Bastion]:
+    with Bastion(base_url=image_server.url) as c:
+        yield c
+
+
+def _layers(server: ServerProcess) -> Path:
+    return server.data_dir.parent / "images" / "layers"
+
+
+def _run(client: Bastion, sid: str, command: str, **kwargs: object) -> str:
+    result = client.jobs.run_and_wait(sid, command, **kwargs)  # type: ignore[arg-type]
+    assert result["output"] is not None and result["output"]["status_code"] == 0, result
+    return result["output"]["console_output"]
+
+
+def _session(client: Bastion, image: str) -> str:
+    sid = client.sessions.create(image=image)["session_id"]
+    client.sessions.start(sid)
+    return sid
+
+
+def test_recipe_steps_files_env_and_removals_reach_a_session(
+    client: Bastion, image_server: ServerProcess
+) -> None:
+    info = client.images.build(
+        {
+            "name": "steps",
+            "from": "default",
+            "run": [
+                "echo built > /etc/steps-release",
+                "rm /etc/hostname",  # a whiteout in the layer: gone in the session too
+                "rm -r /usr/share/doc",  # a whole directory
+                "id -u > /etc/built-as",
+            ],
+            "env": {"STEPS": "yes"},
+            "workdir": "/opt",
+            "files": {"/etc/steps.conf": b"strict = true\n"},
+        }
+    )
+    assert info["status"] == "ready" and info["digest"].startswith("sha256:")
+    assert info["parent"] == "default" and info["shared"] is True
+    sid = _session(client, "steps")
+    try:
+        out = _run(
+            client,
+            sid,
+            "cat /etc/steps-release /etc/steps.conf /etc/built-as; echo $STEPS; pwd; "
+            "test -e /etc/hostname && echo hostname-there; "
+            "test -e /usr/share/doc && echo doc-there; id -u",
+        )
+        assert out.split("\n")[:7] == ["built", "strict = true", "0", "yes", "/opt", "1000", ""]
+        shown = client.sessions.get(sid)["image"]
+        assert shown == {"name": "steps", "digest": info["digest"]}
+        # A restart mounts the same image again (recorded in the session's directory).
+        client.sessions.stop(sid)
+        client.sessions.start(sid)
+        assert _run(client, sid, "cat /etc/steps-release") == "built\n"
+        # In use: the delete is refused and nothing is removed.
+        with pytest.raises(ImageStateError, match="used by 1 session"):
+            client.images.delete("steps")
+    finally:
+        client.sessions.delete(sid)
+    key = info["digest"].removeprefix("sha256:")
+    assert (_layers(image_server) / key).is_dir()
+    client.images.delete("steps")
+    assert not (_layers(image_server) / key).exists()
+    with pytest.raises(ImageNotFoundError):
+        client.images.get("steps")
+
+
+def test_a_rebuild_is_a_cache_hit_and_an_extension_stores_only_its_delta(
+    client: Bastion, image_server: ServerProcess
+) -> None:
+    recipe = {"name": "base1", "from": "default", "run": ["head -c 3000000 /dev/urandom > /big"]}
+    first = client.images.build(recipe)
+    started = time.monotonic()
+    again = client.images.build({**recipe, "name": "base1copy"})
+    assert again["digest"] == first["digest"]
+    assert time.monotonic() - started < 2.0  # no sandbox was started
+    assert "cache hit" in client.images.log("base1copy")
+    child = client.images.build({"name": "child1", "from": "base1", "run": ["echo small > /small"]})
+    assert child["parent"] == "base1"
+    assert first["size_bytes"] >= 3_000_000
+    assert child["size_bytes"] < 100_000  # only its own file, not its base's
+    child_layer = _layers(image_server) / child["digest"].removeprefix("sha256:") / "rootfs"
+    assert (child_layer / "small").is_file() and not (child_layer / "big").exists()
+    sid = _session(client, "child1")
+    try:
+        assert _run(client, sid, "cat /small; wc -c < /big") == "small\n3000000\n"
+        with pytest.raises(ImageStateError, match="base of child1"):
+            client.images.delete("base1")
+    finally:
+        client.sessions.delete(sid)
+    for name in ("child1", "base1copy", "base1"):
+        client.images.delete(name)
+
+
+def test_a_failing_step_is_reported_with_its_log_and_leaves_nothing(
+    client: Bastion, image_server: ServerProcess
+) -> None:
+    before = set(_layers(image_server).iterdir()) if _layers(image_server).is_dir() else set()
+    logged: list[str] = []
+    with pytest.raises(ImageBuildError) as caught:
+        client.images.build(
+            {"name": "broken", "from": "default", "run": ["echo about to fail >&2", "exit 3"]},
+            on_log=logged.append,
+        )
+    assert caught.value.image["status"] == "failed"
+    assert "exit status 3" in str(caught.value.image["status_reason"])
+    log = "".join(logged)
+    assert "about to fail" in log and "step 2: exit 3" in log
+    assert client.images.get("broken")["status"] == "failed"
+    with pytest.raises(ImageStateError, match="failed"):
+        client.sessions.create(image="broken")
+    after = set(_layers(image_server).iterdir()) if _layers(image_server).is_dir() else set()
+    assert after == before  # no layer, no half-copied temp
+    sessions_dir = image_server.data_dir / "sessions"
+    assert not [p for p in sessions_dir.iterdir() if p.name.startswith("build_")]
+    client.images.delete("broken")
+
+
+def test_a_bad_recipe_names_its_key_before_anything_runs(client: Bastion) -> None:
+    with pytest.raises(InvalidRecipeError, match="'apt'"):
+        client.images.build({"name": "bad", "from": "default", "apt": ["--force-yes"]})
+    with pytest.raises(ImageNotFoundError):
+        client.images.build({"name": "orphan", "from": "no_such_image"})
+    with pytest.raises(ImageNotFoundError):
+        client.images.get("bad")
+
+
+def test_root_in_a_session_is_opt_in(client: Bastion) -> None:
+    sid = _session(client, "default")
+    try:
+        assert _run(client, sid, "id -u") == "1000\n"
+        assert _run(client, sid, "id -u; echo x > /etc/by-root", user="root") == "0\n"
+        with pytest.raises(JobFailedError):
+            client.jobs.run_and_wait(sid, "echo y > /etc/by-user")
+    finally:
+        client.sessions.delete(sid)
+
+
+def test_images_of_one_key_are_its_own(data_root: Path) -> None:
+    srv = _server(data_root, api_keys=(KEY_A, KEY_B))
+    srv.start()
+    try:
+        with Bastion(srv.url, api_key=KEY_A) as admin:
+            # Configured keys are admins: what they build is shared.  A made agent key
+            # builds its own.
+            key_a = admin.keys.create("agent", name="a")["api_key"]
+            key_b = admin.keys.create("agent", name="b")["api_key"]
+        with Bastion(srv.url, api_key=key_a) as a, Bastion(srv.url, api_key=key_b) as b:
+            mine = a.images.build({"name": "mine", "from": "default", "run": ["touch /a"]})
+            assert mine["shared"] is False
+            assert "mine" in [i["name"] for i in a.images.list()]
+            assert "mine" not in [i["name"] for i in b.images.list()]
+            with pytest.raises(ImageNotFoundError):
+                b.images.get("mine")
+            with pytest.raises(ImageNotFoundError):
+                b.sessions.create(image="mine")
+            with pytest.raises(ImageNotFoundError):
+                b.images.delete("mine")
+            # The same recipe built by B is B's own build (no cache hit across keys).
+            theirs = b.images.build({"name": "mine", "from": "default", "run": ["touch /a"]})
+            assert theirs["digest"] != mine["digest"]
+            a.images.delete("mine")
+            assert b.images.get("mine")["digest"] == theirs["digest"]
+    finally:
+        srv.delete_all_sessions()
+        srv.stop()
+
+
+def test_a_compiler_and_a_pip_package_in_a_built_image(client: Bastion) -> None:
+    info = client.images.build(
+        {
+            "name": "judge",
+            "from": "default",
+            "apt": ["g++", "python3-pip"],
+            "pip": ["six"],
+        }
+    )
+    assert info["status"] == "ready"
+    sid = _session(client, "judge")
+    try:
+        client.files.upload(
+            sid,
+            b'#include <iostream>\nint main() { std::cout << 6 * 7 << "\\n"; }\n',
+            "/home/user/main.cpp",
+        )
+        assert _run(client, sid, "g++ -O2 -o main main.cpp && ./main") == "42\n"
+        assert _run(client, sid, "python3 -c 'import six; print(six.__name__)'") == "six\n"
+    finally:
+        client.sessions.delete(sid)
