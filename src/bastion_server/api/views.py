@@ -21,6 +21,7 @@ def session_view(record: SessionRecord, usage: SandboxUsage | None = None) -> Se
         "max_lifetime": record.max_lifetime,
         "paused_timeout": record.paused_timeout,
         "snapshot": record.snapshot,
+        "node": record.node,
         "on_timeout": record.on_timeout,  # type: ignore[typeddict-item]
         "network": {
             "enabled": bool(record.network.get("enabled")),

@@ -25,7 +25,12 @@ log = logging.getLogger("bastion.server")
 
 
 def make_runtime(config: ServerConfig) -> Runtime:
-    """The OCI runtime over the configured image (built by `bastion image build`)."""
+    """The OCI runtime over the configured image (built by `bastion image build`), or
+    with ``ray`` set the gateway's runtime over the nodes of that Ray cluster."""
+    if config.ray is not None:
+        from bastion_server.cluster.gateway_runtime import ClusterRuntime
+
+        return ClusterRuntime(config.ray, config)
     from bastion_server.image.store import ImageStore
     from bastion_server.runtime.base import SandboxLimits
     from bastion_server.runtime.oci import OciRuntime
@@ -71,6 +76,12 @@ class Services:
         files = FileService(runtime, sessions, config)
         terminals = TerminalService(runtime, sessions)
         snapshots = SnapshotService(store, runtime, sessions, config)
+        if config.ray is not None:
+            from bastion_server.cluster.gateway_runtime import ClusterRuntime
+
+            if isinstance(runtime, ClusterRuntime):  # a node that left: its sessions lost
+                runtime.lost_listeners.append(sessions.sandbox_lost)
+                runtime.joined_listeners.append(sessions.reap_orphans)
         await sessions.reconcile()
         jobs.recover()  # after it: the jobs of a sandbox still running are taken up again
         await snapshots.reconcile()

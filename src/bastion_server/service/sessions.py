@@ -323,6 +323,9 @@ class SessionService:
                 if snapshot is not None:
                     await self.runtime.set_layers(record.id, list(layers))
                 faults.point("create.after_storage")
+                record.node = self.runtime.node_of(record.id)
+                if record.node is not None:
+                    self.store.set_session_node(record.id, record.node)
             except BaseException as exc:
                 await self._roll_back_create(record.id)
                 if isinstance(exc, SandboxError | OSError):
@@ -582,6 +585,20 @@ class SessionService:
                     await self._delete_locked(current, f"deleted because {reason}")
                 elif current.status in _ALLOWED["stop"]:
                     await self._stop_locked(current, f"stopped because {reason}")
+
+    async def sandbox_lost(self, session_id: str, reason: str) -> None:
+        """The session's sandbox went with its node (a cluster's node that died): its
+        jobs and terminals end (``node_lost``) and it is recorded deleted, with
+        ``reason`` saying so.  Should the node come back, what it left is removed
+        (reap_orphans, as for any deleted session)."""
+        async with self._lock(session_id):
+            record = self.store.get_session(session_id)
+            if record is None or record.status in (SessionStatus.DELETED, CREATING):
+                return
+            await self._halt(session_id, "node_lost")
+            self._set_status(record, SessionStatus.DELETED, reason)
+            self._last_active.pop(session_id, None)
+        log.warning("session lost", extra={"session_id": session_id, "reason": reason})
 
     async def check_sandbox(self, session_id: str) -> None:
         """Mark a session stopped if its sandbox died under it (crash, OOM of PID 1)."""

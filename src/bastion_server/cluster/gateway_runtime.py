@@ -1,0 +1,441 @@
+"""The gateway's runtime: every sandbox on a node of a Ray cluster, behind one Runtime.
+
+``bastion serve --ray ADDRESS`` serves the same API with this :class:`ClusterRuntime`
+in place of the OCI runtime.  It joins the cluster as a Ray driver, starts (or finds
+again) one :class:`~.node_agent.NodeAgent` per node, places each new session on a
+node (:mod:`.placement`) and forwards each call about a session to the agent of the
+node that holds it, over Ray; the bytes of jobs and terminals go over the
+:mod:`.data_plane`, never through Ray's object store.
+
+Where a session is, is the node agents' to say: at start (and whenever a node
+joins) the gateway asks each agent which sandboxes it has, so a restarted gateway
+finds every session again.  A watcher polls Ray's view of the nodes; a node that
+Ray declares dead has each of its sessions reported to :attr:`lost_listeners`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bastion_server.cluster.data_plane import open_process
+from bastion_server.cluster.node_agent import NAMESPACE, NodeAgent, actor_name, node_name
+from bastion_server.cluster.placement import NoCapacity, NodeLoad, choose_node
+from bastion_server.config import ServerConfig
+from bastion_server.runtime.base import (
+    ExecSpec,
+    ExitEvent,
+    OutputEvent,
+    Process,
+    Runtime,
+    SandboxError,
+    SandboxLimits,
+    SandboxNotRunning,
+    SandboxUsage,
+)
+from bastion_server.runtime.host import HostNotReady
+from bastion_server.tasks import spawn
+
+if TYPE_CHECKING:
+    from bastion_server.runtime.files import SandboxFiles
+    from bastion_server.runtime.network import NetworkPolicy
+    from bastion_server.runtime.sandbox_image import SandboxImage
+
+log = logging.getLogger("bastion.cluster")
+
+#: How often the gateway looks at Ray's view of the nodes (seconds).
+WATCH_INTERVAL = 0.5
+#: How long a node agent has to prepare its host (first start: the warm pool, mounts).
+AGENT_READY_TIMEOUT = 120.0
+#: How long a lifecycle call may take before the node is taken for unreachable.
+CALL_TIMEOUT = 300.0
+SECRET_FILE = "cluster-secret"
+
+#: Called with (session id, reason) for each session of a node that left the cluster.
+LostListener = Callable[[str, str], Awaitable[None]]
+
+
+class NodeLost(SandboxError):
+    """The session's node has left the cluster (its agent and sandboxes are gone)."""
+
+
+def cluster_secret(data_dir: Path) -> bytes:
+    """The secret node agents demand on their data plane: made once, kept in the
+    gateway's data dir (0600) so that a restarted gateway drives the same agents."""
+    path = data_dir / SECRET_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+    return secret
+
+
+@dataclass
+class Node:
+    name: str
+    ray_id: str
+    actor: Any
+    address: tuple[str, int] | None = None
+    ready: bool = False
+    error: str | None = None
+    alive: bool = True
+
+
+class _NodeProcess(Process):
+    """A process on a node: its data-plane stream, with a stream that ends without an
+    exit told apart (``node_lost`` when the node has gone, else the sandbox's ``lost``)."""
+
+    def __init__(self, inner: Process, node: Node, runtime: ClusterRuntime) -> None:
+        self._inner, self._node, self._runtime = inner, node, runtime
+
+    async def events(self) -> AsyncIterator[OutputEvent | ExitEvent]:
+        async for event in self._inner.events():
+            if isinstance(event, ExitEvent) and event.error == "lost":
+                if not await self._runtime.node_answers(self._node):
+                    event = ExitEvent(
+                        exit_code=None,
+                        error="node_lost",
+                        message=f"the session's node {self._node.name} left the cluster",
+                    )
+            yield event
+
+    @property
+    def pid(self) -> int | None:  # type: ignore[override]
+        return self._inner.pid
+
+    async def kill(self, signal: int | None = None) -> None:
+        await self._inner.kill(signal)
+
+    async def send_input(self, data: bytes) -> None:
+        await self._inner.send_input(data)
+
+    async def close_input(self) -> None:
+        await self._inner.close_input()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._inner.resize(rows, cols)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class ClusterRuntime(Runtime):
+    """A :class:`Runtime` whose sandboxes live on the node agents of a Ray cluster."""
+
+    def __init__(self, address: str, config: ServerConfig) -> None:
+        self.name = "ray"
+        self.address = address
+        self.config = config
+        self.secret = b""
+        self.nodes: dict[str, Node] = {}
+        #: The node of each session, as the node agents report them.
+        self._where: dict[str, str] = {}
+        #: Sessions being placed on each node right now (counted as its load).
+        self._placing: dict[str, int] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._prepared = False
+        #: The sandbox user's home on each ready node (one image: one home).
+        self._homes: set[str] = set()
+        self.lost_listeners: list[LostListener] = []
+        #: Called (no arguments) after a node joined and its sandboxes were listed.
+        self.joined_listeners: list[Callable[[], Awaitable[None]]] = []
+
+    # -- joining the cluster -------------------------------------------------------
+
+    async def prepare_host(self) -> None:
+        if self._prepared:
+            return
+        self.secret = await asyncio.to_thread(cluster_secret, self.config.data_dir)
+        await asyncio.to_thread(self._connect)
+        await self.refresh_nodes()
+        if not any(n.ready for n in self.nodes.values()):
+            errors = "; ".join(f"{n.name}: {n.error}" for n in self.nodes.values())
+            raise HostNotReady(f"no node of the Ray cluster at {self.address} is ready: {errors}")
+        self.home = next(iter(self._homes)) if self._homes else "/"
+        self._prepared = True
+
+    def _connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(
+                address=self.address,
+                namespace=NAMESPACE,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+
+    async def refresh_nodes(self) -> None:
+        """Bring the gateway's list of nodes in line with Ray's: start an agent on
+        each new node, and report the sessions of each node that died."""
+        import ray
+
+        seen = await asyncio.to_thread(ray.nodes)
+        alive: dict[str, dict[str, Any]] = {}
+        for info in sorted(seen, key=lambda i: str(i["NodeID"])):
+            if not info.get("Alive"):
+                continue
+            name = node_name(info.get("Resources") or {}, info["NodeManagerAddress"])
+            if name in alive:  # unnamed nodes of one address: told apart by their ids
+                name = f"{name}-{str(info['NodeID'])[:8]}"
+            alive[name] = info
+        for name, node in list(self.nodes.items()):
+            if node.alive and (name not in alive or alive[name]["NodeID"] != node.ray_id):
+                await self._lose(node)
+        joined = False
+        for name, info in alive.items():
+            known = self.nodes.get(name)
+            if known is not None and known.alive and known.ray_id == info["NodeID"]:
+                continue
+            await self._join(name, info["NodeID"])
+            joined = True
+        if joined:
+            for listener in self.joined_listeners:
+                await listener()
+
+    async def _join(self, name: str, ray_id: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor: Any = (
+            ray.remote(NodeAgent)
+            .options(
+                name=actor_name(name),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=1000,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
+            )
+            # The node agents need no API keys (the gateway checks them).
+            .remote(name, dataclasses.replace(self.config, api_keys=()), self.secret)
+        )
+        node = Node(name, ray_id, actor)
+        self.nodes[name] = node
+        try:
+            info = await asyncio.wait_for(actor.ready.remote(self.secret), AGENT_READY_TIMEOUT)
+            node.ready, node.error = bool(info["ready"]), info["error"]
+            node.address = tuple(info["address"]) if info["address"] else None
+            self._homes.add(info["home"])
+            if node.ready:
+                for session_id in await actor.list_sandboxes.remote():
+                    self._where[session_id] = name
+        except Exception as exc:
+            node.ready, node.error = False, f"its agent did not start: {exc}"
+        log.info(
+            "node joined",
+            extra={"node": name, "ready": node.ready, "error": node.error, "ray_id": ray_id},
+        )
+
+    async def _lose(self, node: Node) -> None:
+        node.alive = node.ready = False
+        lost = [sid for sid, where in self._where.items() if where == node.name]
+        log.error("node lost", extra={"node": node.name, "sessions": len(lost)})
+        for session_id in lost:
+            del self._where[session_id]
+        reason = f"its node {node.name} left the cluster (node_lost)"
+        for session_id in lost:
+            for listener in self.lost_listeners:
+                try:
+                    await listener(session_id, reason)
+                except Exception:
+                    log.exception("reporting a lost session failed")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self.refresh_nodes()
+            except Exception:  # the watcher must outlive one failed look
+                log.exception("looking at the cluster's nodes failed")
+
+    async def warm_up(self) -> None:
+        if self._watcher is None:
+            self._watcher = spawn(self._watch(), name="cluster watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def node_answers(self, node: Node, timeout: float = 3.0) -> bool:
+        """Whether the node's agent still answers (a stream cut by a dead node, or by
+        a dead sandbox, looks the same from here)."""
+        if not node.alive:
+            return False
+        try:
+            await asyncio.wait_for(node.actor.load.remote(), timeout)
+            return True
+        except Exception:
+            return False
+
+    # -- where a session is --------------------------------------------------------
+
+    def node_of(self, session_id: str) -> str | None:
+        return self._where.get(session_id)
+
+    def _node(self, session_id: str) -> Node | None:
+        name = self._where.get(session_id)
+        return None if name is None else self.nodes.get(name)
+
+    def _live_node(self, session_id: str) -> Node:
+        node = self._node(session_id)
+        if node is None:
+            raise NodeLost(f"sandbox {session_id} is on no node of the cluster")
+        if not node.alive:
+            raise NodeLost(f"the node {node.name} of sandbox {session_id} left the cluster")
+        return node
+
+    async def _call(self, node: Node, method: str, *args: Any) -> Any:
+        try:
+            return await asyncio.wait_for(getattr(node.actor, method).remote(*args), CALL_TIMEOUT)
+        except SandboxError:
+            raise
+        except Exception as exc:
+            import ray.exceptions
+
+            if isinstance(exc, ray.exceptions.RayActorError | TimeoutError):
+                raise NodeLost(f"the node {node.name} does not answer: {exc}") from exc
+            raise
+
+    async def loads(self) -> list[NodeLoad]:
+        ready = [n for n in self.nodes.values() if n.ready and n.alive]
+        answers = await asyncio.gather(
+            *(n.actor.load.remote() for n in ready), return_exceptions=True
+        )
+        loads = [
+            NodeLoad(n.name, False, 0, 0)
+            if isinstance(a, BaseException)
+            else NodeLoad(
+                n.name,
+                True,
+                int(a["sessions"]) + self._placing.get(n.name, 0),
+                int(a["memory_available_mb"]),
+            )
+            for n, a in zip(ready, answers, strict=True)
+        ]
+        loads += [
+            NodeLoad(n.name, False, 0, 0) for n in self.nodes.values() if not (n.ready and n.alive)
+        ]
+        return loads
+
+    # -- the Runtime ---------------------------------------------------------------
+
+    async def create(
+        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+    ) -> None:
+        try:
+            name = choose_node(await self.loads(), limits.memory_mb)
+        except NoCapacity as exc:
+            raise SandboxError(str(exc)) from exc
+        node = self.nodes[name]
+        self._placing[name] = self._placing.get(name, 0) + 1
+        try:
+            self._where[session_id] = name
+            await self._call(node, "create", session_id, limits, image)
+        except BaseException:
+            self._where.pop(session_id, None)
+            raise
+        finally:
+            self._placing[name] -= 1
+        log.info("session placed", extra={"session_id": session_id, "node": name})
+
+    async def start(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
+    ) -> None:
+        await self._call(self._live_node(session_id), "start", session_id, limits, network)
+
+    async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
+        await self._call(self._live_node(session_id), "restore_network", session_id, network)
+
+    async def stop(self, session_id: str) -> None:
+        node = self._node(session_id)
+        if node is None or not node.alive:
+            return  # nothing of it runs anywhere the gateway can reach
+        await self._call(node, "stop", session_id)
+
+    async def delete(self, session_id: str) -> None:
+        node = self._node(session_id)
+        if node is None or not node.alive:
+            self._where.pop(session_id, None)
+            return
+        await self._call(node, "delete", session_id)
+        self._where.pop(session_id, None)
+
+    async def pause(self, session_id: str) -> None:
+        await self._call(self._live_node(session_id), "pause", session_id)
+
+    async def resume(self, session_id: str) -> None:
+        await self._call(self._live_node(session_id), "resume", session_id)
+
+    async def find_file(self, session_id: str, paths: Sequence[str]) -> str | None:
+        found: str | None = await self._call(
+            self._live_node(session_id), "find_file", session_id, list(paths)
+        )
+        return found
+
+    async def is_running(self, session_id: str) -> bool:
+        node = self._node(session_id)
+        if node is None or not node.alive:
+            return False
+        try:
+            return bool(await self._call(node, "is_running", session_id))
+        except NodeLost:
+            return False
+
+    async def _union(self, method: str) -> set[str]:
+        live = [n for n in self.nodes.values() if n.ready and n.alive]
+        answers = await asyncio.gather(
+            *(self._call(n, method) for n in live), return_exceptions=True
+        )
+        found: set[str] = set()
+        for node, answer in zip(live, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("node did not list its sandboxes", extra={"node": node.name})
+                continue
+            for session_id in answer:
+                self._where.setdefault(session_id, node.name)
+                found.add(session_id)
+        return found
+
+    async def running_sandboxes(self) -> set[str]:
+        return await self._union("running_sandboxes")
+
+    async def list_sandboxes(self) -> set[str]:
+        return await self._union("list_sandboxes")
+
+    async def started_sandboxes(self) -> set[str]:
+        return await self._union("started_sandboxes")
+
+    async def usage(self, session_id: str) -> SandboxUsage:
+        result: SandboxUsage = await self._call(self._live_node(session_id), "usage", session_id)
+        return result
+
+    async def exec(self, session_id: str, spec: ExecSpec) -> Process:
+        node = self._live_node(session_id)
+        if node.address is None:
+            raise SandboxNotRunning(f"the node {node.name} has no data plane")
+        process = await open_process(node.address, self.secret, session_id, spec)
+        return _NodeProcess(process, node, self)
+
+    def files(self, session_id: str) -> SandboxFiles:
+        raise SandboxError(
+            "files are not reachable through a cluster gateway yet (jobs and terminals are)"
+        )

@@ -1,0 +1,150 @@
+"""Sessions across a real Ray cluster of three nodes on this machine (issue 16).
+
+Ray's own multi-node helper starts a head and two worker nodes as real raylets, each
+named by a ``bastion_node_<name>`` resource (bastion_server/cluster/testing_cluster.py,
+in a process of its own); a real ``bastion serve --ray ADDRESS`` is the gateway.
+Health checks are tuned so a killed node is noticed in about two seconds (Ray's
+default: twelve).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion import Bastion
+from bastion_server.testing import ServerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+pytest.importorskip("ray")
+
+from bastion_server.cluster.testing_cluster import LocalRayCluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    c = LocalRayCluster(["head", "w1", "w2"])
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: LocalRayCluster, data_root: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        data_root / "gw",
+        extra_args=("--ray", cluster.address, "--pool-size", "0"),
+    )
+    srv.start(timeout=180)
+    yield srv
+    srv.delete_all_sessions()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def placed(gateway: ServerProcess) -> dict[str, str]:
+    """One running session per node: {node name: session id}."""
+    found: dict[str, str] = {}
+    with Bastion(base_url=gateway.url) as bastion:
+        for _ in range(3):
+            sid = bastion.sessions.create()["session_id"]
+            bastion.sessions.start(sid)
+            node = bastion.sessions.get(sid)["node"]
+            assert node is not None
+            found[node] = sid
+    return found
+
+
+def test_sessions_spread_over_every_node(placed: dict[str, str]) -> None:
+    # The emptiest node takes each new session: three sessions, three nodes.
+    assert set(placed) == {"head", "w1", "w2"}
+
+
+def test_jobs_and_their_streams_on_every_node(
+    gateway: ServerProcess, placed: dict[str, str]
+) -> None:
+    with Bastion(base_url=gateway.url) as bastion:
+        for sid in placed.values():
+            result = bastion.jobs.run_and_wait(sid, ["sh", "-c", "echo out; echo err >&2"])
+            assert result["output"]["console_output"] == "out\n"
+            job = bastion.jobs.run(sid, ["sh", "-c", "echo one; sleep 0.3; echo two >&2"])
+            with bastion.jobs.stream(sid, job["job_id"]) as events:
+                seen = list(events)
+            kinds = [e["type"] for e in seen]
+            assert kinds[-1] == "end" and "stdout" in kinds and "stderr" in kinds
+            assert "".join(e.get("data", "") for e in seen if e["type"] == "stdout") == "one\n"
+
+
+def test_a_large_output_streams_through(gateway: ServerProcess, placed: dict[str, str]) -> None:
+    # 8 MiB through sandbox agent -> node agent -> data plane -> gateway, whole.
+    with Bastion(base_url=gateway.url) as bastion:
+        result = bastion.jobs.run_and_wait(
+            placed["w1"], ["sh", "-c", "head -c 8388608 /dev/zero | tr '\\0' x"], timeout=60
+        )
+        assert len(result["output"]["console_output"]) == 8 * 1024 * 1024
+
+
+def test_a_terminal_on_a_worker_node(gateway: ServerProcess, placed: dict[str, str]) -> None:
+    screen: list[str] = []
+
+    def on_message(message: Any) -> None:
+        if message["type"] == "term_output":
+            screen.append(str(message["payload"]["data"]))
+
+    with (
+        Bastion(base_url=gateway.url) as bastion,
+        bastion.terminal.connect(session_id=placed["w2"], on_message=on_message) as term,
+    ):
+        term.exec("echo $((6 * 7)); exit 3")
+        assert term.wait(timeout=10) == {"exit_code": 3, "reason": "exited"}
+    assert "42" in "".join(screen)
+
+
+def test_stop_and_start_keep_the_node(gateway: ServerProcess, placed: dict[str, str]) -> None:
+    sid = placed["w1"]
+    with Bastion(base_url=gateway.url) as bastion:
+        bastion.jobs.run_and_wait(sid, ["sh", "-c", "echo kept > /home/user/mark"])
+        assert bastion.sessions.stop(sid)["status"] == "stopped"
+        started = bastion.sessions.start(sid)
+        assert started["status"] == "running" and started["node"] == "w1"
+        result = bastion.jobs.run_and_wait(sid, ["cat", "/home/user/mark"])
+        assert result["output"]["console_output"] == "kept\n"
+
+
+def test_a_killed_node_has_its_sessions_reported_lost(
+    cluster: LocalRayCluster, gateway: ServerProcess, placed: dict[str, str], data_root: Path
+) -> None:
+    doomed, survivors = placed["w2"], [placed["head"], placed["w1"]]
+    with Bastion(base_url=gateway.url) as bastion:
+        running = bastion.jobs.run(doomed, ["sleep", "60"])
+        survivor_job = bastion.jobs.run(survivors[0], ["sh", "-c", "sleep 4; echo alive"])
+        time.sleep(0.5)
+        # SIGKILL of every Ray process of the node: its raylet, its workers, the agent.
+        cluster.kill("w2")
+        killed = time.monotonic()
+        while bastion.sessions.get(doomed)["status"] != "deleted":
+            assert time.monotonic() - killed < 3.0, "the lost node was not noticed in 3 s"
+            time.sleep(0.1)
+        lost = bastion.sessions.get(doomed)
+        assert lost["status_reason"] is not None and lost["status_reason"].startswith("lost:")
+        job = bastion.jobs.get(doomed, running["job_id"])
+        assert job["status"] == "failed" and job["failure_reason"] == "node_lost"
+        # The other nodes' sessions run on, untouched, their jobs too.
+        survived = bastion.jobs.wait(survivors[0], survivor_job["job_id"], timeout=30)
+        assert survived["output"]["console_output"] == "alive\n"
+        for sid in survivors:
+            assert bastion.sessions.get(sid)["status"] == "running"
+
+        # The node comes back under its name: nothing of the lost session is left on it.
+        cluster.add("w2")
+        leftover = data_root / "gw" / "nodes" / "w2" / "sessions" / doomed
+        deadline = time.monotonic() + 60
+        while leftover.exists():
+            assert time.monotonic() < deadline, "the lost session's sandbox was left on w2"
+            time.sleep(0.5)
+        sid = bastion.sessions.create()["session_id"]
+        assert bastion.sessions.start(sid)["node"] == "w2"  # the emptiest again
