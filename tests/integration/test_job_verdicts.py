@@ -42,7 +42,8 @@ def test_a_cpu_time_limit_is_its_own_verdict(client: Bastion, sid: str) -> None:
     assert job["signal"] in ("SIGXCPU", "SIGKILL")
     usage = job["usage"]
     assert usage is not None
-    assert usage["user_cpu_seconds"] + usage["system_cpu_seconds"] >= 0.9
+    # The kernel checks the limit at its ticks; rusage may count a little less.
+    assert usage["user_cpu_seconds"] + usage["system_cpu_seconds"] >= 0.8
 
 
 def test_a_segfault_is_reported_by_its_signal(client: Bastion, sid: str) -> None:
