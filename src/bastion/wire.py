@@ -517,8 +517,8 @@ class JobList(Page):
 
 
 class KillJobRequest(TypedDict):
-    #: A signal name ("SIGTERM", "SIGINT", "SIGKILL"...) or number; SIGKILL kills the
-    #: job's whole tree at once, another is sent to every process of it.
+    #: A signal name ("SIGTERM", the default, "SIGINT", "SIGKILL"...) or number;
+    #: SIGKILL kills the job's whole tree at once, another is sent to every process.
     signal: NotRequired[str | int]
 
 

@@ -200,8 +200,8 @@ async def write_stdin(
 async def kill_job(
     session_id: str, job_id: str, who: Owner, svc: Svc, body: KillJobRequest | None = None
 ) -> JobInfo:
-    """Send a signal (default ``SIGKILL``: the whole tree dies) to every process of a
-    running job; answers at once (202) with the job as it is.  The job then ends
+    """Send a signal (default ``SIGTERM``; ``SIGKILL`` kills the whole tree at once) to
+    every process of a running job; answers at once (202) with the job as it is.  The job then ends
     ``failed`` with ``failure_reason`` ``"killed"`` (and ``signal`` if the signal
     ended it).  A job that ended already is the ``job_state`` error (409)."""
     record = await svc.jobs.kill(who, session_id, job_id, (body or {}).get("signal"))

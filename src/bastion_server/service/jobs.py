@@ -488,9 +488,10 @@ class JobService:
         return written, not live.stdin_open
 
     async def kill(self, owner: str, session_id: str, job_id: str, signal: Any) -> JobRecord:
-        """Send ``signal`` to every process of the job (SIGKILL: kill its tree); the
-        job then ends ``failed`` with ``failure_reason`` "killed"."""
-        number = signal_number("SIGKILL" if signal is None else signal)
+        """Send ``signal`` (default SIGTERM) to every process of the job (SIGKILL: kill
+        its tree at once); the job then ends ``failed`` with ``failure_reason``
+        "killed"."""
+        number = signal_number("SIGTERM" if signal is None else signal)
         live = await self._running(owner, session_id, job_id)
         live.kill_signal = number
         assert live.process is not None
@@ -735,8 +736,10 @@ class JobService:
             live.notify()
             doing = "collect the job's output"
             faults.point("job.after_start")
+            # From the job's real start (a job taken up again may be past its timeout,
+            # its end kept by the agent: time enough is left to read that end).
             backstop = (
-                spec.timeout + TIMEOUT_BACKSTOP - _seconds_since(record.started_at)
+                max(spec.timeout - _seconds_since(record.started_at), 0) + TIMEOUT_BACKSTOP
                 if spec.timeout
                 else None
             )
