@@ -11,6 +11,9 @@ network (``--build-ca-file``, ``--build-network-allow``).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -258,3 +261,50 @@ def test_a_compiler_and_a_pip_package_in_a_built_image(client: Bastion) -> None:
         assert _run(client, sid, "python3 -c 'import six; print(six.__name__)'") == "six\n"
     finally:
         client.sessions.delete(sid)
+
+
+def _cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bastion", *args],
+        env={**os.environ, "BASTION_URL": server.url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_cli_builds_a_recipe_file_with_its_files_and_live_log(
+    image_server: ServerProcess, client: Bastion, tmp_path: Path
+) -> None:
+    (tmp_path / "judge.conf").write_text("strict = 1\n")
+    recipe = tmp_path / "judge.toml"
+    recipe.write_text(
+        'name = "clijudge"\nfrom = "default"\n'
+        'run = ["cp /etc/judge.conf /etc/judge.copy"]\n'
+        '[files]\n"/etc/judge.conf" = "judge.conf"\n'
+    )
+    built = _cli(image_server, "images", "build", "-f", str(recipe))
+    assert built.returncode == 0, built.stderr
+    assert "step 1: cp /etc/judge.conf /etc/judge.copy" in built.stderr  # the live log
+    assert built.stdout.startswith("clijudge  ready  sha256:")
+    listed = _cli(image_server, "images", "list")
+    assert "clijudge" in listed.stdout and "default" in listed.stdout
+    assert "from" in _cli(image_server, "images", "show", "clijudge").stdout
+    made = _cli(image_server, "sessions", "create", "--image", "clijudge", "--start", "-q")
+    assert made.returncode == 0, made.stderr
+    sid = made.stdout.strip()
+    try:
+        ran = _cli(image_server, "jobs", "run", sid, "--", "cat", "/etc/judge.copy")
+        assert ran.stdout == "strict = 1\n", ran.stderr
+        as_root = _cli(image_server, "jobs", "run", sid, "--root", "--", "id", "-u")
+        assert as_root.stdout == "0\n", as_root.stderr
+        refused = _cli(image_server, "images", "delete", "clijudge")
+        assert refused.returncode == 4 and "image_state" in refused.stderr  # conflict
+    finally:
+        client.sessions.delete(sid)
+    failing = tmp_path / "bad.toml"
+    failing.write_text('name = "clibad"\nfrom = "default"\nrun = ["echo oops; exit 9"]\n')
+    failed = _cli(image_server, "images", "build", "-f", str(failing))
+    assert failed.returncode == 1 and "oops" in failed.stderr and "exit status 9" in failed.stderr
+    assert _cli(image_server, "images", "delete", "clijudge").returncode == 0

@@ -52,6 +52,7 @@ from .common import (
 from .errors import ExitCode, describe, error_code
 from .exec import add_exec_command
 from .files import add_files
+from .images import add_images_command
 from .jobs import add_jobs
 from .keys import add_keys_command
 from .sessions import add_sessions
@@ -309,6 +310,7 @@ def add_client_commands(subparsers: Subparsers) -> None:
     add_jobs(subparsers, common)
     add_keys_command(subparsers, common)
     add_snapshots_command(subparsers, common)
+    add_images_command(subparsers, common)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ _USAGE_CODES = frozenset(
         ErrorCode.INVALID_COMMAND,
         ErrorCode.INVALID_PATH,
         ErrorCode.FILE_TOO_LARGE,
+        ErrorCode.INVALID_RECIPE,
     }
 )
 _NOT_FOUND_CODES = frozenset(
@@ -79,12 +80,16 @@ _NOT_FOUND_CODES = frozenset(
         ErrorCode.SESSION_NOT_FOUND,
         ErrorCode.JOB_NOT_FOUND,
         ErrorCode.FILE_NOT_FOUND,
+        ErrorCode.IMAGE_NOT_FOUND,
+        ErrorCode.SNAPSHOT_NOT_FOUND,
     }
 )
 _CONFLICT_CODES = frozenset(
     {
         ErrorCode.SESSION_STATE,
         ErrorCode.SESSION_PAUSED,
+        ErrorCode.IMAGE_STATE,
+        ErrorCode.SNAPSHOT_STATE,
         ErrorCode.NOT_A_DIRECTORY,
         ErrorCode.IS_A_DIRECTORY,
         ErrorCode.DIRECTORY_NOT_EMPTY,

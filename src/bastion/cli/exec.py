@@ -60,6 +60,7 @@ def _exec(client: Bastion, args: argparse.Namespace) -> int:
             wait_timeout=args.wait_timeout,
             stdin=forwarded_stdin(args),
             limits=job_limits(args),
+            user=args.user,
             on_stdout=lambda text: write_text(sys.stdout, text),
             on_stderr=lambda text: write_text(sys.stderr, text),
         )

@@ -68,6 +68,14 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cwd", metavar="DIR", help="working directory in the session")
     parser.add_argument(
+        "--root",
+        action="store_const",
+        const="root",
+        dest="user",
+        help="run as the sandbox's root (of the session's own user namespace), e.g. to "
+        "apt-get install",
+    )
+    parser.add_argument(
         "--timeout",
         type=duration,
         metavar="DURATION",
@@ -269,6 +277,7 @@ def _jobs_run(client: Bastion, args: argparse.Namespace) -> int:
             timeout=args.timeout,
             stdin=forwarded_stdin(args),
             limits=job_limits(args),
+            user=args.user,
         )
         if json_mode(args):
             write_json(sys.stdout, job)
@@ -287,6 +296,7 @@ def _jobs_run(client: Bastion, args: argparse.Namespace) -> int:
             wait_timeout=args.wait_timeout,
             stdin=forwarded_stdin(args),
             limits=job_limits(args),
+            user=args.user,
         )
     except JobFailedError as exc:
         _print_job_output(exc.result, args)

@@ -146,6 +146,11 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
     create.add_argument(
         "--snapshot", metavar="SNAPSHOT", help="start from this snapshot's files (and image)"
     )
+    create.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="the image to run (bastion images list); default: the server's",
+    )
     create.add_argument("--start", action="store_true", help="start the session right away")
     create.add_argument("-q", "--quiet", action="store_true", help="print only the session id")
     create.set_defaults(runner=_sessions_create)
@@ -284,6 +289,7 @@ def _sessions_create(client: Bastion, args: argparse.Namespace) -> int:
         env=dict(args.env) if args.env else None,
         paused_timeout=args.paused_timeout,
         snapshot=args.snapshot,
+        image=args.image,
     )
     if args.start:
         try:
