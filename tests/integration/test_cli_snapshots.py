@@ -28,7 +28,7 @@ def test_cli_pause_snapshot_fork_restore(server: ServerProcess) -> None:
         try:
             assert _out(bastion(server, "sessions", "pause", sid)) == f"{sid}  paused\n"
             refused = bastion(server, "exec", sid, "--", "true")
-            assert refused.returncode != 0 and "(session_paused)" in error_line(refused)
+            assert refused.returncode == 125 and "(session_paused)" in error_line(refused)
             assert _out(bastion(server, "sessions", "resume", sid)) == f"{sid}  running\n"
 
             snap = _out(bastion(server, "sessions", "snapshot", sid, "--name", "s1", "-q")).strip()
@@ -59,7 +59,7 @@ def test_cli_pause_snapshot_fork_restore(server: ServerProcess) -> None:
             assert restored is not None and restored["console_output"] == "clean\n"
 
             gone = bastion(server, "snapshots", "get", "snap_nosuchsnapshot")
-            assert gone.returncode != 0 and "(snapshot_not_found)" in error_line(gone)
+            assert gone.returncode == 3 and "(snapshot_not_found)" in error_line(gone)
         finally:
             for session_id in made:
                 client.sessions.delete(session_id)
