@@ -201,3 +201,36 @@ def test_the_exit_policy_still_ends_jobs_with_their_sessions(
             await second.close()
 
     assert run_twice(config, runtime, body) == (JobStatus.FAILED, "session_stopped")
+
+
+def test_a_job_that_timed_out_while_the_server_was_down_keeps_all_it_wrote(
+    config: ServerConfig, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bastion_server.service import jobs
+
+    monkeypatch.setattr(jobs, "TIMEOUT_BACKSTOP", 0.2)  # the server's own deadline passed too
+
+    async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
+        gate = asyncio.Event()
+
+        async def program(p: FakeProcess) -> int:
+            p.write("before\n")
+            await gate.wait()
+            p.write("while down\n")
+            await asyncio.sleep(30)  # past its timeout
+            return 0
+
+        runtime.program("gated", program)
+        first = await Services.start(config, runtime)
+        sid, jid = await started(first, timeout=0.5)
+        await first.close()
+        gate.set()
+        await asyncio.sleep(1.0)
+        second = await Services.start(config, runtime)
+        try:
+            done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
+            return done.failure_reason, second.jobs.output(done)[0]
+        finally:
+            await second.close()
+
+    assert run_twice(config, runtime, body) == ("timeout", "before\nwhile down\n")
