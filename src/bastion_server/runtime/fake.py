@@ -180,6 +180,7 @@ class FakeAttachment(Process):
         while True:
             p.changed.clear()
             for event in p.spool[at:]:
+                await asyncio.sleep(0)  # as a read from the agent's socket would
                 at += 1
                 cut = min(self._skip[event.stream], len(event.data))
                 self._skip[event.stream] -= cut
