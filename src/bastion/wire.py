@@ -351,6 +351,13 @@ class ImageList(Page):
     images: list[ImageInfo]
 
 
+class PullImageRequest(TypedDict):
+    #: The name it gets here.
+    name: str
+    #: ``registry[:port]/repository[:tag]`` (``localhost:5000/app:1``).
+    ref: str
+
+
 class BuildImageRequest(TypedDict, total=False):
     #: The recipe, as in a TOML recipe file; ``files`` values are base64 of the bytes.
     recipe: dict[str, Any]

@@ -89,6 +89,13 @@ OPTIONS: tuple[Option, ...] = (
         "default: anywhere public.  Name a proxy's private network here to open it",
     ),
     Option(
+        "pull_registries",
+        list,
+        (),
+        "registries (host[:port]) images may be pulled from; default: any",
+        flag="--pull-registry",
+    ),
+    Option(
         "api_keys",
         list,
         (),
@@ -404,6 +411,7 @@ def config_from_args(
         build_timeout=s["build_timeout"],
         build_ca_file=_absolute(s["build_ca_file"]),
         build_network_allow=tuple(s["build_network_allow"]),
+        pull_registries=tuple(s["pull_registries"]),
         api_keys=tuple(s["api_keys"]),
         runtime=s["runtime"],
         max_upload_bytes=s["max_upload_bytes"],

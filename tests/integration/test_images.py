@@ -11,9 +11,15 @@ network (``--build-ca-file``, ``--build-network-allow``).
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,9 +34,10 @@ from bastion import (
     ImageNotFoundError,
     ImageStateError,
     InvalidRecipeError,
+    InvalidRequestError,
     JobFailedError,
 )
-from bastion_server.testing import IMAGES_DIR
+from bastion_server.testing import IMAGES_DIR, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -308,3 +315,179 @@ def test_the_cli_builds_a_recipe_file_with_its_files_and_live_log(
     failed = _cli(image_server, "images", "build", "-f", str(failing))
     assert failed.returncode == 1 and "oops" in failed.stderr and "exit status 9" in failed.stderr
     assert _cli(image_server, "images", "delete", "clijudge").returncode == 0
+
+
+# --------------------------------------------------------------------------- OCI images
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def _layer(files: dict[str, bytes | str | None]) -> bytes:
+    """A layer tarball: bytes are files, str symlinks, None a whiteout of that path."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        parents = {str(q) for p in files for q in Path(p).parents} - {"."}
+        for directory in sorted(parents):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for path, content in files.items():
+            if content is None:
+                p = Path(path)
+                info = tarfile.TarInfo(str(p.parent / f".wh.{p.name}"))
+                tar.addfile(info, io.BytesIO(b""))
+            elif isinstance(content, str):
+                info = tarfile.TarInfo(path)
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info = tarfile.TarInfo(path)
+                info.size, info.mode = len(content), 0o755
+                tar.addfile(info, io.BytesIO(content))
+    return out.getvalue()
+
+
+def _oci_archive(layers: list[bytes], env: list[str]) -> bytes:
+    """An OCI image layout, as a tarball (what ``skopeo copy ... oci-archive:`` makes)."""
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes, media_type: str) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    layer_descriptors = [blob(layer, "application/vnd.oci.image.layer.v1.tar") for layer in layers]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": env, "WorkingDir": "/srv"},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": [f"sha256:{hashlib.sha256(x).hexdigest()}" for x in layers],
+        },
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": layer_descriptors,
+    }
+    manifest_descriptor = blob(
+        json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json"
+    )
+    index = {"schemaVersion": 2, "manifests": [manifest_descriptor]}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        add("index.json", json.dumps(index).encode())
+        for digest, data in blobs.items():
+            add(f"blobs/sha256/{digest}", data)
+    return out.getvalue()
+
+
+def _busybox_archive(greeting: bytes) -> bytes:
+    if not BUSYBOX.is_file():
+        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
+    applets = {f"bin/{name}": "busybox" for name in ("sh", "cat", "id", "ls", "test")}
+    base = _layer({"bin/busybox": BUSYBOX.read_bytes(), **applets, "etc/doomed": b"x"})
+    top = _layer({"etc/greeting": greeting, "etc/doomed": None, "srv/.keep": b""})
+    return _oci_archive([base, top], env=["PATH=/bin", "GREETING=oci"])
+
+
+def test_an_oci_archive_imported_runs_in_a_session(client: Bastion) -> None:
+    info = client.images.import_archive("boxed", _busybox_archive(b"hello from a layer\n"))
+    assert info["status"] == "ready" and info["source"] == "import"
+    sid = _session(client, "boxed")
+    try:
+        out = _run(
+            client, sid, "cat /etc/greeting; echo $GREETING; pwd; test -e /etc/doomed || echo gone"
+        )
+        assert out == "hello from a layer\noci\n/srv\ngone\n"
+        assert _run(client, sid, "id -u") == "1000\n"
+    finally:
+        client.sessions.delete(sid)
+    # The same archive again is the same image (no second unpack).
+    assert (
+        client.images.import_archive("boxed2", _busybox_archive(b"hello from a layer\n"))["digest"]
+        == info["digest"]
+    )
+    for name in ("boxed", "boxed2"):
+        client.images.delete(name)
+
+
+def test_a_hostile_archive_is_refused(client: Bastion) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        link = tarfile.TarInfo("escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/tmp"
+        tar.addfile(link)
+        payload = b"owned\n"
+        info = tarfile.TarInfo("escape/bastion-escape-test")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(InvalidRequestError, match="non-directory"):
+        client.images.import_archive("hostile", _oci_archive([out.getvalue()], env=[]))
+    assert not Path("/tmp/bastion-escape-test").exists()
+    with pytest.raises(InvalidRequestError, match="not an image archive"):
+        client.images.import_archive("junk", b"not a tarball at all")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on a free loopback port."""
+    binary = shutil.which("docker-registry")
+    if binary is None or shutil.which("skopeo") is None:
+        pytest.skip("docker-registry and skopeo are not installed (apt-get install them)")
+    root = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    (root / "config.yml").write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "serve", str(root / "config.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield f"localhost:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_an_image_pulled_from_a_registry_runs_in_a_session(
+    client: Bastion, registry: str, tmp_path: Path
+) -> None:
+    archive = tmp_path / "boxed.tar"
+    archive.write_bytes(_busybox_archive(b"pulled\n"))
+    pushed = subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+         f"oci-archive:{archive}", f"docker://{registry}/boxed:1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    info = client.images.pull("fromreg", f"{registry}/boxed:1")
+    assert info["source"] == "pull"
+    sid = _session(client, "fromreg")
+    try:
+        assert _run(client, sid, "cat /etc/greeting") == "pulled\n"
+    finally:
+        client.sessions.delete(sid)
+    with pytest.raises(ImageNotFoundError):
+        client.images.pull("nothere", f"{registry}/nothere:1")
+    client.images.delete("fromreg")

@@ -31,11 +31,20 @@ if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
 
 from .._base import APIRequest
+from .._local_files import (
+    AsyncUploadData,
+    UploadBody,
+    UploadData,
+    async_upload_body,
+    upload_body,
+)
 
 #: Called with each piece of a build's log, as it is written.
 LogCallback = Callable[[str], None]
 #: A build's log stream may stay quiet for long (a big download): no read timeout.
 _LOG_TIMEOUT = httpx.Timeout(30.0, read=None)
+#: An import or pull answers once the image is unpacked: minutes for a large one.
+_LONG = httpx.Timeout(30.0, read=1800.0)
 
 
 def _url(*parts: str) -> str:
@@ -82,6 +91,15 @@ def delete_request(name: str) -> APIRequest:
 def log_request(name: str, follow: bool) -> APIRequest:
     params = {"follow": "true"} if follow else None
     return APIRequest("GET", _url(name, "log"), params=params, timeout=_LOG_TIMEOUT)
+
+
+def import_request(name: str, body: UploadBody) -> APIRequest:
+    """``POST /v1/images/import``: the same archive again is the same image."""
+    return APIRequest("POST", _url("import"), params={"name": name}, body=body, timeout=_LONG)
+
+
+def pull_request(name: str, ref: str) -> APIRequest:
+    return APIRequest("POST", _url("pull"), json={"name": name, "ref": ref}, timeout=_LONG)
 
 
 def finished(info: ImageInfo) -> ImageInfo:
@@ -147,6 +165,32 @@ class Images:
         info = self.get(info["name"])
         return finished(info) if wait else info
 
+    def import_archive(self, name: str, archive: UploadData) -> ImageInfo:
+        """Import an OCI image: a ``docker save`` / ``podman save`` archive or an OCI
+        layout tarball (bytes, or a binary file object, streamed).
+
+        Its layers become one image of this key (shared, for an admin key); its
+        config's ``Env`` and ``WorkingDir`` apply to its sessions, whose jobs run as
+        the sandbox user (uid 1000; ``user="root"`` for root).
+
+        Raises:
+            InvalidRequestError: Not an image archive, or one that may not be unpacked
+                (a member leaving the tree, owners beyond 65535).
+        """
+        request = import_request(name, upload_body(archive))
+        return cast(ImageInfo, self._client._request(request))
+
+    def pull(self, name: str, ref: str) -> ImageInfo:
+        """Pull ``ref`` (``registry[:port]/repository[:tag]``) from a registry and
+        import it as ``name``.
+
+        Raises:
+            ImageNotFoundError: The registry has no such image (or cannot be reached).
+            InvalidRequestError: A malformed reference, or a registry the server does
+                not pull from.
+        """
+        return cast(ImageInfo, self._client._request(pull_request(name, ref)))
+
     def get(self, name: str) -> ImageInfo:
         """One image: its ``status`` (``building``, ``ready``, ``failed``), ``digest``,
         ``parent`` and ``size_bytes`` (only its own layer).
@@ -209,6 +253,13 @@ class AsyncImages:
                         on_log(chunk)
         info = await self.get(info["name"])
         return finished(info) if wait else info
+
+    async def import_archive(self, name: str, archive: AsyncUploadData) -> ImageInfo:
+        request = import_request(name, async_upload_body(archive))
+        return cast(ImageInfo, await self._client._request(request))
+
+    async def pull(self, name: str, ref: str) -> ImageInfo:
+        return cast(ImageInfo, await self._client._request(pull_request(name, ref)))
 
     async def get(self, name: str) -> ImageInfo:
         return cast(ImageInfo, await self._client._request(get_request(name)))

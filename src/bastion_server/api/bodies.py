@@ -40,6 +40,7 @@ _UPLOADS = (
     ("PUT", re.compile(r"/v1/sessions/[^/]+/files/?")),
     ("POST", re.compile(r"/v1/sessions/[^/]+/files/archive")),
     ("POST", re.compile(r"/v1/sessions/[^/]+/jobs/[^/]+/stdin")),
+    ("POST", re.compile(r"/v1/images/import")),
     ("POST", re.compile(r"/session/[^/]+/upload")),
 )
 

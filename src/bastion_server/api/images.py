@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.wire import BuildImageRequest, ErrorCode, ImageInfo, ImageList, KeyScope
+from bastion.wire import (
+    BuildImageRequest,
+    ErrorCode,
+    ImageInfo,
+    ImageList,
+    KeyScope,
+    PullImageRequest,
+)
 from bastion_server.api.auth import principal
 from bastion_server.api.deps import services
+from bastion_server.api.files import request_body
 from bastion_server.api.paging import PageParams
 from bastion_server.image.recipe import Recipe, RecipeError, parse_recipe
 from bastion_server.service.container import Services
@@ -67,6 +78,72 @@ async def build_image(body: BuildImageRequest, who: Caller, svc: Svc) -> ImageIn
         who.owner, recipe, shared=shared, no_cache=bool(body.get("no_cache"))
     )
     svc.audit.record("image_build", target=record.name, shared=shared)
+    return image_view(record)
+
+
+@router.post(
+    "/import",
+    status_code=201,
+    response_model=ImageInfo,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "required": True,
+        }
+    },
+)
+async def import_image(
+    request: Request, who: Caller, svc: Svc, name: Annotated[str, Query()]
+) -> ImageInfo:
+    """Import an OCI image from the raw body: a ``docker save`` / ``podman save``
+    archive or an OCI layout tarball, streamed (at most the server's upload size).
+    Its layers become one read-only layer; its config's ``Env`` and ``WorkingDir``
+    apply to its sessions, whose jobs run as the sandbox user (uid 1000)."""
+    archive = await _receive(svc, request)
+    try:
+        record = await svc.images.import_archive(
+            who.owner, name, archive, shared=who.scope == KeyScope.ADMIN
+        )
+    finally:
+        await asyncio.to_thread(archive.unlink, missing_ok=True)
+    svc.audit.record("image_import", target=record.name)
+    return image_view(record)
+
+
+async def _receive(svc: Services, request: Request) -> Path:
+    """The request body, in a file of the server's (bounded by max_upload_bytes)."""
+    tmp = svc.images.tmp_dir
+    await asyncio.to_thread(tmp.mkdir, mode=0o700, parents=True, exist_ok=True)
+    path = tmp / f"import-{secrets.token_hex(8)}.tar"
+    f = await asyncio.to_thread(path.open, "wb")
+    size = 0
+    try:
+        async for chunk in request_body(request):
+            size += len(chunk)
+            if size > svc.config.max_upload_bytes:
+                raise ServiceError(
+                    ErrorCode.FILE_TOO_LARGE,
+                    f"the archive is over {svc.config.max_upload_bytes} bytes",
+                )
+            await asyncio.to_thread(f.write, chunk)
+    except BaseException:
+        await asyncio.to_thread(f.close)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise
+    await asyncio.to_thread(f.close)
+    return path
+
+
+@router.post("/pull", status_code=201, response_model=ImageInfo)
+async def pull_image(body: PullImageRequest, who: Caller, svc: Svc) -> ImageInfo:
+    """Pull an image from a registry (``registry[:port]/repo:tag``) and import it as
+    ``name``; answers once it is ready."""
+    record = await svc.images.pull(
+        who.owner, body["name"], body["ref"], shared=who.scope == KeyScope.ADMIN
+    )
+    svc.audit.record("image_pull", target=record.name, ref=body["ref"])
     return image_view(record)
 
 

@@ -38,6 +38,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from bastion_server.image.builder import (
     ImageError,
     ImageInfo,
     resolve_image,
+    shift_ownership,
 )
 from bastion_server.runtime.sandbox_image import SandboxImage
 
@@ -213,6 +215,67 @@ class ImageStore:
             shutil.rmtree(temp, ignore_errors=True)
             raise
         return ImageInfo.load(final)
+
+    def add_base(
+        self,
+        key: str,
+        *,
+        name: str,
+        like: ImageInfo,
+        populate: Callable[[Path], tuple[tuple[tuple[str, str], ...], str | None]],
+        extra: dict[str, object] | None = None,
+    ) -> ImageInfo:
+        """Store a whole root filesystem (an imported image) as the layer image ``key``
+        with no parent.  ``populate(rootfs)`` fills the empty tree with container ids
+        and returns its env and workdir; the sandbox user's facts (ids, home) are
+        ``like``'s, its home and the runtime's mount points are made if missing, and
+        the ids are then shifted (setuid bits and file capabilities dropped)."""
+        existing = self.layer(key)
+        if existing is not None:
+            return existing
+        self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        temp = self.layers_dir / f"{_TEMP_PREFIX}{key}-{os.getpid()}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(mode=0o755)
+        try:
+            rootfs = temp / ROOTFS_NAME
+            rootfs.mkdir(mode=0o755)
+            env, workdir = populate(rootfs)
+            for path, mode, owner in (
+                ("tmp", 0o1777, 0),
+                ("run/bastion", 0o755, 0),
+                (like.home.lstrip("/"), 0o755, like.sandbox_uid),
+            ):
+                target = rootfs / path
+                if not target.is_dir():
+                    target.mkdir(mode=0o755, parents=True)
+                    os.chown(target, owner, like.sandbox_gid if owner else 0)
+                os.chmod(target, mode)
+            shift_ownership(rootfs, like.uid_shift, like.id_map_size)
+            manifest = {
+                "name": name,
+                "recipe_hash": key[:12],
+                "digest": f"sha256:{key}",
+                "parent": None,
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "uid_shift": like.uid_shift,
+                "id_map_size": like.id_map_size,
+                "sandbox_uid": like.sandbox_uid,
+                "sandbox_gid": like.sandbox_gid,
+                "sandbox_user": like.sandbox_user,
+                "home": like.home,
+                "shell": "/bin/sh",
+                "env": dict(env),
+                "workdir": workdir,
+                **(extra or {}),
+            }
+            (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            os.chmod(temp / MANIFEST_NAME, 0o644)
+            os.rename(temp, self._layer_dir(key))
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return ImageInfo.load(self._layer_dir(key))
 
     def remove(self, key: str) -> None:
         """Remove layer image ``key`` (nothing if absent).  The caller has checked that

@@ -30,7 +30,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import secrets
 import shlex
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,7 +43,8 @@ from bastion.wire import ErrorCode, ImageInfo, ImageStatus
 from bastion_server.config import ServerConfig
 from bastion_server.image.builder import ImageError
 from bastion_server.image.builder import ImageInfo as StoredImage
-from bastion_server.image.recipe import Recipe, load_recipe_file
+from bastion_server.image.oci_archive import ArchiveError, archive_digest, unpack_archive
+from bastion_server.image.recipe import NAME_RE, Recipe, load_recipe_file
 from bastion_server.image.store import ImageStore
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -403,6 +407,92 @@ class ImageService:
             code = exit_event.exit_code if exit_event is not None else None
             raise _StepFailed(f"step `{what}` failed (exit status {code})")
 
+    # -- imports and pulls -------------------------------------------------------------
+
+    async def import_archive(
+        self, owner: str, name: str, archive: Path, *, shared: bool, source: str = "import"
+    ) -> ImageRecord:
+        """Import the OCI image in ``archive`` (a file the caller removes) as ``name``."""
+        _check_name(name, self._base_names())
+        scope = SHARED if shared else owner
+        try:
+            digest = await asyncio.to_thread(archive_digest, archive)
+        except ArchiveError as exc:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        key = hashlib.sha256(f"{scope}\0{digest}".encode()).hexdigest()
+        like = await asyncio.to_thread(self.images.base, self.config.image)
+
+        def populate(rootfs: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
+            config = unpack_archive(archive, rootfs)
+            return config.env, config.workdir
+
+        try:
+            info = await asyncio.to_thread(
+                self.images.add_base,
+                key,
+                name=name,
+                like=like,
+                populate=populate,
+                extra={"source_digest": digest},
+            )
+        except ArchiveError as exc:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        stamp = now_iso()
+        record = ImageRecord(
+            owner=scope,
+            name=name,
+            status=ImageStatus.BUILDING,
+            source=source,
+            build_id=new_id("imp"),
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        self._write_log(record.build_id, f"[image] imported {digest}\n")
+        await self._ready(record, info)
+        return record
+
+    async def pull(self, owner: str, name: str, ref: str, *, shared: bool) -> ImageRecord:
+        """Fetch ``ref`` (``registry/repo:tag``) with skopeo, then import it."""
+        _check_name(name, self._base_names())
+        if not _REF_RE.fullmatch(ref):
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"not an image reference: {ref!r}")
+        registry = ref.split("/", 1)[0] if "/" in ref else "docker.io"
+        allowed = self.config.pull_registries
+        if allowed and registry not in allowed:
+            raise ServiceError(
+                ErrorCode.INVALID_REQUEST,
+                f"this server pulls only from {', '.join(allowed)}, not {registry}",
+            )
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        archive = self.tmp_dir / f"pull-{secrets.token_hex(8)}.tar"
+        local = registry.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        argv = [
+            "skopeo", "copy", "--quiet",
+            *(["--src-tls-verify=false"] if local else []),
+            f"docker://{ref}", f"oci-archive:{archive}",
+        ]  # fmt: skip
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.run, argv, capture_output=True, text=True, timeout=1800, check=False
+            )
+            if proc.returncode != 0:
+                raise ServiceError(
+                    ErrorCode.IMAGE_NOT_FOUND,
+                    f"cannot pull {ref}: {proc.stderr.strip()[-500:] or proc.returncode}",
+                )
+            return await self.import_archive(owner, name, archive, shared=shared, source="pull")
+        except FileNotFoundError as exc:
+            raise ServiceError(
+                ErrorCode.INTERNAL_ERROR, "skopeo is not installed on the server"
+            ) from exc
+        finally:
+            archive.unlink(missing_ok=True)
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Archives being received or pulled (root's alone)."""
+        return self.logs_dir.parent / "image-tmp"
+
     # -- logs -------------------------------------------------------------------------
 
     def log_path(self, build_id: str) -> Path:
@@ -500,6 +590,23 @@ class ImageService:
         for task in list(self._builds.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+#: ``[registry[:port]/]repository[:tag][@sha256:...]``, as skopeo takes it.
+_REF_RE = re.compile(
+    r"[a-z0-9][a-z0-9.\-]*(?::[0-9]+)?(?:/[a-z0-9._\-]+)*(?::[A-Za-z0-9_.\-]{1,128})?"
+    r"(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def _check_name(name: str, bases: tuple[str, ...]) -> None:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ServiceError(
+            ErrorCode.INVALID_REQUEST,
+            "an image's name is lower-case letters, digits, '_' and '.' (at most 64)",
+        )
+    if name in bases:
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name!r} is the server's base image")
 
 
 class _StepFailed(Exception):
