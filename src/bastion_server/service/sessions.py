@@ -451,36 +451,32 @@ class SessionService:
         and file operations are refused (``session_paused``) until it is resumed.
         Uploads and downloads already under way go on (the server moves their bytes,
         no process of the session)."""
-        async with self._lock(session_id):
-            record = self.get(owner, session_id)
-            self._check_transition(record, "pause")
-            try:
-                await self.runtime.pause(session_id)
-            except SandboxError as exc:
-                raise ServiceError(
-                    ErrorCode.SESSION_STATE, f"cannot pause session {session_id!r}: {exc}"
-                ) from exc
-            now = time.monotonic()
-            self._idle_at_pause[session_id] = now - self._last_active.get(session_id, now)
-            self._set_status(record, SessionStatus.PAUSED)
-            log.info("session paused", extra={"session_id": session_id})
-            return record
+        return await self._freeze_or_thaw(owner, session_id, "pause")
 
     async def resume(self, owner: str, session_id: str) -> SessionRecord:
         """Thaw a paused session: ``paused`` -> ``running``; what ran goes on."""
+        return await self._freeze_or_thaw(owner, session_id, "resume")
+
+    async def _freeze_or_thaw(self, owner: str, session_id: str, action: str) -> SessionRecord:
+        """Pause or resume under the session's lock; its idle clock stands still between."""
         async with self._lock(session_id):
             record = self.get(owner, session_id)
-            self._check_transition(record, "resume")
+            self._check_transition(record, action)
+            step = self.runtime.pause if action == "pause" else self.runtime.resume
             try:
-                await self.runtime.resume(session_id)
+                await step(session_id)
             except SandboxError as exc:
                 raise ServiceError(
-                    ErrorCode.SESSION_STATE, f"cannot resume session {session_id!r}: {exc}"
+                    ErrorCode.SESSION_STATE, f"cannot {action} session {session_id!r}: {exc}"
                 ) from exc
-            self._set_status(record, SessionStatus.RUNNING)
-            idle = self._idle_at_pause.pop(session_id, 0.0)
-            self._last_active[session_id] = time.monotonic() - idle
-            log.info("session resumed", extra={"session_id": session_id})
+            now = time.monotonic()
+            if action == "pause":
+                self._idle_at_pause[session_id] = now - self._last_active.get(session_id, now)
+                self._set_status(record, SessionStatus.PAUSED)
+            else:
+                self._last_active[session_id] = now - self._idle_at_pause.pop(session_id, 0.0)
+                self._set_status(record, SessionStatus.RUNNING)
+            log.info(f"session {action}d", extra={"session_id": session_id})
             return record
 
     async def capture(self, session_id: str, snapshot_id: str) -> int:
