@@ -134,10 +134,11 @@ def _show(info: SnapshotInfo, args: argparse.Namespace) -> None:
     elif getattr(args, "quiet", False):
         print_lines([info["snapshot_id"]])
     else:
+        reason = info.get("status_reason")
         pairs = [
             ("snapshot", info["snapshot_id"]),
             ("status", info["status"]),
-            *([("reason", info["status_reason"])] if info.get("status_reason") else []),
+            *([("reason", reason)] if reason else []),
             ("name", info.get("name") or "-"),
             ("session", info["session_id"]),
             ("parent", info.get("parent") or "-"),
