@@ -115,6 +115,21 @@ def test_stop_and_start_keep_the_node(gateway: ServerProcess, placed: dict[str, 
         assert result["output"]["console_output"] == "kept\n"
 
 
+def test_a_gateway_restart_finds_every_session_again(
+    gateway: ServerProcess, placed: dict[str, str]
+) -> None:
+    # The node agents outlive the gateway (detached actors): a new one finds them by
+    # name, and each its sandboxes, running on where they were.
+    gateway.stop()
+    gateway.start(timeout=180)
+    with Bastion(base_url=gateway.url) as bastion:
+        for node, sid in placed.items():
+            session = bastion.sessions.get(sid)
+            assert (session["status"], session["node"]) == ("running", node)
+            result = bastion.jobs.run_and_wait(sid, ["echo", node])
+            assert result["output"]["console_output"] == f"{node}\n"
+
+
 def test_a_killed_node_has_its_sessions_reported_lost(
     cluster: LocalRayCluster, gateway: ServerProcess, placed: dict[str, str], data_root: Path
 ) -> None:

@@ -57,6 +57,8 @@ WATCH_INTERVAL = 0.5
 AGENT_READY_TIMEOUT = 120.0
 #: How long a lifecycle call may take before the node is taken for unreachable.
 CALL_TIMEOUT = 300.0
+#: How long a session's view waits for its node's word on the sandbox's consumption.
+USAGE_TIMEOUT = 1.0
 SECRET_FILE = "cluster-secret"
 
 #: Called with (session id, reason) for each session of a node that left the cluster.
@@ -249,7 +251,7 @@ class ClusterRuntime(Runtime):
         log.error("node lost", extra={"node": node.name, "sessions": len(lost)})
         for session_id in lost:
             del self._where[session_id]
-        reason = f"its node {node.name} left the cluster (node_lost)"
+        reason = f"lost: its node {node.name} left the cluster"
         for session_id in lost:
             for listener in self.lost_listeners:
                 try:
@@ -425,7 +427,15 @@ class ClusterRuntime(Runtime):
         return await self._union("started_sandboxes")
 
     async def usage(self, session_id: str) -> SandboxUsage:
-        result: SandboxUsage = await self._call(self._live_node(session_id), "usage", session_id)
+        """The sandbox's consumption, as its node tells; nothing known (all None) while
+        the node does not answer (a session's view must not fail with its node)."""
+        try:
+            node = self._live_node(session_id)
+            result: SandboxUsage = await asyncio.wait_for(
+                self._call(node, "usage", session_id), USAGE_TIMEOUT
+            )
+        except (NodeLost, TimeoutError):
+            return SandboxUsage(None, None, None, None)
         return result
 
     async def exec(self, session_id: str, spec: ExecSpec) -> Process:
