@@ -39,6 +39,7 @@ from ._exceptions import (
     FileListError,
     FileListNotFoundError,
     FileUploadError,
+    FileUploadNotFoundError,
     ImageNotFoundError,
     ImageStateError,
     InsufficientScopeError,
@@ -342,6 +343,7 @@ _FILE_OPERATION_ERRORS: dict[FileOperation, type[FileError]] = {
 
 #: A missing path, by operation: the operation's class that is also a NotFoundError.
 _FILE_NOT_FOUND_ERRORS: dict[FileOperation, type[FileError]] = {
+    "upload": FileUploadNotFoundError,
     "list": FileListNotFoundError,
     "delete": FileDeleteNotFoundError,
     "download": FileDownloadNotFoundError,
@@ -360,11 +362,7 @@ def error_class(
     """
     if code is not None:
         if code == ErrorCode.FILE_NOT_FOUND:
-            return (
-                _FILE_NOT_FOUND_ERRORS.get(file_op, PathNotFoundError)
-                if file_op
-                else (PathNotFoundError)
-            )
+            return _FILE_NOT_FOUND_ERRORS[file_op] if file_op else PathNotFoundError
         if code in _FILE_CODES:
             return _FILE_OPERATION_ERRORS[file_op] if file_op else FileError
         if code in _CODE_ERRORS:

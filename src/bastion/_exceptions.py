@@ -38,8 +38,8 @@ value, or ``None`` when the failure did not come from an error response) and the
     │   ├── FileDeleteError
     │   ├── FileDownloadError
     │   ├── PathNotFoundError     [NotFoundError] file_not_found, whatever the operation;
-    │   │                         raised as File{List,Delete,Download}NotFoundError, which
-    │   │                         are both the operation's class and this one
+    │   │                         raised as File{Upload,List,Delete,Download}NotFoundError,
+    │   │                         each both the operation's class and this one
     │   └── LocalFileError        [OSError] a local file of upload()/download_to() failed
     └── TerminalError
         ├── TerminalConnectionError   the WebSocket could not be opened, or broke
@@ -77,6 +77,7 @@ __all__ = [
     "FileListError",
     "FileListNotFoundError",
     "FileUploadError",
+    "FileUploadNotFoundError",
     "ImageBuildError",
     "ImageError",
     "ImageNotFoundError",
@@ -425,6 +426,10 @@ class PathNotFoundError(FileError, NotFoundError):
     operation's own class below says what was being done, this one says why it failed,
     so ``except NotFoundError`` catches a missing file as it catches a missing session.
     """
+
+
+class FileUploadNotFoundError(FileUploadError, PathNotFoundError):
+    """Uploading where a path the upload needs does not exist."""
 
 
 class FileListNotFoundError(FileListError, PathNotFoundError):

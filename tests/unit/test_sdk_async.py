@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from tests.unit.test_sdk_errors import NOT_FOUND_BY_OPERATION
 from tests.unit.test_sdk_terminal import API_KEY, FakeTerminalServer
 
 import bastion._base
@@ -220,7 +221,9 @@ def test_error_responses_map_like_the_sync_client() -> None:
                 with pytest.raises(BastionError) as info:
                     await call
                 expected = bastion._base.error_class(code, status, None)
-                if file_class is not None and code in bastion._base._FILE_CODES:
+                if file_class is not None and code == ErrorCode.FILE_NOT_FOUND:
+                    expected = NOT_FOUND_BY_OPERATION[file_class]
+                elif file_class is not None and code in bastion._base._FILE_CODES:
                     expected = file_class
                 assert type(info.value) is expected, (code, call)
                 assert info.value.code == code and info.value.message == "it broke"

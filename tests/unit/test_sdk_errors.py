@@ -72,6 +72,13 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
     ErrorCode.SESSION_STATE: SessionStateError,
     ErrorCode.SESSION_STOPPED: SessionStateError,
     ErrorCode.SESSION_START_FAILED: SessionStartError,
+    ErrorCode.SESSION_PAUSED: SessionStateError,
+    ErrorCode.SNAPSHOT_NOT_FOUND: bastion.SnapshotNotFoundError,
+    ErrorCode.SNAPSHOT_STATE: bastion.SnapshotStateError,
+    ErrorCode.IMAGE_NOT_FOUND: bastion.ImageNotFoundError,
+    ErrorCode.IMAGE_STATE: bastion.ImageStateError,
+    ErrorCode.INVALID_RECIPE: bastion.InvalidRecipeError,
+    ErrorCode.JOB_STATE: bastion.JobStateError,
     ErrorCode.LIMIT_EXCEEDED: InvalidRequestError,
     ErrorCode.JOB_NOT_FOUND: JobNotFoundError,
     ErrorCode.INVALID_COMMAND: InvalidCommandError,
@@ -88,6 +95,7 @@ EXPECTED: dict[ErrorCode, type[BastionError] | str] = {
 
 #: What a missing path raises, by the operation's file class.
 NOT_FOUND_BY_OPERATION: dict[type[BastionError] | None, type[BastionError]] = {
+    FileUploadError: bastion.FileUploadNotFoundError,
     FileListError: bastion.FileListNotFoundError,
     FileDeleteError: bastion.FileDeleteNotFoundError,
     FileDownloadError: bastion.FileDownloadNotFoundError,
@@ -144,14 +152,17 @@ def test_every_wire_code_maps_to_a_class(code: ErrorCode) -> None:
     status = ERROR_HTTP_STATUS[code]
     expected = EXPECTED[code]
     if expected == FILE:
-        assert error_class(code, status) is FileError
+        missing = code == ErrorCode.FILE_NOT_FOUND  # also a NotFoundError, by cause
+        assert error_class(code, status) is (bastion.PathNotFoundError if missing else FileError)
         for op, cls in (
             ("upload", FileUploadError),
             ("list", FileListError),
             ("delete", FileDeleteError),
             ("download", FileDownloadError),
         ):
-            assert error_class(code, status, op) is cls
+            assert error_class(code, status, op) is (
+                NOT_FOUND_BY_OPERATION[cls] if missing else cls
+            )
     else:
         assert error_class(code, status) is expected
         # Non-file codes keep their class whatever the operation.

@@ -36,6 +36,7 @@ EXCEPTIONS = {
     "FileListNotFoundError",
     "FileDeleteNotFoundError",
     "FileDownloadNotFoundError",
+    "FileUploadNotFoundError",
     "TerminalError",
     "TerminalConnectionError",
     "TerminalSendError",
