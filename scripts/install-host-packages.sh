@@ -8,12 +8,15 @@
 #   nftables       the egress rules that keep networked sandboxes off the host
 #   gcc, libc6-dev build the static in-sandbox agent
 #   tmux           drives terminals in tests
+#   skopeo         pulls images from registries (bastion images pull)
+#   docker-registry, busybox-static   a real registry and a tiny image for the image tests
 #   iproute2, procps
 #   python3-venv   only when the Python used by `make` cannot create a venv with pip
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-packages=(crun runc debootstrap debian-archive-keyring gpgv slirp4netns nftables gcc libc6-dev tmux iproute2 procps)
+packages=(crun runc debootstrap debian-archive-keyring gpgv slirp4netns nftables gcc libc6-dev tmux iproute2 procps
+          skopeo docker-registry busybox-static)
 
 missing=()
 for pkg in "${packages[@]}"; do

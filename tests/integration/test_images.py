@@ -11,6 +11,7 @@ network (``--build-ca-file``, ``--build-network-allow``).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -396,7 +397,8 @@ def _busybox_archive(greeting: bytes) -> bytes:
         pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
     applets = {f"bin/{name}": "busybox" for name in ("sh", "cat", "id", "ls", "test")}
     base = _layer({"bin/busybox": BUSYBOX.read_bytes(), **applets, "etc/doomed": b"x"})
-    top = _layer({"etc/greeting": greeting, "etc/doomed": None, "srv/.keep": b""})
+    # The top layer gzipped, as registries usually hold them.
+    top = gzip.compress(_layer({"etc/greeting": greeting, "etc/doomed": None, "srv/.keep": b""}))
     return _oci_archive([base, top], env=["PATH=/bin", "GREETING=oci"])
 
 

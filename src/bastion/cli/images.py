@@ -32,6 +32,8 @@ def add_images_command(subparsers: Subparsers, common: list[argparse.ArgumentPar
             "bastion images build -f judge.toml",
             "bastion images build python",
             "bastion images list",
+            "bastion images import app app.tar",
+            "bastion images pull app localhost:5000/app:1",
             "bastion images delete judge",
         ],
     )
@@ -50,6 +52,34 @@ def add_images_command(subparsers: Subparsers, common: list[argparse.ArgumentPar
     build.add_argument("--no-cache", action="store_true", help="build even if stored")
     build.add_argument("-q", "--quiet", action="store_true", help="no log, only the result")
     build.set_defaults(runner=_images_build)
+
+    import_ = add_command(
+        actions,
+        "import",
+        help="import an OCI image archive",
+        description="Import a docker save / podman save archive or an OCI layout tarball "
+        "(- reads standard input) as an image of this key.",
+        examples=[
+            "bastion images import app app.tar",
+            "docker save app:1 | bastion images import app -",
+        ],
+        parents=common,
+    )
+    import_.add_argument("name", metavar="NAME", help="the image's name here")
+    import_.add_argument("archive", metavar="ARCHIVE", help="the archive file, or - for stdin")
+    import_.set_defaults(runner=_images_import)
+
+    pull = add_command(
+        actions,
+        "pull",
+        help="pull an image from a registry",
+        description="Pull an image from a registry (the server fetches it) as NAME.",
+        examples=["bastion images pull app localhost:5000/app:1"],
+        parents=common,
+    )
+    pull.add_argument("name", metavar="NAME", help="the image's name here")
+    pull.add_argument("ref", metavar="REF", help="registry[:port]/repository[:tag]")
+    pull.set_defaults(runner=_images_pull)
 
     list_ = add_command(
         actions,
@@ -119,10 +149,29 @@ def _images_build(client: Bastion, args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     info = client.images.build(recipe, on_log=None if quiet else on_log, no_cache=args.no_cache)
+    _print_result(info, args)
+    return ExitCode.OK
+
+
+def _print_result(info: ImageInfo, args: argparse.Namespace) -> None:
     if json_mode(args):
         write_json(sys.stdout, info)
     else:
         print_lines([f"{info['name']}  {info['status']}  {info['digest']}"])
+
+
+def _images_import(client: Bastion, args: argparse.Namespace) -> int:
+    if args.archive == "-":
+        info = client.images.import_archive(args.name, sys.stdin.buffer)
+    else:
+        with open(args.archive, "rb") as archive:
+            info = client.images.import_archive(args.name, archive)
+    _print_result(info, args)
+    return ExitCode.OK
+
+
+def _images_pull(client: Bastion, args: argparse.Namespace) -> int:
+    _print_result(client.images.pull(args.name, args.ref), args)
     return ExitCode.OK
 
 
