@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -161,3 +162,28 @@ def test_a_server_dying_mid_snapshot_leaves_none(private_server: ServerProcess, 
             c.jobs.run_and_wait(sid, ["cat", "/home/user/x"])["output"]["console_output"] == "x\n"
         )  # type: ignore[index]
         assert c.sessions.snapshot(sid)["status"] == "ready"
+
+
+def test_a_snapshot_of_a_writing_session_is_never_torn(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    # 60 files of 1 MiB beside a and b make the copy take a while between them; the
+    # writer renames a then b into place, each round with the round's number.  Frozen
+    # at any instant, b holds a's round or the one before; copied while the writer
+    # runs, they would be many rounds apart.
+    fill = "for n in $(seq 60); do head -c 1048576 /dev/urandom > ~/f$n; done"
+    client.jobs.run_and_wait(sid, ["sh", "-c", fill])
+    writer = (
+        "i=0; while :; do i=$((i+1)); echo $i > ~/.a; mv ~/.a ~/a;"
+        " echo $i > ~/.b; mv ~/.b ~/b; done"
+    )
+    client.jobs.run(sid, ["sh", "-c", writer])
+    time.sleep(1.0)
+    for _ in range(2):
+        snap = client.sessions.snapshot(sid)
+        copy = client.sessions.create(snapshot=snap["snapshot_id"])["session_id"]
+        cleanup.append(copy)
+        client.sessions.start(copy)
+        a, b = (int(v) for v in _sh(client, copy, "cat ~/a ~/b").split())
+        assert a - b in (0, 1), (a, b)
+        client.sessions.delete(copy)
