@@ -64,9 +64,7 @@ class Quotas:
                     "(max_running_sessions_per_key): stop one before starting another"
                 )
         if total:
-            everyone = self.store.count_sessions(status=UP_STATUSES) + sum(
-                self._starting.values()
-            )
+            everyone = self.store.count_sessions(status=UP_STATUSES) + sum(self._starting.values())
             if everyone >= total:
                 raise quota_exceeded(
                     f"the server runs {total} sessions, as many as it may at once "
