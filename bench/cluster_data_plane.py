@@ -17,6 +17,7 @@ Prints MiB/s and the driver's CPU seconds per GiB for each.
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import sys
 import time
@@ -107,20 +108,20 @@ def main() -> int:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 256
     cluster = LocalRayCluster(["head", "w1"])
     try:
-        ray.init(address=cluster.address, logging_level="error")
+        ray.init(address=cluster.address, logging_level=logging.ERROR)
         worker = next(
-            n["NodeID"] for n in ray.nodes() if n["Alive"] and "bastion_node_w1" in n["Resources"]
+            n["NodeID"]
+            for n in ray.nodes()  # type: ignore[no-untyped-call]
+            if n["Alive"] and "bastion_node_w1" in n["Resources"]
         )
-        actor = (
-            ray.remote(Source)
-            .options(
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False),
-            )
-            .remote()
-        )
-        address = tuple(ray.get(actor.serve.remote()))
-        asyncio.run(_measure(actor, address, count))  # type: ignore[arg-type]
+        source: Any = ray.remote(Source)
+        actor = source.options(
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False),
+        ).remote()
+        host, port = ray.get(actor.serve.remote())
+        address = (str(host), int(port))
+        asyncio.run(_measure(actor, address, count))
         ray.shutdown()
     finally:
         cluster.shutdown()

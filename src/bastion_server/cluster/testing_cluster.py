@@ -62,7 +62,7 @@ def main(names: Sequence[str]) -> int:
                 break
             print("ok", flush=True)
     finally:
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
     return 0
 
 
@@ -99,6 +99,8 @@ class LocalRayCluster:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 if __name__ == "__main__":
