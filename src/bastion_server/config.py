@@ -61,6 +61,8 @@ class ServerConfig:
     build_proxy_env: bool = True
     #: Where builds may connect (a network allow-list); empty: anywhere public.
     build_network_allow: tuple[str, ...] = ()
+    #: Warm pools of other images than the default: ``"IMAGE=N"`` (a shared image).
+    pool_images: tuple[str, ...] = ()
     #: Registries ``images.pull`` may fetch from (host[:port]); empty: any.
     pull_registries: tuple[str, ...] = ()
     #: How often the reaper looks for expired sessions and unowned sandboxes (seconds).

@@ -89,6 +89,14 @@ OPTIONS: tuple[Option, ...] = (
         "default: anywhere public.  Name a proxy's private network here to open it",
     ),
     Option(
+        "pool_images",
+        list,
+        (),
+        "IMAGE=N: keep N sandboxes of a shared image started ahead of need too (repeat "
+        "for several images), so its sessions start as fast as the default image's",
+        flag="--pool",
+    ),
+    Option(
         "pull_registries",
         list,
         (),
@@ -412,6 +420,7 @@ def config_from_args(
         build_ca_file=_absolute(s["build_ca_file"]),
         build_network_allow=tuple(s["build_network_allow"]),
         pull_registries=tuple(s["pull_registries"]),
+        pool_images=tuple(s["pool_images"]),
         api_keys=tuple(s["api_keys"]),
         runtime=s["runtime"],
         max_upload_bytes=s["max_upload_bytes"],

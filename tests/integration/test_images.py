@@ -493,3 +493,30 @@ def test_an_image_pulled_from_a_registry_runs_in_a_session(
     with pytest.raises(ImageNotFoundError):
         client.images.pull("nothere", f"{registry}/nothere:1")
     client.images.delete("fromreg")
+
+
+def test_a_warm_pool_of_a_built_image(data_root: Path) -> None:
+    srv = _server(data_root)
+    srv.start()
+    try:
+        with Bastion(srv.url) as c:
+            c.images.build({"name": "pooled", "from": "default", "run": ["echo p > /p"]})
+        srv.stop()
+        srv.extra_args = (*srv.extra_args, "--pool", "pooled=1")
+        srv.start()
+        with Bastion(srv.url) as c:
+            pool_dir = srv.data_dir / "sessions"
+            deadline = time.monotonic() + 60
+            while not any(p.name.startswith("pool_") for p in pool_dir.iterdir()):
+                assert time.monotonic() < deadline, "the pool was never filled"
+                time.sleep(0.2)
+            time.sleep(1.0)  # started, not only allocated
+            sid = c.sessions.create(image="pooled")["session_id"]
+            c.sessions.start(sid)
+            # Handed a pooled sandbox: its container keeps the pool's name.
+            assert (pool_dir / sid / "container").read_text().startswith("pool_")
+            assert _run(c, sid, "cat /p") == "p\n"
+            c.sessions.delete(sid)
+    finally:
+        srv.delete_all_sessions()
+        srv.stop()

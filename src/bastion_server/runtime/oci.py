@@ -155,6 +155,9 @@ class OciRuntime(Runtime):
         self.pool_size = pool_size if pool_limits is not None else 0
         self.pool_limits = pool_limits
         self._pool: list[str] = []
+        # One pool per image (add_pool); the default image's is _pool.
+        self._pools: dict[SandboxImage, list[str]] = {image: self._pool}
+        self._pool_sizes: dict[SandboxImage, int] = {image: self.pool_size}
         self._preparing: set[str] = set()
         #: Sandboxes the server runs for itself (image builds): no session's, so never
         #: listed as one (a crash's leftovers are, and get reaped).
@@ -300,8 +303,9 @@ class OciRuntime(Runtime):
         self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
     ) -> None:
         image = image or self.image
-        if limits == self.pool_limits and image == self.image and self._pool:
-            self._claim(session_id)
+        pool = self._pools.get(image)
+        if limits == self.pool_limits and pool:
+            self._claim(session_id, pool)
             return
         await self._allocate(session_id, limits, image)
 
@@ -721,9 +725,18 @@ class OciRuntime(Runtime):
 
     # -- warm pool ------------------------------------------------------------------
 
-    def _claim(self, session_id: str) -> None:
+    def add_pool(self, image: SandboxImage, size: int) -> None:
+        """Keep ``size`` sandboxes of ``image`` started ahead of need (default limits),
+        as for the default image's pool: a session of that image then starts as fast."""
+        if self.pool_limits is None or image == self.image:
+            return
+        self._pools.setdefault(image, [])
+        self._pool_sizes[image] = size
+        self._refill_pool()
+
+    def _claim(self, session_id: str, pool: list[str]) -> None:
         """Hand a pooled, running sandbox to a new session (a rename, no process work)."""
-        name = self._pool.pop()
+        name = pool.pop()
         # The container's name goes with the directory, and the id range is registered
         # to both names across the rename: a crash at any point leaves what a delete of
         # either name removes whole.
@@ -744,27 +757,30 @@ class OciRuntime(Runtime):
         return os.path.exists(self.socket_path(session_id))
 
     def _refill_pool(self) -> None:
-        if self.pool_size and (self._pool_filler is None or self._pool_filler.done()):
+        wanted = any(self._pool_sizes.values())
+        if wanted and (self._pool_filler is None or self._pool_filler.done()):
             self._pool_filler = spawn(self._fill_pool(), name="sandbox pool")
 
     async def _fill_pool(self) -> None:
         assert self.pool_limits is not None
-        while len(self._pool) < self.pool_size:
-            name = f"pool_{os.urandom(8).hex()}"
-            self._preparing.add(name)
-            try:
-                await self._allocate(name, self.pool_limits, self.image)
-                await self.start(name, self.pool_limits)
-            except asyncio.CancelledError:
-                await self.delete(name)  # shutting down mid-way: leave nothing behind
-                raise
-            except Exception as exc:  # the pool is an optimisation: never fatal
-                log.warning("warm pool: could not prepare a sandbox: %s", exc)
-                await self.delete(name)
-                return
-            finally:
-                self._preparing.discard(name)
-            self._pool.append(name)
+        for image, size in list(self._pool_sizes.items()):
+            pool = self._pools[image]
+            while len(pool) < size:
+                name = f"pool_{os.urandom(8).hex()}"
+                self._preparing.add(name)
+                try:
+                    await self._allocate(name, self.pool_limits, image)
+                    await self.start(name, self.pool_limits)
+                except asyncio.CancelledError:
+                    await self.delete(name)  # shutting down mid-way: leave nothing behind
+                    raise
+                except Exception as exc:  # the pool is an optimisation: never fatal
+                    log.warning("warm pool: could not prepare a sandbox: %s", exc)
+                    await self.delete(name)
+                    break
+                finally:
+                    self._preparing.discard(name)
+                pool.append(name)
 
     async def warm_up(self) -> None:
         # Sandboxes adopted while running have their disk mounted since before a crash
@@ -795,8 +811,9 @@ class OciRuntime(Runtime):
             self._pool_filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pool_filler
-        while self._pool:
-            await self.delete(self._pool.pop())
+        for pool in self._pools.values():
+            while pool:
+                await self.delete(pool.pop())
         await self.network.close()
 
     async def usage(self, session_id: str) -> SandboxUsage:
@@ -858,7 +875,8 @@ class OciRuntime(Runtime):
     def _not_the_pools(self, ids: set[str]) -> set[str]:
         """The warm pool's own sandboxes belong to no session yet; leftovers of an
         earlier run's pool are not in it, so they stay listed (and get reaped)."""
-        return ids - set(self._pool) - self._preparing - self.private
+        pooled = {name for pool in self._pools.values() for name in pool}
+        return ids - pooled - self._preparing - self.private
 
     async def list_sandboxes(self) -> set[str]:
         """Every sandbox on disk or known to the runtime, by session id."""

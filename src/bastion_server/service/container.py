@@ -93,10 +93,11 @@ class Services:
 
         images = ImageService(store, runtime, config, ImageStore(config.images_dir))
         await images.prepare()
+        await images.start_pools()
         services = cls(
             config, store, runtime, sessions, jobs, files, terminals, keys, audit, snapshots,
             images,
-        )
+        )  # fmt: skip
         services.reaper = spawn(sessions.run_reaper(), name="reaper")
         await runtime.warm_up()
         return services
@@ -119,6 +120,7 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
         await self.snapshots.shutdown()  # copies under way finish: none is cut off
+        await self.images.shutdown()  # builds under way fail ("the server shut down")
         if self.config.on_shutdown != "keep":
             # The operator's exit policy: nothing is left running (or kept) behind.
             action = self.config.on_shutdown
@@ -126,7 +128,6 @@ class Services:
                 action, f"the server shut down (on_shutdown = {action})"
             )
             log.info("exit policy applied", extra={"action": action, "sessions": done})
-        await self.images.shutdown()  # builds under way fail ("the server shut down")
         await self.jobs.shutdown()
         await self.runtime.close()
         await asyncio.to_thread(self.audit.close)

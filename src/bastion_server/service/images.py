@@ -113,6 +113,20 @@ class ImageService:
                 record.updated_at = now_iso()
                 self.store.upsert_image(record)
 
+    async def start_pools(self) -> None:
+        """Give the runtime the warm pools of ``--pool IMAGE=N`` (shared images)."""
+        add_pool = getattr(self.runtime, "add_pool", None)
+        for entry in self.config.pool_images:
+            name, _, count = entry.partition("=")
+            try:
+                size = int(count)
+                chosen = await self.choose(SHARED, name)
+            except (ValueError, ServiceError) as exc:
+                log.error("warm pool %r not started: %s", entry, exc)
+                continue
+            if add_pool is not None:
+                add_pool(chosen.sandbox, size)
+
     # -- names ------------------------------------------------------------------------
 
     def _base_names(self) -> tuple[str, ...]:
