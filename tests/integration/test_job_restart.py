@@ -41,6 +41,15 @@ def open_gate(srv: ServerProcess, sid: str) -> None:
     (srv.data_dir / "sessions" / sid / "rootfs" / GATE.lstrip("/")).write_bytes(b"")
 
 
+def job_then_server_down(srv: ServerProcess, how: int) -> tuple[str, str]:
+    """Start the server and the job; once the job has printed, stop the server ``how``."""
+    srv.start()
+    with Bastion(base_url=srv.url) as c:
+        sid, jid = start_job(c)
+    srv.stop(how)
+    return sid, jid
+
+
 def start_job(c: Bastion) -> tuple[str, str]:
     sid = c.sessions.create()["session_id"]
     c.sessions.start(sid)
@@ -90,10 +99,7 @@ def test_a_job_runs_through_a_restart_and_its_stream_resumes(
     private_server: ServerProcess, how: signal.Signals
 ) -> None:
     srv = private_server
-    srv.start()
-    with Bastion(base_url=srv.url) as c:
-        sid, jid = start_job(c)
-    srv.stop(how)
+    sid, jid = job_then_server_down(srv, how)
     time.sleep(0.5)  # it runs on with nobody listening
     srv.start()
     with Bastion(base_url=srv.url) as c:
@@ -116,10 +122,7 @@ def test_a_job_that_ends_while_the_server_is_down_keeps_its_result(
     private_server: ServerProcess,
 ) -> None:
     srv = private_server
-    srv.start()
-    with Bastion(base_url=srv.url) as c:
-        sid, jid = start_job(c)
-    srv.stop(signal.SIGKILL)
+    sid, jid = job_then_server_down(srv, signal.SIGKILL)
     open_gate(srv, sid)
     time.sleep(1.0)  # it has ended, and nobody recorded it
     srv.start()
@@ -136,10 +139,7 @@ def test_a_job_whose_sandbox_died_while_the_server_was_down_is_sandbox_lost(
     private_server: ServerProcess,
 ) -> None:
     srv = private_server
-    srv.start()
-    with Bastion(base_url=srv.url) as c:
-        sid, jid = start_job(c)
-    srv.stop(signal.SIGKILL)
+    sid, jid = job_then_server_down(srv, signal.SIGKILL)
     state_root = OciRuntime.state_root_for(srv.data_dir)
     name_file = Path(srv.data_dir / "sessions" / sid / "container")
     container = name_file.read_text() if name_file.exists() else sid

@@ -8,8 +8,9 @@ closed as on SIGTERM (a kill -9 is tests/integration/test_job_restart.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -55,24 +56,47 @@ async def started(s: Services, **kw: Any) -> tuple[str, str]:
     return session.id, job.id
 
 
+@contextlib.asynccontextmanager
+async def across_a_restart(
+    config: ServerConfig,
+    runtime: FakeRuntime,
+    while_down: Callable[[str], Awaitable[None]] | None = None,
+    **run: Any,
+) -> AsyncIterator[tuple[Services, str, str]]:
+    """A job run by a first server, which is closed (as on SIGTERM); ``while_down(sid)``;
+    then the second server, with the session and job ids."""
+    first = await Services.start(config, runtime)
+    sid, jid = await started(first, **run)
+    await first.close()
+    if while_down is not None:
+        await while_down(sid)
+    second = await Services.start(config, runtime)
+    try:
+        yield second, sid, jid
+    finally:
+        await second.close()
+
+
+def opening(gate: asyncio.Event, wait: float = 0.05) -> Callable[[str], Awaitable[None]]:
+    """While the server is down: the gate opens, and the job goes on with nobody there."""
+
+    async def open_gate(sid: str) -> None:
+        gate.set()
+        await asyncio.sleep(wait)
+
+    return open_gate
+
+
 def test_a_job_that_ends_while_the_server_is_down_keeps_its_result_and_output(
     config: ServerConfig, runtime: FakeRuntime
 ) -> None:
     async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
         gate = gated(runtime)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        gate.set()  # it ends with nobody listening
-        await asyncio.sleep(0.05)
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime, opening(gate)) as (second, sid, jid):
             done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
             events = [e async for e in second.jobs.follow(OWNER, sid, jid)]
             kept = jid in runtime.sandboxes[sid].jobs
             return done.status, done.exit_code, second.jobs.output(done), events, kept
-        finally:
-            await second.close()
 
     status, code, output, events, kept = run_twice(config, runtime, body)
     assert (status, code) == (JobStatus.COMPLETED, 0)
@@ -87,11 +111,7 @@ def test_a_running_job_is_taken_up_again_and_goes_on_live(
 ) -> None:
     async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
         gate = gated(runtime)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime) as (second, sid, jid):
             assert second.jobs.get(OWNER, sid, jid).status == JobStatus.RUNNING
             assert second.jobs.has_running_jobs(sid)
             waiting = asyncio.create_task(second.jobs.wait(OWNER, sid, jid, timeout=10))
@@ -100,8 +120,6 @@ def test_a_running_job_is_taken_up_again_and_goes_on_live(
             gate.set()
             done = await waiting
             return done.status, second.jobs.output(done), done.started_at
-        finally:
-            await second.close()
 
     status, output, started_at = run_twice(config, runtime, body)
     assert status == JobStatus.COMPLETED
@@ -112,18 +130,14 @@ def test_a_running_job_is_taken_up_again_and_goes_on_live(
 def test_a_job_whose_sandbox_died_while_the_server_was_down_is_sandbox_lost(
     config: ServerConfig, runtime: FakeRuntime
 ) -> None:
+    async def crash(sid: str) -> None:
+        runtime.crash(sid)
+
     async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
         gated(runtime)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        runtime.crash(sid)
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime, crash) as (second, sid, jid):
             done = second.jobs.get(OWNER, sid, jid)
             return done.status, done.failure_reason, second.jobs.output(done)
-        finally:
-            await second.close()
 
     status, reason, (stdout, stderr) = run_twice(config, runtime, body)
     assert (status, reason) == (JobStatus.FAILED, "sandbox_lost")
@@ -134,18 +148,14 @@ def test_a_job_whose_sandbox_died_while_the_server_was_down_is_sandbox_lost(
 def test_a_job_its_sandbox_no_longer_knows_is_sandbox_lost(
     config: ServerConfig, runtime: FakeRuntime
 ) -> None:
+    async def restart_the_sandbox(sid: str) -> None:
+        runtime.sandboxes[sid].jobs.clear()  # its new agent knows nothing of the job
+
     async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
         gated(runtime)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        runtime.sandboxes[sid].jobs.clear()  # as a sandbox restarted meanwhile
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime, restart_the_sandbox) as (second, sid, jid):
             done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
             return done.status, done.failure_reason
-        finally:
-            await second.close()
 
     assert run_twice(config, runtime, body) == (JobStatus.FAILED, "sandbox_lost")
 
@@ -165,40 +175,25 @@ def test_output_past_the_cap_while_the_server_was_down_is_counted(
             return 0
 
         runtime.program("gated", program)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        gate.set()
-        await asyncio.sleep(0.05)
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime, opening(gate)) as (second, sid, jid):
             done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
             return second.jobs.output(done)
-        finally:
-            await second.close()
 
     stdout, stderr = run_twice(config, runtime, body)
     assert stdout == "1234567890"
     assert "10 bytes of stdout dropped" in stderr
 
 
-@pytest.mark.parametrize("on_shutdown", ["stop"])
 def test_the_exit_policy_still_ends_jobs_with_their_sessions(
-    config: ServerConfig, runtime: FakeRuntime, on_shutdown: str
+    config: ServerConfig, runtime: FakeRuntime
 ) -> None:
-    config = dataclasses.replace(config, on_shutdown=on_shutdown)
+    config = dataclasses.replace(config, on_shutdown="stop")
 
     async def body(config: ServerConfig, runtime: FakeRuntime) -> Any:
         gated(runtime)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first)
-        await first.close()
-        second = await Services.start(config, runtime)
-        try:
+        async with across_a_restart(config, runtime) as (second, sid, jid):
             done = second.jobs.get(OWNER, sid, jid)
             return done.status, done.failure_reason
-        finally:
-            await second.close()
 
     assert run_twice(config, runtime, body) == (JobStatus.FAILED, "session_stopped")
 
@@ -221,16 +216,9 @@ def test_a_job_that_timed_out_while_the_server_was_down_keeps_all_it_wrote(
             return 0
 
         runtime.program("gated", program)
-        first = await Services.start(config, runtime)
-        sid, jid = await started(first, timeout=0.5)
-        await first.close()
-        gate.set()
-        await asyncio.sleep(1.0)
-        second = await Services.start(config, runtime)
-        try:
+        down = opening(gate, wait=1.0)
+        async with across_a_restart(config, runtime, down, timeout=0.5) as (second, sid, jid):
             done = await second.jobs.wait(OWNER, sid, jid, timeout=10)
             return done.failure_reason, second.jobs.output(done)[0]
-        finally:
-            await second.close()
 
     assert run_twice(config, runtime, body) == ("timeout", "before\nwhile down\n")
