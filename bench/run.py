@@ -28,6 +28,7 @@ from bench import (
     baselines,
     density,
     files,
+    images,
     jobs,
     judge,
     lifecycle,
@@ -55,6 +56,10 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "load": ("100 concurrent creates, 3000 jobs by 64 concurrent callers, deletes", load.run),
     "judge": ("100 judged submissions, each with its own limits: warm and fresh", judge.run),
     "snapshots": ("snapshot of 100 MiB, fork(10), restore, pause and resume", snapshots.run),
+    "images": (
+        "image builds, cache hits, stock recipes, cold start of a layered image",
+        images.run,
+    ),
 }
 
 
