@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bastion import Bastion
+from bastion import Bastion, NotFoundError
 from bastion_server.testing import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -113,6 +113,21 @@ def test_stop_and_start_keep_the_node(gateway: ServerProcess, placed: dict[str, 
         assert started["status"] == "running" and started["node"] == "w1"
         result = bastion.jobs.run_and_wait(sid, ["cat", "/home/user/mark"])
         assert result["output"]["console_output"] == "kept\n"
+
+
+def test_files_on_a_worker_node(gateway: ServerProcess, placed: dict[str, str]) -> None:
+    sid = placed["w1"]
+    data = bytes(range(256)) * (24 * 1024 + 3)  # 6 MiB and a bit: several frames
+    with Bastion(base_url=gateway.url) as bastion:
+        bastion.files.upload(sid, data, "/home/user/blob.bin")
+        assert bastion.files.download(sid, "/home/user/blob.bin") == data
+        names = [f["name"] for f in bastion.files.list(sid, "/home/user")["files"]]
+        assert "blob.bin" in names
+        result = bastion.jobs.run_and_wait(sid, ["wc", "-c", "/home/user/blob.bin"])
+        assert result["output"]["console_output"].split()[0] == str(len(data))
+        bastion.files.delete(sid, "/home/user/blob.bin")
+        with pytest.raises(NotFoundError):
+            bastion.files.download(sid, "/home/user/blob.bin")
 
 
 def test_a_gateway_restart_finds_every_session_again(

@@ -34,7 +34,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion_server.runtime import agent_protocol as protocol
 from bastion_server.runtime.agent_client import AgentProcess, exit_event_frame
@@ -46,6 +46,9 @@ from bastion_server.runtime.base import (
     SandboxError,
     SandboxNotRunning,
 )
+
+if TYPE_CHECKING:
+    from bastion_server.runtime.files import SandboxFiles
 
 log = logging.getLogger("bastion.cluster")
 
@@ -64,7 +67,7 @@ def mac(secret: bytes, nonce: bytes) -> str:
     return hmac.new(secret, nonce, hashlib.sha256).hexdigest()
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bytes] | None:
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bytes] | None:
     try:
         header = await reader.readexactly(protocol.FRAME_HEADER.size)
         kind, length = protocol.decode_header(header)
@@ -75,8 +78,8 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, 
         return None
 
 
-async def _read_json(reader: asyncio.StreamReader) -> dict[str, Any]:
-    frame = await asyncio.wait_for(_read_frame(reader, MAX_REQUEST), HANDSHAKE_TIMEOUT)
+async def read_json(reader: asyncio.StreamReader) -> dict[str, Any]:
+    frame = await asyncio.wait_for(read_frame(reader, MAX_REQUEST), HANDSHAKE_TIMEOUT)
     if frame is None or frame[0] != protocol.FRAME_JSON:
         raise HandshakeFailed("the connection ended or sent no JSON frame")
     msg = json.loads(frame[1])
@@ -110,8 +113,11 @@ class DataPlaneServer:
     """The node agent's end: accepts authenticated connections and runs each one's
     process in the named sandbox of this node."""
 
-    def __init__(self, exec_: Exec, secret: bytes) -> None:
+    def __init__(
+        self, exec_: Exec, secret: bytes, files: Callable[[str], SandboxFiles] | None = None
+    ) -> None:
         self._exec = exec_
+        self._files = files
         self.secret = secret
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -150,7 +156,7 @@ class DataPlaneServer:
         nonce = secrets.token_bytes(32)
         writer.write(protocol.encode_json({"nonce": nonce.hex()}))
         await writer.drain()
-        hello = await _read_json(reader)
+        hello = await read_json(reader)
         answer = hello.get("mac")
         if (
             hello.get("op") != "hello"
@@ -159,6 +165,14 @@ class DataPlaneServer:
         ):
             raise HandshakeFailed("wrong handshake (not this cluster's secret)")
         session_id = str(hello.get("session_id"))
+        if "files" in hello:
+            if self._files is None:
+                raise HandshakeFailed("this node agent serves no files")
+            from bastion_server.cluster.remote_files import serve_files
+
+            files = self._files
+            await serve_files(lambda: files(session_id), hello["files"], reader, writer)
+            return
         spec = decode_spec(hello.get("spec"))
         try:
             process = await self._exec(session_id, spec)
@@ -187,7 +201,7 @@ async def _relay(
 
     async def inbound() -> None:
         while True:
-            frame = await _read_frame(reader, protocol.MAX_FRAME)
+            frame = await read_frame(reader, protocol.MAX_FRAME)
             if frame is None:
                 return  # the gateway went away
             kind, payload = frame
@@ -230,11 +244,11 @@ async def _relay(
         await process.close()
 
 
-async def open_process(
-    address: tuple[str, int], secret: bytes, session_id: str, spec: ExecSpec
-) -> Process:
-    """The gateway's end: run ``spec`` in the session's sandbox on the node agent at
-    ``address``; the Process reads and writes straight over the connection."""
+async def connect(
+    address: tuple[str, int], secret: bytes, hello: dict[str, Any]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+    """Open a connection to the node agent at ``address``, answer its challenge, send
+    ``hello``'s request and return the connection with the agent's first reply."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
@@ -246,23 +260,24 @@ async def open_process(
         where = f"{address[0]}:{address[1]}"
         raise SandboxError(f"the node agent at {where} is unreachable: {exc}") from exc
     try:
-        challenge = await _read_json(reader)
+        challenge = await read_json(reader)
         nonce = bytes.fromhex(str(challenge.get("nonce")))
-        writer.write(
-            protocol.encode_json(
-                {
-                    "op": "hello",
-                    "mac": mac(secret, nonce),
-                    "session_id": session_id,
-                    "spec": encode_spec(spec),
-                }
-            )
-        )
+        writer.write(protocol.encode_json({**hello, "op": "hello", "mac": mac(secret, nonce)}))
         await writer.drain()
-        reply = await _read_json(reader)
+        reply = await read_json(reader)
     except (HandshakeFailed, ValueError, TimeoutError, ConnectionError) as exc:
         writer.close()
-        raise SandboxError(f"the node agent did not take the process: {exc}") from exc
+        raise SandboxError(f"the node agent did not take the request: {exc}") from exc
+    return reader, writer, reply
+
+
+async def open_process(
+    address: tuple[str, int], secret: bytes, session_id: str, spec: ExecSpec
+) -> Process:
+    """The gateway's end: run ``spec`` in the session's sandbox on the node agent at
+    ``address``; the Process reads and writes straight over the connection."""
+    hello = {"session_id": session_id, "spec": encode_spec(spec)}
+    reader, writer, reply = await connect(address, secret, hello)
     if reply.get("event") != "started":
         writer.close()
         message = str(reply.get("message") or "refused")

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bastion_server.cluster import data_plane
 from bastion_server.cluster.data_plane import open_process
 from bastion_server.cluster.node_agent import NAMESPACE, NodeAgent, actor_name, node_name
 from bastion_server.cluster.placement import NoCapacity, NodeLoad, choose_node
+from bastion_server.cluster.remote_files import RemoteFiles
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -446,6 +448,16 @@ class ClusterRuntime(Runtime):
         return _NodeProcess(process, node, self)
 
     def files(self, session_id: str) -> SandboxFiles:
-        raise SandboxError(
-            "files are not reachable through a cluster gateway yet (jobs and terminals are)"
-        )
+        """The session's files on its node, each operation over the data plane."""
+        node = self._live_node(session_id)
+        address = node.address
+        if address is None:
+            raise SandboxNotRunning(f"the node {node.name} has no data plane")
+
+        async def connect(
+            request: dict[str, Any],
+        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+            hello = {"session_id": session_id, "files": request}
+            return await data_plane.connect(address, self.secret, hello)
+
+        return RemoteFiles(connect)

@@ -136,7 +136,7 @@ class NodeAgent:
             log.error("node agent not ready: %s", self.error)
             return
         self.runtime = runtime
-        self.data_plane = DataPlaneServer(self._exec, self.secret)
+        self.data_plane = DataPlaneServer(self._exec, self.secret, runtime.files)
         ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self.address = await self.data_plane.start(ip)
 
