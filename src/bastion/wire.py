@@ -359,8 +359,9 @@ class PullImageRequest(TypedDict):
 
 
 class BuildImageRequest(TypedDict, total=False):
-    #: The recipe, as in a TOML recipe file; ``files`` values are base64 of the bytes.
-    recipe: dict[str, Any]
+    #: The recipe, as in a TOML recipe file (``files`` values are base64 of the bytes),
+    #: or the name of a stock recipe (``"python"``, ``"build"``).
+    recipe: dict[str, Any] | str
     #: Build again even if the same recipe over the same base is stored (no cache).
     no_cache: bool
 

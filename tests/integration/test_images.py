@@ -199,6 +199,8 @@ def test_a_failing_step_is_reported_with_its_log_and_leaves_nothing(
 
 
 def test_a_bad_recipe_names_its_key_before_anything_runs(client: Bastion) -> None:
+    with pytest.raises(InvalidRecipeError, match="no stock recipe named 'nosuch'"):
+        client.images.build("nosuch")  # a stock recipe, by name
     with pytest.raises(InvalidRecipeError, match="'apt'"):
         client.images.build({"name": "bad", "from": "default", "apt": ["--force-yes"]})
     with pytest.raises(ImageNotFoundError):

@@ -54,7 +54,7 @@ def _url(*parts: str) -> str:
 def build_body(recipe: Mapping[str, Any] | str, no_cache: bool) -> BuildImageRequest:
     """The request body: a recipe's ``files`` bytes (or text) go as base64."""
     if isinstance(recipe, str):
-        body: BuildImageRequest = {"recipe": recipe}  # type: ignore[typeddict-item]
+        body: BuildImageRequest = {"recipe": recipe}
     else:
         data = dict(recipe)
         files = data.get("files")
