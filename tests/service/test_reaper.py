@@ -34,8 +34,13 @@ def test_an_idle_session_is_stopped(run: Run) -> None:
 def test_on_timeout_delete_deletes(run: Run, runtime: FakeRuntime) -> None:
     async def body(s: Services) -> str:
         record = await s.sessions.create(OWNER, max_lifetime=0.1, on_timeout="delete")
-        await _until(lambda: s.store.get_session(record.id).status == SessionStatus.DELETED)  # type: ignore[union-attr]
-        assert record.id not in runtime.sandboxes
+        # A delete is recorded first, then carried through: wait for both.
+        await _until(
+            lambda: (
+                s.store.get_session(record.id).status == SessionStatus.DELETED  # type: ignore[union-attr]
+                and record.id not in runtime.sandboxes
+            )
+        )
         return s.store.get_session(record.id).status_reason or ""  # type: ignore[union-attr]
 
     assert "lifetime" in run(body)
