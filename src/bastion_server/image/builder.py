@@ -387,14 +387,8 @@ def shift_ownership(root: Path, shift: int, id_map_size: int = 65536) -> None:
         ImageBuildError: A file's owner is outside ``0..id_map_size-1`` (unmappable; also
             what an already shifted tree looks like).
     """
-    seen: set[tuple[int, int]] = set()
 
-    def fix(path: str) -> None:
-        st = os.lstat(path)
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            if (st.st_dev, st.st_ino) in seen:
-                return
-            seen.add((st.st_dev, st.st_ino))
+    def fix(path: str, st: os.stat_result) -> None:
         if st.st_uid >= id_map_size or st.st_gid >= id_map_size:
             raise ImageBuildError(
                 f"{path} is owned by {st.st_uid}:{st.st_gid}, outside the sandbox's "
@@ -403,23 +397,43 @@ def shift_ownership(root: Path, shift: int, id_map_size: int = 65536) -> None:
         os.lchown(path, st.st_uid + shift, st.st_gid + shift)
         if stat.S_ISLNK(st.st_mode):
             return
-        # chown(2) already clears setuid (and setgid on group-executable files), but not
-        # setgid directories or setgid without group-exec: clear them all explicitly.
-        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+        drop_privilege_bits(path, st)
         if stat.S_ISREG(st.st_mode):
             with contextlib.suppress(OSError):
                 os.removexattr(path, "security.capability", follow_symlinks=False)
 
+    each_inode(root, fix)
+
+
+def drop_privilege_bits(path: str, st: os.stat_result) -> None:
+    """Clear setuid and setgid.  chown(2) already clears setuid (and setgid on
+    group-executable files), but not setgid directories or setgid without group-exec."""
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+def each_inode(root: Path, visit: Callable[[str, os.stat_result], None]) -> None:
+    """``visit(path, lstat)`` for ``root`` and everything below it, never following a
+    symlink, each hard-linked inode once; an error reading the tree raises."""
+    seen: set[tuple[int, int]] = set()
+
+    def one(path: str) -> None:
+        st = os.lstat(path)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+        visit(path, st)
+
     def raise_error(exc: OSError) -> None:
         raise exc
 
-    fix(str(root))
+    one(str(root))
     for dirpath, dirnames, filenames in os.walk(root, onerror=raise_error):
         # os.walk lists symlinks to directories in dirnames and does not descend into
         # them, so both lists together are every entry of dirpath.
         for entry in (*dirnames, *filenames):
-            fix(os.path.join(dirpath, entry))
+            one(os.path.join(dirpath, entry))
 
 
 # --------------------------------------------------------------------------- building

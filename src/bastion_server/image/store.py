@@ -47,10 +47,13 @@ from bastion_server.image.builder import (
     ROOTFS_NAME,
     ImageError,
     ImageInfo,
+    drop_privilege_bits,
+    each_inode,
     resolve_image,
     shift_ownership,
 )
 from bastion_server.runtime.sandbox_image import SandboxImage
+from bastion_server.runtime.snapshots import disk_bytes
 
 LAYERS_DIR = "layers"
 _TEMP_PREFIX = ".tmp-"
@@ -130,15 +133,7 @@ class ImageStore:
 
     def layer_bytes(self, info: ImageInfo) -> int:
         """Bytes ``info``'s own layer takes on disk (each inode once)."""
-        seen: set[tuple[int, int]] = set()
-        total = 0
-        for dirpath, dirnames, filenames in os.walk(info.rootfs):
-            for entry in (*dirnames, *filenames):
-                st = os.lstat(os.path.join(dirpath, entry))
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-        return total
+        return disk_bytes(info.rootfs)
 
     def keys(self) -> set[str]:
         """Every whole layer image on disk."""
@@ -301,14 +296,8 @@ def reshift(root: Path, from_shift: int, to_shift: int, size: int = 65536) -> No
     Raises:
         ImageError: A file is owned outside ``from_shift .. from_shift + size - 1``.
     """
-    seen: set[tuple[int, int]] = set()
 
-    def fix(path: str) -> None:
-        st = os.lstat(path)
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            if (st.st_dev, st.st_ino) in seen:
-                return
-            seen.add((st.st_dev, st.st_ino))
+    def fix(path: str, st: os.stat_result) -> None:
         uid, gid = st.st_uid - from_shift, st.st_gid - from_shift
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             uid = gid = 0  # a whiteout: the overlay makes it as its mounter (host root)
@@ -319,16 +308,10 @@ def reshift(root: Path, from_shift: int, to_shift: int, size: int = 65536) -> No
                 with contextlib.suppress(OSError):
                     os.removexattr(path, attr, follow_symlinks=False)
         os.lchown(path, uid + to_shift, gid + to_shift)
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+        if not stat.S_ISLNK(st.st_mode):
+            drop_privilege_bits(path, st)
 
-    def raise_error(exc: OSError) -> None:
-        raise exc
-
-    fix(str(root))
-    for dirpath, dirnames, filenames in os.walk(root, onerror=raise_error):
-        for entry in (*dirnames, *filenames):
-            fix(os.path.join(dirpath, entry))
+    each_inode(root, fix)
 
 
 def _copy_tree(source: Path, target: Path) -> None:
