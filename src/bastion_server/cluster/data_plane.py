@@ -56,6 +56,9 @@ log = logging.getLogger("bastion.cluster")
 HANDSHAKE_TIMEOUT = 10.0
 #: The largest handshake or request frame (a job's command and env fit well within).
 MAX_REQUEST = 4 * 1024 * 1024
+#: How much a connection's reader buffers ahead of its consumer before it stops reading
+#: from the socket (a frame larger than this is still read whole, when it is asked for).
+BUFFER_LIMIT = 1024 * 1024
 _OUTPUT = {"stdout": protocol.FRAME_STDOUT, "stderr": protocol.FRAME_STDERR}
 
 
@@ -124,7 +127,7 @@ class DataPlaneServer:
 
     async def start(self, host: str, port: int = 0) -> tuple[str, int]:
         self._server = await asyncio.start_server(
-            self._serve, host, port, limit=protocol.MAX_FRAME + protocol.FRAME_HEADER.size
+            self._serve, host, port, limit=BUFFER_LIMIT
         )
         bound = self._server.sockets[0].getsockname()
         return host, int(bound[1])
@@ -252,7 +255,7 @@ async def connect(
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
-                *address, limit=protocol.MAX_FRAME + protocol.FRAME_HEADER.size
+                *address, limit=BUFFER_LIMIT
             ),
             HANDSHAKE_TIMEOUT,
         )
