@@ -400,7 +400,9 @@ def _busybox_archive(greeting: bytes) -> bytes:
     applets = {f"bin/{name}": "busybox" for name in ("sh", "cat", "id", "ls", "test")}
     base = _layer({"bin/busybox": BUSYBOX.read_bytes(), **applets, "etc/doomed": b"x"})
     # The top layer gzipped, as registries usually hold them.
-    top = gzip.compress(_layer({"etc/greeting": greeting, "etc/doomed": None, "srv/.keep": b""}))
+    top = gzip.compress(
+        _layer({"etc/greeting": greeting, "etc/doomed": None, "srv/.keep": b""}), mtime=0
+    )
     return _oci_archive([base, top], env=["PATH=/bin", "GREETING=oci"])
 
 
