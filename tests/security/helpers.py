@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -33,10 +33,14 @@ def run_ok(
     argv: list[str],
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    user: Literal["user", "root"] | None = None,
 ) -> str:
-    """Run ``argv`` in the session; its stdout.  A failed job fails the test."""
+    """Run ``argv`` in the session (as ``user``); its stdout.  A failed job fails the
+    test."""
     try:
-        result = client.jobs.run_and_wait(sid, argv, env=env, timeout=timeout, wait_timeout=120)
+        result = client.jobs.run_and_wait(
+            sid, argv, env=env, timeout=timeout, wait_timeout=120, user=user
+        )
     except JobFailedError as exc:
         pytest.fail(
             f"job {argv!r} failed ({exc.status_code}, {exc.failure_reason}): "
@@ -63,9 +67,15 @@ def sh_status(
     return run_status(client, sid, ["sh", "-c", script], env)
 
 
-def py(client: Bastion, sid: str, code: str, timeout: float | None = None) -> str:
+def py(
+    client: Bastion,
+    sid: str,
+    code: str,
+    timeout: float | None = None,
+    user: Literal["user", "root"] | None = None,
+) -> str:
     """Stdout of a python3 program run in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["python3", "-c", code], timeout=timeout)
+    return run_ok(client, sid, ["python3", "-c", code], timeout=timeout, user=user)
 
 
 def pid_holder(seconds: int) -> str:

@@ -306,14 +306,16 @@ KERNEL_ATTACKS: list[tuple[str, frozenset[str]]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def kernel_probe(client: Bastion, sid: str) -> dict[str, str]:
-    """Every kernel attack's outcome (errno name, or "ok"), tried once in the session."""
+@pytest.fixture(scope="module", params=["user", "root"])
+def kernel_probe(client: Bastion, sid: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Every kernel attack's outcome (errno name, or "ok"), tried once in the session:
+    as the sandbox user, and again as root of the session (``user="root"``), which
+    must be refused all the same."""
     numbers = SYSCALL_NUMBERS.get(platform.machine())
     if numbers is None:
         pytest.skip(f"no system call numbers for {platform.machine()}")
     code = KERNEL_PROBE.replace("__NR__", repr(json.dumps(numbers)))
-    out = py(client, sid, code, timeout=60)
+    out = py(client, sid, code, timeout=60, user=request.param)
     return dict(json.loads(out))
 
 
