@@ -524,3 +524,24 @@ def test_a_warm_pool_of_a_built_image(data_root: Path) -> None:
     finally:
         srv.delete_all_sessions()
         srv.stop()
+
+
+def test_a_snapshot_of_a_session_keeps_its_image(client: Bastion) -> None:
+    client.images.build({"name": "snapbase", "from": "default", "run": ["echo img > /img"]})
+    sid = _session(client, "snapbase")
+    _run(client, sid, "echo mine > /tmp/mine")
+    snap = client.sessions.snapshot(sid)
+    assert snap["status"] == "ready"
+    client.sessions.delete(sid)
+    # The snapshot stands on the image's layers: the image may not go meanwhile.
+    with pytest.raises(ImageStateError, match="used by"):
+        client.images.delete("snapbase")
+    copy = client.sessions.create(snapshot=snap["snapshot_id"])["session_id"]
+    client.sessions.start(copy)
+    try:
+        assert _run(client, copy, "cat /img /tmp/mine") == "img\nmine\n"
+        assert client.sessions.get(copy)["image"]["name"] == "snapbase"
+    finally:
+        client.sessions.delete(copy)
+    client.snapshots.delete(snap["snapshot_id"])
+    client.images.delete("snapbase")

@@ -90,6 +90,20 @@ class ChosenImage:
         return {"name": self.sandbox.name, "digest": self.sandbox.digest, "ref": self.ref}
 
 
+async def recorded_image(images_dir: Path, image: dict[str, str]) -> ChosenImage:
+    """The image a session's record names (``{"name", "digest", "ref"}``), for a session
+    that must stand on the same layers (one started from a snapshot of it)."""
+    store = ImageStore(images_dir)
+    try:
+        info = await asyncio.to_thread(store.load, image["ref"])
+        sandbox = await asyncio.to_thread(store.sandbox_image, info, image["name"])
+    except (ImageError, KeyError) as exc:
+        raise ServiceError(
+            ErrorCode.IMAGE_STATE, f"the image {image.get('name')!r} it stood on is gone"
+        ) from exc
+    return ChosenImage(sandbox, image["ref"])
+
+
 class ImageService:
     def __init__(
         self, store: Store, runtime: Runtime, config: ServerConfig, images: ImageStore

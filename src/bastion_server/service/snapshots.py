@@ -30,6 +30,7 @@ from bastion.wire import (
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import Runtime, SandboxError
 from bastion_server.service.errors import ServiceError, invalid
+from bastion_server.service.images import recorded_image
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.quotas import quota_exceeded
 from bastion_server.service.sessions import SessionService, new_id, now_iso
@@ -166,8 +167,11 @@ class SnapshotService:
     # -- using one ------------------------------------------------------------------
 
     async def create_session(self, owner: str, snapshot_id: str, **create: Any) -> SessionRecord:
-        """A new session (status ``created``) whose files are the snapshot's."""
-        self.ready(owner, snapshot_id)
+        """A new session (status ``created``) whose files are the snapshot's, over the
+        image the snapshot's session ran."""
+        source = self.store.get_session(self.ready(owner, snapshot_id).session_id)
+        if source is not None and source.image is not None:
+            create["image"] = await recorded_image(self.config.images_dir, source.image)
         return await self.sessions.create(
             owner, snapshot=snapshot_id, layers=self.layers(snapshot_id), **create
         )

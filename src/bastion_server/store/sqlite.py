@@ -768,10 +768,12 @@ class Store:
         self._db.execute("DELETE FROM images WHERE owner = ? AND name = ?", (owner, name))
 
     def image_refs_of_sessions(self) -> dict[str, int]:
-        """How many sessions (not deleted) stand on each layer image, by ref."""
+        """How many sessions stand on each layer image, by ref: those not deleted, and
+        deleted ones whose snapshots (not deleted) still do."""
         counts: dict[str, int] = {}
         for row in self._db.execute(
-            "SELECT image FROM sessions WHERE image IS NOT NULL AND status != 'deleted'"
+            "SELECT image FROM sessions WHERE image IS NOT NULL AND (status != 'deleted'"
+            " OR id IN (SELECT session_id FROM snapshots WHERE status != 'deleted'))"
         ):
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 ref = json.loads(row["image"])["ref"]
