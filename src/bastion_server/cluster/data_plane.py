@@ -126,9 +126,7 @@ class DataPlaneServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int = 0) -> tuple[str, int]:
-        self._server = await asyncio.start_server(
-            self._serve, host, port, limit=BUFFER_LIMIT
-        )
+        self._server = await asyncio.start_server(self._serve, host, port, limit=BUFFER_LIMIT)
         bound = self._server.sockets[0].getsockname()
         return host, int(bound[1])
 
@@ -254,9 +252,7 @@ async def connect(
     ``hello``'s request and return the connection with the agent's first reply."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                *address, limit=BUFFER_LIMIT
-            ),
+            asyncio.open_connection(*address, limit=BUFFER_LIMIT),
             HANDSHAKE_TIMEOUT,
         )
     except (OSError, TimeoutError) as exc:
