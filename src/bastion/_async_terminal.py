@@ -17,7 +17,7 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -363,9 +363,10 @@ async def open_async_terminal(
     rows: int,
     cols: int,
     open_timeout: float | None,
+    user: Literal["user", "root"] | None = None,
 ) -> AsyncTerminal:
     """Open the WebSocket and wait for ``init``; see :meth:`AsyncTerminals.connect`."""
-    url = terminal_url(client.base_url, session_id, rows, cols)
+    url = terminal_url(client.base_url, session_id, rows, cols, user)
     seconds = open_timeout_for(client.timeout, open_timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -468,6 +469,7 @@ class AsyncTerminals:
         rows: int = DEFAULT_ROWS,
         cols: int = DEFAULT_COLS,
         open_timeout: float | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> _Connecting:
         """Attach a new shell to a running session.
 
@@ -483,6 +485,8 @@ class AsyncTerminals:
             cols: Window width in character cells.
             open_timeout: Seconds to wait for the connection and the shell; ``None``
                 uses the larger of the client's connect and read timeouts.
+            user: ``"root"`` runs the shell as the sandbox's root (root of the
+                session's own user namespace); default: the sandbox user.
 
         Returns:
             An awaitable (and async context manager) giving the
@@ -504,6 +508,7 @@ class AsyncTerminals:
                 rows=rows,
                 cols=cols,
                 open_timeout=open_timeout,
+                user=user,
             )
             self._current = terminal
             self._open.add(terminal)

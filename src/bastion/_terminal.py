@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from types import TracebackType
+from typing import Literal
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
@@ -325,9 +326,10 @@ def open_terminal(
     rows: int,
     cols: int,
     open_timeout: float | None,
+    user: Literal["user", "root"] | None = None,
 ) -> Terminal:
     """Open the WebSocket and wait for ``init``; see :meth:`Terminals.connect`."""
-    url = terminal_url(client.base_url, session_id, rows, cols)
+    url = terminal_url(client.base_url, session_id, rows, cols, user)
     open_timeout = open_timeout_for(client.timeout, open_timeout)
     deadline = time.monotonic() + open_timeout
     stack = ExitStack()
@@ -404,6 +406,7 @@ class Terminals:
         rows: int = DEFAULT_ROWS,
         cols: int = DEFAULT_COLS,
         open_timeout: float | None = None,
+        user: Literal["user", "root"] | None = None,
     ) -> Terminal:
         """Attach a new shell to a running session.
 
@@ -418,6 +421,8 @@ class Terminals:
             cols: Window width in character cells.
             open_timeout: Seconds to wait for the connection and the shell; ``None``
                 uses the larger of the client's connect and read timeouts.
+            user: ``"root"`` runs the shell as the sandbox's root (root of the
+                session's own user namespace); default: the sandbox user.
 
         Returns:
             The :class:`Terminal`; it also becomes :attr:`current`.
@@ -436,6 +441,7 @@ class Terminals:
             rows=rows,
             cols=cols,
             open_timeout=open_timeout,
+            user=user,
         )
         with self._lock:
             self._current = terminal

@@ -100,7 +100,11 @@ _CLOSE_CODE_TEXT: dict[int, str] = {
 
 
 def terminal_url(
-    base_url: str, session_id: str, rows: int = DEFAULT_ROWS, cols: int = DEFAULT_COLS
+    base_url: str,
+    session_id: str,
+    rows: int = DEFAULT_ROWS,
+    cols: int = DEFAULT_COLS,
+    user: str | None = None,
 ) -> str:
     """The WebSocket URL of a session's terminal: ``http`` becomes ``ws``, ``https`` ``wss``.
 
@@ -116,7 +120,7 @@ def terminal_url(
     if scheme is None or not parts.netloc:
         raise ValueError(f"cannot derive a WebSocket URL from base_url {base_url!r}")
     path = parts.path.rstrip("/") + BaseBastion._url("sessions", session_id, "terminal")
-    query = urlencode({"rows": rows, "cols": cols})
+    query = urlencode({"rows": rows, "cols": cols, **({"user": user} if user else {})})
     return urlunsplit((scheme, parts.netloc, path, query, ""))
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.conftest import KEY_A, KEY_B, ServerProcess
@@ -216,6 +217,24 @@ def test_root_in_a_session_is_opt_in(client: Bastion) -> None:
         assert _run(client, sid, "id -u; echo x > /etc/by-root", user="root") == "0\n"
         with pytest.raises(JobFailedError):
             client.jobs.run_and_wait(sid, "echo y > /etc/by-user")
+    finally:
+        client.sessions.delete(sid)
+
+
+def test_a_terminal_as_root_is_opt_in(client: Bastion) -> None:
+    sid = _session(client, "default")
+    try:
+        for user, expected in ((None, "uid=1000"), ("root", "uid=0")):
+            seen: list[str] = []
+
+            def keep(message: Any, seen: list[str] = seen) -> None:
+                if message["type"] == "term_output":
+                    seen.append(message["payload"]["data"])
+
+            with client.terminal.connect(sid, keep, user=user) as term:  # type: ignore[arg-type]
+                term.send_input("id; exit\n")
+                term.wait(timeout=30)
+            assert expected in "".join(seen)
     finally:
         client.sessions.delete(sid)
 
