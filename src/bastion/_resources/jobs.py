@@ -132,6 +132,9 @@ class Jobs:
         """Write to the stdin of a job run with ``stdin=True`` (a file object is
         streamed in chunks); with ``close`` its stdin is then closed.
 
+        Returns:
+            ``{"written": bytes handed to the job, "closed": whether stdin is closed}``.
+
         Raises:
             JobStateError: The job ended, or has no open stdin.
         """
@@ -140,7 +143,14 @@ class Jobs:
         return cast(StdinResult, self._client._request(request))
 
     def close_stdin(self, session_id: str, job_id: str) -> StdinResult:
-        """Close a job's stdin (it reads end of file)."""
+        """Close a job's stdin (it reads end of file).
+
+        Returns:
+            ``{"written": 0, "closed": True}``.
+
+        Raises:
+            JobStateError: The job ended, or has no open stdin.
+        """
         request = job_stdin_request(session_id, job_id, None, close=True)
         return cast(StdinResult, self._client._request(request))
 
@@ -148,6 +158,9 @@ class Jobs:
         """Send ``signal`` to every process of a running job (``"SIGKILL"`` kills its
         whole tree at once).  Returns at once; the job then ends ``failed`` with
         ``failure_reason`` ``"killed"`` (and ``signal`` if the signal ended it).
+
+        Returns:
+            The job as it is when the signal is sent (still running).
 
         Raises:
             JobStateError: The job is not running.

@@ -147,6 +147,9 @@ class Sessions:
         ``command``, ``cpu_seconds``, ``memory_bytes`` and the ``job_id`` of the
         running job it belongs to (None for the sandbox's own).
 
+        Returns:
+            The processes, each a ``ProcessInfo``, in pid order.
+
         Raises:
             SessionStateError: The session is not running.
         """
