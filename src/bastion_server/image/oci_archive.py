@@ -15,7 +15,6 @@ Everything here blocks: call it in a worker thread.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import json
@@ -140,10 +139,7 @@ class _Blobs:
             raise ArchiveError(f"the archive lacks the layer {ref}")
         raw = self.outer.extractfile(member)
         assert raw is not None
-        head = raw.read(2)
-        raw.seek(0)
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
-        yield stream
+        yield raw  # plain or gzip: tarfile's "r|*" tells
 
 
 def _clean(name: str) -> str:
@@ -183,7 +179,7 @@ def _remove(path: Path) -> None:
 
 
 def _apply_layer(stream: IO[bytes], rootfs: Path, budget: list[int]) -> None:
-    with tarfile.open(fileobj=stream, mode="r|") as layer:
+    with tarfile.open(fileobj=stream, mode="r|*") as layer:
         dirs: list[tuple[Path, tarfile.TarInfo]] = []
         for member in layer:
             path = _member_path(rootfs, member.name)
