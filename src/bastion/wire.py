@@ -506,9 +506,9 @@ class JobInfo(JobResult):
     #: "start_failed", "timeout", "session_stopped", "session_deleted", "server_restarted"
     #: (the server restarted before the job started), "sandbox_lost" (its sandbox stopped
     #: while the server was down, and the job with it: a job whose sandbox runs on is
-    #: taken up again by the next server), "lost", "internal_error" (the server itself failed while running the job; the
-    #: job's errout ends with what failed), "killed" (``POST .../kill``), "oom" (the
-    #: kernel's OOM killer ended it), "cpu_time" (its ``cpu_seconds`` limit),
+    #: taken up again by the next server), "lost", "internal_error" (the server itself
+    #: failed while running the job; the job's errout ends with what failed), "killed"
+    #: (``POST .../kill``), "oom" (the kernel's OOM killer ended it), "cpu_time" (its ``cpu_seconds`` limit),
     #: "pids_limit" (it failed after its ``pids`` limit refused a fork),
     #: "output_limit" (a stream exceeded its ``output_bytes``); None unless failed.
     failure_reason: str | None

@@ -270,7 +270,7 @@ OPTIONS: tuple[Option, ...] = (
         str,
         None,
         "a Ray cluster's address (host:port, or auto): serve as the gateway of its nodes, "
-        "each running its own sessions (needs the ray extra; README, \"More than one "
+        'each running its own sessions (needs the ray extra; README, "More than one '
         'machine")',
         flag="--ray",
     ),

@@ -54,6 +54,10 @@ EXCEPTIONS = {
     "QuotaExceededError",
     "TerminalForbiddenError",
     "ServerShutdownError",
+    "JobStateError",
+    "SnapshotError",
+    "SnapshotNotFoundError",
+    "SnapshotStateError",
 }
 #: Classes of the SDK that are not exceptions or wire types.
 CLASSES = {
@@ -70,7 +74,7 @@ WIRE_TYPES = {
     for name, value in vars(wire).items()
     if isinstance(value, type) and hasattr(value, "__required_keys__") and not name.startswith("_")
 }
-ENUMS = {"ErrorCode", "JobStatus", "KeyScope", "SessionStatus"}
+ENUMS = {"ErrorCode", "JobStatus", "KeyScope", "SessionStatus", "SnapshotStatus"}
 
 
 def test_public_surface() -> None:

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 from collections.abc import Mapping
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from .._client import Bastion
 from .._exceptions import (
@@ -125,7 +125,8 @@ def forwarded_stdin(args: argparse.Namespace) -> BinaryIO | None:
         return None  # no real stdin (closed, or replaced by a test's capture)
     # The raw file: each read returns what the pipe has now (a buffered read would wait
     # for a whole chunk), so a line typed into a pipe reaches the job at once.
-    return cast(BinaryIO, sys.stdin.buffer.raw)
+    raw: BinaryIO = getattr(sys.stdin.buffer, "raw", sys.stdin.buffer)
+    return raw
 
 
 def add_jobs(subparsers: Subparsers, common: list[argparse.ArgumentParser]) -> None:
