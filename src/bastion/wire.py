@@ -508,8 +508,8 @@ class JobInfo(JobResult):
     #: while the server was down, and the job with it: a job whose sandbox runs on is
     #: taken up again by the next server), "lost", "internal_error" (the server itself
     #: failed while running the job; the job's errout ends with what failed), "killed"
-    #: (``POST .../kill``), "oom" (the kernel's OOM killer ended it), "cpu_time" (its ``cpu_seconds`` limit),
-    #: "pids_limit" (it failed after its ``pids`` limit refused a fork),
+    #: (``POST .../kill``), "oom" (the kernel's OOM killer ended it), "cpu_time" (its
+    #: ``cpu_seconds`` limit), "pids_limit" (it failed after its ``pids`` limit refused a fork),
     #: "output_limit" (a stream exceeded its ``output_bytes``); None unless failed.
     failure_reason: str | None
     #: The signal that ended the job's main process ("SIGSEGV", "SIGKILL"), else None
