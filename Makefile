@@ -6,7 +6,7 @@
 #   make serve     setup, then run the server (HOST=127.0.0.1 PORT=8080)
 #   make test      setup, then the whole test suite (PYTEST_ARGS="-k foo -x" to narrow)
 #   make lint      ruff check, ruff format --check, mypy --strict
-#   make bench     setup, then the benchmarks
+#   make bench     setup, then the benchmarks (BENCH_ARGS="--quick", CLUSTER=1)
 #   make clean     remove the venv and caches (make clean-images: the built images too)
 
 SHELL := /bin/bash
@@ -20,6 +20,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 IMAGES_DIR ?= $(or $(BASTION_IMAGES_DIR),/var/lib/bastion/images)
 export BASTION_IMAGES_DIR := $(IMAGES_DIR)
 
@@ -71,8 +72,12 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict
 	MYPYPATH=src $(BIN)/mypy --strict bench
 
+# CLUSTER=1: also the cluster benchmarks (a Ray cluster of this machine, a gateway).
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	@if [ -n "$(CLUSTER)" ]; then \
+		$(BIN)/python bench/cluster.py && $(BIN)/python bench/cluster_data_plane.py; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
