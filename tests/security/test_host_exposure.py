@@ -138,9 +138,9 @@ def test_deleted_sessions_give_their_id_range_back(client: Bastion, server: Serv
     sid = client.sessions.create()["session_id"]
     base = int((server.data_dir / "sessions" / sid / "id-range").read_text())
     registry = DEFAULT_REGISTRY
-    entries = {p.read_text() for p in registry.iterdir() if p.name.isdigit()}
+    entries = {o for p in registry.iterdir() if p.name.isdigit() for o in p.read_text().split()}
     assert str(server.data_dir / "sessions" / sid) in entries
     client.sessions.delete(sid)
-    entries = {p.read_text() for p in registry.iterdir() if p.name.isdigit()}
+    entries = {o for p in registry.iterdir() if p.name.isdigit() for o in p.read_text().split()}
     assert str(server.data_dir / "sessions" / sid) not in entries
     assert base >= 1 << 24

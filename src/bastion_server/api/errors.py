@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from bastion.wire import ERROR_HTTP_STATUS, ErrorCode
@@ -85,13 +86,35 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 def allowed_methods(app: Starlette, scope: Scope) -> list[str]:
     """Every method some route takes at this path (RFC 9110's ``Allow``): Starlette's
-    own 405 names only the first route's, and there is one route per method."""
+    own 405 names only the first route's, and there is one route per method.  As in
+    OpenAPI, a concrete path (``/v1/images/import``) is matched before a templated one
+    (``/v1/images/{name}``): where routes have this very path, only theirs count."""
+    literal = [
+        methods for path, methods in _route_paths(app.router.routes) if path == scope.get("path")
+    ]
+    if literal:
+        return [m for m in _METHODS if any(m in methods for methods in literal)]
     return [m for m in _METHODS if is_routed(app, {**scope, "method": m})]
+
+
+def _route_paths(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, set[str]]]:
+    """``(full path, methods)`` of every route, through the routers the app includes."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            context = getattr(route, "include_context", None)
+            yield from _route_paths(included.routes, prefix + getattr(context, "prefix", ""))
+        elif isinstance(route, Route):
+            yield prefix + route.path, set(route.methods or ())
 
 
 def is_routed(app: Starlette, scope: Scope) -> bool:
     """Whether a route takes this request (its path and method)."""
-    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
+    return _takes(app.router.routes, scope)
+
+
+def _takes(routes: Sequence[BaseRoute], scope: Scope) -> bool:
+    return any(route.matches(scope)[0] == Match.FULL for route in routes)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

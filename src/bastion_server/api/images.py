@@ -25,6 +25,7 @@ from bastion_server.api.auth import principal
 from bastion_server.api.deps import services
 from bastion_server.api.files import request_body
 from bastion_server.api.paging import PageParams
+from bastion_server.blocking import run_to_end_or_undo
 from bastion_server.image.recipe import Recipe, RecipeError, parse_recipe
 from bastion_server.service.container import Services
 from bastion_server.service.errors import ServiceError
@@ -117,7 +118,8 @@ async def _receive(svc: Services, request: Request) -> Path:
     tmp = svc.images.tmp_dir
     await asyncio.to_thread(tmp.mkdir, mode=0o700, parents=True, exist_ok=True)
     path = tmp / f"import-{secrets.token_hex(8)}.tar"
-    f = await asyncio.to_thread(path.open, "wb")
+    # Opened to its end even if the client leaves meanwhile: the file is then closed.
+    f = await run_to_end_or_undo(lambda opened: opened.close(), path.open, "wb")
     size = 0
     try:
         async for chunk in request_body(request):

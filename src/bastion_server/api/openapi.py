@@ -31,8 +31,8 @@ from bastion_server.api.guard import needs_key
 
 #: Statuses a route answers beyond those its shape implies, by (method, path).
 ROUTE_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
-    # limit_exceeded; session_start_failed (its storage could not be made)
-    ("post", "/v1/sessions"): (422, 500),
+    # image or snapshot not found; limit_exceeded; session_start_failed (no storage)
+    ("post", "/v1/sessions"): (404, 422, 500),
     ("delete", "/v1/sessions/{session_id}"): (409,),
     # session_start_failed
     ("post", "/v1/sessions/{session_id}/start"): (409, 500),
@@ -58,8 +58,10 @@ JSON_BODY = (400, 408, 413, 422)
 STREAMED_BODY = (408, 413, 507)
 #: Parameters (path or query) that the route checks: invalid_request.
 PARAMETERS = (422,)
-#: A parameter in the path names something that may not exist: *_not_found.
-PATH_PARAMETER = (404,)
+#: A parameter in the path names something that may not exist (*_not_found) or be in
+#: a state that forbids the operation (session_state, session_paused, job_state,
+#: image_state, snapshot_state).
+PATH_PARAMETER = (404, 409)
 #: A page cursor that this server did not hand out: invalid_cursor.
 CURSOR = (400,)
 

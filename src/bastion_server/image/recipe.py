@@ -40,6 +40,8 @@ from typing import Any
 #: Image names: lower case, digits, ``_`` and ``.``; never ``-`` (it separates a name
 #: from its cache key in directory names).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.]{0,63}")
+#: Names the API's paths use for actions (``POST /v1/images/import``): never an image's.
+RESERVED_NAMES = frozenset({"import", "pull"})
 _DEBIAN_PREFIX = "debian:"
 _SUITE_RE = re.compile(r"[a-z]{2,20}")
 #: A Debian package, optionally ``=version`` (``gcc``, ``g++``, ``libc6-dev=2.36-9``).
@@ -134,6 +136,8 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
     name = _text(data, "name")
     if not NAME_RE.fullmatch(name):
         raise RecipeError("name", "must be 1-64 of a-z, 0-9, '_' and '.', starting with a-z0-9")
+    if name in RESERVED_NAMES:
+        raise RecipeError("name", f"{name!r} is reserved (the API's paths use it)")
     base = _text(data, "from")
     suite = base[len(_DEBIAN_PREFIX) :] if base.startswith(_DEBIAN_PREFIX) else None
     if suite is not None and not _SUITE_RE.fullmatch(suite):

@@ -44,7 +44,7 @@ from bastion_server.config import ServerConfig
 from bastion_server.image.builder import ImageError
 from bastion_server.image.builder import ImageInfo as StoredImage
 from bastion_server.image.oci_archive import ArchiveError, archive_digest, unpack_archive
-from bastion_server.image.recipe import NAME_RE, Recipe, load_recipe_file
+from bastion_server.image.recipe import NAME_RE, RESERVED_NAMES, Recipe, load_recipe_file
 from bastion_server.image.store import ImageStore
 from bastion_server.runtime.base import (
     ExecSpec,
@@ -635,6 +635,8 @@ def _check_name(name: str, bases: tuple[str, ...]) -> None:
         )
     if name in bases:
         raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name!r} is the server's base image")
+    if name in RESERVED_NAMES:
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name!r} is reserved (by the API's paths)")
 
 
 class _StepFailed(Exception):

@@ -339,9 +339,21 @@ class Store:
                 with self._db:
                     self._db.execute("BEGIN")
                     for statement in statements:
-                        self._db.execute(statement)
+                        self._migrate_step(statement)
                     self._db.execute(f"PRAGMA user_version={target}")
                 version = target
+
+    def _migrate_step(self, statement: str) -> None:
+        """One statement of a migration; adding a column that is already there (a
+        database made by a newer schema, then marked older) is already done."""
+        try:
+            self._db.execute(statement)
+        except sqlite3.OperationalError as exc:
+            adds_column = statement.lstrip().upper().startswith("ALTER TABLE") and (
+                "ADD COLUMN" in statement.upper()
+            )
+            if not (adds_column and "duplicate column name" in str(exc)):
+                raise
 
     def _use_incremental_vacuum(self) -> None:
         """Let freed pages go back to the file system (see :meth:`reclaim_space`).
