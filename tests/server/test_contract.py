@@ -315,6 +315,14 @@ def test_a_wrong_method_is_405_naming_every_method_of_the_path(api: TestClient) 
     assert files.headers["allow"] == "GET, PUT, DELETE"
 
 
+def test_a_concrete_path_allows_only_its_own_methods(api: TestClient) -> None:
+    # /v1/images/import is its own path (POST), not an image named "import".
+    response = api.request("OPTIONS", "/v1/images/import")
+    assert _error(response) == (405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    assert api.request("OPTIONS", "/v1/images/judge").headers["allow"] == "GET, DELETE"
+
+
 def test_a_body_for_no_route_is_not_checked_before_routing(api: TestClient) -> None:
     response = api.request("TRACE", "/v1/sessions", content=b"\xff\xfe", headers=JSON)
     assert _error(response) == (405, "method_not_allowed")

@@ -59,6 +59,7 @@ workdir = "/home/user"
     [
         ({"name": "Judge"}, "name"),
         ({"name": "a-b"}, "name"),
+        ({"name": "import"}, "name"),  # the API's paths use it
         ({"from": None}, "from"),
         ({"from": "debian:Bookworm!"}, "from"),
         ({"from": "judge"}, "from"),
