@@ -64,6 +64,38 @@ def test_an_upper_dir_becomes_a_layer_with_its_whiteouts_and_ids_shifted(tmp_pat
     assert store.layer(KEY) is None and store.keys() == set()
 
 
+def test_a_layer_is_sized_once_when_stored_and_a_cache_hit_reads_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    base = _base(tmp_path / "images")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "data").write_bytes(os.urandom(256 * 1024))
+    os.lchown(upper, SESSION, SESSION)
+    os.lchown(upper / "data", SESSION + 1000, SESSION + 1000)
+    info = store.capture(upper, base, KEY, from_shift=SESSION, name="sized")
+    assert info.size_bytes is not None and info.size_bytes >= 256 * 1024
+    assert json.loads((info.path / "image.json").read_text())["size_bytes"] == info.size_bytes
+    # The hit reads the manifest: a file that grew since is not counted (a layer is
+    # never modified after it is stored, so walking it again would only cost time).
+    (info.rootfs / "data").write_bytes(os.urandom(1024 * 1024))
+    hit = store.layer(KEY)
+    assert hit is not None and store.layer_bytes(hit) == info.size_bytes
+
+
+def test_a_failed_capture_leaves_nothing_and_a_crash_leftover_is_swept(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    base = _base(tmp_path / "images")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_text("x")  # owned by host root: outside the session's range
+    os.lchown(upper, SESSION, SESSION)
+    with pytest.raises(ImageError, match="outside the range"):
+        store.capture(upper, base, KEY, from_shift=SESSION, name="bad")
+    assert list(store.layers_dir.iterdir()) == []
+    (store.layers_dir / f".tmp-{KEY}-1").mkdir()  # what a kill -9 mid-capture leaves
+    assert store.prepare() == 1 and list(store.layers_dir.iterdir()) == []
+
+
 def test_ids_outside_the_session_range_are_refused(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()

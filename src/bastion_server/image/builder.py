@@ -176,6 +176,9 @@ class ImageInfo:
         digest: What names its content (``sha256:<hex>``).
         env: Environment its sessions' jobs start with.
         workdir: Where its sessions' jobs start (None: ``home``).
+        size_bytes: What a layer image's own ``rootfs/`` takes on disk, counted when
+            it was stored (None: a base image, or a layer stored before sizes were
+            kept).
     """
 
     path: Path
@@ -194,6 +197,7 @@ class ImageInfo:
     digest: str = ""
     env: tuple[tuple[str, str], ...] = ()
     workdir: str | None = None
+    size_bytes: int | None = None
 
     @classmethod
     def load(cls, image_dir: Path) -> ImageInfo:
@@ -230,6 +234,7 @@ class ImageInfo:
                 digest=_optional(data, "digest", str) or _base_digest(data),
                 env=tuple((str(k), str(v)) for k, v in (data.get("env") or {}).items()),
                 workdir=_optional(data, "workdir", str),
+                size_bytes=_optional(data, "size_bytes", int),
             )
         except (KeyError, TypeError) as exc:
             raise ImageError(f"image manifest {manifest_path} is invalid: {exc}") from exc

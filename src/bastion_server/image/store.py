@@ -12,7 +12,7 @@ the images directory holds *layer images*::
                                     "layers/<key>")
                 rootfs/             the delta: an overlay upper directory, ids shifted
                                     like the base's (container id n = uid_shift + n)
-            .tmp-<key>/             one being captured (a crash leaves only these,
+            .tmp-<key>-<pid>/       one being captured (a crash leaves only these,
                                     swept by prepare())
 
 A layer image's root filesystem is its own ``rootfs/`` over its parent's, and so on
@@ -22,9 +22,11 @@ opaque directories (``trusted.overlay.opaque``), so what a build removed from it
 stays removed.
 
 :meth:`ImageStore.capture` turns any session's upper directory into a layer image over
-the image the session ran: builds use it, and so can snapshots.  Layers are installed by
-renaming a whole directory into place, never modified after, and removed only when no
-image record and no session uses them (the service layer's bookkeeping).
+the image the session ran, by the capture step snapshots use too
+(runtime/layer_capture.py): copied under a temporary name, renamed into place whole,
+never modified after, and removed only when no image record and no session uses them
+(the service layer's bookkeeping).  What a layer takes on disk is counted once, when
+it is stored, and kept in its manifest (``size_bytes``): a cache hit reads it.
 
 Everything here blocks: call it in a worker thread.
 """
@@ -35,9 +37,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,11 +52,16 @@ from bastion_server.image.builder import (
     resolve_image,
     shift_ownership,
 )
+from bastion_server.runtime.layer_capture import (
+    copy_upper,
+    disk_bytes,
+    remove_whole,
+    staged,
+    sweep_unfinished,
+)
 from bastion_server.runtime.sandbox_image import SandboxImage
-from bastion_server.runtime.snapshots import disk_bytes
 
 LAYERS_DIR = "layers"
-_TEMP_PREFIX = ".tmp-"
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 #: How an image names its parent: a base's directory, or a layer image's.
 _REF_RE = re.compile(rf"[a-z0-9][a-z0-9_.]*-[0-9a-f]{{12}}|{LAYERS_DIR}/[0-9a-f]{{64}}")
@@ -77,12 +82,7 @@ class ImageStore:
         """Make the layers directory and remove what a crash left mid-capture; returns
         how many such leftovers it removed."""
         self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        swept = 0
-        for entry in self.layers_dir.iterdir():
-            if entry.name.startswith(_TEMP_PREFIX):
-                shutil.rmtree(entry, ignore_errors=True)
-                swept += 1
-        return swept
+        return sweep_unfinished(self.layers_dir)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -132,8 +132,9 @@ class ImageStore:
         )
 
     def layer_bytes(self, info: ImageInfo) -> int:
-        """Bytes ``info``'s own layer takes on disk (each inode once)."""
-        return disk_bytes(info.rootfs)
+        """Bytes ``info``'s own layer takes on disk (each inode once): as counted when
+        it was stored, or counted now for a layer stored before sizes were kept."""
+        return info.size_bytes if info.size_bytes is not None else disk_bytes(info.rootfs)
 
     def keys(self) -> set[str]:
         """Every whole layer image on disk."""
@@ -165,7 +166,8 @@ class ImageStore:
         is returned as it is (the same content).
 
         Raises:
-            ImageError: The copy failed, or a file is owned outside the session's range.
+            SandboxError: The copy failed.
+            ImageError: A file is owned outside the session's range.
         """
         if not _KEY_RE.fullmatch(key):
             raise ImageError(f"bad layer key {key!r}")
@@ -173,43 +175,26 @@ class ImageStore:
         if existing is not None:
             return existing
         self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        final = self._layer_dir(key)
-        temp = self.layers_dir / f"{_TEMP_PREFIX}{key}-{os.getpid()}"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(mode=0o755)
-        try:
+        with staged(self._layer_dir(key), mode=0o755) as temp:
             rootfs = temp / ROOTFS_NAME
+            copy_upper(upper, rootfs)
             if upper is None:
-                rootfs.mkdir()
                 os.chown(rootfs, parent.uid_shift, parent.uid_shift)
             else:
-                _copy_tree(upper, rootfs)
                 reshift(rootfs, from_shift, parent.uid_shift)
             os.chmod(rootfs, 0o755)
-            manifest = {
-                "name": name,
-                "recipe_hash": key[:12],
-                "digest": f"sha256:{key}",
-                "parent": self.ref(parent),
-                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "uid_shift": parent.uid_shift,
-                "id_map_size": parent.id_map_size,
-                "sandbox_uid": parent.sandbox_uid,
-                "sandbox_gid": parent.sandbox_gid,
-                "sandbox_user": parent.sandbox_user,
-                "home": parent.home,
-                "shell": parent.shell,
-                "env": dict(parent.env) | dict(env),
-                "workdir": workdir or parent.workdir,
-                **(extra or {}),
-            }
-            (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            os.chmod(temp / MANIFEST_NAME, 0o644)
-            os.rename(temp, final)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-        return ImageInfo.load(final)
+            _write_manifest(
+                temp,
+                key,
+                name=name,
+                parent=self.ref(parent),
+                like=parent,
+                shell=parent.shell,
+                env=dict(parent.env) | dict(env),
+                workdir=workdir or parent.workdir,
+                extra=extra,
+            )
+        return ImageInfo.load(self._layer_dir(key))
 
     def add_base(
         self,
@@ -229,10 +214,7 @@ class ImageStore:
         if existing is not None:
             return existing
         self.layers_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temp = self.layers_dir / f"{_TEMP_PREFIX}{key}-{os.getpid()}"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(mode=0o755)
-        try:
+        with staged(self._layer_dir(key), mode=0o755) as temp:
             rootfs = temp / ROOTFS_NAME
             rootfs.mkdir(mode=0o755)
             env, workdir = populate(rootfs)
@@ -247,41 +229,23 @@ class ImageStore:
                     os.chown(target, owner, like.sandbox_gid if owner else 0)
                 os.chmod(target, mode)
             shift_ownership(rootfs, like.uid_shift, like.id_map_size)
-            manifest = {
-                "name": name,
-                "recipe_hash": key[:12],
-                "digest": f"sha256:{key}",
-                "parent": None,
-                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "uid_shift": like.uid_shift,
-                "id_map_size": like.id_map_size,
-                "sandbox_uid": like.sandbox_uid,
-                "sandbox_gid": like.sandbox_gid,
-                "sandbox_user": like.sandbox_user,
-                "home": like.home,
-                "shell": "/bin/sh",
-                "env": dict(env),
-                "workdir": workdir,
-                **(extra or {}),
-            }
-            (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            os.chmod(temp / MANIFEST_NAME, 0o644)
-            os.rename(temp, self._layer_dir(key))
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+            _write_manifest(
+                temp,
+                key,
+                name=name,
+                parent=None,
+                like=like,
+                shell="/bin/sh",
+                env=dict(env),
+                workdir=workdir,
+                extra=extra,
+            )
         return ImageInfo.load(self._layer_dir(key))
 
     def remove(self, key: str) -> None:
         """Remove layer image ``key`` (nothing if absent).  The caller has checked that
         nothing stands on it: no image record, no session, no layer over it."""
-        final = self._layer_dir(key)
-        if not final.exists():
-            return
-        doomed = self.layers_dir / f"{_TEMP_PREFIX}{key}-rm"
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.rename(final, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_whole(self._layer_dir(key))
 
     def _layer_dir(self, key: str) -> Path:
         if not _KEY_RE.fullmatch(key):
@@ -314,15 +278,37 @@ def reshift(root: Path, from_shift: int, to_shift: int, size: int = 65536) -> No
     each_inode(root, fix)
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    """``cp -a`` (owners, modes, times, xattrs, device nodes: the overlay's whiteouts)."""
-    proc = subprocess.run(
-        ["cp", "-a", "--sparse=always", "--", str(source), str(target)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        message = proc.stdout.decode(errors="replace").strip()[-2000:]
-        raise ImageError(f"copying the build's files failed: {message}")
+def _write_manifest(
+    image_dir: Path,
+    key: str,
+    *,
+    name: str,
+    parent: str | None,
+    like: ImageInfo,
+    shell: str,
+    env: dict[str, str],
+    workdir: str | None,
+    extra: dict[str, object] | None,
+) -> None:
+    """A layer image's manifest: its sandbox user's facts are ``like``'s, its size
+    what its ``rootfs/`` takes now (counted once: a layer is never modified after)."""
+    manifest = {
+        "name": name,
+        "recipe_hash": key[:12],
+        "digest": f"sha256:{key}",
+        "parent": parent,
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "uid_shift": like.uid_shift,
+        "id_map_size": like.id_map_size,
+        "sandbox_uid": like.sandbox_uid,
+        "sandbox_gid": like.sandbox_gid,
+        "sandbox_user": like.sandbox_user,
+        "home": like.home,
+        "shell": shell,
+        "env": env,
+        "workdir": workdir,
+        "size_bytes": disk_bytes(image_dir / ROOTFS_NAME),
+        **(extra or {}),
+    }
+    (image_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(image_dir / MANIFEST_NAME, 0o644)
