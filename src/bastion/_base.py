@@ -1,11 +1,12 @@
-"""Everything the Bastion clients share that does no I/O.
+"""What the Bastion clients share, whatever the endpoint, and that does no I/O.
 
 :class:`bastion.Bastion` and :class:`bastion.AsyncBastion` only send requests, read
-responses and sleep between retries; building URLs, headers and whole requests,
-shaping request bodies, deciding whether and when to retry, parsing and mapping error
-responses, translating transport errors, long-poll bookkeeping and job-result checks
-all live here, once.  (Reading upload sources and writing download destinations is in
-:mod:`bastion._local_files`.)
+responses and sleep between retries; the client's configuration (URL, key, timeouts,
+pool), an API call as data (:class:`APIRequest`) and its encoding for ``httpx``,
+deciding whether and when to retry, parsing and mapping error responses and
+translating transport errors all live here, once.  What each endpoint sends and how
+its answer is read sits beside its resource, in :mod:`bastion._resources`; reading
+upload sources and writing download destinations is in :mod:`bastion._local_files`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import email.utils
 import inspect
 import json
-import math
 import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -46,10 +46,8 @@ from ._exceptions import (
     InvalidCommandError,
     InvalidRecipeError,
     InvalidRequestError,
-    JobFailedError,
     JobNotFoundError,
     JobStateError,
-    JobTimeoutError,
     NotFoundError,
     PathNotFoundError,
     QuotaExceededError,
@@ -61,28 +59,7 @@ from ._exceptions import (
     SnapshotNotFoundError,
     SnapshotStateError,
 )
-from ._pages import page_params
-from .wire import (
-    API_PREFIX,
-    FINAL_JOB_STATUSES,
-    IDEMPOTENCY_HEADER,
-    JOB_WAIT_MAX_HOLD,
-    MAX_INLINE_STDIN,
-    CreateKeyRequest,
-    CreateSessionRequest,
-    ErrorCode,
-    ExpiryAction,
-    FileDeleteResult,
-    JobEvent,
-    JobInfo,
-    JobLimitsRequest,
-    KeyScopeName,
-    NetworkRequest,
-    RunJobRequest,
-    SessionInfo,
-    SessionLimits,
-    SessionStatus,
-)
+from .wire import API_PREFIX, ErrorCode
 
 if TYPE_CHECKING:
     from ._local_files import UploadBody
@@ -108,11 +85,6 @@ DEFAULT_LIMITS = httpx.Limits(
 #: Uploads from file objects are read and sent in pieces of this size.
 UPLOAD_CHUNK_SIZE = 1024 * 1024
 DOWNLOAD_CHUNK_SIZE = 1024 * 1024
-
-#: Hold asked for while ``watch()`` sees a queued job.  The wait endpoint answers only
-#: when the job is final or the hold ends, so the queued -> running change is seen at
-#: most this late; once running, only the final change is left and holds are long.
-WATCH_QUEUED_HOLD = 1.0
 
 #: The file operation a request performs: file error codes map to its exception class.
 FileOperation = Literal["upload", "list", "delete", "download"]
@@ -283,6 +255,19 @@ def docs_from(sync_class: type) -> Callable[[_T], _T]:
 
 def new_idempotency_key() -> str:
     return str(uuid.uuid4())
+
+
+def given_fields(**fields: object) -> dict[str, Any]:
+    """The fields that are not ``None``, in order: a request body leaves out what the
+    caller did not give, so the server's defaults apply."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+async def await_result(result: object) -> None:
+    """Await what a callback returned, if it is awaitable (the async client's callbacks
+    may be plain or ``async def`` functions)."""
+    if inspect.isawaitable(result):
+        await result
 
 
 # --------------------------------------------------------------------------- errors
@@ -651,606 +636,3 @@ def build_http_request(
         headers=headers,
         timeout=httpx.USE_CLIENT_DEFAULT if request.timeout is None else request.timeout,
     )
-
-
-def _session_url(session_id: str, *rest: str) -> str:
-    return BaseBastion._url("sessions", session_id, *rest)
-
-
-def health_request() -> APIRequest:
-    return APIRequest("GET", f"{API_PREFIX}/health")
-
-
-def create_session_request(body: CreateSessionRequest, idempotency_key: str | None) -> APIRequest:
-    """``POST /sessions``: safe to retry, the key makes the server create it once.
-
-    The key is chosen here, once per call, so every attempt carries the same one.
-    """
-    return APIRequest(
-        "POST",
-        BaseBastion._url("sessions"),
-        json=body,
-        headers={IDEMPOTENCY_HEADER: idempotency_key or new_idempotency_key()},
-    )
-
-
-def get_session_request(session_id: str) -> APIRequest:
-    return APIRequest("GET", _session_url(session_id))
-
-
-def list_sessions_request(limit: int | None = None, cursor: str | None = None) -> APIRequest:
-    return APIRequest("GET", BaseBastion._url("sessions"), params=page_params(limit, cursor))
-
-
-def create_key_request(body: CreateKeyRequest) -> APIRequest:
-    """``POST /keys``: not idempotent (a repeat would make a second key)."""
-    return APIRequest("POST", BaseBastion._url("keys"), json=body, idempotent=False)
-
-
-def list_keys_request() -> APIRequest:
-    return APIRequest("GET", BaseBastion._url("keys"))
-
-
-def revoke_key_request(key: str) -> APIRequest:
-    return APIRequest("DELETE", BaseBastion._url("keys", key))
-
-
-def create_key_body(scope: str, name: str | None, tenant: str | None) -> CreateKeyRequest:
-    body: CreateKeyRequest = {"scope": cast(KeyScopeName, scope)}
-    if name is not None:
-        body["name"] = name
-    if tenant is not None:
-        body["tenant"] = tenant
-    return body
-
-
-SessionAction = Literal["start", "stop", "pause", "resume", "delete"]
-
-#: The status each action leaves a session in.
-SESSION_ACTION_TARGETS: dict[SessionAction, SessionStatus] = {
-    "start": SessionStatus.RUNNING,
-    "stop": SessionStatus.STOPPED,
-    "pause": SessionStatus.PAUSED,
-    "resume": SessionStatus.RUNNING,
-    "delete": SessionStatus.DELETED,
-}
-
-
-def session_action_request(session_id: str, action: SessionAction) -> APIRequest:
-    """``POST .../start``, ``POST .../stop`` or ``DELETE``: idempotent in effect.
-
-    A repeat after a lost answer is refused as ``session_state`` (the session is
-    already there); :func:`session_action_recovered` tells when that is success.
-    """
-    if action == "delete":
-        return APIRequest("DELETE", _session_url(session_id))
-    return APIRequest("POST", _session_url(session_id, action))
-
-
-def session_action_recovered(error: BastionError, attempts: Attempts) -> bool:
-    """Whether ``error`` may mean an earlier attempt of a session action did its work.
-
-    If so, the caller reads the session and returns it when it is in the action's
-    target state (:data:`SESSION_ACTION_TARGETS`), else raises ``error``.
-    """
-    return attempts.may_have_taken_effect and isinstance(error, SessionStateError)
-
-
-def session_reached(action: SessionAction, info: SessionInfo) -> bool:
-    return info["status"] == SESSION_ACTION_TARGETS[action]
-
-
-def run_job_request(
-    session_id: str,
-    body: RunJobRequest,
-    hold: float | None = None,
-    timeout: httpx.Timeout | None = None,
-) -> APIRequest:
-    """``POST .../jobs``: not idempotent (a repeat would run the command twice).
-
-    With ``hold`` the server keeps the answer until the job ends or ``hold`` seconds
-    pass, so a short job's result comes back in this one round trip.
-    """
-    return APIRequest(
-        "POST",
-        _session_url(session_id, "jobs"),
-        json=body,
-        idempotent=False,
-        params={"wait": format_hold(hold)} if hold is not None else None,
-        timeout=timeout,
-    )
-
-
-def job_stdin_request(
-    session_id: str, job_id: str, body: UploadBody | None, *, close: bool
-) -> APIRequest:
-    """``POST .../stdin``: not retried (a repeat would feed the input twice)."""
-    return APIRequest(
-        "POST",
-        _session_url(session_id, "jobs", job_id, "stdin"),
-        params={"close": "true"} if close else None,
-        body=body,
-        idempotent=False,
-    )
-
-
-def kill_job_request(session_id: str, job_id: str, signal: str | int) -> APIRequest:
-    return APIRequest(
-        "POST",
-        _session_url(session_id, "jobs", job_id, "kill"),
-        json={"signal": signal},
-        idempotent=False,
-    )
-
-
-def processes_request(session_id: str) -> APIRequest:
-    return APIRequest("GET", _session_url(session_id, "processes"))
-
-
-def split_stdin(stdin: object) -> tuple[bool | str | None, object]:
-    """What a run request carries for ``stdin``, and what is left to stream after it:
-    small text (or UTF-8 bytes) goes inline; other bytes, or a file object, go through
-    the stdin endpoint (the job is run with an open stdin, ``True``, first)."""
-    if stdin is None or isinstance(stdin, bool):
-        return stdin, None
-    if isinstance(stdin, str):
-        stdin = stdin.encode("utf-8")
-    if isinstance(stdin, bytes | bytearray | memoryview):
-        data = bytes(stdin)
-        if len(data) <= MAX_INLINE_STDIN:
-            try:
-                return data.decode("utf-8"), None
-            except UnicodeDecodeError:
-                pass
-        return True, data
-    return True, stdin
-
-
-def get_job_request(session_id: str, job_id: str) -> APIRequest:
-    return APIRequest("GET", _session_url(session_id, "jobs", job_id))
-
-
-def list_jobs_request(
-    session_id: str, limit: int | None = None, cursor: str | None = None
-) -> APIRequest:
-    return APIRequest("GET", _session_url(session_id, "jobs"), params=page_params(limit, cursor))
-
-
-def wait_job_request(
-    session_id: str, job_id: str, hold: float, timeout: httpx.Timeout
-) -> APIRequest:
-    """One long poll: the server answers when the job is final or ``hold`` ends."""
-    return APIRequest(
-        "GET",
-        _session_url(session_id, "jobs", job_id, "wait"),
-        params={"timeout": format_hold(hold)},
-        timeout=timeout,
-    )
-
-
-def job_events_request(session_id: str, job_id: str, timeout: httpx.Timeout) -> APIRequest:
-    return APIRequest(
-        "GET",
-        _session_url(session_id, "jobs", job_id, "events"),
-        headers={"Accept": NDJSON_MEDIA_TYPE},
-        timeout=timeout,
-    )
-
-
-def _file_params(path: str, user: str, **more: str) -> dict[str, str]:
-    params = {"path": path, **more}
-    if user != "user":
-        params["user"] = user
-    return params
-
-
-def upload_request(
-    session_id: str, path: str, body: UploadBody, *, mode: int | None = None, user: str = "user"
-) -> APIRequest:
-    """``PUT .../files``: replaces the file, so idempotent when the body can be resent."""
-    if mode is not None and not (isinstance(mode, int) and 0 <= mode <= 0o777):
-        raise ValueError(f"mode must be permission bits between 0o000 and 0o777, not {mode!r}")
-    extra = {"mode": format(mode, "o")} if mode is not None else {}
-    return APIRequest(
-        "PUT",
-        _session_url(session_id, "files"),
-        params=_file_params(path, user, **extra),
-        body=body,
-        file_op="upload",
-        idempotent=body.buffered,
-    )
-
-
-def delete_file_request(
-    session_id: str, path: str, recursive: bool, *, user: str = "user"
-) -> APIRequest:
-    params = _file_params(path, user)
-    if recursive:
-        params["recursive"] = "true"
-    return APIRequest("DELETE", _session_url(session_id, "files"), params=params, file_op="delete")
-
-
-def file_delete_recovered(
-    path: str, error: BastionError, attempts: Attempts
-) -> FileDeleteResult | None:
-    """The result of a retried delete whose earlier attempt may have deleted ``path``.
-
-    A ``file_not_found`` answer after such an attempt is the mark of its success.
-    """
-    if attempts.may_have_taken_effect and error.code == ErrorCode.FILE_NOT_FOUND:
-        return {"path": path, "deleted": True}
-    return None
-
-
-def download_request(session_id: str, path: str, *, user: str = "user") -> APIRequest:
-    return APIRequest(
-        "GET",
-        _session_url(session_id, "files", "content"),
-        params=_file_params(path, user),
-        file_op="download",
-    )
-
-
-def upload_archive_request(
-    session_id: str, path: str, body: UploadBody, *, user: str
-) -> APIRequest:
-    """``POST .../files/archive``: a tar stream extracted into directory ``path``
-    (a stream: retried only if the connection could not be opened)."""
-    return APIRequest(
-        "POST",
-        _session_url(session_id, "files", "archive"),
-        params=_file_params(path, user),
-        body=body,
-        file_op="upload",
-        idempotent=False,
-    )
-
-
-def download_archive_request(session_id: str, path: str, *, user: str) -> APIRequest:
-    """``GET .../files/archive``: directory ``path`` as a tar stream."""
-    return APIRequest(
-        "GET",
-        _session_url(session_id, "files", "archive"),
-        params=_file_params(path, user),
-        file_op="download",
-    )
-
-
-def list_files_request(
-    session_id: str,
-    path: str,
-    *,
-    user: str = "user",
-    limit: int | None = None,
-    cursor: str | None = None,
-) -> APIRequest:
-    return APIRequest(
-        "GET",
-        _session_url(session_id, "files"),
-        params=_file_params(path, user, **page_params(limit, cursor)),
-        file_op="list",
-    )
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-def create_session_body(
-    limits: SessionLimits | None,
-    metadata: Mapping[str, str] | None,
-    *,
-    idle_timeout: float | None = None,
-    max_lifetime: float | None = None,
-    on_timeout: ExpiryAction | None = None,
-    network: NetworkRequest | None = None,
-    env: Mapping[str, str] | None = None,
-    paused_timeout: float | None = None,
-    snapshot: str | None = None,
-    image: str | None = None,
-) -> CreateSessionRequest:
-    body: CreateSessionRequest = {}
-    if limits is not None:
-        body["limits"] = limits
-    if metadata is not None:
-        body["metadata"] = dict(metadata)
-    if idle_timeout is not None:
-        body["idle_timeout"] = idle_timeout
-    if max_lifetime is not None:
-        body["max_lifetime"] = max_lifetime
-    if on_timeout is not None:
-        body["on_timeout"] = on_timeout
-    if network is not None:
-        body["network"] = network
-    if env is not None:
-        body["env"] = dict(env)
-    if paused_timeout is not None:
-        body["paused_timeout"] = paused_timeout
-    if snapshot is not None:
-        body["snapshot"] = snapshot
-    if image is not None:
-        body["image"] = image
-    return body
-
-
-def normalize_command(command: str | Sequence[str]) -> list[str]:
-    """A command as an argv list; a plain string runs through ``/bin/sh -c``.
-
-    Raises:
-        TypeError: ``command`` is neither a string nor a sequence of strings.
-    """
-    if isinstance(command, str):
-        return ["/bin/sh", "-c", command]
-    if isinstance(command, bytes | bytearray) or not isinstance(command, Sequence):
-        raise TypeError(f"command must be a str or a sequence of str, not {type(command).__name__}")
-    argv = list(command)
-    for arg in argv:
-        if not isinstance(arg, str):
-            raise TypeError(f"command arguments must be str, got {arg!r}")
-    return argv
-
-
-def run_job_body(
-    command: str | Sequence[str],
-    env: Mapping[str, str] | None,
-    cwd: str | None,
-    timeout: float | None,
-    stdin: bool | str | None = None,
-    limits: JobLimitsRequest | Mapping[str, int] | None = None,
-    user: Literal["user", "root"] | None = None,
-) -> RunJobRequest:
-    body: RunJobRequest = {"command": normalize_command(command)}
-    if user is not None:
-        body["user"] = user
-    if stdin is not None and stdin is not False:
-        body["stdin"] = stdin
-    if limits is not None:
-        body["limits"] = cast(JobLimitsRequest, dict(limits))
-    if env is not None:
-        body["env"] = dict(env)
-    if cwd is not None:
-        body["cwd"] = cwd
-    if timeout is not None:
-        body["timeout"] = timeout
-    return body
-
-
-# --------------------------------------------------------------------------- jobs
-
-
-def is_final(job: JobInfo) -> bool:
-    return job["status"] in FINAL_JOB_STATUSES
-
-
-def check_job_result(job: JobInfo) -> JobInfo:
-    """Return a final job, or raise :class:`JobFailedError` (the result) if it failed."""
-    if job["status"] == "failed":
-        raise JobFailedError(job)
-    return job
-
-
-def job_timeout_error(job: JobInfo, timeout: float | None) -> JobTimeoutError:
-    return JobTimeoutError(
-        f"job {job['job_id']} still {job['status']} after {timeout} s "
-        "(it keeps running on the server)",
-        job=job,
-        timeout=timeout,
-    )
-
-
-def format_hold(hold: float) -> str:
-    """The ``timeout`` query value for a hold: seconds, millisecond precision."""
-    return f"{round(hold, 3):g}"
-
-
-class LongPoll:
-    """Deadline bookkeeping for loops of long-poll requests (``wait``/``watch``).
-
-    Args:
-        timeout: Seconds until the caller gives up, ``None`` for never.
-        clock: Monotonic clock (tests may pass their own).
-    """
-
-    def __init__(
-        self, timeout: float | None, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._clock = clock
-        self.timeout = timeout
-        self._deadline = None if timeout is None else clock() + max(0.0, timeout)
-
-    def remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(0.0, self._deadline - self._clock())
-
-    def expired(self) -> bool:
-        remaining = self.remaining()
-        return remaining is not None and remaining <= 0.0
-
-    def next_hold(self, cap: float = JOB_WAIT_MAX_HOLD) -> float:
-        """How long to ask the server to hold the next request."""
-        remaining = self.remaining()
-        return cap if remaining is None else min(cap, remaining)
-
-    def pause_after(self, hold: float, elapsed: float) -> float:
-        """Seconds to sleep before polling again after a non-final answer.
-
-        A server answers a hold early only if it caps holds below ours or misbehaves;
-        pausing then keeps a ``timeout=None`` loop from hammering it.
-        """
-        if hold <= 0.0 or elapsed >= hold / 2 or not math.isfinite(elapsed):
-            return 0.0
-        remaining = self.remaining()
-        pause = min(0.5, hold - elapsed)
-        return pause if remaining is None else min(pause, remaining)
-
-
-def watch_hold(job: JobInfo) -> float:
-    """The hold to ask for while ``watch()`` waits for the next change of ``job``."""
-    return WATCH_QUEUED_HOLD if job["status"] == "queued" else JOB_WAIT_MAX_HOLD
-
-
-#: The order of job states; a status never goes back to a lower rank.
-_STATUS_RANK = {"queued": 0, "running": 1, "completed": 2, "failed": 2}
-
-
-class StatusTracker:
-    """Tells which job snapshots ``watch()`` must deliver: each change of status.
-
-    Only forward changes count: an event stream replays a job's history from the
-    start, so a follower that already saw ``running`` must not report ``queued``.
-    """
-
-    def __init__(self) -> None:
-        self._last: str | None = None
-
-    def is_new(self, status: str) -> bool:
-        if status == self._last:
-            return False
-        if self._last is None:
-            return True
-        rank, last_rank = _STATUS_RANK.get(status), _STATUS_RANK.get(self._last)
-        return rank is None or last_rank is None or rank > last_rank
-
-    def changed(self, job: JobInfo) -> bool:
-        if not self.is_new(job["status"]):
-            return False
-        self._last = job["status"]
-        return True
-
-    def wants_snapshot(self, status: str) -> bool:
-        """Whether a ``status`` event calls for the job's full info, to report it.
-
-        Status events carry only the name; the snapshot callers get is the job's full
-        ``JobInfo``.  The final one comes with ``end``, after all output.
-        """
-        return status not in FINAL_JOB_STATUSES and self.is_new(status)
-
-
-# --------------------------------------------------------------------------- job events
-
-#: Media type of the job event stream (one JSON object per line).
-NDJSON_MEDIA_TYPE = "application/x-ndjson"
-
-#: Callbacks return nothing of use; the async client awaits what they return if it
-#: is awaitable, so ``async def`` callbacks work there.
-OutputCallback: TypeAlias = Callable[[str], object]
-EventCallback: TypeAlias = Callable[[JobEvent], object]
-#: A callback call to make: the callback with its argument bound.
-CallbackCall: TypeAlias = Callable[[], object]
-
-
-async def await_result(result: object) -> None:
-    """Await what a callback returned, if it is awaitable (the async client's callbacks
-    may be plain or ``async def`` functions)."""
-    if inspect.isawaitable(result):
-        await result
-
-
-def parse_job_event(line: str) -> JobEvent | None:
-    """One line of the NDJSON job event stream; ``None`` for a blank (keep-alive) line.
-
-    Events of a type this SDK does not know are returned as they are, so a newer
-    server can add some; callers ignore what they do not handle.
-
-    Raises:
-        BastionError: The line is not a JSON object with a string ``type``, or an
-            ``end`` event carries no job.
-        ServerShutdownError: The ``end`` event says the server ended the stream
-            because it is shutting down (before the job ended).
-    """
-    text = line.strip()
-    if not text:
-        return None
-    try:
-        event = json.loads(text)
-    except ValueError as exc:
-        raise BastionError(f"malformed job event (not JSON): {text[:200]!r}") from exc
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise BastionError(f"malformed job event (no type): {text[:200]!r}")
-    if event["type"] == "end" and not isinstance(event.get("job"), dict):
-        raise BastionError(f"malformed job event (end without job): {text[:200]!r}")
-    if event["type"] in ("stdout", "stderr") and not isinstance(event.get("data"), str):
-        raise BastionError(f"malformed job event (output without data): {text[:200]!r}")
-    if event["type"] == "end" and event.get("reason") == ErrorCode.SERVER_SHUTDOWN:
-        job = event["job"]
-        raise ServerShutdownError(
-            f"the server is shutting down: the event stream of job {job.get('job_id')} "
-            f"ended while the job was {job.get('status')}",
-            code=ErrorCode.SERVER_SHUTDOWN,
-        )
-    return cast(JobEvent, event)
-
-
-class JobFollower:
-    """Follows one job through its event stream, without doing any I/O.
-
-    The I/O side feeds each event to :meth:`feed`, makes the callback calls it returns,
-    in order, and stops once :attr:`final` is set; between events it calls
-    :meth:`check_deadline`.
-
-    Args:
-        job: The job as last known (from ``run()`` or ``get()``); its status follows
-            the stream's ``status`` events, for the timeout error.
-        timeout: Seconds the caller follows at most, ``None`` for ever.
-        on_stdout: Called with each stdout chunk.
-        on_stderr: Called with each stderr chunk.
-        on_output: Called with each ``stdout``/``stderr`` event as a whole.
-    """
-
-    def __init__(
-        self,
-        job: JobInfo,
-        timeout: float | None,
-        *,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        on_output: EventCallback | None = None,
-    ) -> None:
-        self.job = job
-        self.poll = LongPoll(timeout)
-        self.final: JobInfo | None = None
-        self._on_stdout = on_stdout
-        self._on_stderr = on_stderr
-        self._on_output = on_output
-
-    def read_timeout(self) -> float | None:
-        """The read timeout for the stream: the time left (a silent stream is given up
-        once the deadline has passed), ``None`` without a deadline."""
-        return self.poll.remaining()
-
-    def feed(self, event: JobEvent) -> list[CallbackCall]:
-        """Take note of ``event``; return the callback calls it asks for, in order."""
-        calls: list[CallbackCall] = []
-        kind = event["type"]
-        if kind == "stdout" or kind == "stderr":
-            data = event.get("data", "")
-            callback = self._on_stdout if kind == "stdout" else self._on_stderr
-            if callback is not None and data:
-                calls.append(_bind(callback, data))
-            if self._on_output is not None:
-                calls.append(_bind(self._on_output, event))
-        elif kind == "status":
-            status = event.get("status")
-            if status is not None:
-                self.job = cast(JobInfo, {**self.job, "status": status})
-        elif kind == "end":
-            self.final = event["job"]
-            self.job = self.final
-        return calls
-
-    def check_deadline(self) -> None:
-        """Raise :class:`JobTimeoutError` if the deadline passed before the end."""
-        if self.final is None and self.poll.expired():
-            raise self.timeout_error()
-
-    def timeout_error(self) -> JobTimeoutError:
-        return job_timeout_error(self.job, self.poll.timeout)
-
-
-def _bind(callback: Callable[[Any], object], argument: object) -> CallbackCall:
-    return lambda: callback(argument)
-
-
-def stream_ended_early(job_id: str) -> APIConnectionError:
-    """The stream closed without its ``end`` event (the server went away mid-stream)."""
-    return APIConnectionError(f"the event stream of job {job_id} ended before the job did")

@@ -1,9 +1,10 @@
 """The Bastion clients: :class:`Bastion` (sync) and :class:`AsyncBastion`.
 
 Both take the same arguments and offer the same sub-APIs; everything that does no
-I/O (configuration, requests, retry decisions, error mapping) is in
-:class:`bastion._base.BaseBastion` and the functions beside it.  What is repeated
-here is only the I/O core: send a request with its retries, read a response.
+I/O is elsewhere: configuration, retry decisions and error mapping in
+:mod:`bastion._base`, each endpoint's requests beside its resource in
+:mod:`bastion._resources`.  What is repeated here is only the I/O core: send a
+request with its retries, read a response.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from ._base import (
     NotGiven,
     TimeoutTypes,
     build_http_request,
-    health_request,
     make_api_error,
     map_http_error,
     parse_json,
@@ -42,9 +42,14 @@ from ._resources.keys import AsyncKeys, Keys
 from ._resources.sessions import AsyncSessions, Sessions
 from ._resources.snapshots import AsyncSnapshots, Snapshots
 from ._terminal import Terminals
-from .wire import HealthInfo
+from .wire import API_PREFIX, HealthInfo
 
 __all__ = ["AsyncBastion", "Bastion"]
+
+
+def health_request() -> APIRequest:
+    """``GET /health``: the server's health, version and runtime (no key needed)."""
+    return APIRequest("GET", f"{API_PREFIX}/health")
 
 
 class Bastion(BaseBastion):

@@ -47,7 +47,8 @@ from bastion import (
     TerminalSessionStateError,
     TerminalTimeoutError,
 )
-from bastion._base import UPLOAD_CHUNK_SIZE, WATCH_QUEUED_HOLD
+from bastion._base import UPLOAD_CHUNK_SIZE
+from bastion._resources.job_follow import WATCH_QUEUED_HOLD
 from bastion._terminal_base import CLIENT_CLOSED
 from bastion.wire import (
     ERROR_HTTP_STATUS,

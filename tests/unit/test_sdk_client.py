@@ -20,7 +20,8 @@ from bastion import (
     JobTimeoutError,
     SessionInfo,
 )
-from bastion._base import UPLOAD_CHUNK_SIZE, WATCH_QUEUED_HOLD
+from bastion._base import UPLOAD_CHUNK_SIZE
+from bastion._resources.job_follow import WATCH_QUEUED_HOLD
 from bastion.wire import IDEMPOTENCY_HEADER, JOB_WAIT_MAX_HOLD
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -507,7 +508,7 @@ def test_downloads(tmp_path: Path) -> None:
 
 
 def test_long_poll_bookkeeping_with_a_fake_clock() -> None:
-    from bastion._base import LongPoll
+    from bastion._resources.job_follow import LongPoll
 
     now = [100.0]
     poll = LongPoll(10.0, clock=lambda: now[0])

@@ -27,7 +27,7 @@ from bastion import (
     ServerShutdownError,
     SessionNotFoundError,
 )
-from bastion._base import StatusTracker, parse_job_event
+from bastion._resources.job_follow import StatusTracker, parse_job_event
 
 EVENTS_PATH = "/v1/sessions/s1/jobs/j1/events"
 

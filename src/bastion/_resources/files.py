@@ -1,31 +1,25 @@
-"""``bastion.files``: move files in and out of a session (sync and async)."""
+"""``bastion.files``: move files in and out of a session (sync and async).
+
+The requests of the file endpoints come first, shared by :class:`Files` and
+:class:`AsyncFiles`; the two classes only send them and move the bytes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
-from .._base import (
-    DOWNLOAD_CHUNK_SIZE,
-    APIRequest,
-    delete_file_request,
-    docs_from,
-    download_archive_request,
-    download_request,
-    file_delete_recovered,
-    list_files_request,
-    upload_archive_request,
-    upload_request,
-)
+from .._base import DOWNLOAD_CHUNK_SIZE, APIRequest, Attempts, FileOperation, docs_from
 from .._exceptions import BastionError
 from .._local_files import (
     AsyncDestination,
     AsyncDownloadDestination,
     AsyncUploadData,
     DownloadDestination,
+    UploadBody,
     UploadData,
     async_upload_body,
     destination_file,
@@ -33,20 +27,135 @@ from .._local_files import (
     write_chunks,
 )
 from .._local_tree import LocalTreeArchive, ProgressCallback, extract_tree
-from .._pages import PageRequestFor, merge_pages, wants_every_page
+from .._pages import PageRequestFor, merge_pages, page_params, wants_every_page
 from .._tar_stream import ChunkReader, QueueReader
 from ..wire import (
     MAX_PAGE_SIZE,
     ArchiveUploadResult,
+    ErrorCode,
     FileDeleteResult,
     FileEntry,
     FileList,
     FileUploadResult,
     FileUser,
 )
+from .sessions import session_url
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
+
+
+def _file_request(
+    method: str,
+    session_id: str,
+    endpoint: tuple[str, ...],
+    file_op: FileOperation,
+    path: str,
+    user: str,
+    *,
+    params: Mapping[str, str] | None = None,
+    body: UploadBody | None = None,
+    idempotent: bool = True,
+) -> APIRequest:
+    """A request of a file endpoint (``.../files`` and below) on ``path``, as ``user``
+    (the sandbox user's is the default, left out of the query)."""
+    query = {"path": path, **(params or {})}
+    if user != "user":
+        query["user"] = user
+    return APIRequest(
+        method,
+        session_url(session_id, *endpoint),
+        params=query,
+        body=body,
+        file_op=file_op,
+        idempotent=idempotent,
+    )
+
+
+def upload_request(
+    session_id: str, path: str, body: UploadBody, *, mode: int | None = None, user: str = "user"
+) -> APIRequest:
+    """``PUT .../files``: replaces the file, so idempotent when the body can be resent."""
+    if mode is not None and not (isinstance(mode, int) and 0 <= mode <= 0o777):
+        raise ValueError(f"mode must be permission bits between 0o000 and 0o777, not {mode!r}")
+    extra = {"mode": format(mode, "o")} if mode is not None else {}
+    return _file_request(
+        "PUT",
+        session_id,
+        ("files",),
+        "upload",
+        path,
+        user,
+        params=extra,
+        body=body,
+        idempotent=body.buffered,
+    )
+
+
+def delete_file_request(
+    session_id: str, path: str, recursive: bool, *, user: str = "user"
+) -> APIRequest:
+    extra = {"recursive": "true"} if recursive else {}
+    return _file_request("DELETE", session_id, ("files",), "delete", path, user, params=extra)
+
+
+def file_delete_recovered(
+    path: str, error: BastionError, attempts: Attempts
+) -> FileDeleteResult | None:
+    """The result of a retried delete whose earlier attempt may have deleted ``path``.
+
+    A ``file_not_found`` answer after such an attempt is the mark of its success.
+    """
+    if attempts.may_have_taken_effect and error.code == ErrorCode.FILE_NOT_FOUND:
+        return {"path": path, "deleted": True}
+    return None
+
+
+def download_request(session_id: str, path: str, *, user: str = "user") -> APIRequest:
+    return _file_request("GET", session_id, ("files", "content"), "download", path, user)
+
+
+def upload_archive_request(
+    session_id: str, path: str, body: UploadBody, *, user: str
+) -> APIRequest:
+    """``POST .../files/archive``: a tar stream extracted into directory ``path``
+    (a stream: retried only if the connection could not be opened)."""
+    return _file_request(
+        "POST",
+        session_id,
+        ("files", "archive"),
+        "upload",
+        path,
+        user,
+        body=body,
+        idempotent=False,
+    )
+
+
+def download_archive_request(session_id: str, path: str, *, user: str) -> APIRequest:
+    """``GET .../files/archive``: directory ``path`` as a tar stream."""
+    return _file_request("GET", session_id, ("files", "archive"), "download", path, user)
+
+
+def list_files_request(
+    session_id: str,
+    path: str,
+    *,
+    user: str = "user",
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> APIRequest:
+    params = page_params(limit, cursor)
+    return _file_request("GET", session_id, ("files",), "list", path, user, params=params)
+
+
+def _page_of(session_id: str, path: str, user: FileUser, page_size: int) -> PageRequestFor:
+    """The request of a page of the listing of ``path``, given its cursor."""
+
+    def request_for(cursor: str | None) -> APIRequest:
+        return list_files_request(session_id, path, user=user, limit=page_size, cursor=cursor)
+
+    return request_for
 
 
 class Files:
@@ -586,15 +695,6 @@ class AsyncFiles:
         async for page in self._client._pages(_page_of(session_id, path, user, page_size)):
             for entry in page["files"]:
                 yield entry
-
-
-def _page_of(session_id: str, path: str, user: FileUser, page_size: int) -> PageRequestFor:
-    """The request of a page of the listing of ``path``, given its cursor."""
-
-    def request_for(cursor: str | None) -> APIRequest:
-        return list_files_request(session_id, path, user=user, limit=page_size, cursor=cursor)
-
-    return request_for
 
 
 def _counted(chunks: Iterator[bytes], progress: ProgressCallback | None) -> Iterator[bytes]:

@@ -1,4 +1,9 @@
-"""``bastion.jobs``: run commands in a session and follow them to their result."""
+"""``bastion.jobs``: run commands in a session and follow them to their result.
+
+What the requests are is in :mod:`.job_requests`, how a job is followed (deadlines,
+status changes, events) in :mod:`.job_follow`; here is only the I/O around them, sync
+and async.
+"""
 
 from __future__ import annotations
 
@@ -20,30 +25,7 @@ from collections.abc import (
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, cast
 
-from .._base import (
-    EventCallback,
-    JobFollower,
-    LongPoll,
-    OutputCallback,
-    StatusTracker,
-    await_result,
-    check_job_result,
-    docs_from,
-    get_job_request,
-    is_final,
-    job_events_request,
-    job_stdin_request,
-    job_timeout_error,
-    kill_job_request,
-    list_jobs_request,
-    parse_job_event,
-    run_job_body,
-    run_job_request,
-    split_stdin,
-    stream_ended_early,
-    wait_job_request,
-    watch_hold,
-)
+from .._base import await_result, docs_from
 from .._exceptions import APITimeoutError, BastionError, JobStateError
 from .._local_files import (
     AsyncUploadData,
@@ -60,6 +42,30 @@ from ..wire import (
     JobLimitsRequest,
     JobList,
     StdinResult,
+)
+from .job_follow import (
+    EventCallback,
+    JobFollower,
+    LongPoll,
+    OutputCallback,
+    StatusTracker,
+    check_job_result,
+    is_final,
+    job_timeout_error,
+    parse_job_event,
+    stream_ended_early,
+    watch_hold,
+)
+from .job_requests import (
+    get_job_request,
+    job_events_request,
+    job_stdin_request,
+    kill_job_request,
+    list_jobs_request,
+    run_job_body,
+    run_job_request,
+    split_stdin,
+    wait_job_request,
 )
 
 if TYPE_CHECKING:

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from .._base import (
-    create_key_body,
-    create_key_request,
-    docs_from,
-    list_keys_request,
-    revoke_key_request,
-)
-from ..wire import CreatedKey, KeyInfo, KeyList, KeyScopeName
+from .._base import APIRequest, BaseBastion, docs_from, given_fields
+from ..wire import CreatedKey, CreateKeyRequest, KeyInfo, KeyList, KeyScopeName
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
+
+
+def create_key_request(body: CreateKeyRequest) -> APIRequest:
+    """``POST /keys``: not idempotent (a repeat would make a second key)."""
+    return APIRequest("POST", BaseBastion._url("keys"), json=body, idempotent=False)
+
+
+def list_keys_request() -> APIRequest:
+    return APIRequest("GET", BaseBastion._url("keys"))
+
+
+def revoke_key_request(key: str) -> APIRequest:
+    return APIRequest("DELETE", BaseBastion._url("keys", key))
+
+
+def create_key_body(scope: str, name: str | None, tenant: str | None) -> CreateKeyRequest:
+    body = {"scope": cast(KeyScopeName, scope), **given_fields(name=name, tenant=tenant)}
+    return cast(CreateKeyRequest, body)
 
 
 class Keys:

@@ -1,27 +1,29 @@
-"""``bastion.sessions``: the lifecycle of sessions (sync and async)."""
+"""``bastion.sessions``: the lifecycle of sessions (sync and async).
+
+The requests of the session endpoints come first, shared by :class:`Sessions` and
+:class:`AsyncSessions`; the two classes only send them.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from .._base import (
-    SessionAction,
-    create_session_body,
-    create_session_request,
+    APIRequest,
+    Attempts,
+    BaseBastion,
     docs_from,
-    get_session_request,
-    list_sessions_request,
-    processes_request,
-    session_action_recovered,
-    session_action_request,
-    session_reached,
+    given_fields,
+    new_idempotency_key,
 )
-from .._exceptions import BastionError
-from .._pages import merge_pages, wants_every_page
+from .._exceptions import BastionError, SessionStateError
+from .._pages import merge_pages, page_params, wants_every_page
 from ..wire import (
+    IDEMPOTENCY_HEADER,
     MAX_PAGE_SIZE,
+    CreateSessionRequest,
     ExpiryAction,
     ForkResult,
     NetworkRequest,
@@ -30,12 +32,108 @@ from ..wire import (
     SessionInfo,
     SessionLimits,
     SessionList,
+    SessionStatus,
     SnapshotInfo,
 )
 from .snapshots import fork_request, restore_request, take_snapshot_request
 
 if TYPE_CHECKING:
     from .._client import AsyncBastion, Bastion
+
+
+def session_url(session_id: str, *rest: str) -> str:
+    """The path of session ``session_id``, or of ``rest`` below it (jobs, files...)."""
+    return BaseBastion._url("sessions", session_id, *rest)
+
+
+def create_session_body(
+    limits: SessionLimits | None,
+    metadata: Mapping[str, str] | None,
+    *,
+    idle_timeout: float | None = None,
+    max_lifetime: float | None = None,
+    on_timeout: ExpiryAction | None = None,
+    network: NetworkRequest | None = None,
+    env: Mapping[str, str] | None = None,
+    paused_timeout: float | None = None,
+    snapshot: str | None = None,
+    image: str | None = None,
+) -> CreateSessionRequest:
+    """The body of ``POST /sessions``: only what was given."""
+    fields = given_fields(
+        limits=limits,
+        metadata=None if metadata is None else dict(metadata),
+        idle_timeout=idle_timeout,
+        max_lifetime=max_lifetime,
+        on_timeout=on_timeout,
+        network=network,
+        env=None if env is None else dict(env),
+        paused_timeout=paused_timeout,
+        snapshot=snapshot,
+        image=image,
+    )
+    return cast(CreateSessionRequest, fields)
+
+
+def create_session_request(body: CreateSessionRequest, idempotency_key: str | None) -> APIRequest:
+    """``POST /sessions``: safe to retry, the key makes the server create it once.
+
+    The key is chosen here, once per call, so every attempt carries the same one.
+    """
+    return APIRequest(
+        "POST",
+        BaseBastion._url("sessions"),
+        json=body,
+        headers={IDEMPOTENCY_HEADER: idempotency_key or new_idempotency_key()},
+    )
+
+
+def get_session_request(session_id: str) -> APIRequest:
+    return APIRequest("GET", session_url(session_id))
+
+
+def list_sessions_request(limit: int | None = None, cursor: str | None = None) -> APIRequest:
+    return APIRequest("GET", BaseBastion._url("sessions"), params=page_params(limit, cursor))
+
+
+SessionAction = Literal["start", "stop", "pause", "resume", "delete"]
+
+#: The status each action leaves a session in.
+SESSION_ACTION_TARGETS: dict[SessionAction, SessionStatus] = {
+    "start": SessionStatus.RUNNING,
+    "stop": SessionStatus.STOPPED,
+    "pause": SessionStatus.PAUSED,
+    "resume": SessionStatus.RUNNING,
+    "delete": SessionStatus.DELETED,
+}
+
+
+def session_action_request(session_id: str, action: SessionAction) -> APIRequest:
+    """``POST .../start``, ``POST .../stop`` or ``DELETE``: idempotent in effect.
+
+    A repeat after a lost answer is refused as ``session_state`` (the session is
+    already there); :func:`session_action_recovered` tells when that is success.
+    """
+    if action == "delete":
+        return APIRequest("DELETE", session_url(session_id))
+    return APIRequest("POST", session_url(session_id, action))
+
+
+def session_action_recovered(error: BastionError, attempts: Attempts) -> bool:
+    """Whether ``error`` may mean an earlier attempt of a session action did its work.
+
+    If so, the caller reads the session and returns it when it is in the action's
+    target state (:data:`SESSION_ACTION_TARGETS`), else raises ``error``.
+    """
+    return attempts.may_have_taken_effect and isinstance(error, SessionStateError)
+
+
+def session_reached(action: SessionAction, info: SessionInfo) -> bool:
+    return info["status"] == SESSION_ACTION_TARGETS[action]
+
+
+def processes_request(session_id: str) -> APIRequest:
+    return APIRequest("GET", session_url(session_id, "processes"))
 
 
 class Sessions:
