@@ -119,6 +119,9 @@ class ServerConfig:
     #: A Ray cluster's address (or "auto"): serve as the gateway of its nodes
     #: (bastion_server/cluster/); None: run sandboxes on this machine.
     ray: str | None = None
+    #: This server's name, recorded on the sessions it creates (their ``node``); None:
+    #: the host's name.  Two servers on one store need two names.
+    node_name: str | None = None
 
     def check(self) -> None:
         """Refuse settings that would expose sandboxes to the network unauthenticated."""

@@ -275,6 +275,14 @@ OPTIONS: tuple[Option, ...] = (
         flag="--ray",
     ),
     Option(
+        "node_name",
+        str,
+        None,
+        "this server's name, recorded on each session it creates as its node (default: "
+        "the host's name; two servers sharing a store need two names)",
+        group=_OPERATOR,
+    ),
+    Option(
         "log_level",
         str,
         "info",
@@ -452,6 +460,7 @@ def config_from_args(
         env_file=_absolute(s["env_file"]),
         audit_log=_absolute(s["audit_log"]),
         ray=s["ray"],
+        node_name=s["node_name"],
     )
 
 

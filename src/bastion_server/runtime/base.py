@@ -298,6 +298,11 @@ class Runtime(abc.ABC):
         (a cluster's); None for one that runs everything where it is."""
         return None
 
+    def sandbox_ref(self, session_id: str) -> str:
+        """What this runtime calls the session's sandbox once created (a container's
+        name, a VM's id), recorded on the session: by default its session id."""
+        return session_id
+
     async def find_file(self, session_id: str, paths: Sequence[str]) -> str | None:
         """The first of ``paths`` the sandbox user can open in the sandbox (a terminal's
         shell, say), or None.  A runtime whose files are elsewhere looks there."""

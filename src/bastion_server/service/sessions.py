@@ -6,10 +6,13 @@ those to ``deleted``, which is final.  Create and delete are atomic across a cra
 is first recorded ``creating`` (an internal state no read shows) and becomes
 ``created`` once its storage is whole, and a delete is recorded before the sandbox is
 removed; the next start rolls back the one and finishes the other.  Transitions of
-one session are serialised by a per-session lock so that, say, a stop and a delete
-racing each other both see a consistent state.  A session belongs to the API key that
-created it; to any other key it does not exist (not found, never forbidden: its
-existence is not revealed).
+one session are serialised by a per-session lock (service/session_locks.py), and each
+is written as a compare-and-set on the status it was decided from: one decided on a
+stale read (another process changed the session meanwhile) is refused, never written
+over the newer state.  A session records where it is (its node and the runtime's name
+for its sandbox) and when it was last active, so the idle clock outlives a restart.
+A session belongs to the API key that created it; to any other key it does not exist
+(not found, never forbidden: its existence is not revealed).
 
 Nothing runs that nobody owns: a reaper stops or deletes sessions whose idle timeout
 or maximum lifetime has passed, and removes sandboxes that no record owns (left by a
@@ -24,6 +27,7 @@ import logging
 import math
 import re
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -39,6 +43,7 @@ from bastion_server.service.environment import merged_env, validate_env
 from bastion_server.service.errors import ServiceError, invalid, session_not_found
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.quotas import Quotas
+from bastion_server.service.session_locks import LocalSessionLocks, SessionLocks
 from bastion_server.store.sqlite import CREATING, SessionRecord, Store
 
 if TYPE_CHECKING:
@@ -72,6 +77,10 @@ _MAX_ALLOW = 64
 _ALLOW_ENTRY = re.compile(r"[0-9A-Za-z.:\-/]{1,253}")
 #: How often (in reaper rounds) the reaper also looks for unowned sandboxes.
 _ORPHAN_SWEEP_EVERY = 60
+#: Seconds between two writes of a session's last activity to the store: requests
+#: touch a session on every call, and the store need not hear of each.  A restart
+#: makes a session look idle for at most this much longer than it was.
+ACTIVITY_WRITE_INTERVAL = 5.0
 
 
 def now_iso() -> str:
@@ -86,6 +95,18 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+class StaleStatus(ServiceError):
+    """A transition decided from a status the session no longer has: another process
+    changed it meanwhile.  Nothing was written."""
+
+    def __init__(self, session_id: str, expected: str, current: str | None) -> None:
+        super().__init__(
+            ErrorCode.SESSION_STATE,
+            f"session {session_id!r} changed meanwhile: it is {current or 'gone'}, "
+            f"no longer {expected}",
+        )
+
+
 class SessionService:
     def __init__(
         self,
@@ -95,17 +116,25 @@ class SessionService:
         *,
         audit: AuditLog | None = None,
         base_env: dict[str, str] | None = None,
+        locks: SessionLocks | None = None,
     ) -> None:
         self.store, self.runtime, self.config = store, runtime, config
         self.quotas = Quotas(store, config)
         self.audit = audit or AuditLog(None)
         #: The operator's --env-file: under every session's env.
         self.base_env = dict(base_env or {})
-        self._locks: dict[str, asyncio.Lock] = {}
-        #: Monotonic time of the last request or process that touched each session.
+        #: This server's name, recorded on the sessions it creates (a cluster's runtime
+        #: names the node of each instead).
+        self.node = config.node_name or socket.gethostname()
+        self.locks: SessionLocks = locks or LocalSessionLocks()
+        #: Monotonic time of the last request or process that touched each session: a
+        #: cache of the store's ``last_active_at``, written at most every
+        #: ACTIVITY_WRITE_INTERVAL (the monotonic time of each's last write).
         self._last_active: dict[str, float] = {}
+        self._activity_written: dict[str, float] = {}
         #: A paused session's idle seconds at its pause: its idle clock stands still
-        #: while it is paused and goes on from there at its resume.
+        #: while it is paused and goes on from there at its resume.  (Also told by the
+        #: store: its last activity and updated_at, the time of the pause.)
         self._idle_at_pause: dict[str, float] = {}
         #: Called with (session_id, reason) before a session's sandbox goes away, so
         #: that running jobs and terminals end with that reason.
@@ -116,12 +145,31 @@ class SessionService:
         #: busy session is never idle.
         self.busy_checks: list[Callable[[str], bool]] = []
 
-    def _lock(self, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(session_id, asyncio.Lock())
-
     def touch(self, session_id: str) -> None:
-        """Record activity on a session (it is not idle now)."""
-        self._last_active[session_id] = time.monotonic()
+        """Record activity on a session (it is not idle now); the store hears of it at
+        most every ACTIVITY_WRITE_INTERVAL seconds."""
+        now = time.monotonic()
+        self._last_active[session_id] = now
+        if now - self._activity_written.get(session_id, -math.inf) >= ACTIVITY_WRITE_INTERVAL:
+            self._activity_written[session_id] = now
+            self.store.set_last_active(session_id, time.time())
+
+    def _last_activity(self, record: SessionRecord, now: float) -> float:
+        """Monotonic time of the session's last activity: the later of this process's
+        and the store's (written by an earlier server, or another process); ``now`` for
+        a session of which neither knows (its clock starts now)."""
+        last = self._last_active.get(record.id)
+        if record.last_active_at is not None:
+            stored = now - max(time.time() - record.last_active_at, 0.0)
+            last = stored if last is None else max(last, stored)
+        if last is None:
+            last = self._last_active[record.id] = now
+        return last
+
+    def _forget_activity(self, session_id: str) -> None:
+        self._last_active.pop(session_id, None)
+        self._activity_written.pop(session_id, None)
+        self._idle_at_pause.pop(session_id, None)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -254,7 +302,7 @@ class SessionService:
                 raise invalid("Idempotency-Key must be at most 255 characters")
             existing = self.store.find_session_by_idempotency_key(owner, idempotency_key)
             if existing is not None and existing.status == CREATING:
-                async with self._lock(existing.id):  # its create is under way: wait for it
+                async with self.locks.hold(existing.id):  # its create is under way: wait
                     pass
                 existing = self.store.find_session_by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -309,7 +357,7 @@ class SessionService:
         # one compare-and-set makes it a session.  A create that fails or is cut short
         # is rolled back: here, or by reconcile at the next start.
         self.quotas.check_new_session(owner)  # and no await until the insert
-        async with self._lock(record.id):
+        async with self.locks.hold(record.id):
             self.store.insert_session(record)
             if env:  # part of the create: rolled back with it
                 self.store.set_session_env(record.id, dict(env))
@@ -323,9 +371,8 @@ class SessionService:
                 if snapshot is not None:
                     await self.runtime.set_layers(record.id, list(layers))
                 faults.point("create.after_storage")
-                record.node = self.runtime.node_of(record.id)
-                if record.node is not None:
-                    self.store.set_session_node(record.id, record.node)
+                record.node = self.runtime.node_of(record.id) or self.node
+                record.sandbox = self.runtime.sandbox_ref(record.id)
             except BaseException as exc:
                 await self._roll_back_create(record.id)
                 if isinstance(exc, SandboxError | OSError):
@@ -334,11 +381,18 @@ class SessionService:
                     ) from exc
                 raise
             record.status, record.updated_at = SessionStatus.CREATED, now_iso()
-            if not self.store.commit_created(record.id, record.updated_at):
+            record.last_active_at = time.time()
+            if not self.store.commit_created(
+                record.id,
+                record.updated_at,
+                node=record.node,
+                sandbox=record.sandbox,
+                last_active_at=record.last_active_at,
+            ):
                 raise RuntimeError(f"session {record.id} left its creating state under its lock")
             faults.point("create.after_commit")
         self.audit.session_changed(record)
-        self.touch(record.id)
+        self._last_active[record.id] = self._activity_written[record.id] = time.monotonic()
         log.info("session created", extra={"session_id": record.id})
         return record
 
@@ -355,9 +409,33 @@ class SessionService:
                 f"cannot {action} session {record.id!r}: it is {record.status}",
             )
 
-    def _set_status(self, record: SessionRecord, status: str, reason: str | None = None) -> None:
-        record.status, record.status_reason, record.updated_at = status, reason, now_iso()
-        self.store.update_session_status(record.id, status, record.updated_at, reason)
+    def _set_status(
+        self,
+        record: SessionRecord,
+        status: str,
+        reason: str | None = None,
+        *,
+        active_at: float | None = None,
+    ) -> None:
+        """Record a transition from ``record.status`` (what it was decided from) to
+        ``status``: a compare-and-set, StaleStatus if the session changed meanwhile.
+        The session's last activity (monotonic ``active_at``, else what this process
+        knows) is written with it."""
+        if active_at is not None:
+            self._last_active[record.id] = active_at
+        now = time.monotonic()
+        last = self._last_active.get(record.id)
+        wall = None if last is None else time.time() - max(now - last, 0.0)
+        updated_at = now_iso()
+        if not self.store.update_session_status(
+            record.id, status, updated_at, reason, expected=record.status, last_active_at=wall
+        ):
+            current = self.store.get_session(record.id)
+            raise StaleStatus(record.id, record.status, current.status if current else None)
+        if wall is not None:
+            self._activity_written[record.id] = now
+            record.last_active_at = wall
+        record.status, record.status_reason, record.updated_at = status, reason, updated_at
         self.audit.session_changed(record, reason)
 
     def job_env(self, session_id: str, own: dict[str, str] | None = None) -> dict[str, str]:
@@ -366,7 +444,7 @@ class SessionService:
         return merged_env(self.base_env, self.store.session_env(session_id), own or {})
 
     async def start(self, owner: str, session_id: str) -> SessionRecord:
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "start")
             with self.quotas.starting(record.owner):
@@ -392,8 +470,7 @@ class SessionService:
                 f"the sandbox of session {session_id!r} failed to start: {exc}",
             ) from exc
         faults.point("start.before_record")
-        self._set_status(record, SessionStatus.RUNNING)
-        self.touch(session_id)
+        self._set_status(record, SessionStatus.RUNNING, active_at=time.monotonic())
         log.info("session started", extra={"session_id": session_id})
 
     async def _halt(self, session_id: str, reason: str) -> None:
@@ -420,7 +497,7 @@ class SessionService:
         with contextlib.suppress(SandboxError, OSError):  # stop() thaws it anyway
             await self._thaw_if_paused(record)
         self._set_status(record, SessionStatus.DELETED, reason)
-        self._last_active.pop(record.id, None)
+        self._forget_activity(record.id)
         faults.point("delete.after_record")
         try:
             await self._remove(record.id)
@@ -438,7 +515,7 @@ class SessionService:
         await self.runtime.delete(session_id)
 
     async def stop(self, owner: str, session_id: str) -> SessionRecord:
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "stop")
             await self._stop_locked(record)
@@ -459,7 +536,7 @@ class SessionService:
 
     async def _freeze_or_thaw(self, owner: str, session_id: str, action: str) -> SessionRecord:
         """Pause or resume under the session's lock; its idle clock stands still between."""
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, action)
             step = self.runtime.pause if action == "pause" else self.runtime.resume
@@ -471,18 +548,22 @@ class SessionService:
                 ) from exc
             now = time.monotonic()
             if action == "pause":
-                self._idle_at_pause[session_id] = now - self._last_active.get(session_id, now)
-                self._set_status(record, SessionStatus.PAUSED)
+                last = self._last_activity(record, now)
+                self._set_status(record, SessionStatus.PAUSED, active_at=last)
+                self._idle_at_pause[session_id] = now - last
             else:
-                self._last_active[session_id] = now - self._idle_at_pause.pop(session_id, 0.0)
-                self._set_status(record, SessionStatus.RUNNING)
+                idle = self._idle_at_pause.pop(session_id, None)
+                if idle is None:  # paused by an earlier server: the store tells
+                    paused_at = _epoch(record.updated_at)
+                    idle = max(paused_at - (record.last_active_at or paused_at), 0.0)
+                self._set_status(record, SessionStatus.RUNNING, active_at=now - idle)
             log.info(f"session {action}d", extra={"session_id": session_id})
             return record
 
     async def capture(self, session_id: str, snapshot_id: str) -> int:
         """Copy a session's files as snapshot ``snapshot_id`` (see Runtime.capture),
         under its lock: no start, stop or restore runs meanwhile.  Returns its size."""
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.store.get_session(session_id)
             if record is None or record.status in (SessionStatus.DELETED, CREATING):
                 raise session_not_found(session_id)
@@ -494,7 +575,7 @@ class SessionService:
         """Reset a session's files to snapshot ``snapshot_id`` (``layers``, top first):
         a running or paused one is stopped (its jobs and terminals end, as at a stop),
         given the snapshot's files and started again; another keeps its state."""
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "restore")
             was_up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
@@ -517,11 +598,11 @@ class SessionService:
             return record
 
     async def delete(self, owner: str, session_id: str) -> SessionRecord:
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "delete")
             await self._delete_locked(record)
-        self._locks.pop(session_id, None)
+        self.locks.forget(session_id)
         for hook in self.after_delete:
             await hook(session_id)
         return record
@@ -532,14 +613,20 @@ class SessionService:
         many it did."""
         done = 0
         for listed in self.store.list_sessions():
-            async with self._lock(listed.id):
+            async with self.locks.hold(listed.id):
                 record = self.store.get_session(listed.id)
                 if record is None or record.status not in _ALLOWED[action]:
                     continue
-                if action == "delete":
-                    await self._delete_locked(record, reason)
-                else:
-                    await self._stop_locked(record, reason)
+                try:
+                    if action == "delete":
+                        await self._delete_locked(record, reason)
+                    else:
+                        await self._stop_locked(record, reason)
+                except StaleStatus as exc:  # another process has it: its to retire
+                    log.warning(
+                        "session not retired", extra={"session_id": record.id, "error": str(exc)}
+                    )
+                    continue
                 done += 1
         return done
 
@@ -554,8 +641,7 @@ class SessionService:
             if any(check(record.id) for check in self.busy_checks):
                 self.touch(record.id)
                 return None
-            last = self._last_active.setdefault(record.id, now)
-            if now - last >= record.idle_timeout:
+            if now - self._last_activity(record, now) >= record.idle_timeout:
                 return f"it was idle for {record.idle_timeout:g}s"
         if (
             record.paused_timeout is not None
@@ -573,32 +659,37 @@ class SessionService:
             reason = self._expiry_reason(record, now_wall, now)
             if reason is None:
                 continue
-            async with self._lock(record.id):
+            async with self.locks.hold(record.id):
                 current = self.store.get_session(record.id)
                 if current is None or current.status in (SessionStatus.DELETED, CREATING):
                     continue
-                if current.on_timeout == "delete":
-                    await self._delete_locked(current, f"deleted because {reason}")
-                elif current.status in _ALLOWED["stop"]:
-                    await self._stop_locked(current, f"stopped because {reason}")
+                try:
+                    if current.on_timeout == "delete":
+                        await self._delete_locked(current, f"deleted because {reason}")
+                    elif current.status in _ALLOWED["stop"]:
+                        await self._stop_locked(current, f"stopped because {reason}")
+                except StaleStatus as exc:  # changed meanwhile: the next round looks again
+                    log.warning(
+                        "session not expired", extra={"session_id": record.id, "error": str(exc)}
+                    )
 
     async def sandbox_lost(self, session_id: str, reason: str) -> None:
         """The session's sandbox went with its node (a cluster's node that died): its
         jobs and terminals end (``node_lost``) and it is recorded deleted, with
         ``reason`` saying so.  Should the node come back, what it left is removed
         (reap_orphans, as for any deleted session)."""
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.store.get_session(session_id)
             if record is None or record.status in (SessionStatus.DELETED, CREATING):
                 return
             await self._halt(session_id, "node_lost")
             self._set_status(record, SessionStatus.DELETED, reason)
-            self._last_active.pop(session_id, None)
+            self._forget_activity(session_id)
         log.warning("session lost", extra={"session_id": session_id, "reason": reason})
 
     async def check_sandbox(self, session_id: str) -> None:
         """Mark a session stopped if its sandbox died under it (crash, OOM of PID 1)."""
-        async with self._lock(session_id):
+        async with self.locks.hold(session_id):
             record = self.store.get_session(session_id)
             if record is None or record.status != SessionStatus.RUNNING:
                 return
@@ -637,21 +728,20 @@ class SessionService:
         """Remove sandboxes that no live record owns: what a crash mid-operation left
         (a create not finished, a delete cut short), or a sandbox of no record at all."""
         for sandbox_id in await self.runtime.list_sandboxes():
-            lock = self._locks.get(sandbox_id)
-            if lock is not None and lock.locked():
+            if self.locks.is_held(sandbox_id):
                 continue  # being created or deleted right now
             record = self.store.get_session(sandbox_id)
             if record is None:
                 log.warning("removing unowned sandbox", extra={"session_id": sandbox_id})
                 await self.runtime.delete(sandbox_id)
             elif record.status == CREATING:
-                async with self._lock(sandbox_id):
+                async with self.locks.hold(sandbox_id):
                     await self._roll_back_create(sandbox_id)
             elif record.status == SessionStatus.DELETED:
                 log.warning("finishing a delete", extra={"session_id": sandbox_id})
-                async with self._lock(sandbox_id):
+                async with self.locks.hold(sandbox_id):
                     await self._remove(sandbox_id)
-                self._locks.pop(sandbox_id, None)
+                self.locks.forget(sandbox_id)
 
     async def run_reaper(self) -> None:
         """Forever: expire sessions every round, sweep for orphans now and then, and
@@ -688,48 +778,58 @@ class SessionService:
         running_now = await self.runtime.running_sandboxes()
         started = await self.runtime.started_sandboxes()
         for record in self.store.list_sessions():
-            running = record.id in running_now
-            up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
-            if up and running:
-                policy = NetworkPolicy(
-                    enabled=bool(record.network.get("enabled")),
-                    allow=tuple(record.network.get("allow") or ()),
+            try:
+                await self._reconcile_session(record, record.id in running_now, started)
+            except StaleStatus as exc:  # another process changed it: that one has it
+                log.warning(
+                    "session not reconciled", extra={"session_id": record.id, "error": str(exc)}
+                )
+        await self.reap_orphans()
+
+    async def _reconcile_session(
+        self, record: SessionRecord, running: bool, started: set[str]
+    ) -> None:
+        """reconcile for one session (``running``: its sandbox runs)."""
+        up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
+        if up and running:
+            policy = NetworkPolicy(
+                enabled=bool(record.network.get("enabled")),
+                allow=tuple(record.network.get("allow") or ()),
+            )
+            try:
+                await self.runtime.restore_network(record.id, policy)
+            except Exception as exc:  # any failure: the sandbox must not stay up
+                log.error(
+                    "session network not restored",
+                    extra={"session_id": record.id, "error": str(exc)},
                 )
                 try:
-                    await self.runtime.restore_network(record.id, policy)
-                except Exception as exc:  # any failure: the sandbox must not stay up
+                    await self.runtime.stop(record.id)
+                except Exception as stop_exc:  # recorded stopped: the next start retries
                     log.error(
-                        "session network not restored",
-                        extra={"session_id": record.id, "error": str(exc)},
+                        "session stop failed",
+                        extra={"session_id": record.id, "error": str(stop_exc)},
                     )
-                    try:
-                        await self.runtime.stop(record.id)
-                    except Exception as stop_exc:  # recorded stopped: the next start retries
-                        log.error(
-                            "session stop failed",
-                            extra={"session_id": record.id, "error": str(stop_exc)},
-                        )
-                    self._set_status(
-                        record,
-                        SessionStatus.STOPPED,
-                        f"its network could not be restored when the server started: {exc}",
-                    )
-                    continue
-                await self._adopt_freezer_state(record)
-                log.info("session adopted", extra={"session_id": record.id})
-                continue
-            if up or record.id in started:
-                # Unmount what a dead sandbox, or a start cut short, left.
-                log.info(
-                    "stopping what a run left",
-                    extra={"session_id": record.id, "status": record.status},
-                )
-                await self.runtime.stop(record.id)
-            if up:
                 self._set_status(
                     record,
                     SessionStatus.STOPPED,
-                    "the sandbox was not running when the server started",
+                    f"its network could not be restored when the server started: {exc}",
                 )
-                log.warning("session marked stopped", extra={"session_id": record.id})
-        await self.reap_orphans()
+                return
+            await self._adopt_freezer_state(record)
+            log.info("session adopted", extra={"session_id": record.id})
+            return
+        if up or record.id in started:
+            # Unmount what a dead sandbox, or a start cut short, left.
+            log.info(
+                "stopping what a run left",
+                extra={"session_id": record.id, "status": record.status},
+            )
+            await self.runtime.stop(record.id)
+        if up:
+            self._set_status(
+                record,
+                SessionStatus.STOPPED,
+                "the sandbox was not running when the server started",
+            )
+            log.warning("session marked stopped", extra={"session_id": record.id})

@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     paused_timeout REAL,
     snapshot TEXT,
     node TEXT,
-    image TEXT
+    image TEXT,
+    sandbox TEXT,
+    last_active_at REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created_at);
 CREATE INDEX IF NOT EXISTS sessions_page ON sessions(owner, created_at, id)
@@ -172,6 +174,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (8, ["ALTER TABLE jobs ADD COLUMN signal TEXT", "ALTER TABLE jobs ADD COLUMN usage TEXT"]),
     # Images: a session names the one it runs (JSON: name, digest, ref; NULL: default).
     (9, ["ALTER TABLE sessions ADD COLUMN image TEXT", *IMAGE_TABLES]),
+    # Placement and the idle clock, so another process can take a session over: the
+    # runtime's name for its sandbox, and when it was last active (epoch seconds).
+    (
+        10,
+        [
+            "ALTER TABLE sessions ADD COLUMN sandbox TEXT",
+            "ALTER TABLE sessions ADD COLUMN last_active_at REAL",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -202,10 +213,17 @@ class SessionRecord:
     paused_timeout: float | None = None
     #: The snapshot the session's files started from (None: the image alone).
     snapshot: str | None = None
-    #: The cluster node that holds the session's sandbox (None: a server of one machine).
+    #: The node that holds the session's sandbox: a cluster's node, else the name of
+    #: the server that created it (``--node-name``); None in rows of older servers.
     node: str | None = None
     #: The image it runs: ``{"name", "digest", "ref"}`` (None: the server's default).
     image: dict[str, str] | None = None
+    #: What the runtime calls the session's sandbox (a container's name, say).
+    sandbox: str | None = None
+    #: When a request, job or terminal last touched it (epoch seconds; written at most
+    #: every few seconds, and at once at a job's end and at each transition): the idle
+    #: clock, kept across a restart.  None: never recorded (an older server's row).
+    last_active_at: float | None = None
 
 
 @dataclass
@@ -412,6 +430,8 @@ class Store:
             snapshot=row["snapshot"],
             node=row["node"],
             image=json.loads(row["image"]) if row["image"] else None,
+            sandbox=row["sandbox"],
+            last_active_at=row["last_active_at"],
         )
 
     def insert_session(self, s: SessionRecord) -> None:
@@ -480,11 +500,21 @@ class Store:
         rows = self._db.execute("SELECT * FROM sessions WHERE status = ?", (CREATING,)).fetchall()
         return [self._session(r) for r in rows]
 
-    def commit_created(self, session_id: str, updated_at: str) -> bool:
-        """Turn a ``creating`` session ``created`` (a compare-and-set): whether it was."""
+    def commit_created(
+        self,
+        session_id: str,
+        updated_at: str,
+        *,
+        node: str | None = None,
+        sandbox: str | None = None,
+        last_active_at: float | None = None,
+    ) -> bool:
+        """Turn a ``creating`` session ``created`` (a compare-and-set), recording in the
+        same write where it was placed (``node``, ``sandbox``): whether it was."""
         cursor = self._db.execute(
-            "UPDATE sessions SET status = 'created', updated_at = ? WHERE id = ? AND status = ?",
-            (updated_at, session_id, CREATING),
+            "UPDATE sessions SET status = 'created', updated_at = ?, node = ?, sandbox = ?,"
+            " last_active_at = ? WHERE id = ? AND status = ?",
+            (updated_at, node, sandbox, last_active_at, session_id, CREATING),
         )
         return cursor.rowcount == 1
 
@@ -506,16 +536,31 @@ class Store:
         ).fetchall()
         return [self._session(r) for r in rows]
 
-    def set_session_node(self, session_id: str, node: str) -> None:
-        self._db.execute("UPDATE sessions SET node = ? WHERE id = ?", (node, session_id))
-
     def update_session_status(
-        self, session_id: str, status: str, updated_at: str, reason: str | None = None
-    ) -> None:
-        self._db.execute(
-            "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ? WHERE id = ?",
-            (status, reason, updated_at, session_id),
-        )
+        self,
+        session_id: str,
+        status: str,
+        updated_at: str,
+        reason: str | None = None,
+        *,
+        expected: str | None = None,
+        last_active_at: float | None = None,
+    ) -> bool:
+        """Record a session's new status; with ``expected``, a compare-and-set: only
+        if it is still in that status (what the caller read), else nothing is written
+        and False is returned.  ``last_active_at`` is written with it when given."""
+        query = "UPDATE sessions SET status = ?, status_reason = ?, updated_at = ?"
+        args: list[Any] = [status, reason, updated_at]
+        if last_active_at is not None:
+            query += ", last_active_at = ?"
+            args.append(last_active_at)
+        query += " WHERE id = ?"
+        args.append(session_id)
+        if expected is not None:
+            query += " AND status = ?"
+            args.append(expected)
+        if self._db.execute(query, args).rowcount != 1:
+            return False
         if status == "deleted":  # a deleted session's secrets go with it
             self._db.execute("DELETE FROM session_env WHERE session_id = ?", (session_id,))
             # So does its jobs' env (up to MAX_ENV_BYTES each); their results stay.
@@ -525,6 +570,16 @@ class Store:
                 (session_id,),
             )
             self.space_to_reclaim = True
+        return True
+
+    def set_last_active(self, session_id: str, at: float) -> None:
+        """Record when the session was last active (epoch seconds), never moving it back
+        (another process may have recorded a later activity)."""
+        self._db.execute(
+            "UPDATE sessions SET last_active_at = ? WHERE id = ?"
+            " AND (last_active_at IS NULL OR last_active_at < ?)",
+            (at, session_id, at),
+        )
 
     def count_sessions(
         self, owner: str | None = None, status: str | tuple[str, ...] | None = None
@@ -719,10 +774,13 @@ class Store:
         ).fetchall()
         return [self._job(r) for r in rows]
 
-    def update_job(self, j: JobRecord) -> None:
-        self._db.execute(
+    def update_job(self, j: JobRecord, *, expected: tuple[str, ...] = ()) -> bool:
+        """Write a job's status and result; with ``expected``, a compare-and-set: only
+        if its stored status is one of those (else nothing is written: False)."""
+        condition = f" AND status IN ({','.join('?' * len(expected))})" if expected else ""
+        cursor = self._db.execute(
             "UPDATE jobs SET status = ?, exit_code = ?, failure_reason = ?, error_message = ?,"
-            " started_at = ?, finished_at = ?, signal = ?, usage = ? WHERE id = ?",
+            " started_at = ?, finished_at = ?, signal = ?, usage = ? WHERE id = ?" + condition,
             (
                 j.status,
                 j.exit_code,
@@ -733,8 +791,10 @@ class Store:
                 j.signal,
                 None if j.usage is None else json.dumps(j.usage),
                 j.id,
+                *expected,
             ),
         )
+        return cursor.rowcount == 1
 
     def unfinished_jobs(self) -> list[JobRecord]:
         rows = self._db.execute(
