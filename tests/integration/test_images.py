@@ -210,6 +210,41 @@ def test_a_bad_recipe_names_its_key_before_anything_runs(client: Bastion) -> Non
         client.images.get("bad")
 
 
+def test_a_recipe_from_a_debian_suite_bootstraps_it_once(
+    client: Bastion, image_server: ServerProcess
+) -> None:
+    logged: list[str] = []
+    info = client.images.build(
+        {"name": "plainbook", "from": "debian:bookworm", "run": ["echo plain > /etc/plain"]},
+        on_log=logged.append,
+    )
+    log = "".join(logged)
+    # Bootstrapped on the host as `make setup` makes default, its progress in the log.
+    assert "bootstrapping debian:bookworm" in log and "[image] debootstrap: " in log
+    assert info["status"] == "ready" and info["parent"] == "debian:bookworm"
+    sid = _session(client, "plainbook")
+    try:
+        out = _run(
+            client,
+            sid,
+            ". /etc/os-release; echo $VERSION_CODENAME; cat /etc/plain; id -un; pwd;"
+            " command -v python3 || echo minbase",
+        )
+        assert out == "bookworm\nplain\nuser\n/home/user\nminbase\n"
+    finally:
+        client.sessions.delete(sid)
+    # A second recipe from the suite stands on the same base: no bootstrap again.
+    second = client.images.build({"name": "plainbook2", "from": "debian:bookworm", "run": ["true"]})
+    assert second["status"] == "ready"
+    assert "debootstrap" not in client.images.log("plainbook2")
+    images = image_server.data_dir.parent / "images"
+    assert len([p for p in images.iterdir() if p.name.startswith("debian.bookworm-")]) == 1
+    with pytest.raises(InvalidRecipeError, match=r"'from'.*'debian:jessie'"):
+        client.images.build({"name": "ancient", "from": "debian:jessie"})
+    for name in ("plainbook2", "plainbook"):
+        client.images.delete(name)
+
+
 def test_root_in_a_session_is_opt_in(client: Bastion) -> None:
     sid = _session(client, "default")
     try:
@@ -426,8 +461,13 @@ def _busybox_archive(greeting: bytes) -> bytes:
 
 
 def test_an_oci_archive_imported_runs_in_a_session(client: Bastion) -> None:
-    info = client.images.import_archive("boxed", _busybox_archive(b"hello from a layer\n"))
+    logged: list[str] = []
+    info = client.images.import_archive(
+        "boxed", _busybox_archive(b"hello from a layer\n"), on_log=logged.append
+    )
     assert info["status"] == "ready" and info["source"] == "import"
+    # Unpacked after the upload, as a build runs: its progress in the image's log.
+    assert "unpacking layer 1/2" in "".join(logged) and "unpacking layer 2/2" in "".join(logged)
     sid = _session(client, "boxed")
     try:
         out = _run(
@@ -437,16 +477,23 @@ def test_an_oci_archive_imported_runs_in_a_session(client: Bastion) -> None:
         assert _run(client, sid, "id -u") == "1000\n"
     finally:
         client.sessions.delete(sid)
-    # The same archive again is the same image (no second unpack).
-    assert (
-        client.images.import_archive("boxed2", _busybox_archive(b"hello from a layer\n"))["digest"]
-        == info["digest"]
+    # The same archive again is the same image (no second unpack); the answer comes
+    # before the import is done, as a build's does.
+    again = client.images.import_archive(
+        "boxed2", _busybox_archive(b"hello from a layer\n"), wait=False
     )
+    assert again["status"] == "building"
+    deadline = time.monotonic() + 60
+    while (again := client.images.get("boxed2"))["status"] == "building":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert again["status"] == "ready" and again["digest"] == info["digest"]
+    assert "already stored" in client.images.log("boxed2")
     for name in ("boxed", "boxed2"):
         client.images.delete(name)
 
 
-def test_a_hostile_archive_is_refused(client: Bastion) -> None:
+def test_a_hostile_archive_is_refused(client: Bastion, image_server: ServerProcess) -> None:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         link = tarfile.TarInfo("escape")
@@ -456,9 +503,14 @@ def test_a_hostile_archive_is_refused(client: Bastion) -> None:
         info = tarfile.TarInfo("escape/bastion-escape-test")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(InvalidRequestError, match="non-directory"):
+    before = set(_layers(image_server).iterdir())
+    with pytest.raises(ImageBuildError, match="non-directory"):
         client.images.import_archive("hostile", _oci_archive([out.getvalue()], env=[]))
     assert not Path("/tmp/bastion-escape-test").exists()
+    assert set(_layers(image_server).iterdir()) == before  # nothing half-unpacked is left
+    assert client.images.get("hostile")["status"] == "failed"
+    client.images.delete("hostile")
+    # Not an image at all: refused before the answer, nothing started.
     with pytest.raises(InvalidRequestError, match="not an image archive"):
         client.images.import_archive("junk", b"not a tarball at all")
 
@@ -506,15 +558,19 @@ def test_an_image_pulled_from_a_registry_runs_in_a_session(
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert pushed.returncode == 0, pushed.stderr
-    info = client.images.pull("fromreg", f"{registry}/boxed:1")
-    assert info["source"] == "pull"
+    logged: list[str] = []
+    info = client.images.pull("fromreg", f"{registry}/boxed:1", on_log=logged.append)
+    assert info["source"] == "pull" and info["status"] == "ready"
+    assert "[image] skopeo: " in "".join(logged)  # the fetch's progress, live
+    assert "unpacking layer 2/2" in "".join(logged)
     sid = _session(client, "fromreg")
     try:
         assert _run(client, sid, "cat /etc/greeting") == "pulled\n"
     finally:
         client.sessions.delete(sid)
-    with pytest.raises(ImageNotFoundError):
+    with pytest.raises(ImageBuildError, match="cannot pull"):
         client.images.pull("nothere", f"{registry}/nothere:1")
+    client.images.delete("nothere")
     client.images.delete("fromreg")
 
 

@@ -62,6 +62,8 @@ workdir = "/home/user"
         ({"name": "import"}, "name"),  # the API's paths use it
         ({"from": None}, "from"),
         ({"from": "debian:Bookworm!"}, "from"),
+        ({"from": "debian:jessie"}, "from"),  # not a suite this server builds
+        ({"from": "debian:stable"}, "from"),  # an alias: what it names moves
         ({"from": "judge"}, "from"),
         ({"apt": ["-oAPT::Get=1"]}, "apt"),
         ({"apt": "gcc"}, "apt"),

@@ -43,8 +43,9 @@ from .._local_files import (
 LogCallback = Callable[[str], None]
 #: A build's log stream may stay quiet for long (a big download): no read timeout.
 _LOG_TIMEOUT = httpx.Timeout(30.0, read=None)
-#: An import or pull answers once the image is unpacked: minutes for a large one.
-_LONG = httpx.Timeout(30.0, read=1800.0)
+#: An import answers once the archive is received and read through: a large one takes
+#: a while after its last byte.
+_LONG = httpx.Timeout(30.0, read=600.0)
 
 
 def _url(*parts: str) -> str:
@@ -99,11 +100,11 @@ def import_request(name: str, body: UploadBody) -> APIRequest:
 
 
 def pull_request(name: str, ref: str) -> APIRequest:
-    return APIRequest("POST", _url("pull"), json={"name": name, "ref": ref}, timeout=_LONG)
+    return APIRequest("POST", _url("pull"), json={"name": name, "ref": ref})
 
 
 def finished(info: ImageInfo) -> ImageInfo:
-    """``info``, or :class:`ImageBuildError` for a failed build."""
+    """``info``, or :class:`ImageBuildError` for a failed build, import or pull."""
     if info["status"] == "failed":
         raise ImageBuildError(info)
     return info
@@ -154,7 +155,63 @@ class Images:
             ImageNotFoundError: Its ``from`` image does not exist.
         """
         request = build_request(build_body(recipe, no_cache))
-        info = cast(ImageInfo, self._client._request(request))
+        return self._wait(cast(ImageInfo, self._client._request(request)), on_log, wait)
+
+    def import_archive(
+        self,
+        name: str,
+        archive: UploadData,
+        *,
+        on_log: LogCallback | None = None,
+        wait: bool = True,
+    ) -> ImageInfo:
+        """Import an OCI image: a ``docker save`` / ``podman save`` archive or an OCI
+        layout tarball (bytes, or a binary file object, streamed).
+
+        Its layers become one image of this key (shared, for an admin key); its
+        config's ``Env`` and ``WorkingDir`` apply to its sessions, whose jobs run as
+        the sandbox user (uid 1000; ``user="root"`` for root).  The server unpacks it
+        after the upload, as it builds a recipe: this waits for it (``on_log`` gets
+        its progress) unless ``wait`` is False.
+
+        Returns:
+            The image's ``ImageInfo`` (``status`` ``"ready"`` once waited for).
+
+        Raises:
+            InvalidRequestError: Not an image archive.
+            ImageBuildError: One that may not be unpacked (a member leaving the tree,
+                owners beyond 65535); ``.image`` has the reason.
+        """
+        request = import_request(name, upload_body(archive))
+        return self._wait(cast(ImageInfo, self._client._request(request)), on_log, wait)
+
+    def pull(
+        self,
+        name: str,
+        ref: str,
+        *,
+        on_log: LogCallback | None = None,
+        wait: bool = True,
+    ) -> ImageInfo:
+        """Pull ``ref`` (``registry[:port]/repository[:tag]``) from a registry and
+        import it as ``name``: the server fetches and unpacks it, and this waits for
+        it (``on_log`` gets its progress) unless ``wait`` is False.
+
+        Returns:
+            The image's ``ImageInfo`` (``status`` ``"ready"`` once waited for).
+
+        Raises:
+            InvalidRequestError: A malformed reference, or a registry the server does
+                not pull from.
+            ImageBuildError: The registry has no such image or cannot be reached
+                (``.image`` has the reason).
+        """
+        request = pull_request(name, ref)
+        return self._wait(cast(ImageInfo, self._client._request(request)), on_log, wait)
+
+    def _wait(self, info: ImageInfo, on_log: LogCallback | None, wait: bool) -> ImageInfo:
+        """Follow a build, import or pull that ``info`` started to its end (its log to
+        ``on_log``); returns its final info, or raises if it failed."""
         if not wait and on_log is None:
             return info
         if info["status"] == "building" or on_log is not None:
@@ -164,32 +221,6 @@ class Images:
                         on_log(chunk)
         info = self.get(info["name"])
         return finished(info) if wait else info
-
-    def import_archive(self, name: str, archive: UploadData) -> ImageInfo:
-        """Import an OCI image: a ``docker save`` / ``podman save`` archive or an OCI
-        layout tarball (bytes, or a binary file object, streamed).
-
-        Its layers become one image of this key (shared, for an admin key); its
-        config's ``Env`` and ``WorkingDir`` apply to its sessions, whose jobs run as
-        the sandbox user (uid 1000; ``user="root"`` for root).
-
-        Raises:
-            InvalidRequestError: Not an image archive, or one that may not be unpacked
-                (a member leaving the tree, owners beyond 65535).
-        """
-        request = import_request(name, upload_body(archive))
-        return cast(ImageInfo, self._client._request(request))
-
-    def pull(self, name: str, ref: str) -> ImageInfo:
-        """Pull ``ref`` (``registry[:port]/repository[:tag]``) from a registry and
-        import it as ``name``.
-
-        Raises:
-            ImageNotFoundError: The registry has no such image (or cannot be reached).
-            InvalidRequestError: A malformed reference, or a registry the server does
-                not pull from.
-        """
-        return cast(ImageInfo, self._client._request(pull_request(name, ref)))
 
     def get(self, name: str) -> ImageInfo:
         """One image: its ``status`` (``building``, ``ready``, ``failed``), ``digest``,
@@ -243,7 +274,31 @@ class AsyncImages:
         no_cache: bool = False,
     ) -> ImageInfo:
         request = build_request(build_body(recipe, no_cache))
-        info = cast(ImageInfo, await self._client._request(request))
+        return await self._wait(cast(ImageInfo, await self._client._request(request)), on_log, wait)
+
+    async def import_archive(
+        self,
+        name: str,
+        archive: AsyncUploadData,
+        *,
+        on_log: LogCallback | None = None,
+        wait: bool = True,
+    ) -> ImageInfo:
+        request = import_request(name, async_upload_body(archive))
+        return await self._wait(cast(ImageInfo, await self._client._request(request)), on_log, wait)
+
+    async def pull(
+        self,
+        name: str,
+        ref: str,
+        *,
+        on_log: LogCallback | None = None,
+        wait: bool = True,
+    ) -> ImageInfo:
+        request = pull_request(name, ref)
+        return await self._wait(cast(ImageInfo, await self._client._request(request)), on_log, wait)
+
+    async def _wait(self, info: ImageInfo, on_log: LogCallback | None, wait: bool) -> ImageInfo:
         if not wait and on_log is None:
             return info
         if info["status"] == "building" or on_log is not None:
@@ -253,13 +308,6 @@ class AsyncImages:
                         on_log(chunk)
         info = await self.get(info["name"])
         return finished(info) if wait else info
-
-    async def import_archive(self, name: str, archive: AsyncUploadData) -> ImageInfo:
-        request = import_request(name, async_upload_body(archive))
-        return cast(ImageInfo, await self._client._request(request))
-
-    async def pull(self, name: str, ref: str) -> ImageInfo:
-        return cast(ImageInfo, await self._client._request(pull_request(name, ref)))
 
     async def get(self, name: str) -> ImageInfo:
         return cast(ImageInfo, await self._client._request(get_request(name)))

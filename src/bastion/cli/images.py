@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,8 @@ def add_images_command(subparsers: Subparsers, common: list[argparse.ArgumentPar
         "import",
         help="import an OCI image archive",
         description="Import a docker save / podman save archive or an OCI layout tarball "
-        "(- reads standard input) as an image of this key.",
+        "(- reads standard input) as an image of this key, printing the server's progress "
+        "as it unpacks it. Exits 1 if it cannot be unpacked.",
         examples=[
             "bastion images import app app.tar",
             "docker save app:1 | bastion images import app -",
@@ -67,18 +69,21 @@ def add_images_command(subparsers: Subparsers, common: list[argparse.ArgumentPar
     )
     import_.add_argument("name", metavar="NAME", help="the image's name here")
     import_.add_argument("archive", metavar="ARCHIVE", help="the archive file, or - for stdin")
+    import_.add_argument("-q", "--quiet", action="store_true", help="no progress, only the result")
     import_.set_defaults(runner=_images_import)
 
     pull = add_command(
         actions,
         "pull",
         help="pull an image from a registry",
-        description="Pull an image from a registry (the server fetches it) as NAME.",
+        description="Pull an image from a registry (the server fetches it) as NAME, "
+        "printing the server's progress. Exits 1 if the pull fails.",
         examples=["bastion images pull app localhost:5000/app:1"],
         parents=common,
     )
     pull.add_argument("name", metavar="NAME", help="the image's name here")
     pull.add_argument("ref", metavar="REF", help="registry[:port]/repository[:tag]")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the result")
     pull.set_defaults(runner=_images_pull)
 
     list_ = add_command(
@@ -142,15 +147,22 @@ def _images_build(client: Bastion, args: argparse.Namespace) -> int:
             return ExitCode.USAGE
     else:
         recipe = args.stock
-    quiet = args.quiet or json_mode(args)
+    info = client.images.build(recipe, on_log=_progress(args), no_cache=args.no_cache)
+    _print_result(info, args)
+    return ExitCode.OK
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """Where a build's, import's or pull's log goes as it is written: standard error,
+    unless -q or --json."""
+    if args.quiet or json_mode(args):
+        return None
 
     def on_log(text: str) -> None:
         sys.stderr.write(text)
         sys.stderr.flush()
 
-    info = client.images.build(recipe, on_log=None if quiet else on_log, no_cache=args.no_cache)
-    _print_result(info, args)
-    return ExitCode.OK
+    return on_log
 
 
 def _print_result(info: ImageInfo, args: argparse.Namespace) -> None:
@@ -161,17 +173,18 @@ def _print_result(info: ImageInfo, args: argparse.Namespace) -> None:
 
 
 def _images_import(client: Bastion, args: argparse.Namespace) -> int:
+    on_log = _progress(args)
     if args.archive == "-":
-        info = client.images.import_archive(args.name, sys.stdin.buffer)
+        info = client.images.import_archive(args.name, sys.stdin.buffer, on_log=on_log)
     else:
         with open(args.archive, "rb") as archive:
-            info = client.images.import_archive(args.name, archive)
+            info = client.images.import_archive(args.name, archive, on_log=on_log)
     _print_result(info, args)
     return ExitCode.OK
 
 
 def _images_pull(client: Bastion, args: argparse.Namespace) -> int:
-    _print_result(client.images.pull(args.name, args.ref), args)
+    _print_result(client.images.pull(args.name, args.ref, on_log=_progress(args)), args)
     return ExitCode.OK
 
 

@@ -84,7 +84,7 @@ async def build_image(body: BuildImageRequest, who: Caller, svc: Svc) -> ImageIn
 
 @router.post(
     "/import",
-    status_code=201,
+    status_code=202,
     response_model=ImageInfo,
     openapi_extra={
         "requestBody": {
@@ -100,15 +100,16 @@ async def import_image(
 ) -> ImageInfo:
     """Import an OCI image from the raw body: a ``docker save`` / ``podman save``
     archive or an OCI layout tarball, streamed (at most the server's upload size).
-    Its layers become one read-only layer; its config's ``Env`` and ``WorkingDir``
-    apply to its sessions, whose jobs run as the sandbox user (uid 1000)."""
+    Answers once the archive is received and known to be an image: the image is
+    ``building`` while its layers are unpacked (follow ``GET /v1/images/{name}/log``),
+    then ``ready`` or ``failed`` (a member that may not be unpacked).  Its layers
+    become one read-only layer; its config's ``Env`` and ``WorkingDir`` apply to its
+    sessions, whose jobs run as the sandbox user (uid 1000)."""
     archive = await _receive(svc, request)
-    try:
-        record = await svc.images.import_archive(
-            who.owner, name, archive, shared=who.scope == KeyScope.ADMIN
-        )
-    finally:
-        await asyncio.to_thread(archive.unlink, missing_ok=True)
+    # The service owns the file from here: removed once imported, failed or refused.
+    record = await svc.images.import_archive(
+        who.owner, name, archive, shared=who.scope == KeyScope.ADMIN
+    )
     svc.audit.record("image_import", target=record.name)
     return image_view(record)
 
@@ -138,10 +139,12 @@ async def _receive(svc: Services, request: Request) -> Path:
     return path
 
 
-@router.post("/pull", status_code=201, response_model=ImageInfo)
+@router.post("/pull", status_code=202, response_model=ImageInfo)
 async def pull_image(body: PullImageRequest, who: Caller, svc: Svc) -> ImageInfo:
     """Pull an image from a registry (``registry[:port]/repo:tag``) and import it as
-    ``name``; answers once it is ready."""
+    ``name``; answers at once, the image ``building`` while the server fetches and
+    unpacks it (skopeo's progress in ``GET /v1/images/{name}/log``), then ``ready``
+    or ``failed`` (no such image in the registry, a registry out of reach)."""
     record = await svc.images.pull(
         who.owner, body["name"], body["ref"], shared=who.scope == KeyScope.ADMIN
     )

@@ -146,6 +146,11 @@ class ImageRecipe:
     def dir_name(self) -> str:
         return f"{self.name}-{self.cache_key()}"
 
+    def digest(self) -> str:
+        """The digest its build will have (known before it is built: see
+        :func:`base_digest`)."""
+        return base_digest(self.name, self.cache_key())
+
 
 DEFAULT_RECIPE = ImageRecipe()
 
@@ -231,7 +236,8 @@ class ImageInfo:
                 home=_field(data, "home", str),
                 shell=_field(data, "shell", str),
                 parent=_optional(data, "parent", str),
-                digest=_optional(data, "digest", str) or _base_digest(data),
+                digest=_optional(data, "digest", str)
+                or base_digest(str(data.get("name")), str(data.get("recipe_hash"))),
                 env=tuple((str(k), str(v)) for k, v in (data.get("env") or {}).items()),
                 workdir=_optional(data, "workdir", str),
                 size_bytes=_optional(data, "size_bytes", int),
@@ -254,11 +260,10 @@ def _optional(data: dict[str, Any], key: str, kind: type[_T]) -> _T | None:
     return None if data.get(key) is None else _field(data, key, kind)
 
 
-def _base_digest(data: dict[str, Any]) -> str:
+def base_digest(name: str, recipe_hash: str) -> str:
     """A base image's digest: its name and cache key hashed (the key covers the
     recipe and the builder's version, so the same key means the same tree)."""
-    blob = f"{data.get('name')}-{data.get('recipe_hash')}".encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+    return "sha256:" + hashlib.sha256(f"{name}-{recipe_hash}".encode()).hexdigest()
 
 
 def default_images_dir() -> Path:
@@ -312,6 +317,7 @@ def build_image(
     progress: ProgressCallback,
     force: bool = False,
     mirror: str | None = None,
+    prune: bool = True,
 ) -> Path:
     """Make sure the image for ``recipe`` is built, building it if needed.
 
@@ -328,6 +334,8 @@ def build_image(
         force: Rebuild even if the image exists.
         mirror: Debian mirror URL for debootstrap (default: ``$BASTION_DEBIAN_MIRROR``,
             else debootstrap's own default).
+        prune: Remove the older builds of the same name once this one is installed
+            (False: keep them, for bases that layer images may stand on).
 
     Returns:
         The image directory (``images_dir/<name>-<cache key>``).
@@ -375,7 +383,8 @@ def build_image(
         except BaseException:
             _remove_tree(tmp)
             raise
-        _prune_older(images_dir, final, progress)
+        if prune:
+            _prune_older(images_dir, final, progress)
     progress(f"[image] done in {time.monotonic() - started:.1f}s: {final}")
     return final
 
@@ -525,7 +534,7 @@ def _run_debootstrap(
         debootstrap,
         "--debian-installer",
         f"--variant={recipe.variant}",
-        f"--include={','.join(recipe.packages)}",
+        *([f"--include={','.join(recipe.packages)}"] if recipe.packages else []),
         recipe.suite,
         str(rootfs),
         *([mirror] if mirror else []),

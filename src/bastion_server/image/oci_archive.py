@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -59,8 +60,11 @@ def archive_digest(archive: Path) -> str:
         raise ArchiveError(f"not an image archive this server can read: {exc}") from exc
 
 
-def unpack_archive(archive: Path, rootfs: Path) -> ImageConfig:
-    """Apply the layers of the image in ``archive`` onto the empty directory ``rootfs``.
+def unpack_archive(
+    archive: Path, rootfs: Path, progress: Callable[[str], None] | None = None
+) -> ImageConfig:
+    """Apply the layers of the image in ``archive`` onto the empty directory ``rootfs``;
+    ``progress`` is told of each layer as it starts.
 
     Raises:
         ArchiveError: Not an image archive, or a member that may not be extracted.
@@ -71,7 +75,10 @@ def unpack_archive(archive: Path, rootfs: Path) -> ImageConfig:
             manifest, digest = blobs.manifest()
             config = blobs.json(manifest["config"]) if "config" in manifest else {}
             budget = [MAX_UNPACKED_BYTES]
-            for layer in manifest["layers"]:
+            layers = manifest["layers"]
+            for number, layer in enumerate(layers, 1):
+                if progress is not None:
+                    progress(f"[image] unpacking layer {number}/{len(layers)}")
                 with blobs.open(layer) as stream:
                     _apply_layer(stream, rootfs, budget)
     except (tarfile.TarError, OSError, KeyError, TypeError, ValueError, EOFError) as exc:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from bastion_server.image.debian_base import DEBIAN_SUITES
+
 #: Image names: lower case, digits, ``_`` and ``.``; never ``-`` (it separates a name
 #: from its cache key in directory names).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.]{0,63}")
@@ -142,6 +144,9 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
     suite = base[len(_DEBIAN_PREFIX) :] if base.startswith(_DEBIAN_PREFIX) else None
     if suite is not None and not _SUITE_RE.fullmatch(suite):
         raise RecipeError("from", f"{base!r} is not a Debian suite such as 'debian:bookworm'")
+    if suite is not None and suite not in DEBIAN_SUITES:
+        known = ", ".join(f"'debian:{s}'" for s in DEBIAN_SUITES)
+        raise RecipeError("from", f"{base!r} is not a Debian suite this server builds ({known})")
     if suite is None and not NAME_RE.fullmatch(base):
         raise RecipeError("from", f"{base!r} is neither an image name nor 'debian:<suite>'")
     if base == name:

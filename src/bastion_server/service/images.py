@@ -8,7 +8,9 @@ image (``default``, or the configured ``image``) is always there, shared, as ``s
 A build (:meth:`ImageService.build`) answers at once with the image ``building`` and
 runs on in a task:
 
-1. the ``from`` image is resolved (the key's, a shared one, or a base);
+1. the ``from`` image is resolved (the key's, a shared one, or a base); a Debian suite
+   (``debian:bookworm``) is bootstrapped on the host the first time a recipe names it,
+   as ``make setup`` makes ``default`` (image/debian_base.py), its progress in the log;
 2. its content key is the recipe's over the base's digest (and the tenant, for a key's
    own build, so no tenant learns from a cache hit what another built): a layer image
    of that key on disk is a cache hit, ready at once;
@@ -19,6 +21,11 @@ runs on in a task:
 4. once every step passed the sandbox is stopped and its upper directory captured as a
    layer image over the ``from`` image (image/store.py), ids shifted back to the
    image's; the sandbox is deleted whatever happened.
+
+An import (:meth:`ImageService.import_archive`) or a pull (:meth:`ImageService.pull`)
+takes the same path: checked at once, then ``building`` while a task unpacks the
+archive (fetched by skopeo first, for a pull) with its progress in the image's log,
+then ``ready`` or ``failed``.
 
 A failed build leaves nothing but its record (``failed``, with the reason) and its log.
 """
@@ -33,15 +40,17 @@ import os
 import re
 import secrets
 import shlex
-import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bastion.wire import ErrorCode, ImageInfo, ImageStatus
 from bastion_server.config import ServerConfig
-from bastion_server.image.builder import ImageError
+from bastion_server.image import debian_base
+from bastion_server.image.builder import ImageBuildError, ImageError
 from bastion_server.image.builder import ImageInfo as StoredImage
 from bastion_server.image.oci_archive import ArchiveError, archive_digest, unpack_archive
 from bastion_server.image.recipe import NAME_RE, RESERVED_NAMES, Recipe, load_recipe_file
@@ -62,6 +71,7 @@ from bastion_server.store.sqlite import ImageRecord, Store
 from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.images")
+_T = TypeVar("_T")
 
 #: The owner of shared images in the store.
 SHARED = ""
@@ -225,11 +235,19 @@ class ImageService:
             raise ServiceError(
                 ErrorCode.IMAGE_STATE, f"image {recipe.name!r} is being built; wait for it"
             )
-        parent = await self.choose(owner, recipe.base)
-        parent_info = await asyncio.to_thread(self.images.load, parent.ref)
-        key = hashlib.sha256(
-            f"{scope}\0{recipe.cache_key(parent_info.digest)}".encode()
-        ).hexdigest()
+        parent: ChosenImage | None = None
+        suite = recipe.base_suite
+        if suite is None:
+            parent = await self.choose(owner, recipe.base)
+            parent_digest = (await asyncio.to_thread(self.images.load, parent.ref)).digest
+        else:
+            try:
+                await asyncio.to_thread(debian_base.check_suite, suite)
+            except debian_base.SuiteError as exc:
+                raise ServiceError(ErrorCode.INVALID_RECIPE, f"recipe key 'from': {exc}") from exc
+            # Known before the suite is bootstrapped: a hit needs no bootstrap.
+            parent_digest = debian_base.base_recipe(suite).digest()
+        key = hashlib.sha256(f"{scope}\0{recipe.cache_key(parent_digest)}".encode()).hexdigest()
         stamp = now_iso()
         record = ImageRecord(
             owner=scope,
@@ -249,8 +267,7 @@ class ImageService:
         self.store.upsert_image(record)
         self._write_log(record.build_id, f"[image] building {recipe.name} over {recipe.base}\n")
         self._builds[record.build_id] = spawn(
-            self._run_build(record, recipe, parent, parent_info, key),
-            name=f"image build {record.build_id}",
+            self._run_build(record, recipe, parent, key), name=f"image build {record.build_id}"
         )
         return record
 
@@ -281,10 +298,11 @@ class ImageService:
         self,
         record: ImageRecord,
         recipe: Recipe,
-        parent: ChosenImage,
-        parent_info: StoredImage,
+        parent: ChosenImage | None,
         key: str,
     ) -> None:
+        """The build's task; ``parent`` None: the recipe's Debian suite, bootstrapped
+        first if it is not stored yet."""
         sandbox_id = f"build_{record.build_id.removeprefix('bld_')}"
         private = getattr(self.runtime, "private", None)
         if isinstance(private, set):
@@ -295,6 +313,9 @@ class ImageService:
             with_upper = getattr(self.runtime, "with_upper", None)
             if with_upper is None:
                 raise SandboxError(f"the {self.runtime.name} runtime cannot build images")
+            if parent is None:
+                parent = await self._debian_base(record, recipe)
+            parent_info = await asyncio.to_thread(self.images.load, parent.ref)
             await self.runtime.create(sandbox_id, limits, parent.sandbox)
             network = NetworkPolicy(enabled=True, allow=self.config.build_network_allow)
             await self.runtime.start(sandbox_id, limits, network)
@@ -320,6 +341,8 @@ class ImageService:
             )
         except _StepFailed as exc:
             await self._fail(record, str(exc))
+        except ImageBuildError as exc:  # the suite's bootstrap
+            await self._fail(record, f"bootstrapping {recipe.base} failed: {exc}")
         except (SandboxError, ImageError, OSError) as exc:
             await self._fail(record, f"the build could not run: {exc}")
         except asyncio.CancelledError:
@@ -335,6 +358,46 @@ class ImageService:
                 private.discard(sandbox_id)
             self._builds.pop(record.build_id, None)
             await self._notify()
+
+    async def _debian_base(self, record: ImageRecord, recipe: Recipe) -> ChosenImage:
+        """The recipe's Debian suite as an image, bootstrapped on the host if it is not
+        stored (once: a second build of the suite finds it, or waits for the first)."""
+        suite = recipe.base_suite
+        assert suite is not None
+        images_dir = self.images.images_dir
+        info = await asyncio.to_thread(debian_base.stored_base, images_dir, suite)
+        if info is None:
+            self._write_log(
+                record.build_id,
+                f"[image] bootstrapping {recipe.base} from {debian_base.mirror()} "
+                "(once: later builds over it reuse it)\n",
+            )
+            info = await self._in_thread_with_log(
+                record, lambda progress: debian_base.bootstrap(images_dir, suite, progress)
+            )
+        sandbox = await asyncio.to_thread(self.images.sandbox_image, info, recipe.base)
+        return ChosenImage(sandbox, self.images.ref(info))
+
+    async def _in_thread_with_log(
+        self, record: ImageRecord, work: Callable[[Callable[[str], None]], _T]
+    ) -> _T:
+        """``work(progress)`` in a worker thread, each progress line going to the
+        record's log as it comes.  Cancelled (the server shuts down), the work stops at
+        its next progress line: the line raises ``ImageBuildError`` in the thread."""
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+
+        def progress(line: str) -> None:
+            if cancelled.is_set():
+                raise ImageBuildError("cancelled: the server shut down")
+            self._write_log(record.build_id, line + "\n")
+            asyncio.run_coroutine_threadsafe(self._notify(), loop)
+
+        try:
+            return await asyncio.to_thread(work, progress)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def _build_env(self) -> dict[str, str]:
         env = {"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
@@ -438,50 +501,33 @@ class ImageService:
     # -- imports and pulls -------------------------------------------------------------
 
     async def import_archive(
-        self, owner: str, name: str, archive: Path, *, shared: bool, source: str = "import"
+        self, owner: str, name: str, archive: Path, *, shared: bool
     ) -> ImageRecord:
-        """Import the OCI image in ``archive`` (a file the caller removes) as ``name``."""
-        _check_name(name, self._base_names())
-        scope = SHARED if shared else owner
+        """Start importing the OCI image in ``archive`` as ``name``: checked at once
+        (its name, that it is an image archive), then unpacked in a task (``building``,
+        ``ready`` at once if the same image is stored).  The archive is the service's
+        from here: removed once imported, failed or refused."""
         try:
-            digest = await asyncio.to_thread(archive_digest, archive)
-        except ArchiveError as exc:
-            raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
-        key = hashlib.sha256(f"{scope}\0{digest}".encode()).hexdigest()
-        like = await asyncio.to_thread(self.images.base, self.config.image)
-
-        def populate(rootfs: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
-            config = unpack_archive(archive, rootfs)
-            return config.env, config.workdir
-
-        try:
-            info = await asyncio.to_thread(
-                self.images.add_base,
-                key,
-                name=name,
-                like=like,
-                populate=populate,
-                extra={"source_digest": digest},
-            )
-        except ArchiveError as exc:
-            raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
-        stamp = now_iso()
-        record = ImageRecord(
-            owner=scope,
-            name=name,
-            status=ImageStatus.BUILDING,
-            source=source,
-            build_id=new_id("imp"),
-            created_at=stamp,
-            updated_at=stamp,
+            record = self._new_import(owner, name, shared=shared, source="import")
+            try:
+                digest = await asyncio.to_thread(archive_digest, archive)
+            except ArchiveError as exc:
+                raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        except BaseException:
+            await asyncio.to_thread(archive.unlink, missing_ok=True)
+            raise
+        self.store.upsert_image(record)
+        self._write_log(record.build_id, f"[image] importing {name} ({digest})\n")
+        self._builds[record.build_id] = spawn(
+            self._run_import(record, archive, digest=digest),
+            name=f"image import {record.build_id}",
         )
-        self._write_log(record.build_id, f"[image] imported {digest}\n")
-        await self._ready(record, info)
         return record
 
     async def pull(self, owner: str, name: str, ref: str, *, shared: bool) -> ImageRecord:
-        """Fetch ``ref`` (``registry/repo:tag``) with skopeo, then import it."""
-        _check_name(name, self._base_names())
+        """Start pulling ``ref`` (``registry/repo:tag``): checked at once (its name, the
+        reference, the registry allowed), then fetched with skopeo and imported in a
+        task, skopeo's progress in the image's log."""
         if not _REF_RE.fullmatch(ref):
             raise ServiceError(ErrorCode.INVALID_REQUEST, f"not an image reference: {ref!r}")
         registry = ref.split("/", 1)[0] if "/" in ref else "docker.io"
@@ -491,30 +537,129 @@ class ImageService:
                 ErrorCode.INVALID_REQUEST,
                 f"this server pulls only from {', '.join(allowed)}, not {registry}",
             )
+        record = self._new_import(owner, name, shared=shared, source="pull")
+        self.store.upsert_image(record)
+        self._write_log(record.build_id, f"[image] pulling {ref} as {name}\n")
+        local = registry.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        self._builds[record.build_id] = spawn(
+            self._run_pull(record, ref, tls_verify=not local), name=f"image pull {record.build_id}"
+        )
+        return record
+
+    def _new_import(self, owner: str, name: str, *, shared: bool, source: str) -> ImageRecord:
+        """The record of an import or a pull, ``building`` (not stored yet)."""
+        _check_name(name, self._base_names())
+        scope = SHARED if shared else owner
+        existing = self.store.get_image(scope, name)
+        if existing is not None and existing.status == ImageStatus.BUILDING:
+            raise ServiceError(ErrorCode.IMAGE_STATE, f"image {name!r} is being built; wait for it")
+        stamp = now_iso()
+        return ImageRecord(
+            owner=scope,
+            name=name,
+            status=ImageStatus.BUILDING,
+            source=source,
+            build_id=new_id("imp"),
+            created_at=stamp,
+            updated_at=stamp,
+        )
+
+    async def _run_pull(self, record: ImageRecord, ref: str, *, tls_verify: bool) -> None:
+        """The pull's task: skopeo fetches ``ref`` into an archive (its output in the
+        log), which is then imported as :meth:`_run_import` does."""
         self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         archive = self.tmp_dir / f"pull-{secrets.token_hex(8)}.tar"
-        local = registry.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
         argv = [
-            "skopeo", "copy", "--quiet",
-            *(["--src-tls-verify=false"] if local else []),
+            "skopeo", "copy",
+            *([] if tls_verify else ["--src-tls-verify=false"]),
             f"docker://{ref}", f"oci-archive:{archive}",
         ]  # fmt: skip
         try:
-            proc = await asyncio.to_thread(
-                subprocess.run, argv, capture_output=True, text=True, timeout=1800, check=False
-            )
-            if proc.returncode != 0:
-                raise ServiceError(
-                    ErrorCode.IMAGE_NOT_FOUND,
-                    f"cannot pull {ref}: {proc.stderr.strip()[-500:] or proc.returncode}",
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
                 )
-            return await self.import_archive(owner, name, archive, shared=shared, source="pull")
-        except FileNotFoundError as exc:
-            raise ServiceError(
-                ErrorCode.INTERNAL_ERROR, "skopeo is not installed on the server"
-            ) from exc
+            except FileNotFoundError:
+                await self._fail(record, "skopeo is not installed on the server")
+                return
+            tail: list[str] = []
+            try:
+                async with asyncio.timeout(_PULL_TIMEOUT):
+                    assert proc.stdout is not None
+                    async for raw in proc.stdout:
+                        line = raw.decode(errors="replace").rstrip()
+                        tail = [*tail[-4:], line]
+                        self._write_log(record.build_id, f"[image] skopeo: {line}\n")
+                        await self._notify()
+                    code = await proc.wait()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                raise
+            if code != 0:
+                await self._fail(record, f"cannot pull {ref}: {' '.join(tail)[-500:] or code}")
+                return
+            try:
+                digest = await asyncio.to_thread(archive_digest, archive)
+            except ArchiveError as exc:
+                await self._fail(record, str(exc))
+                return
+            await self._run_import(record, archive, digest=digest)
+        except TimeoutError:
+            await self._fail(record, f"the pull took longer than {_PULL_TIMEOUT}s")
+        except asyncio.CancelledError:
+            if record.status == ImageStatus.BUILDING:  # not failed by the import already
+                await self._fail(record, "the server shut down")
+            raise
         finally:
-            archive.unlink(missing_ok=True)
+            await asyncio.to_thread(archive.unlink, missing_ok=True)
+            self._builds.pop(record.build_id, None)
+            await self._notify()
+
+    async def _run_import(self, record: ImageRecord, archive: Path, *, digest: str) -> None:
+        """Unpack ``archive`` (then remove it) as the record's image, its layers'
+        progress in the log; the same image already stored is ready at once."""
+        key = hashlib.sha256(f"{record.owner}\0{digest}".encode()).hexdigest()
+        try:
+            cached = await asyncio.to_thread(self.images.layer, key)
+            if cached is not None:
+                self._write_log(record.build_id, f"[image] already stored: {cached.digest}\n")
+                await self._ready(record, cached)
+                return
+            like = await asyncio.to_thread(self.images.base, self.config.image)
+
+            def unpack(progress: Callable[[str], None]) -> StoredImage:
+                def populate(rootfs: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
+                    config = unpack_archive(archive, rootfs, progress)
+                    progress("[image] shifting ownership")
+                    return config.env, config.workdir
+
+                return self.images.add_base(
+                    key, name=record.name, like=like, populate=populate,
+                    extra={"source_digest": digest},
+                )  # fmt: skip
+
+            info = await self._in_thread_with_log(record, unpack)
+            await self._ready(record, info)
+            self._write_log(record.build_id, f"[image] ready: {info.digest}\n")
+        except ArchiveError as exc:
+            await self._fail(record, str(exc))
+        except (ImageError, SandboxError, OSError) as exc:
+            await self._fail(record, f"the import could not run: {exc}")
+        except asyncio.CancelledError:
+            await self._fail(record, "the server shut down")
+            raise
+        except Exception as exc:
+            log.exception("image import failed")
+            await self._fail(record, f"internal error: {exc}")
+        finally:
+            await asyncio.to_thread(archive.unlink, missing_ok=True)
+            self._builds.pop(record.build_id, None)
+            await self._notify()
 
     @property
     def tmp_dir(self) -> Path:
@@ -620,6 +765,8 @@ class ImageService:
                 await task
 
 
+#: How long a pull's fetch may take (seconds).
+_PULL_TIMEOUT = 1800
 #: ``[registry[:port]/]repository[:tag][@sha256:...]``, as skopeo takes it.
 _REF_RE = re.compile(
     r"[a-z0-9][a-z0-9.\-]*(?::[0-9]+)?(?:/[a-z0-9._\-]+)*(?::[A-Za-z0-9_.\-]{1,128})?"
