@@ -1,11 +1,16 @@
 """Jobs: commands run in a session's sandbox in the background, with durable results.
 
 A job is recorded ``queued`` and answered at once; a task then starts it through the
-runtime (``running``), appends its output to the job's log file as it arrives, and
-records the end (``completed`` for exit status 0, else ``failed`` with a reason).
-Waiters are woken by an event per job, so ``wait`` holds a request open without
-polling.  The job's timeout is enforced inside the sandbox by the agent (it kills the
-job's whole process tree), with a server-side backstop a little later.
+runtime (``running``), appends its output to the job's log as it arrives, and records
+the end (``completed`` for exit status 0, else ``failed`` with a reason); the start
+and the end are each one compare-and-set in the store (``queued`` -> ``running`` ->
+final), so any process on the store reads a job as it is.  Output goes to a
+:class:`~bastion_server.store.joblog.JobLogStore`, and waiters and followers are woken
+through :class:`~bastion_server.service.job_events.JobEvents`, so ``wait`` holds a
+request open without polling.  The process of a running job, and the live registry
+holding it, are the runner's: the server that owns the job's session.  The job's
+timeout is enforced inside the sandbox by the agent (it kills the job's whole process
+tree), with a server-side backstop a little later.
 
 When the server begins to shut down, every hold ends at once with its documented
 ending: a ``wait`` with the ``server_shutdown`` error, an event stream with an ``end``
@@ -27,7 +32,6 @@ import signal as signals
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from bastion.wire import (
@@ -57,15 +61,10 @@ from bastion_server.runtime.base import (
 )
 from bastion_server.service.environment import validate_env
 from bastion_server.service.errors import ServiceError, invalid, job_not_found, shutting_down
+from bastion_server.service.job_events import JobEvents, LocalJobEvents
 from bastion_server.service.paging import Page, PageRequest, creation_key, take_page
 from bastion_server.service.sessions import SessionService, new_id, now_iso
-from bastion_server.store.joblog import (
-    JobLogWriter,
-    iter_text,
-    read_output,
-    read_records,
-    stream_decoders,
-)
+from bastion_server.store.joblog import JobLogAppender, JobLogStore, LocalJobLogs, stream_decoders
 from bastion_server.store.sqlite import JobRecord, Store
 from bastion_server.tasks import spawn
 
@@ -90,6 +89,9 @@ _FAILURE_MESSAGES = {
     "output_limit": "the job's output exceeded its limit of {output_bytes} bytes per stream"
     " and the job was killed",
 }
+
+#: The statuses a job's end may be recorded from (its start: from queued only).
+_UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 #: The per-job limits a run may set: name -> the session limit it must stay within.
 _JOB_LIMITS = {"memory_mb": "memory_mb", "cpu_seconds": None, "pids": "pids", "output_bytes": None}
@@ -135,7 +137,7 @@ def _seconds_since(iso: str | None) -> float:
     return max((datetime.now(UTC) - started).total_seconds(), 0.0)
 
 
-def _dropped(writer: JobLogWriter, event: ExitEvent | None) -> dict[str, int]:
+def _dropped(writer: JobLogAppender, event: ExitEvent | None) -> dict[str, int]:
     """What the log lacks of each stream: what it dropped, or what a persistent job
     wrote past it (its sandbox counted it, say while no server listened)."""
     produced = (event.output_bytes if event is not None else None) or {}
@@ -143,12 +145,6 @@ def _dropped(writer: JobLogWriter, event: ExitEvent | None) -> dict[str, int]:
         stream: max(dropped, produced.get(stream, 0) - writer.kept[stream])
         for stream, dropped in writer.dropped.items()
     }
-
-
-def _remove_files(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 @dataclass
@@ -161,8 +157,6 @@ class _LiveJob:
     stop_reason: str | None = None
     #: Set when the server itself failed while running the job (the record's message).
     internal_error: str | None = None
-    #: One event per waiter or follower, set on every status change or new output.
-    wakers: set[asyncio.Event] = field(default_factory=set)
     #: Set once the process started (or the job ended without starting).
     started: asyncio.Event = field(default_factory=asyncio.Event)
     #: The job's whole stdin, given with the run request (fed, then closed).
@@ -180,19 +174,22 @@ class _LiveJob:
     #: The server shuts down: the job runs on in its sandbox, for the next server.
     detached: bool = False
 
-    def notify(self) -> None:
-        for waker in self.wakers:
-            waker.set()
-
 
 class JobService:
     def __init__(
-        self, store: Store, runtime: Runtime, sessions: SessionService, config: ServerConfig
+        self,
+        store: Store,
+        runtime: Runtime,
+        sessions: SessionService,
+        config: ServerConfig,
+        *,
+        logs: JobLogStore | None = None,
+        events: JobEvents | None = None,
     ) -> None:
         self.store, self.runtime, self.sessions, self.config = store, runtime, sessions, config
-        self.logs_dir = config.data_dir / "jobs"
-        self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.logs_dir.chmod(0o700)  # jobs' output is the tenants' alone
+        self.logs: JobLogStore = logs or LocalJobLogs(config.data_dir / "jobs")
+        self.events: JobEvents = events or LocalJobEvents()
+        #: The jobs this server runs now (their processes): the live registry.
         self._live: dict[str, _LiveJob] = {}
         self._shutting_down = False
         sessions.before_sandbox_stops.append(self.stop_session_jobs)
@@ -200,9 +197,6 @@ class JobService:
 
     def has_running_jobs(self, session_id: str) -> bool:
         return any(j.record.session_id == session_id for j in self._live.values())
-
-    def log_path(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.log"
 
     # -- validation -----------------------------------------------------------------
 
@@ -368,18 +362,13 @@ class JobService:
         live = self._live.get(job_id)
         if live is None or record.status in FINAL_JOB_STATUSES:
             return record
-        waker = asyncio.Event()
-        live.wakers.add(waker)
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(hold):
-                    while live.record.status not in FINAL_JOB_STATUSES:
-                        if self._shutting_down:
-                            raise shutting_down()
-                        waker.clear()
-                        await waker.wait()
-        finally:
-            live.wakers.discard(waker)
+        with self.events.listen(job_id) as waker, contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(hold):
+                while live.record.status not in FINAL_JOB_STATUSES:
+                    if self._shutting_down:
+                        raise shutting_down()
+                    waker.clear()
+                    await waker.wait()
         return live.record
 
     async def follow(self, owner: str, session_id: str, job_id: str) -> AsyncIterator[JobEvent]:
@@ -392,14 +381,9 @@ class JobService:
         job as it is, with ``"reason": "server_shutdown"``.
         """
         self.get(owner, session_id, job_id)
-        path = self.log_path(job_id)
         decoders = stream_decoders()
-        waker = asyncio.Event()
-        live = self._live.get(job_id)
-        if live is not None:
-            live.wakers.add(waker)
-        offset, last_status, last_stderr = 0, None, ""
-        try:
+        offset, last_status, last_stderr, looked_again = 0, None, "", False
+        with self.events.listen(job_id) as waker:
             while True:
                 waker.clear()
                 current = self._live.get(job_id)
@@ -411,7 +395,7 @@ class JobService:
                 if not final and status != last_status:
                     last_status = status
                     yield {"type": "status", "status": status}  # type: ignore[typeddict-item]
-                for stream, data, next_offset in read_records(path, offset):
+                for stream, data, next_offset in self.logs.records(job_id, offset):
                     offset = next_offset
                     text = decoders[stream].decode(data)
                     if text:
@@ -428,17 +412,15 @@ class JobService:
                     yield {"type": "status", "status": status}  # type: ignore[typeddict-item]
                     yield {"type": "end", "job": self.view(record)}
                     return
-                if current is None:
-                    continue  # finished between our two reads: go round once more
+                if current is None and not looked_again:
+                    looked_again = True  # finished between our two reads: go round once
+                    continue  # more (one not run here is read again after the wait)
                 if self._shutting_down:
                     yield {"type": "end", "job": self.view(record), "reason": "server_shutdown"}
                     return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(5):
                         await waker.wait()
-        finally:
-            if live is not None:
-                live.wakers.discard(waker)
 
     # -- stdin, signals, processes --------------------------------------------------
 
@@ -559,21 +541,19 @@ class JobService:
         }
 
     def output(self, record: JobRecord) -> tuple[str, str]:
-        stdout, stderr = read_output(self.log_path(record.id))
+        stdout = "".join(self.logs.text(record.id, "stdout"))
+        stderr = "".join(self.logs.text(record.id, "stderr"))
         return stdout, stderr + self._server_note(record, stderr)
 
     def output_size(self, record: JobRecord) -> int:
         """Bytes in the job's output log (both streams, with framing)."""
-        try:
-            return self.log_path(record.id).stat().st_size
-        except FileNotFoundError:
-            return 0
+        return self.logs.size(record.id)
 
     def iter_output(self, record: JobRecord, stream: str) -> Iterator[str]:
         """One stream of a final job's output in chunks, as ``output()`` would give it
         whole (the server's note ends stderr): for answers that must not hold it all."""
         last = ""
-        for text in iter_text(self.log_path(record.id), stream):
+        for text in self.logs.text(record.id, stream):
             last = text
             yield text
         if stream == "stderr" and (note := self._server_note(record, last)):
@@ -604,14 +584,14 @@ class JobService:
         if reason == "session_deleted":
             # Delete is irreversible: the output of the session's jobs goes with it
             # (thousands of files, maybe: removed off the event loop).
-            logs = [self.log_path(record.id) for record in self.store.list_jobs(session_id)]
-            await asyncio.to_thread(_remove_files, logs)
+            jobs = [record.id for record in self.store.list_jobs(session_id)]
+            await asyncio.to_thread(self.logs.remove, jobs)
 
     def begin_shutdown(self) -> None:
         """The server is shutting down: end every wait and stream now, refuse new jobs."""
         self._shutting_down = True
-        for live in self._live.values():
-            live.notify()
+        for job_id in self._live:
+            self.events.notify(job_id)
 
     async def shutdown(self) -> None:
         """Server shutdown: running jobs are left to run on in their sandboxes, for the
@@ -681,7 +661,10 @@ class JobService:
             record.error_message = (
                 f"{record.error_message}; {note}" if record.error_message else note
             )
-        self.store.update_job(record)
+        if not self.store.update_job(record, expected=_UNFINISHED):
+            # Another process recorded its end first (it took the job over): that stays.
+            log.warning("job's end already recorded", extra={"job_id": record.id})
+            return
         session = self.store.get_session(record.session_id)
         self.sessions.audit.job_ended(record, session.owner if session else None)
 
@@ -689,8 +672,8 @@ class JobService:
         record = live.record
         limits = record.spec.get("limits") or {}
         output_cap = limits.get("output_bytes")
-        writer = JobLogWriter(
-            self.log_path(record.id),
+        writer = self.logs.writer(
+            record.id,
             min(output_cap or self.config.max_output_bytes, self.config.max_output_bytes),
         )
         exit_event: ExitEvent | None = None
@@ -732,8 +715,9 @@ class JobService:
             if not live.reattach:  # (one taken up again keeps its start, or has none)
                 # Written now: a job the server's death interrupts keeps its real start.
                 live.record.status, live.record.started_at = JobStatus.RUNNING, now_iso()
-                self.store.update_job(live.record)
-            live.notify()
+                if not self.store.update_job(live.record, expected=(JobStatus.QUEUED,)):
+                    log.warning("job's start not recorded", extra={"job_id": record.id})
+            self.events.notify(record.id)
             doing = "collect the job's output"
             faults.point("job.after_start")
             # From the job's real start (a job taken up again may be past its timeout,
@@ -748,7 +732,7 @@ class JobService:
                     async for event in live.process.events():
                         if isinstance(event, OutputEvent):
                             if writer.append(event.stream, event.data):
-                                live.notify()
+                                self.events.notify(record.id)
                             if (
                                 output_cap
                                 and not live.output_limited
@@ -784,10 +768,10 @@ class JobService:
                 self._live.pop(record.id, None)
                 live.started.set()  # a stdin writer or kill waiting for the start: it ended
                 self.sessions.quotas.job_ended(record.id)
-                live.notify()
+                self.events.notify(record.id)
                 self.sessions.touch(record.session_id)  # idle time counts from the job's end
 
-    async def _reattach(self, live: _LiveJob, writer: JobLogWriter) -> Process:
+    async def _reattach(self, live: _LiveJob, writer: JobLogAppender) -> Process:
         """Take up a job an earlier server started, past what its log holds."""
         await asyncio.to_thread(writer.resume)
         log.info("job taken up again", extra={"job_id": live.record.id})
