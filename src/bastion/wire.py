@@ -298,8 +298,10 @@ class SessionInfo(TypedDict):
     snapshot: NotRequired[str | None]
     #: The image it runs, as it was when the session was created.
     image: NotRequired[SessionImage]
-    #: The cluster node that holds the session for its whole life (``bastion serve
-    #: --ray``); None on a server of one machine.  A session whose node left the
+    #: The node that holds the session for its whole life: a cluster's node
+    #: (``bastion serve --ray``), else the name of the server that created it
+    #: (``--node-name``, by default its host's name); None for a session an older
+    #: server of one machine made (it recorded none).  A session whose node left the
     #: cluster is deleted, its status_reason starting with "lost:".
     node: NotRequired[str | None]
     #: Current consumption; only on a single running session's status.
