@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from bastion_server.runtime import agent_protocol as protocol
+from bastion_server.runtime.agent_connections import idle_connections
 from bastion_server.runtime.base import (
     ExecSpec,
     ExitEvent,
@@ -61,8 +62,9 @@ def _connect_and_send(socket_path: str, frame: bytes, fds: Sequence[int]) -> soc
 _STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
 
 
-def exec_request(spec: ExecSpec) -> bytes:
-    """The frame that asks an agent to run ``spec`` (the sandbox's, or a node agent's)."""
+def exec_request(spec: ExecSpec, *, keep_open: bool = False) -> bytes:
+    """The frame that asks an agent to run ``spec`` (the sandbox's, or a node agent's);
+    ``keep_open``: the connection takes another request after this job."""
     request: dict[str, Any] = {
         "op": "exec",
         "argv": spec.argv,
@@ -81,6 +83,8 @@ def exec_request(spec: ExecSpec) -> bytes:
         request["rlimits"] = {"cpu_seconds": spec.limits.cpu_seconds}
     if spec.persist_as is not None:
         request.update(persist=True, job_id=spec.persist_as, spool_bytes=spec.spool_bytes)
+    if keep_open:
+        request["keep_open"] = True
     return protocol.encode_json(request)
 
 
@@ -129,13 +133,16 @@ def exit_event_frame(event: ExitEvent) -> bytes:
 
 
 class AgentProcess(Process):
-    """A process started by a sandbox's agent, over its own Unix connection."""
+    """A process started by a sandbox's agent, over a Unix connection of its own while
+    it runs.  Started with ``socket_path``, the connection is kept open for the next
+    job once this one's conversation is over (see :mod:`.agent_connections`)."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_exit: ExitHook | None = None,
+        socket_path: str | None = None,
     ) -> None:
         self._reader, self._writer = reader, writer
         self._on_exit = on_exit
@@ -143,6 +150,13 @@ class AgentProcess(Process):
         self.pid: int | None = None
         #: A persistent process: once it ended, the agent keeps it until ``forget``.
         self.persistent = False
+        self._socket_path = socket_path
+        #: The exit event said the agent keeps the connection for another request.
+        self._keep_open = False
+        #: A persistent process whose end the agent was told to forget.
+        self._forgotten = False
+        #: The connection went back to the idle ones: nothing is sent on it from here.
+        self._handed_back = False
 
     @classmethod
     async def start(
@@ -154,19 +168,24 @@ class AgentProcess(Process):
     ) -> AgentProcess:
         """Start ``spec``; ``fds`` (cgroup.procs descriptors) go with the request, and
         ``on_exit`` is given the exit event (also a lost one) before it is reported."""
-        frame = exec_request(spec)
+        frame = exec_request(spec, keep_open=True)
         limit = protocol.MAX_FRAME + protocol.FRAME_HEADER.size
+        persistent = spec.persist_as is not None
         try:
-            if fds:
+            if fds:  # (descriptors go with the first byte: a connection of its own)
                 sock = await asyncio.to_thread(_connect_and_send, socket_path, frame, fds)
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
-                return cls(reader, writer, on_exit)._persisting(spec.persist_as is not None)
-            reader, writer = await asyncio.open_unix_connection(socket_path, limit=limit)
+                return cls(reader, writer, on_exit, socket_path)._persisting(persistent)
+            kept = idle_connections().take(socket_path)
+            if kept is not None:
+                reader, writer = kept
+            else:
+                reader, writer = await asyncio.open_unix_connection(socket_path, limit=limit)
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
         writer.write(frame)
         await writer.drain()
-        return cls(reader, writer, on_exit)._persisting(spec.persist_as is not None)
+        return cls(reader, writer, on_exit, socket_path)._persisting(persistent)
 
     @classmethod
     async def attach(
@@ -225,6 +244,7 @@ class AgentProcess(Process):
                 if msg.get("event") == "started":
                     self.pid = msg.get("pid")
                 elif msg.get("event") == "exit":
+                    self._keep_open = msg.get("keep_open") is True
                     yield await self._exit(
                         ExitEvent(
                             exit_code=msg.get("exit_code"),
@@ -243,7 +263,7 @@ class AgentProcess(Process):
                 await self.close()
 
     async def _send(self, data: bytes) -> None:
-        if self._writer.is_closing():
+        if self._handed_back or self._writer.is_closing():
             raise SandboxError("process connection is closed")
         self._writer.write(data)
         await self._writer.drain()
@@ -274,9 +294,24 @@ class AgentProcess(Process):
         if self.persistent and self._exited and not self._writer.is_closing():
             with contextlib.suppress(ConnectionError, SandboxError):
                 await self._send(protocol.encode_json({"op": "forget"}))
+                self._forgotten = True
         await self.close()
 
+    def _hand_back(self) -> bool:
+        """Give the connection back for the next job, if its agent keeps it open and
+        this job's conversation is over (the agent reads the rest in order)."""
+        if self._handed_back:
+            return True
+        done = self._exited and self._keep_open and (self._forgotten or not self.persistent)
+        if not done or self._socket_path is None or self._on_exit is not None:
+            return False
+        self._handed_back = True
+        idle_connections().put(self._socket_path, (self._reader, self._writer))
+        return True
+
     async def close(self) -> None:
+        if self._hand_back():
+            return
         if not self._writer.is_closing():
             self._writer.close()
         try:

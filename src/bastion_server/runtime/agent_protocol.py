@@ -3,7 +3,7 @@
 The agent (``agent_c/bastion-agent.c``, built by :mod:`.agent_build`) is PID 1 of every
 sandbox and listens on a Unix socket, ``/run/bastion/agent.sock`` inside the sandbox
 (bind-mounted from the session's ``run/`` directory on the host).  One stream
-connection per job, carrying frames of
+connection per job at a time, carrying frames of
 ``type (1 byte) | length (4 bytes, big endian) | payload``:
 
 * ``J`` a JSON object (requests from the server, events from the agent)
@@ -24,6 +24,12 @@ runs on with its output spooled in the sandbox; ``{"op": "attach", "job_id",
 offsets and goes on live (or sends the kept exit event, which then carries
 ``"output_bytes"``), and ``{"op": "forget"}`` after the exit event lets the agent drop
 the job.
+
+``"keep_open": true`` in an exec asks the agent to keep the connection after the job:
+its exit event then says ``"keep_open": true``, and once the job's conversation is over
+(after the exit event; for a persistent job after ``forget``) the same connection takes
+the next request, which spares a connect per job (:mod:`.agent_connections`).  Control
+frames and input still sent for the finished job are dropped there.
 
 This module is the codec both sides of the Python code use: the server's client
 (:mod:`.agent_client`) and the tests that speak to the agent directly.

@@ -11,6 +11,7 @@ agent's protocol), so a job cgroup never needs a host pid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ ROOT = Path("/sys/fs/cgroup")
 JOB_CONTROLLERS = ("memory", "pids")
 
 
+@functools.cache
 def is_v2(root: Path = ROOT) -> bool:
+    """Whether ``root`` is a cgroup v2 (unified) mount.  Asked once per root: a host's
+    cgroup layout does not change under a running server, and every job asks."""
     return (root / "cgroup.controllers").exists()
 
 

@@ -37,6 +37,13 @@
  * process and every descendant reaped before it ended (null if the supervisor died).
  * Closing the connection kills the job's whole tree, unless the job is persistent.
  *
+ * Kept connections: exec with "keep_open": true asks for the connection to outlive the
+ * job.  Its exit event then carries "keep_open": true, and once the job's conversation
+ * is over (after the exit event; for a persistent job after "forget") the connection
+ * takes a new request (exec, attach, ping) as a new one would, without a connect per
+ * job.  Control frames and input sent for the job before its exit event was read are
+ * dropped there.  A connection that broke the protocol is closed, never kept.
+ *
  * Persistent jobs (what lets a job outlive a restart of the server): exec with
  * "persist": true, "job_id" (1-64 of [A-Za-z0-9_-], unique among the agent's live
  * persistent jobs) and "spool_bytes" (per stream; default 16 MiB); never with a pty.
@@ -650,6 +657,8 @@ struct sess {
     struct buf pend; /* stdin the pty did not take yet (never more than one frame) */
     int job;
     bool closing;    /* the last event is queued: close once it is sent */
+    bool keep_open;  /* exec with "keep_open": the connection outlives the job */
+    bool handed;     /* a kept connection waiting for its next request */
     bool no_input;   /* a bad control frame: read no more */
     bool pty, have_status, timed_out, killed, killing, sup_alive, dead;
     bool has_timeout, has_deadline;
@@ -748,6 +757,52 @@ static void close_sock(struct sess *s) {
     s->closing = false;
 }
 
+/* A new session on connection fd (NULL: out of memory). */
+static struct sess *new_sess(int fd) {
+    struct sess *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    for (int k = 0; k < W_N; k++)
+        s->w[k] = (struct watch){.s = s, .fd = -1, .kind = k};
+    s->w[W_SOCK].fd = fd;
+    s->spool_fd = -1;
+    s->next = g_sessions;
+    if (g_sessions)
+        g_sessions->prev = s;
+    g_sessions = s;
+    return s;
+}
+
+static void process_input(struct sess *s);
+static void after(struct sess *s);
+
+/* The job's conversation is over and everything queued is sent: close the connection,
+ * or, kept open, hand it (with what the server sent past the job's last frame) to a
+ * new session that waits for the next request.  Never a connection that broke the
+ * protocol: that one is not trusted again. */
+static void end_conn(struct sess *s) {
+    if (!s->keep_open || s->no_input) {
+        close_sock(s);
+        return;
+    }
+    struct sess *t = new_sess(s->w[W_SOCK].fd);
+    if (!t) {
+        logmsg("out of memory");
+        close_sock(s);
+        return;
+    }
+    wset(&s->w[W_SOCK], 0);
+    s->w[W_SOCK].fd = -1;
+    t->in = s->in;
+    s->in = (struct buf){0};
+    buf_free(&s->out);
+    s->closing = false;
+    t->handed = true;
+    update(t);
+    process_input(t);
+    after(t);
+}
+
 static void start_kill(struct sess *s);
 
 /* The server went away (or broke the protocol beyond repair): nobody owns this job,
@@ -820,7 +875,7 @@ static void finish_conn(struct sess *s) {
         return;
     s->closing = true;
     if (!buf_avail(&s->out))
-        close_sock(s);
+        end_conn(s);
 }
 
 static void send_exit(struct sess *s, bool has_code, int code, int sig, bool timed_out,
@@ -857,11 +912,13 @@ static void send_exit(struct sess *s, bool has_code, int code, int sig, bool tim
         buf_printf(&b, ",\"output_bytes\":{\"stdout\":%lld,", (long long)s->produced[0]);
         buf_printf(&b, "\"stderr\":%lld}", (long long)s->produced[1]);
     }
-    buf_puts(&b, "}");
     if (s->persist && !b.oom) { /* sent again to whoever attaches until it is forgotten */
         buf_free(&s->exit_ev);
         buf_put(&s->exit_ev, b.d, b.len);
+        buf_puts(&s->exit_ev, "}");
     }
+    /* The connection is handed on after this event (see end_conn). */
+    buf_puts(&b, s->keep_open && !s->no_input ? ",\"keep_open\":true}" : "}");
     send_json(s, &b);
 }
 
@@ -1593,9 +1650,6 @@ static void unknown_op(struct sess *s, const struct jv *op) {
     finish_conn(s);
 }
 
-static void process_input(struct sess *s);
-static void after(struct sess *s);
-
 /* attach: this connection takes over a persistent job (its old one, if any, is
  * dropped), the spool is replayed past the offsets, then the job goes on live. */
 static void do_attach(struct sess *s, const struct jv *req) {
@@ -1624,6 +1678,7 @@ static void do_attach(struct sess *s, const struct jv *req) {
     t->w[W_SOCK].ev = 0;
     s->w[W_SOCK].fd = -1;
     t->in = s->in; /* frames sent after the attach (this request is taken already) */
+    t->keep_open = false; /* the attaching connection is closed after the job */
     s->in = (struct buf){0};
     t->replaying = true;
     t->replay_at = 0;
@@ -1634,7 +1689,19 @@ static void do_attach(struct sess *s, const struct jv *req) {
     after(t);
 }
 
+/* Control frames a kept connection may still carry for the job it served before (sent
+ * by the server before it read that job's exit event): dropped, as that job would. */
+static bool leftover(const struct jv *req) {
+    static const char *const ops[] = {"kill", "close_stdin", "resize", "forget"};
+    for (size_t k = 0; k < sizeof ops / sizeof *ops; k++)
+        if (jis_str(jget(req, "op"), ops[k]))
+            return true;
+    return false;
+}
+
 static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
+    if (kind == 'I' && s->handed)
+        return; /* input for the job this connection served before */
     if (kind != 'J') {
         unknown_op(s, NULL);
         return;
@@ -1642,6 +1709,10 @@ static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
     struct arena a = {0};
     const char *err;
     struct jv *req = jparse(&a, p, n, &err);
+    if (req && req->t == JOBJ && s->handed && leftover(req)) {
+        arena_free(&a);
+        return;
+    }
     if (!req)
         start_failed(s, "bad request: %s", err);
     else if (req->t != JOBJ)
@@ -1649,8 +1720,10 @@ static void handle_request(struct sess *s, char kind, const char *p, size_t n) {
     else if (jis_str(jget(req, "op"), "ping")) {
         send_event_pid(s, "pong", getpid());
         finish_conn(s);
-    } else if (jis_str(jget(req, "op"), "exec"))
+    } else if (jis_str(jget(req, "op"), "exec")) {
+        s->keep_open = jtruthy(jget(req, "keep_open"));
         do_exec(s, req, &a);
+    }
     else if (jis_str(jget(req, "op"), "attach"))
         do_attach(s, req);
     else
@@ -1833,7 +1906,7 @@ static void on_sock(struct sess *s, uint32_t ev) {
         if (!buf_avail(&s->out)) {
             buf_free(&s->out);
             if (s->closing) {
-                close_sock(s);
+                end_conn(s);
                 return;
             }
         }
@@ -2024,19 +2097,11 @@ static void on_accept(void) {
             }
             return;
         }
-        struct sess *s = calloc(1, sizeof *s);
+        struct sess *s = new_sess(fd);
         if (!s) {
             close(fd);
             continue;
         }
-        for (int k = 0; k < W_N; k++)
-            s->w[k] = (struct watch){.s = s, .fd = -1, .kind = k};
-        s->w[W_SOCK].fd = fd;
-        s->spool_fd = -1;
-        s->next = g_sessions;
-        if (g_sessions)
-            g_sessions->prev = s;
-        g_sessions = s;
         update(s);
         on_sock(s, EPOLLIN); /* the request is often there already */
         after(s);
