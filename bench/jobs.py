@@ -6,14 +6,17 @@
   with a plain ``httpx.Client``: the server's own cost, without the SDK.
 * ``agent_direct``: the job sent straight to the sandbox's agent over its Unix socket
   from this process (no HTTP, no server): the runtime's own cost.
+* ``host_true``: ``subprocess.run(["true"])`` on the host, the fork+exec floor the
+  other three are measured against (issue 15.6's ratios).
 
-The three are interleaved (one of each per round, in turn), so that on a busy machine
-they all see the same background load and their differences hold.
+The four are interleaved (one of each per round, in turn), so that on a busy machine
+they all see the same background load and their ratios hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +41,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "run_and_wait": lambda: client.jobs.run_and_wait(sid, ["true"]),
             "http_post_wait": _http_post_wait(ctx, http, sid),
             "agent_direct": lambda: runner.run(_agent_direct(ctx, sid)),
+            "host_true": lambda: subprocess.run(["true"], check=True),
         }
         for name, fn in list(ways.items()):
             try:
