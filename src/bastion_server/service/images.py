@@ -42,7 +42,8 @@ import secrets
 import shlex
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -309,53 +310,61 @@ class ImageService:
             private.add(sandbox_id)
         started = time.monotonic()
         limits = self._build_limits()
+        async with self._task(record, "build"):
+            try:
+                with_upper = getattr(self.runtime, "with_upper", None)
+                if with_upper is None:
+                    raise SandboxError(f"the {self.runtime.name} runtime cannot build images")
+                if parent is None:
+                    parent = await self._debian_base(record, recipe)
+                parent_info = await asyncio.to_thread(self.images.load, parent.ref)
+                await self.runtime.create(sandbox_id, limits, parent.sandbox)
+                network = NetworkPolicy(enabled=True, allow=self.config.build_network_allow)
+                await self.runtime.start(sandbox_id, limits, network)
+                await self._run_steps(record, recipe, sandbox_id, started)
+                await self.runtime.stop(sandbox_id)
+                self._write_log(record.build_id, "[image] storing the layer\n")
+                info: StoredImage = await with_upper(
+                    sandbox_id,
+                    lambda upper, shift: self.images.capture(
+                        upper,
+                        parent_info,
+                        key,
+                        from_shift=shift,
+                        name=recipe.name,
+                        env=recipe.env,
+                        workdir=recipe.workdir,
+                    ),
+                )
+                await self._ready(record, info)
+                self._write_log(
+                    record.build_id,
+                    f"[image] ready in {time.monotonic() - started:.1f}s: {info.digest}\n",
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.runtime.delete(sandbox_id)
+                if isinstance(private, set):
+                    private.discard(sandbox_id)
+
+    @contextlib.asynccontextmanager
+    async def _task(self, record: ImageRecord, what: str) -> AsyncIterator[None]:
+        """The body of a build's, import's or pull's task: whatever ends it other than
+        success fails the record with the reason (a shutdown too, then goes on), and
+        its end is told to those following its log."""
         try:
-            with_upper = getattr(self.runtime, "with_upper", None)
-            if with_upper is None:
-                raise SandboxError(f"the {self.runtime.name} runtime cannot build images")
-            if parent is None:
-                parent = await self._debian_base(record, recipe)
-            parent_info = await asyncio.to_thread(self.images.load, parent.ref)
-            await self.runtime.create(sandbox_id, limits, parent.sandbox)
-            network = NetworkPolicy(enabled=True, allow=self.config.build_network_allow)
-            await self.runtime.start(sandbox_id, limits, network)
-            await self._run_steps(record, recipe, sandbox_id, started)
-            await self.runtime.stop(sandbox_id)
-            self._write_log(record.build_id, "[image] storing the layer\n")
-            info: StoredImage = await with_upper(
-                sandbox_id,
-                lambda upper, shift: self.images.capture(
-                    upper,
-                    parent_info,
-                    key,
-                    from_shift=shift,
-                    name=recipe.name,
-                    env=recipe.env,
-                    workdir=recipe.workdir,
-                ),
-            )
-            await self._ready(record, info)
-            self._write_log(
-                record.build_id,
-                f"[image] ready in {time.monotonic() - started:.1f}s: {info.digest}\n",
-            )
-        except _StepFailed as exc:
+            yield
+        except (_Failed, ArchiveError) as exc:
             await self._fail(record, str(exc))
-        except ImageBuildError as exc:  # the suite's bootstrap
-            await self._fail(record, f"bootstrapping {recipe.base} failed: {exc}")
         except (SandboxError, ImageError, OSError) as exc:
-            await self._fail(record, f"the build could not run: {exc}")
+            await self._fail(record, f"the {what} could not run: {exc}")
         except asyncio.CancelledError:
             await self._fail(record, "the server shut down")
             raise
         except Exception as exc:
-            log.exception("image build failed")
+            log.exception("image %s failed", what)
             await self._fail(record, f"internal error: {exc}")
         finally:
-            with contextlib.suppress(Exception):
-                await self.runtime.delete(sandbox_id)
-            if isinstance(private, set):
-                private.discard(sandbox_id)
             self._builds.pop(record.build_id, None)
             await self._notify()
 
@@ -372,9 +381,12 @@ class ImageService:
                 f"[image] bootstrapping {recipe.base} from {debian_base.mirror()} "
                 "(once: later builds over it reuse it)\n",
             )
-            info = await self._in_thread_with_log(
-                record, lambda progress: debian_base.bootstrap(images_dir, suite, progress)
-            )
+            try:
+                info = await self._in_thread_with_log(
+                    record, lambda progress: debian_base.bootstrap(images_dir, suite, progress)
+                )
+            except ImageBuildError as exc:
+                raise _Failed(f"bootstrapping {recipe.base} failed: {exc}") from exc
         sandbox = await asyncio.to_thread(self.images.sandbox_image, info, recipe.base)
         return ChosenImage(sandbox, self.images.ref(info))
 
@@ -467,7 +479,7 @@ class ImageService:
     ) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _StepFailed(f"the build took longer than {self.config.build_timeout:g}s")
+            raise _Failed(f"the build took longer than {self.config.build_timeout:g}s")
         spec = ExecSpec(
             argv=["/bin/sh", "-c", script],
             env=env,
@@ -494,9 +506,9 @@ class ImageService:
         if exit_event is None or exit_event.exit_code != 0:
             what = script if not quiet else script.split("&&")[0].strip()
             if exit_event is not None and exit_event.timed_out:
-                raise _StepFailed(f"the build took longer than {self.config.build_timeout:g}s")
+                raise _Failed(f"the build took longer than {self.config.build_timeout:g}s")
             code = exit_event.exit_code if exit_event is not None else None
-            raise _StepFailed(f"step `{what}` failed (exit status {code})")
+            raise _Failed(f"step `{what}` failed (exit status {code})")
 
     # -- imports and pulls -------------------------------------------------------------
 
@@ -575,91 +587,77 @@ class ImageService:
             f"docker://{ref}", f"oci-archive:{archive}",
         ]  # fmt: skip
         try:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            except FileNotFoundError:
-                await self._fail(record, "skopeo is not installed on the server")
-                return
-            tail: list[str] = []
-            try:
-                async with asyncio.timeout(_PULL_TIMEOUT):
-                    assert proc.stdout is not None
-                    async for raw in proc.stdout:
-                        line = raw.decode(errors="replace").rstrip()
-                        tail = [*tail[-4:], line]
-                        self._write_log(record.build_id, f"[image] skopeo: {line}\n")
-                        await self._notify()
-                    code = await proc.wait()
-            except BaseException:
+            async with self._task(record, "pull"):
+                await self._fetch(record, argv, ref)
+                digest = await asyncio.to_thread(archive_digest, archive)
+                await self._unpack(record, archive, digest=digest)
+        finally:
+            await asyncio.to_thread(archive.unlink, missing_ok=True)
+
+    async def _fetch(self, record: ImageRecord, argv: Sequence[str], ref: str) -> None:
+        """Run skopeo (``argv``), its output going to the record's log line by line."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except FileNotFoundError as exc:
+            raise _Failed("skopeo is not installed on the server") from exc
+        tail: deque[str] = deque(maxlen=5)
+        try:
+            async with asyncio.timeout(_PULL_TIMEOUT):
+                assert proc.stdout is not None
+                async for raw in proc.stdout:
+                    line = raw.decode(errors="replace").rstrip()
+                    tail.append(line)
+                    self._write_log(record.build_id, f"[image] skopeo: {line}\n")
+                    await self._notify()
+                code = await proc.wait()
+        except TimeoutError as exc:
+            raise _Failed(f"the pull took longer than {_PULL_TIMEOUT}s") from exc
+        finally:
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-                raise
-            if code != 0:
-                await self._fail(record, f"cannot pull {ref}: {' '.join(tail)[-500:] or code}")
-                return
-            try:
-                digest = await asyncio.to_thread(archive_digest, archive)
-            except ArchiveError as exc:
-                await self._fail(record, str(exc))
-                return
-            await self._run_import(record, archive, digest=digest)
-        except TimeoutError:
-            await self._fail(record, f"the pull took longer than {_PULL_TIMEOUT}s")
-        except asyncio.CancelledError:
-            if record.status == ImageStatus.BUILDING:  # not failed by the import already
-                await self._fail(record, "the server shut down")
-            raise
-        finally:
-            await asyncio.to_thread(archive.unlink, missing_ok=True)
-            self._builds.pop(record.build_id, None)
-            await self._notify()
+        if code != 0:
+            raise _Failed(f"cannot pull {ref}: {' '.join(tail)[-500:] or code}")
 
     async def _run_import(self, record: ImageRecord, archive: Path, *, digest: str) -> None:
-        """Unpack ``archive`` (then remove it) as the record's image, its layers'
-        progress in the log; the same image already stored is ready at once."""
-        key = hashlib.sha256(f"{record.owner}\0{digest}".encode()).hexdigest()
+        """The import's task: :meth:`_unpack`, then the archive removed."""
         try:
-            cached = await asyncio.to_thread(self.images.layer, key)
-            if cached is not None:
-                self._write_log(record.build_id, f"[image] already stored: {cached.digest}\n")
-                await self._ready(record, cached)
-                return
-            like = await asyncio.to_thread(self.images.base, self.config.image)
-
-            def unpack(progress: Callable[[str], None]) -> StoredImage:
-                def populate(rootfs: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
-                    config = unpack_archive(archive, rootfs, progress)
-                    progress("[image] shifting ownership")
-                    return config.env, config.workdir
-
-                return self.images.add_base(
-                    key, name=record.name, like=like, populate=populate,
-                    extra={"source_digest": digest},
-                )  # fmt: skip
-
-            info = await self._in_thread_with_log(record, unpack)
-            await self._ready(record, info)
-            self._write_log(record.build_id, f"[image] ready: {info.digest}\n")
-        except ArchiveError as exc:
-            await self._fail(record, str(exc))
-        except (ImageError, SandboxError, OSError) as exc:
-            await self._fail(record, f"the import could not run: {exc}")
-        except asyncio.CancelledError:
-            await self._fail(record, "the server shut down")
-            raise
-        except Exception as exc:
-            log.exception("image import failed")
-            await self._fail(record, f"internal error: {exc}")
+            async with self._task(record, "import"):
+                await self._unpack(record, archive, digest=digest)
         finally:
             await asyncio.to_thread(archive.unlink, missing_ok=True)
-            self._builds.pop(record.build_id, None)
-            await self._notify()
+
+    async def _unpack(self, record: ImageRecord, archive: Path, *, digest: str) -> None:
+        """Unpack ``archive`` as the record's image, its layers' progress in the log;
+        the same image already stored is ready at once."""
+        key = hashlib.sha256(f"{record.owner}\0{digest}".encode()).hexdigest()
+        cached = await asyncio.to_thread(self.images.layer, key)
+        if cached is not None:
+            self._write_log(record.build_id, f"[image] already stored: {cached.digest}\n")
+            await self._ready(record, cached)
+            return
+        like = await asyncio.to_thread(self.images.base, self.config.image)
+
+        def unpack(progress: Callable[[str], None]) -> StoredImage:
+            def populate(rootfs: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
+                config = unpack_archive(archive, rootfs, progress)
+                progress("[image] shifting ownership")
+                return config.env, config.workdir
+
+            return self.images.add_base(
+                key, name=record.name, like=like, populate=populate,
+                extra={"source_digest": digest},
+            )  # fmt: skip
+
+        info = await self._in_thread_with_log(record, unpack)
+        await self._ready(record, info)
+        self._write_log(record.build_id, f"[image] ready: {info.digest}\n")
 
     @property
     def tmp_dir(self) -> Path:
@@ -786,8 +784,9 @@ def _check_name(name: str, bases: tuple[str, ...]) -> None:
         raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name!r} is reserved (by the API's paths)")
 
 
-class _StepFailed(Exception):
-    """A recipe step failed: the build's reason."""
+class _Failed(Exception):
+    """A build, import or pull failed for a reason its message says (a step's exit
+    status, a timeout, a bootstrap, an archive, a registry)."""
 
 
 def _read_from(path: Path, offset: int) -> bytes:
