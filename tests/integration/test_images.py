@@ -548,7 +548,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_an_image_pulled_from_a_registry_runs_in_a_session(
-    client: Bastion, registry: str, tmp_path: Path
+    client: Bastion, image_server: ServerProcess, registry: str, tmp_path: Path
 ) -> None:
     archive = tmp_path / "boxed.tar"
     archive.write_bytes(_busybox_archive(b"pulled\n"))
@@ -572,6 +572,16 @@ def test_an_image_pulled_from_a_registry_runs_in_a_session(
         client.images.pull("nothere", f"{registry}/nothere:1")
     client.images.delete("nothere")
     client.images.delete("fromreg")
+    # The CLI shows the server's progress as it goes, and the end.
+    pulled = _cli(image_server, "images", "pull", "clipull", f"{registry}/boxed:1")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "[image] skopeo: " in pulled.stderr and "unpacking layer 2/2" in pulled.stderr
+    assert pulled.stdout.startswith("clipull  ready  sha256:")
+    missing = _cli(image_server, "images", "pull", "-q", "clinothere", f"{registry}/nothere:1")
+    assert missing.returncode == 1 and "cannot pull" in missing.stderr
+    assert "[image]" not in missing.stderr  # -q: no progress, only the reason
+    for name in ("clipull", "clinothere"):
+        client.images.delete(name)
 
 
 def test_a_warm_pool_of_a_built_image(data_root: Path) -> None:
