@@ -397,6 +397,47 @@ def test_sessions_list_filters_and_formats(
     assert capsys.readouterr() == ("", "no sessions\n")
 
 
+def test_sessions_list_shows_the_node_column_when_a_session_has_a_node(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A cluster gateway (serve --ray) reports each session's node; one without (made
+    # before the gateway, say) shows "-".
+    server.sessions["s1"]["node"] = "node-b7f3"
+    server.add_session("s2", status="stopped", node=None)
+    assert cli(server, "sessions", "list") == 0
+    lines = out_lines(capsys)
+    assert lines[0].split() == [
+        "SESSION",
+        "STATUS",
+        "NODE",
+        "CREATED",
+        "MEMORY",
+        "PIDS",
+        "CPUS",
+        "NETWORK",
+        "METADATA",
+    ]
+    assert lines[1].split()[:4] == ["s1", "running", "node-b7f3", "2024-05-01"]
+    assert lines[2].split()[:4] == ["s2", "stopped", "-", "2024-05-01"]
+    start = lines[0].index("NODE")
+    assert lines[1][start:].startswith("node-b7f3") and lines[2][start:].startswith("- ")
+    # No session with a node (a server of one machine): no column.
+    server.sessions["s1"]["node"] = None
+    assert cli(server, "sessions", "list") == 0
+    assert "NODE" not in out_lines(capsys)[0].split()
+
+
+def test_sessions_status_shows_the_node(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(server, "sessions", "status", "s1") == 0
+    assert "node" not in [line.split()[0] for line in out_lines(capsys)]
+    server.sessions["s1"]["node"] = "node-b7f3"
+    assert cli(server, "sessions", "status", "s1") == 0
+    lines = out_lines(capsys)
+    assert lines[1:3] == ["status    running", "node      node-b7f3"]
+
+
 def test_sessions_status_shows_usage(
     server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

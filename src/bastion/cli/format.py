@@ -267,6 +267,9 @@ def session_details(session: Mapping[str, Any]) -> list[str]:
     ]
     if session.get("status_reason"):
         pairs.append(("reason", str(session["status_reason"])))
+    if session.get("node"):
+        # Only a cluster gateway (``bastion serve --ray``) places sessions on nodes.
+        pairs.append(("node", str(session["node"])))
     pairs += [
         ("created", f"{format_time(created)} ({format_time_ago(created)})"),
         ("limits", limits_text(session.get("limits"))),

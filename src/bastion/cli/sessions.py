@@ -192,8 +192,9 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
         (
             "status",
             "show a session",
-            "Show a session: its state, limits, timeouts, network and labels, and what "
-            "it uses now (CPU time, memory, processes, disk) while it runs.",
+            "Show a session: its state, the cluster node that holds it (behind "
+            "'bastion serve --ray'), limits, timeouts, network and labels, and what it "
+            "uses now (CPU time, memory, processes, disk) while it runs.",
             "bastion sessions status $SID",
         ),
         (
@@ -352,6 +353,8 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
     if args.quiet:
         print_lines([s["session_id"] for s in sessions])
         return
+    # The node column only where sessions have nodes (a cluster gateway's).
+    with_node = any(s.get("node") for s in sessions)
     rows = []
     for s in sessions:
         limits: Mapping[str, Any] = s.get("limits") or {}
@@ -360,6 +363,7 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
             [
                 s["session_id"],
                 str(s.get("status", "-")),
+                *([str(s.get("node") or "-")] if with_node else []),
                 format_time_ago(s.get("created_at")),
                 format_size(memory * 1024 * 1024) if isinstance(memory, int) else "-",
                 str(limits.get("pids", "-")),
@@ -373,7 +377,17 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
         return
     print_lines(
         table(
-            ["SESSION", "STATUS", "CREATED", "MEMORY", "PIDS", "CPUS", "NETWORK", "METADATA"],
+            [
+                "SESSION",
+                "STATUS",
+                *(["NODE"] if with_node else []),
+                "CREATED",
+                "MEMORY",
+                "PIDS",
+                "CPUS",
+                "NETWORK",
+                "METADATA",
+            ],
             rows,
             right=["MEMORY", "PIDS", "CPUS"],
             max_width=table_width(),
