@@ -245,6 +245,38 @@ def test_a_recipe_from_a_debian_suite_bootstraps_it_once(
         client.images.delete(name)
 
 
+def test_a_shutdown_mid_bootstrap_stops_it_and_leaves_nothing(data_root: Path) -> None:
+    srv = _server(data_root)
+    srv.start()
+    images = srv.data_dir.parent / "images"
+    try:
+        with Bastion(srv.url) as c:
+            building = c.images.build(
+                {"name": "cut", "from": "debian:trixie", "run": ["true"]}, wait=False
+            )
+            assert building["status"] == "building"
+            deadline = time.monotonic() + 120
+            while "[image] debootstrap: " not in c.images.log("cut"):
+                assert c.images.get("cut")["status"] == "building", c.images.log("cut")
+                assert time.monotonic() < deadline, "the bootstrap never started"
+                time.sleep(0.2)
+        started = time.monotonic()
+        assert srv.stop() == 0  # graceful: the bootstrap stops, it is not waited for
+        assert time.monotonic() - started < 20
+        # No base, whole or half (debootstrap's own log is kept, as a failed setup's is).
+        assert not list(images.glob(".build-*"))
+        assert [p.suffix for p in images.glob("debian.trixie-*")] in ([], [".log"])
+        assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if str(images) in line]  # fmt: skip
+        srv.start()
+        with Bastion(srv.url) as c:
+            cut = c.images.get("cut")
+            assert cut["status"] == "failed" and "shut down" in str(cut["status_reason"])
+            c.images.delete("cut")
+    finally:
+        srv.stop()
+
+
 def test_root_in_a_session_is_opt_in(client: Bastion) -> None:
     sid = _session(client, "default")
     try:
