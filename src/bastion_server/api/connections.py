@@ -15,6 +15,10 @@ protocol (the one ``uvicorn[standard]`` uses) with
 * a **connection cap**: past ``max_connections`` open connections (WebSockets
   included), a new one is answered ``429 too_many_requests`` and closed at once, so
   the server never runs out of descriptors for its sandboxes and its store.
+* **one send per response**: uvicorn writes a response's head and its body apart, two
+  sends for a small answer, each waking the client (on a small machine such a send
+  costs more than routing the request); what a response writes in one step of the
+  event loop goes out as one (:class:`JoinedWrites`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 from asyncio import TimerHandle
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -46,6 +51,33 @@ def _too_many_connections() -> bytes:
         "connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+class JoinedWrites:
+    """A transport as one response sees it: the writes made in one step of the event
+    loop are sent together at the end of that step (in order, before a close)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._parts:
+            self._loop.call_soon(self.flush)
+        self._parts.append(bytes(data))
+
+    def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -74,9 +106,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._in_flight += 1
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not before:
+            self.cycle.transport = JoinedWrites(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
+        if self.cycle is not None and isinstance(self.cycle.transport, JoinedWrites):
+            self.cycle.transport.flush()  # the whole response is written: send it now
         self._in_flight = max(self._in_flight - 1, 0)
         super().on_response_complete()
         if self._in_flight == 0 and not self.transport.is_closing():
