@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from tests.service.conftest import OWNER, Run
@@ -174,3 +175,31 @@ def test_activity_reaches_the_store_at_most_every_few_seconds(run: Run) -> None:
     at_start, soon, stopped = run(body)
     assert at_start is not None and soon == at_start
     assert stopped is not None and stopped >= at_start + 0.05
+
+
+def test_a_second_server_on_the_store_leaves_the_first_ones_sessions_alone(
+    config: ServerConfig, runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    """Two servers, two runtimes (neither sees the other's sandboxes), one store: the
+    second's start, reaper and exit policy do not touch the first's sessions."""
+    first = replace(config, node_name="node-a", reaper_interval=3600)
+    second = replace(config, node_name="node-b", reaper_interval=3600, on_shutdown="delete")
+
+    async def main() -> tuple[str, str]:
+        a = await Services.start(first, runtime)
+        try:
+            idle = await _running(a, idle_timeout=0.05)
+            made = await a.sessions.create(OWNER)
+            await asyncio.sleep(0.1)  # idle past its timeout
+            b = await Services.start(second, FakeRuntime(tmp_path / "b-sandboxes"))
+            try:
+                await b.sessions.expire_sessions()
+                await b.sessions.check_running_sandboxes()
+            finally:
+                await b.close()  # deletes every session it owns: none
+            assert [runtime.sandboxes[idle].running, made.id in runtime.sandboxes] == [True, True]
+            return a.sessions.get(OWNER, idle).status, a.sessions.get(OWNER, made.id).status
+        finally:
+            await a.close()
+
+    assert asyncio.run(main()) == (SessionStatus.RUNNING, SessionStatus.CREATED)

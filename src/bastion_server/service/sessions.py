@@ -145,6 +145,14 @@ class SessionService:
         #: busy session is never idle.
         self.busy_checks: list[Callable[[str], bool]] = []
 
+    def owns(self, record: SessionRecord) -> bool:
+        """Whether this server is the session's owner, the one whose reaper, restart and
+        exit policy act on it: a cluster's gateway owns every session of its store (it
+        places them on its nodes); another server those recorded with its node name
+        (and those of servers that recorded none).  Another server's session is left
+        to it: its sandbox is not this one's to see."""
+        return self.config.ray is not None or record.node in (None, self.node)
+
     def touch(self, session_id: str) -> None:
         """Record activity on a session (it is not idle now); the store hears of it at
         most every ACTIVITY_WRITE_INTERVAL seconds."""
@@ -351,6 +359,7 @@ class SessionService:
             paused_timeout=self._timeout("paused_timeout", paused_timeout),
             snapshot=snapshot,
             image=image.record if image is not None else None,
+            node=self.node,  # its owner's, until the runtime says where it placed it
         )
         # All or nothing, across a crash too: the record comes first, as being created
         # (so nothing is made on the host that no record names), then the storage, then
@@ -612,7 +621,7 @@ class SessionService:
         (``"delete"``), each with ``reason``: the server's exit policy.  Returns how
         many it did."""
         done = 0
-        for listed in self.store.list_sessions():
+        for listed in filter(self.owns, self.store.list_sessions()):
             async with self.locks.hold(listed.id):
                 record = self.store.get_session(listed.id)
                 if record is None or record.status not in _ALLOWED[action]:
@@ -655,7 +664,7 @@ class SessionService:
     async def expire_sessions(self) -> None:
         """Stop or delete every session whose idle timeout or lifetime has passed."""
         now_wall, now = time.time(), time.monotonic()
-        for record in self.store.list_expirable_sessions():
+        for record in filter(self.owns, self.store.list_expirable_sessions()):
             reason = self._expiry_reason(record, now_wall, now)
             if reason is None:
                 continue
@@ -707,7 +716,7 @@ class SessionService:
     async def check_running_sandboxes(self) -> None:
         """check_sandbox for every session recorded running whose sandbox is not."""
         running = await self.runtime.running_sandboxes()
-        for record in self.store.list_sessions():
+        for record in filter(self.owns, self.store.list_sessions()):
             if record.status == SessionStatus.RUNNING and record.id not in running:
                 await self.check_sandbox(record.id)  # looks again, under the lock
 
@@ -773,11 +782,11 @@ class SessionService:
         record owns is removed.  A create the crash cut short is rolled back (the
         session is not there), and a delete it cut short is finished.
         """
-        for record in self.store.list_creating_sessions():
+        for record in filter(self.owns, self.store.list_creating_sessions()):
             await self._roll_back_create(record.id)  # cut short by the crash: not made
         running_now = await self.runtime.running_sandboxes()
         started = await self.runtime.started_sandboxes()
-        for record in self.store.list_sessions():
+        for record in filter(self.owns, self.store.list_sessions()):
             try:
                 await self._reconcile_session(record, record.id in running_now, started)
             except StaleStatus as exc:  # another process changed it: that one has it

@@ -438,8 +438,8 @@ class Store:
         self._db.execute(
             "INSERT INTO sessions (id, owner, status, status_reason, limits, metadata,"
             " idempotency_key, idle_timeout, max_lifetime, on_timeout, network, created_at,"
-            " updated_at, paused_timeout, snapshot, image)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, paused_timeout, snapshot, image, node)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.owner,
@@ -457,6 +457,7 @@ class Store:
                 s.paused_timeout,
                 s.snapshot,
                 json.dumps(s.image) if s.image is not None else None,
+                s.node,
             ),
         )
 
