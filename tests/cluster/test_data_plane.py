@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bastion_server.cluster.data_plane import DataPlaneServer, open_process
+from bastion_server.cluster.data_plane import DataPlaneServer, attach_process, open_process
 from bastion_server.runtime.base import (
     ExecSpec,
     ExitEvent,
@@ -20,6 +20,8 @@ from bastion_server.runtime.base import (
 )
 
 SECRET = b"s" * 32
+#: The node's end of each process the test server ran.
+PROCESSES: list[EchoProcess] = []
 
 
 class EchoProcess(Process):
@@ -29,6 +31,7 @@ class EchoProcess(Process):
         self.spec = spec
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.closed = False
+        self.forgotten = asyncio.Event()
 
     async def events(self) -> AsyncIterator[OutputEvent | ExitEvent]:
         yield OutputEvent("stderr", " ".join(self.spec.argv).encode())
@@ -51,6 +54,9 @@ class EchoProcess(Process):
     async def close(self) -> None:
         self.closed = True
 
+    async def forget(self) -> None:
+        self.forgotten.set()
+
 
 async def _serve() -> tuple[DataPlaneServer, tuple[str, int], list[tuple[str, ExecSpec]]]:
     started: list[tuple[str, ExecSpec]] = []
@@ -59,9 +65,19 @@ async def _serve() -> tuple[DataPlaneServer, tuple[str, int], list[tuple[str, Ex
         if session_id == "stopped":
             raise SandboxNotRunning("sandbox stopped is not running")
         started.append((session_id, spec))
-        return EchoProcess(spec)
+        PROCESSES.append(EchoProcess(spec))
+        return PROCESSES[-1]
 
-    server = DataPlaneServer(exec_, SECRET)
+    async def attach(session_id: str, job_id: str, stdout: int, stderr: int) -> Process:
+        if job_id == "job_gone":
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        spec = ExecSpec(["attached", session_id, job_id, str(stdout), str(stderr)])
+        started.append((session_id, spec))
+        PROCESSES.append(EchoProcess(spec))
+        return PROCESSES[-1]
+
+    PROCESSES.clear()
+    server = DataPlaneServer(exec_, SECRET, attach=attach)
     return server, await server.start("127.0.0.1"), started
 
 
@@ -110,4 +126,41 @@ async def _test_a_stopped_sandbox_is_told_apart() -> None:
     server, address, _ = await _serve()
     with pytest.raises(SandboxNotRunning, match="not running"):
         await open_process(address, SECRET, "stopped", ExecSpec(["true"]))
+    await server.close()
+
+
+def test_a_persistent_process_end_is_kept_until_the_gateway_forgets_it() -> None:
+    asyncio.run(_test_a_persistent_process_end_is_kept_until_the_gateway_forgets_it())
+
+
+async def _test_a_persistent_process_end_is_kept_until_the_gateway_forgets_it() -> None:
+    server, address, _ = await _serve()
+    process = await open_process(address, SECRET, "ses_1", ExecSpec(["job"], persist_as="job_1"))
+    await process.close_input()
+    events = [event async for event in process.events()]
+    assert isinstance(events[-1], ExitEvent) and events[-1].exit_code == 0
+    node_end = PROCESSES[-1]
+    await asyncio.sleep(0.1)
+    assert not node_end.forgotten.is_set()  # the exit is recorded only after this
+    await process.forget()
+    await asyncio.wait_for(node_end.forgotten.wait(), 5)
+    await server.close()
+
+
+def test_a_job_is_taken_up_again_from_the_given_bytes() -> None:
+    asyncio.run(_test_a_job_is_taken_up_again_from_the_given_bytes())
+
+
+async def _test_a_job_is_taken_up_again_from_the_given_bytes() -> None:
+    server, address, started = await _serve()
+    process = await attach_process(address, SECRET, "ses_1", "job_7", 12, 3)
+    assert started == [("ses_1", ExecSpec(["attached", "ses_1", "job_7", "12", "3"]))]
+    await process.close_input()
+    events = [event async for event in process.events()]
+    assert events[0] == OutputEvent("stderr", b"attached ses_1 job_7 12 3")
+    await process.close()  # a gateway gone before forgetting: the node's end is closed
+    await asyncio.sleep(0.1)
+    assert PROCESSES[-1].closed and not PROCESSES[-1].forgotten.is_set()
+    with pytest.raises(SandboxNotRunning, match="not running"):
+        await attach_process(address, SECRET, "ses_1", "job_gone", 0, 0)
     await server.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion_server.cluster.placement import NoCapacity, NodeLoad, choose_node
+from bastion_server.cluster.placement import ImageOnNoNode, NoCapacity, NodeLoad, choose_node
 
 
 def node(name: str, sessions: int = 0, memory: int = 4096, ready: bool = True) -> NodeLoad:
@@ -41,3 +41,19 @@ def test_no_node_ready_or_none_at_all() -> None:
         choose_node([node("a", ready=False)], 512)
     with pytest.raises(NoCapacity, match="no node"):
         choose_node([], 512)
+
+
+def test_only_nodes_that_hold_the_image_are_candidates() -> None:
+    loads = [
+        NodeLoad("a", True, 0, 4096, frozenset({"sha256:base"})),
+        NodeLoad("b", True, 7, 4096, frozenset({"sha256:base", "sha256:tools"})),
+    ]
+    assert choose_node(loads, 512, ("tools", "sha256:tools")) == "b"
+    assert choose_node(loads, 512, ("default", "sha256:base")) == "a"
+    assert choose_node(loads, 512, None) == "a"  # each node's default image
+
+
+def test_an_image_no_node_holds_is_a_clear_error() -> None:
+    loads = [NodeLoad("a", True, 0, 4096, frozenset({"sha256:base"}))]
+    with pytest.raises(ImageOnNoNode, match=r"holds image 'tools' \(sha256:tools\)"):
+        choose_node(loads, 512, ("tools", "sha256:tools"))

@@ -9,6 +9,7 @@ default: twelve).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,14 +131,89 @@ def test_files_on_a_worker_node(gateway: ServerProcess, placed: dict[str, str]) 
             bastion.files.download(sid, "/home/user/blob.bin")
 
 
-def test_a_gateway_restart_finds_every_session_again(
+def test_snapshots_live_on_their_node_and_sessions_of_them_go_there(
     gateway: ServerProcess, placed: dict[str, str]
 ) -> None:
-    # The node agents outlive the gateway (detached actors): a new one finds them by
-    # name, and each its sandboxes, running on where they were.
-    gateway.stop()
+    sid = placed["w1"]
+    with Bastion(base_url=gateway.url) as bastion:
+        bastion.jobs.run_and_wait(sid, ["sh", "-c", "echo one > /home/user/state"])
+        snap = bastion.sessions.snapshot(sid, name="on-w1")
+        assert snap["status"] == "ready"
+        bastion.jobs.run_and_wait(sid, ["sh", "-c", "echo two > /home/user/state"])
+        made: list[str] = []
+        try:
+            # w1 is no emptier than the others: the snapshot, not the load, decides.
+            copy = bastion.sessions.create(snapshot=snap["snapshot_id"])
+            made.append(copy["session_id"])
+            assert copy["node"] == "w1"
+            bastion.sessions.start(copy["session_id"])
+            result = bastion.jobs.run_and_wait(copy["session_id"], ["cat", "/home/user/state"])
+            assert result["output"]["console_output"] == "one\n"
+            # Fork: a snapshot of the session, and copies of it on its node.
+            forked = bastion.sessions.fork(sid, 2)
+            made += [s["session_id"] for s in forked["sessions"]]
+            assert [s["node"] for s in forked["sessions"]] == ["w1", "w1"]
+            for s in forked["sessions"]:
+                result = bastion.jobs.run_and_wait(s["session_id"], ["cat", "/home/user/state"])
+                assert result["output"]["console_output"] == "two\n"
+            # Restore: the session's files are the snapshot's again.
+            restored = bastion.sessions.restore(sid, snap["snapshot_id"])
+            assert (restored["status"], restored["node"]) == ("running", "w1")
+            result = bastion.jobs.run_and_wait(sid, ["cat", "/home/user/state"])
+            assert result["output"]["console_output"] == "one\n"
+            # Pause and resume on the node.
+            assert bastion.sessions.pause(sid)["status"] == "paused"
+            assert bastion.sessions.resume(sid)["status"] == "running"
+            assert (
+                bastion.jobs.run_and_wait(sid, ["echo", "thawed"])["output"]["console_output"]
+                == "thawed\n"
+            )
+        finally:
+            for copy_id in made:
+                bastion.sessions.delete(copy_id)
+            for s in bastion.snapshots.list()["snapshots"]:
+                bastion.snapshots.delete(s["snapshot_id"])
+
+
+def test_an_image_built_through_the_gateway_runs_sessions(
+    gateway: ServerProcess, placed: dict[str, str]
+) -> None:
+    # The build's sandbox runs on the gateway's own node (head); its layer is stored in
+    # the images directory the nodes of this machine share, so every node holds it.
+    with Bastion(base_url=gateway.url) as bastion:
+        info = bastion.images.build(
+            {"name": "clustered", "from": "default", "run": ["echo built > /etc/clustered"]}
+        )
+        assert info["status"] == "ready", info
+        sid = bastion.sessions.create(image="clustered")["session_id"]
+        try:
+            assert bastion.sessions.start(sid)["node"] in {"head", "w1", "w2"}
+            result = bastion.jobs.run_and_wait(sid, ["cat", "/etc/clustered"])
+            assert result["output"]["console_output"] == "built\n"
+        finally:
+            bastion.sessions.delete(sid)
+            bastion.images.delete("clustered")
+
+
+def test_a_gateway_killed_mid_job_finds_every_session_and_the_job_again(
+    gateway: ServerProcess, placed: dict[str, str]
+) -> None:
+    # The node agents outlive the gateway (detached actors), and the sandboxes' agents
+    # its jobs: a new gateway finds the agents by name, each its sandboxes, running on
+    # where they were, and takes the job up again where its log ends.
+    with Bastion(base_url=gateway.url) as bastion:
+        sid = placed["w1"]
+        job = bastion.jobs.run(sid, ["sh", "-c", "echo before; sleep 4; echo after"])
+        with bastion.jobs.stream(sid, job["job_id"]) as events:
+            for event in events:
+                if event["type"] == "stdout" and "before" in event.get("data", ""):
+                    break
+    gateway.stop(signal.SIGKILL)
     gateway.start(timeout=180)
     with Bastion(base_url=gateway.url) as bastion:
+        done = bastion.jobs.wait(sid, job["job_id"], timeout=60)
+        assert done["status"] == "completed", done
+        assert done["output"]["console_output"] == "before\nafter\n"
         for node, sid in placed.items():
             session = bastion.sessions.get(sid)
             assert (session["status"], session["node"]) == ("running", node)

@@ -21,6 +21,13 @@ A connection, after the handshake::
     node agent -> gateway   J {"event": "started"}
                          or J {"event": "refused", "not_running": bool, "message": str}
     ... then the agent protocol, until the exit frame.
+
+A job's process is started ``persist_as`` its id (the sandbox's agent keeps it and its
+output when the connection drops, as on one machine): a gateway that restarts takes
+it up again with ``"attach": {"job_id", "stdout_offset", "stderr_offset"}`` in place
+of ``"spec"``.  Once such a process's exit frame is sent, the node agent keeps the
+connection until the gateway says ``forget`` (its end is recorded: the sandbox may
+drop it) or goes.
 """
 
 from __future__ import annotations
@@ -110,6 +117,9 @@ def decode_spec(raw: Any) -> ExecSpec:
 
 #: What the server side runs a process with: (session id, spec) -> a started Process.
 Exec = Callable[[str, ExecSpec], Awaitable[Process]]
+#: How it takes a persistent one up again: (session id, job id, stdout offset, stderr
+#: offset) -> the Process (see Runtime.attach).
+Attach = Callable[[str, str, int, int], Awaitable[Process]]
 
 
 class DataPlaneServer:
@@ -117,10 +127,15 @@ class DataPlaneServer:
     process in the named sandbox of this node."""
 
     def __init__(
-        self, exec_: Exec, secret: bytes, files: Callable[[str], SandboxFiles] | None = None
+        self,
+        exec_: Exec,
+        secret: bytes,
+        files: Callable[[str], SandboxFiles] | None = None,
+        attach: Attach | None = None,
     ) -> None:
         self._exec = exec_
         self._files = files
+        self._attach = attach
         self.secret = secret
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -174,9 +189,14 @@ class DataPlaneServer:
             files = self._files
             await serve_files(lambda: files(session_id), hello["files"], reader, writer)
             return
-        spec = decode_spec(hello.get("spec"))
         try:
-            process = await self._exec(session_id, spec)
+            if "attach" in hello:
+                process = await self._take_up(session_id, hello["attach"])
+                persistent = True
+            else:
+                spec = decode_spec(hello.get("spec"))
+                process = await self._exec(session_id, spec)
+                persistent = spec.persist_as is not None
         except SandboxError as exc:
             writer.write(
                 protocol.encode_json(
@@ -191,14 +211,29 @@ class DataPlaneServer:
             return
         writer.write(protocol.encode_json({"event": "started"}))
         await writer.drain()
-        await _relay(process, reader, writer)
+        await _relay(process, reader, writer, persistent)
+
+    async def _take_up(self, session_id: str, raw: Any) -> Process:
+        if self._attach is None:
+            raise HandshakeFailed("this node agent takes up no jobs")
+        if not isinstance(raw, dict) or not isinstance(raw.get("job_id"), str):
+            raise HandshakeFailed("an attach request names no job")
+        try:
+            offsets = int(raw.get("stdout_offset", 0)), int(raw.get("stderr_offset", 0))
+        except (TypeError, ValueError) as exc:
+            raise HandshakeFailed(f"a malformed attach request: {exc}") from exc
+        return await self._attach(session_id, raw["job_id"], *offsets)
 
 
 async def _relay(
-    process: Process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    process: Process,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    persistent: bool = False,
 ) -> None:
     """Carry a process's events to the gateway and its input and requests back, until
-    it exits (or the gateway goes: then the process is killed with its tree)."""
+    it exits (or the gateway goes: then the process is killed with its tree, unless it
+    is persistent).  A persistent process's end is kept until the gateway forgets it."""
 
     async def inbound() -> None:
         while True:
@@ -216,6 +251,9 @@ async def _relay(
                     await process.close_input()
                 elif msg.get("op") == "resize":
                     await process.resize(int(msg["rows"]), int(msg["cols"]))
+                elif msg.get("op") == "forget":
+                    await process.forget()
+                    return
 
     requests = asyncio.create_task(inbound())
     try:
@@ -234,6 +272,9 @@ async def _relay(
             if isinstance(event, ExitEvent):
                 writer.write(exit_event_frame(event))
                 await writer.drain()
+                if persistent:  # kept until the gateway has recorded it
+                    with contextlib.suppress(Exception):
+                        await requests
                 return
             writer.write(protocol.encode_frame(_OUTPUT[event.stream], event.data))
             await writer.drain()  # backpressure: the next event waits for the gateway
@@ -276,6 +317,26 @@ async def open_process(
     """The gateway's end: run ``spec`` in the session's sandbox on the node agent at
     ``address``; the Process reads and writes straight over the connection."""
     hello = {"session_id": session_id, "spec": encode_spec(spec)}
+    return await _opened(address, secret, hello, persistent=spec.persist_as is not None)
+
+
+async def attach_process(
+    address: tuple[str, int],
+    secret: bytes,
+    session_id: str,
+    job_id: str,
+    stdout_offset: int,
+    stderr_offset: int,
+) -> Process:
+    """The gateway's end of a persistent job taken up again (see Runtime.attach)."""
+    request = {"job_id": job_id, "stdout_offset": stdout_offset, "stderr_offset": stderr_offset}
+    hello = {"session_id": session_id, "attach": request}
+    return await _opened(address, secret, hello, persistent=True)
+
+
+async def _opened(
+    address: tuple[str, int], secret: bytes, hello: dict[str, Any], *, persistent: bool
+) -> Process:
     reader, writer, reply = await connect(address, secret, hello)
     if reply.get("event") != "started":
         writer.close()
@@ -283,4 +344,6 @@ async def open_process(
         if reply.get("not_running"):
             raise SandboxNotRunning(message)
         raise SandboxError(message)
-    return AgentProcess(reader, writer)
+    process = AgentProcess(reader, writer)
+    process.persistent = persistent  # its end kept on the node until forget()
+    return process

@@ -11,6 +11,13 @@ Where a session is, is the node agents' to say: at start (and whenever a node
 joins) the gateway asks each agent which sandboxes it has, so a restarted gateway
 finds every session again.  A watcher polls Ray's view of the nodes; a node that
 Ray declares dead has each of its sessions reported to :attr:`lost_listeners`.
+
+A snapshot lives on the node of the session it was taken of: a session made from one
+goes to that node, and a restore only takes a snapshot of the session's own node.
+Jobs are started persistent on their nodes, so a restarted gateway takes them up
+again (:meth:`ClusterRuntime.attach`).  An image build's sandbox runs on the
+gateway's own node, whose images directory the gateway shares: the built layer is
+stored there, and sessions of it go to the nodes that hold it.
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bastion_server.cluster import data_plane
-from bastion_server.cluster.data_plane import open_process
+from bastion_server.cluster.data_plane import attach_process, open_process
 from bastion_server.cluster.node_agent import NAMESPACE, NodeAgent, actor_name, node_name
 from bastion_server.cluster.placement import NoCapacity, NodeLoad, choose_node
 from bastion_server.cluster.remote_files import RemoteFiles
@@ -41,6 +48,7 @@ from bastion_server.runtime.base import (
     SandboxError,
     SandboxLimits,
     SandboxNotRunning,
+    SandboxProcess,
     SandboxUsage,
 )
 from bastion_server.runtime.host import HostNotReady
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
     from bastion_server.runtime.sandbox_image import SandboxImage
 
 log = logging.getLogger("bastion.cluster")
+T = TypeVar("T")
 
 #: How often the gateway looks at Ray's view of the nodes (seconds).
 WATCH_INTERVAL = 0.5
@@ -135,9 +144,15 @@ class _NodeProcess(Process):
     async def close(self) -> None:
         await self._inner.close()
 
+    async def forget(self) -> None:
+        await self._inner.forget()
+
 
 class ClusterRuntime(Runtime):
     """A :class:`Runtime` whose sandboxes live on the node agents of a Ray cluster."""
+
+    #: Jobs run persistent on their nodes (the sandbox agents keep them).
+    reattaches_jobs = True
 
     def __init__(self, address: str, config: ServerConfig) -> None:
         self.name = "ray"
@@ -149,6 +164,15 @@ class ClusterRuntime(Runtime):
         self._where: dict[str, str] = {}
         #: Sessions being placed on each node right now (counted as its load).
         self._placing: dict[str, int] = {}
+        #: The node of each snapshot (where the session it was taken of ran).
+        self._snapshots: dict[str, str] = {}
+        #: What each session not started yet was created with (to make it again on
+        #: the node of the snapshot it is then given).
+        self._made: dict[str, tuple[SandboxLimits, SandboxImage | None]] = {}
+        #: Sandboxes of the server's own (image builds): on the gateway's own node.
+        self.private: set[str] = set()
+        #: The Ray id of the node the gateway runs on.
+        self._own_ray_id: str | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._prepared = False
         #: The sandbox user's home on each ready node (one image: one home).
@@ -182,6 +206,7 @@ class ClusterRuntime(Runtime):
                 log_to_driver=False,
                 configure_logging=False,
             )
+        self._own_ray_id = str(ray.get_runtime_context().get_node_id())
 
     async def refresh_nodes(self) -> None:
         """Bring the gateway's list of nodes in line with Ray's: start an agent on
@@ -240,6 +265,8 @@ class ClusterRuntime(Runtime):
             if node.ready:
                 for session_id in await actor.list_sandboxes.remote():
                     self._where[session_id] = name
+                for snapshot_id in await actor.snapshot_ids.remote():
+                    self._snapshots[snapshot_id] = name
         except Exception as exc:
             node.ready, node.error = False, f"its agent did not start: {exc}"
         log.info(
@@ -319,6 +346,10 @@ class ClusterRuntime(Runtime):
                 raise NodeLost(f"the node {node.name} does not answer: {exc}") from exc
             raise
 
+    def own_node(self) -> Node | None:
+        """The node the gateway runs on (None before it joined the cluster)."""
+        return next((n for n in self.nodes.values() if n.ray_id == self._own_ray_id), None)
+
     async def loads(self) -> list[NodeLoad]:
         ready = [n for n in self.nodes.values() if n.ready and n.alive]
         answers = await asyncio.gather(
@@ -332,6 +363,7 @@ class ClusterRuntime(Runtime):
                 True,
                 int(a["sessions"]) + self._placing.get(n.name, 0),
                 int(a["memory_available_mb"]),
+                frozenset(a["images"]),
             )
             for n, a in zip(ready, answers, strict=True)
         ]
@@ -345,25 +377,39 @@ class ClusterRuntime(Runtime):
     async def create(
         self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
     ) -> None:
+        private = session_id in self.private
+        loads = await self.loads()
+        if private:  # an image build: its layer is stored where the gateway is
+            own = self.own_node()
+            loads = [n for n in loads if own is not None and n.node == own.name]
         try:
-            name = choose_node(await self.loads(), limits.memory_mb)
+            wanted = None if image is None else (image.name, image.digest)
+            name = choose_node(loads, limits.memory_mb, wanted)
         except NoCapacity as exc:
-            raise SandboxError(str(exc)) from exc
-        node = self.nodes[name]
-        self._placing[name] = self._placing.get(name, 0) + 1
+            where = " (an image build runs on the gateway's own node)" if private else ""
+            raise SandboxError(f"{exc}{where}") from exc
+        await self._create_on(self.nodes[name], session_id, limits, image)
+        log.info("session placed", extra={"session_id": session_id, "node": name})
+
+    async def _create_on(
+        self, node: Node, session_id: str, limits: SandboxLimits, image: SandboxImage | None
+    ) -> None:
+        private = session_id in self.private
+        self._placing[node.name] = self._placing.get(node.name, 0) + 1
         try:
-            self._where[session_id] = name
-            await self._call(node, "create", session_id, limits, image)
+            self._where[session_id] = node.name
+            await self._call(node, "create", session_id, limits, image, private)
+            self._made[session_id] = (limits, image)
         except BaseException:
             self._where.pop(session_id, None)
             raise
         finally:
-            self._placing[name] -= 1
-        log.info("session placed", extra={"session_id": session_id, "node": name})
+            self._placing[node.name] -= 1
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
     ) -> None:
+        self._made.pop(session_id, None)
         await self._call(self._live_node(session_id), "start", session_id, limits, network)
 
     async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
@@ -376,6 +422,7 @@ class ClusterRuntime(Runtime):
         await self._call(node, "stop", session_id)
 
     async def delete(self, session_id: str) -> None:
+        self._made.pop(session_id, None)
         node = self._node(session_id)
         if node is None or not node.alive:
             self._where.pop(session_id, None)
@@ -388,6 +435,93 @@ class ClusterRuntime(Runtime):
 
     async def resume(self, session_id: str) -> None:
         await self._call(self._live_node(session_id), "resume", session_id)
+
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        found: list[SandboxProcess] = await self._call(
+            self._live_node(session_id), "processes", session_id
+        )
+        return found
+
+    # -- snapshots -----------------------------------------------------------------
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        node = self._live_node(session_id)
+        size: int = await self._call(node, "capture", session_id, snapshot_id)
+        self._snapshots[snapshot_id] = node.name
+        return size
+
+    def _snapshot_node(self, snapshot_id: str) -> Node:
+        name = self._snapshots.get(snapshot_id)
+        node = None if name is None else self.nodes.get(name)
+        if node is None:
+            raise SandboxError(f"no node of the cluster holds snapshot {snapshot_id}")
+        if not node.alive:
+            raise NodeLost(
+                f"snapshot {snapshot_id} is on the node {node.name}, which left the cluster"
+            )
+        return node
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        """The session's files become the snapshots' (see Runtime.set_layers), on the
+        node that holds them: a session created a moment ago elsewhere is made again
+        there (nothing of it ran yet); one that ran stays where it is, and can only be
+        given a snapshot of its own node."""
+        node = self._live_node(session_id)
+        holder = self._snapshot_node(layers[0]) if layers else node
+        if holder is not node:
+            made = self._made.get(session_id)
+            if made is None:
+                raise SandboxError(
+                    f"snapshot {layers[0]} is on the node {holder.name} and session "
+                    f"{session_id} on {node.name}: a session can only take a snapshot of "
+                    "its own node (start a new session from it instead)"
+                )
+            await self._call(node, "delete", session_id)
+            self._where.pop(session_id, None)
+            await self._create_on(holder, session_id, *made)
+            log.info("session moved to its snapshot's node", extra={"node": holder.name})
+        await self._call(holder, "set_layers", session_id, layers)
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        """Remove the snapshot's layer on its node; a node away keeps it (an error: the
+        caller retries), one not known to hold it is asked, as every node is."""
+        name = self._snapshots.get(snapshot_id)
+        if name is not None:
+            await self._call(self._snapshot_node(snapshot_id), "remove_snapshot", snapshot_id)
+        else:
+            live = [n for n in self.nodes.values() if n.ready and n.alive]
+            await asyncio.gather(*(self._call(n, "remove_snapshot", snapshot_id) for n in live))
+        self._snapshots.pop(snapshot_id, None)
+
+    async def snapshot_ids(self) -> set[str]:
+        live = [n for n in self.nodes.values() if n.ready and n.alive]
+        answers = await asyncio.gather(*(self._call(n, "snapshot_ids") for n in live))
+        found: set[str] = set()
+        for node, ids in zip(live, answers, strict=True):
+            for snapshot_id in ids:
+                self._snapshots[snapshot_id] = node.name
+            found |= set(ids)
+        return found
+
+    # -- an image build's result ---------------------------------------------------
+
+    async def with_upper(self, session_id: str, use: Callable[[Path | None, int], T]) -> T:
+        """``use(upper, shift)`` in a worker thread on a stopped sandbox's writable
+        layer (see the OCI runtime's): the sandbox is on the gateway's own node, whose
+        agent holds the layer mounted meanwhile, so this process reads it in place."""
+        node = self._live_node(session_id)
+        own = self.own_node()
+        if own is None or node is not own:
+            raise SandboxError(
+                f"sandbox {session_id} is on the node {node.name}, not the gateway's own: "
+                "its files cannot be stored here"
+            )
+        upper, shift = await self._call(node, "hold_upper", session_id)
+        try:
+            return await asyncio.to_thread(use, None if upper is None else Path(upper), shift)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._call(node, "release_upper", session_id)
 
     async def find_file(self, session_id: str, paths: Sequence[str]) -> str | None:
         found: str | None = await self._call(
@@ -445,6 +579,19 @@ class ClusterRuntime(Runtime):
         if node.address is None:
             raise SandboxNotRunning(f"the node {node.name} has no data plane")
         process = await open_process(node.address, self.secret, session_id, spec)
+        return _NodeProcess(process, node, self)
+
+    async def attach(
+        self, session_id: str, job_id: str, stdout_offset: int, stderr_offset: int
+    ) -> Process:
+        """Take up a job an earlier gateway started, over a new data-plane stream to
+        the node that runs it (its output from the given bytes on, then its exit)."""
+        node = self._live_node(session_id)
+        if node.address is None:
+            raise SandboxNotRunning(f"the node {node.name} has no data plane")
+        process = await attach_process(
+            node.address, self.secret, session_id, job_id, stdout_offset, stderr_offset
+        )
         return _NodeProcess(process, node, self)
 
     def files(self, session_id: str) -> SandboxFiles:

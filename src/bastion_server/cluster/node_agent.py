@@ -20,13 +20,21 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion_server.cluster.data_plane import DataPlaneServer
+from bastion_server.cluster.node_images import HeldImages
 from bastion_server.config import ServerConfig
-from bastion_server.runtime.base import ExecSpec, Process, Runtime, SandboxLimits
+from bastion_server.runtime.base import (
+    ExecSpec,
+    Process,
+    Runtime,
+    SandboxError,
+    SandboxLimits,
+    SandboxProcess,
+)
 from bastion_server.runtime.network import NetworkPolicy
 from bastion_server.runtime.sandbox_image import SandboxImage
 
@@ -39,6 +47,9 @@ NAMESPACE = "bastion"
 NODE_RESOURCE_PREFIX = "bastion_node_"
 #: The longest path a Unix socket's name holds (sun_path, less its NUL).
 UNIX_PATH_MAX = 107
+#: Longest a sandbox's writable layer stays mounted for the gateway (storing a built
+#: layer; a gateway that died meanwhile never releases it).
+HOLD_TIMEOUT = 600.0
 
 
 def node_name(resources: dict[str, float], address: str) -> str:
@@ -83,6 +94,11 @@ class NodeAgent:
         self.error: str | None = None
         #: Sessions created here and not started yet: they count as load.
         self._fresh: set[str] = set()
+        #: The images this node's own images directory holds.
+        self.images = HeldImages(self.config.images_dir)
+        #: Sandboxes whose writable layer is held mounted for the gateway (a build's
+        #: result being stored): the event that lets each go.
+        self._held: dict[str, threading.Event] = {}
         # Ray made its loop with uvloop's policy, under which a loop of another thread
         # has no child watcher: the plain policy gives this one asyncio's own.
         asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
@@ -136,7 +152,9 @@ class NodeAgent:
             log.error("node agent not ready: %s", self.error)
             return
         self.runtime = runtime
-        self.data_plane = DataPlaneServer(self._exec, self.secret, runtime.files)
+        self.data_plane = DataPlaneServer(
+            self._exec, self.secret, runtime.files, attach=runtime.attach
+        )
         ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self.address = await self.data_plane.start(ip)
 
@@ -154,15 +172,40 @@ class NodeAgent:
         return {
             "sessions": len(running | self._fresh),
             "memory_available_mb": _memory_available_mb(),
+            "images": await asyncio.to_thread(self.images.digests),
         }
 
     # -- the Runtime's calls, forwarded -------------------------------------------
 
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None,
+        private: bool = False,
     ) -> None:
-        await self._on_loop(self._rt().create(session_id, limits, image))
-        self._fresh.add(session_id)
+        """Create the sandbox over this node's own copy of ``image`` (by digest);
+        ``private``: a sandbox of the server's own (an image build), never a session's."""
+        runtime = self._rt()
+        if image is not None:
+            image = await asyncio.to_thread(self.images.local, image)
+        if private:
+            self._private(runtime).add(session_id)
+        try:
+            await self._on_loop(runtime.create(session_id, limits, image))
+        except BaseException:
+            if private:
+                self._private(runtime).discard(session_id)
+            raise
+        if not private:
+            self._fresh.add(session_id)
+
+    @staticmethod
+    def _private(runtime: Runtime) -> set[str]:
+        private = getattr(runtime, "private", None)
+        if not isinstance(private, set):
+            raise SandboxError(f"the {runtime.name} runtime cannot build images")
+        return private
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None
@@ -180,7 +223,11 @@ class NodeAgent:
 
     async def delete(self, session_id: str) -> None:
         self._fresh.discard(session_id)
-        await self._on_loop(self._rt().delete(session_id))
+        runtime = self._rt()
+        await self._on_loop(runtime.delete(session_id))
+        private = getattr(runtime, "private", None)
+        if isinstance(private, set):
+            private.discard(session_id)
 
     async def pause(self, session_id: str) -> None:
         await self._on_loop(self._rt().pause(session_id))
@@ -205,6 +252,63 @@ class NodeAgent:
 
     async def usage(self, session_id: str) -> Any:
         return await self._on_loop(self._rt().usage(session_id))
+
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        return await self._on_loop(self._rt().processes(session_id))
+
+    # -- snapshots: each lives on the node of the session it was taken of ----------
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        return await self._on_loop(self._rt().capture(session_id, snapshot_id))
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        await self._on_loop(self._rt().set_layers(session_id, layers))
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        await self._on_loop(self._rt().remove_snapshot(snapshot_id))
+
+    async def snapshot_ids(self) -> set[str]:
+        return await self._on_loop(self._rt().snapshot_ids())
+
+    # -- an image build's result: the sandbox's writable layer, held mounted -------
+
+    async def hold_upper(self, session_id: str) -> tuple[str | None, int]:
+        """Mount a stopped sandbox's writable layer and keep it mounted until
+        :meth:`release_upper`: (its upper directory, None if it wrote nothing; the
+        first host id its files are owned in).  For the gateway on this same machine
+        to store it as a layer image (see gateway_runtime.py, ``with_upper``)."""
+        runtime = self._rt()
+        with_upper: Callable[..., Coroutine[Any, Any, None]] | None = getattr(
+            runtime, "with_upper", None
+        )
+        if with_upper is None:
+            raise SandboxError(f"the {runtime.name} runtime cannot build images")
+        release = threading.Event()
+        mounted: asyncio.Future[tuple[str | None, int]] = asyncio.get_running_loop().create_future()
+        ray_loop = asyncio.get_running_loop()
+
+        def hold(upper: Path | None, shift: int) -> None:
+            ray_loop.call_soon_threadsafe(
+                mounted.set_result, (None if upper is None else str(upper), shift)
+            )
+            release.wait(timeout=HOLD_TIMEOUT)
+
+        self._held[session_id] = release
+        held = asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(with_upper(session_id, hold), self._loop)
+        )
+        either: set[asyncio.Future[Any]] = {mounted, held}
+        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if mounted not in done:
+            self._held.pop(session_id, None)
+            held.result()  # its error
+            raise SandboxError(f"the writable layer of {session_id} was not mounted")
+        return mounted.result()
+
+    async def release_upper(self, session_id: str) -> None:
+        release = self._held.pop(session_id, None)
+        if release is not None:
+            release.set()
 
     async def shutdown(self) -> None:
         """Release what the agent holds for itself (the warm pool), sandboxes kept."""
