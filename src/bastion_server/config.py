@@ -37,7 +37,11 @@ class ServerConfig:
     images_dir: Path = DEFAULT_IMAGES_DIR
     image: str = "default"
     api_keys: tuple[str, ...] = ()
+    #: Which backend runs the sandboxes (runtime/factory.py BACKENDS).
+    backend: str = "oci"
+    #: The OCI backend's runtime binary, and flags it is given before every command.
     runtime: str = "crun"
+    runtime_args: tuple[str, ...] = ()
     #: Limits a session gets when it asks for none.
     default_limits: Limits = field(default_factory=lambda: Limits(512, 256, 1.0, 1024))
     #: The most a session may ask for.

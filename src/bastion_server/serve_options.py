@@ -32,6 +32,7 @@ from bastion_server.config import (
     ServerConfig,
     read_config_file,
 )
+from bastion_server.runtime.factory import BACKENDS
 
 ENV_CONFIG = "BASTION_CONFIG"
 
@@ -111,7 +112,23 @@ OPTIONS: tuple[Option, ...] = (
         "BASTION_API_KEYS). Without any, only loopback addresses are served",
         flag="--api-key",
     ),
+    Option(
+        "backend",
+        str,
+        "oci",
+        "what runs the sandboxes: oci (containers, by --runtime) or fake (in memory, "
+        "no real commands: for trying the API)",
+        choices=tuple(BACKENDS),
+    ),
     Option("runtime", str, "crun", "OCI runtime binary: crun, runc, or another by name"),
+    Option(
+        "runtime_args",
+        list,
+        (),
+        "give the OCI runtime binary this flag before every command (repeat for several), "
+        "e.g. --runtime-arg=--systemd-cgroup",
+        flag="--runtime-arg",
+    ),
     Option("max_upload_bytes", int, 4 * 1024**3, "largest accepted upload"),
     Option(
         "default_memory_mb", int, 512, "memory (and memory+swap) of a session that asks for none"
@@ -430,7 +447,9 @@ def config_from_args(
         pull_registries=tuple(s["pull_registries"]),
         pool_images=tuple(s["pool_images"]),
         api_keys=tuple(s["api_keys"]),
+        backend=s["backend"],
         runtime=s["runtime"],
+        runtime_args=tuple(s["runtime_args"]),
         max_upload_bytes=s["max_upload_bytes"],
         log_level=s["log_level"],
         allow_network=not s["no_network"],

@@ -293,6 +293,20 @@ class Runtime(abc.ABC):
         async contract; no host file descriptor crosses it).  SandboxNotRunning if the
         sandbox does not run."""
 
+    # Handing over sandboxes started ahead (runtime/warm_pool.py wraps any runtime
+    # that can do these two).
+
+    async def hand_over(self, sandbox_id: str, session_id: str, image: SandboxImage) -> None:
+        """Give the created (and maybe running) sandbox ``sandbox_id`` to ``session_id``
+        from now on, as of ``image`` (of the same layers as the one it was created
+        from): crash-safe, so that a delete of either id removes it whole."""
+        raise SandboxError(f"the {self.name} runtime cannot hand a sandbox over")
+
+    async def connect(self, session_id: str, network: NetworkPolicy | None) -> None:
+        """Give a sandbox started ahead, then handed over, its session's network (None
+        or not enabled: none); SandboxNotRunning if it does not run any more."""
+        raise SandboxError(f"the {self.name} runtime cannot hand a sandbox over")
+
     def node_of(self, session_id: str) -> str | None:
         """The name of the machine that holds the sandbox, for a runtime of several
         (a cluster's); None for one that runs everything where it is."""

@@ -25,26 +25,15 @@ log = logging.getLogger("bastion.server")
 
 
 def make_runtime(config: ServerConfig) -> Runtime:
-    """The OCI runtime over the configured image (built by `bastion image build`), or
-    with ``ray`` set the gateway's runtime over the nodes of that Ray cluster."""
+    """The configured backend (``--backend``, see runtime/factory.py), or with ``ray``
+    set the gateway's runtime over the nodes of that Ray cluster."""
     if config.ray is not None:
         from bastion_server.cluster.gateway_runtime import ClusterRuntime
 
         return ClusterRuntime(config.ray, config)
-    from bastion_server.image.store import ImageStore
-    from bastion_server.runtime.base import SandboxLimits
-    from bastion_server.runtime.oci import OciRuntime
+    from bastion_server.runtime.factory import make_backend
 
-    store = ImageStore(config.images_dir)
-    image = store.sandbox_image(store.base(config.image))
-    d = config.default_limits
-    return OciRuntime(
-        config.data_dir,
-        image,
-        binary=config.runtime,
-        pool_size=config.pool_size,
-        pool_limits=SandboxLimits(d.memory_mb, d.pids, d.cpus, d.disk_mb),
-    )
+    return make_backend(config)
 
 
 @dataclass

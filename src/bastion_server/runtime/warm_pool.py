@@ -1,0 +1,259 @@
+"""Warm pools: sandboxes started ahead of need, handed to sessions as they are created.
+
+:class:`WarmPool` is a :class:`Runtime` wrapping another (any backend that can
+:meth:`~Runtime.hand_over` a sandbox and :meth:`~Runtime.connect` it afterwards).  It
+keeps, per layer set (:func:`pool_key`), a few sandboxes created and started with the
+server's default limits and no network.  A session created with those limits over an
+image of those layers gets one: the backend renames it to the session (crash-safe, see
+its ``hand_over``) and ``start`` then only gives it its network.  Any other create goes
+to the backend as it is.
+
+The pool's own sandboxes belong to no session: they are never listed as sandboxes
+(leftovers of an earlier run's pool are not in it, so they are listed, and reaped).
+Filling is an optimisation: a sandbox that cannot be prepared is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from bastion_server.runtime.base import (
+    ExecSpec,
+    Process,
+    Runtime,
+    SandboxError,
+    SandboxLimits,
+    SandboxNotRunning,
+    SandboxProcess,
+    SandboxUsage,
+)
+from bastion_server.runtime.boundary import sandbox_errors_only
+from bastion_server.tasks import spawn
+
+if TYPE_CHECKING:
+    from bastion_server.runtime.files import SandboxFiles
+    from bastion_server.runtime.network import NetworkPolicy
+    from bastion_server.runtime.sandbox_image import SandboxImage
+
+log = logging.getLogger("bastion.runtime")
+
+#: What a pool is kept for: the layers a sandbox's root stands on (top first) and the
+#: host id their files' container id 0 is.  Images of one layer set share a pool.
+PoolKey = tuple[tuple[str, ...], int]
+#: The name a pool's sandbox is created under (until a session gets it).
+POOL_PREFIX = "pool_"
+
+
+def pool_key(image: SandboxImage) -> PoolKey:
+    """The pool a sandbox of ``image`` can come from: one per layer set."""
+    return image.layers, image.uid_shift
+
+
+@sandbox_errors_only
+class WarmPool(Runtime):
+    """``inner`` with pools of sandboxes started ahead, of ``limits`` (a session's
+    default limits): ``size`` of ``image`` (the default image), more by :meth:`add_pool`."""
+
+    def __init__(self, inner: Runtime, image: SandboxImage, limits: SandboxLimits, size: int):
+        self.inner = inner
+        self.name = inner.name
+        self.home = inner.home
+        self.reattaches_jobs = inner.reattaches_jobs
+        self.image = image
+        self.limits = limits
+        default = pool_key(image)
+        self._pools: dict[PoolKey, list[str]] = {default: []}
+        self._sizes: dict[PoolKey, int] = {default: size}
+        self._images: dict[PoolKey, SandboxImage] = {default: image}
+        #: Being created and started for a pool: no session's either.
+        self._preparing: set[str] = set()
+        #: Sessions given a pool's sandbox that have not been started yet.
+        self._prestarted: set[str] = set()
+        self._filler: asyncio.Task[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """What the backend offers beyond the contract (an OCI runtime's ``with_upper``,
+        ``private``...) is reached through the pool as it is."""
+        if name == "inner":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # -- the pools ----------------------------------------------------------------------
+
+    def add_pool(self, image: SandboxImage, size: int) -> None:
+        """Keep ``size`` sandboxes of ``image``'s layers started ahead of need (default
+        limits): a session of that image then starts as fast as one of the default."""
+        key = pool_key(image)
+        if key == pool_key(self.image):
+            return
+        self._pools.setdefault(key, [])
+        self._images.setdefault(key, image)
+        self._sizes[key] = size
+        self._refill()
+
+    def pooled(self) -> set[str]:
+        """The ids of every sandbox that is the pools' (ready or being prepared)."""
+        return {name for pool in self._pools.values() for name in pool} | self._preparing
+
+    def _refill(self) -> None:
+        if any(self._sizes.values()) and (self._filler is None or self._filler.done()):
+            self._filler = spawn(self._fill(), name="sandbox pool")
+
+    async def _fill(self) -> None:
+        for key, size in list(self._sizes.items()):
+            pool = self._pools[key]
+            while len(pool) < size:
+                name = f"{POOL_PREFIX}{os.urandom(8).hex()}"
+                self._preparing.add(name)
+                try:
+                    await self.inner.create(name, self.limits, self._images[key])
+                    await self.inner.start(name, self.limits)
+                except asyncio.CancelledError:
+                    await self.inner.delete(name)  # shutting down mid-way: leave nothing
+                    raise
+                except Exception as exc:  # the pool is an optimisation: never fatal
+                    log.warning("warm pool: could not prepare a sandbox: %s", exc)
+                    await self.inner.delete(name)
+                    break
+                finally:
+                    self._preparing.discard(name)
+                pool.append(name)
+
+    async def _claim(self, session_id: str, pool: list[str], image: SandboxImage) -> None:
+        name = pool.pop()
+        try:
+            await self.inner.hand_over(name, session_id, image)
+        except BaseException:
+            # Either name may hold it now: a delete of both leaves nothing behind.
+            with contextlib.suppress(SandboxError):
+                await self.inner.delete(name)
+                await self.inner.delete(session_id)
+            raise
+        finally:
+            self._refill()
+        self._prestarted.add(session_id)
+
+    # -- the contract -------------------------------------------------------------------
+
+    async def prepare_host(self) -> None:
+        await self.inner.prepare_host()
+
+    async def warm_up(self) -> None:
+        await self.inner.warm_up()
+        self._refill()
+
+    async def close(self) -> None:
+        """Remove the pools' sandboxes (they belong to no session), then close the
+        backend."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+        for pool in self._pools.values():
+            while pool:
+                await self.inner.delete(pool.pop())
+        await self.inner.close()
+
+    async def create(
+        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+    ) -> None:
+        image = image or self.image
+        pool = self._pools.get(pool_key(image))
+        if limits == self.limits and pool:
+            await self._claim(session_id, pool, image)
+            return
+        await self.inner.create(session_id, limits, image)
+
+    def image_of(self, session_id: str) -> SandboxImage | None:
+        return self.inner.image_of(session_id)
+
+    async def start(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
+    ) -> None:
+        if session_id in self._prestarted:
+            self._prestarted.discard(session_id)
+            try:
+                await self.inner.connect(session_id, network)
+                return
+            except SandboxNotRunning:
+                pass  # it died since it was started: start it as any other
+            except BaseException:
+                await self.inner.stop(session_id)
+                raise
+        await self.inner.start(session_id, limits, network)
+
+    async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
+        await self.inner.restore_network(session_id, network)
+
+    async def stop(self, session_id: str) -> None:
+        self._prestarted.discard(session_id)
+        await self.inner.stop(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        self._prestarted.discard(session_id)
+        await self.inner.delete(session_id)
+
+    async def pause(self, session_id: str) -> None:
+        await self.inner.pause(session_id)
+
+    async def resume(self, session_id: str) -> None:
+        await self.inner.resume(session_id)
+
+    async def capture(self, session_id: str, snapshot_id: str) -> int:
+        return await self.inner.capture(session_id, snapshot_id)
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        if session_id in self._prestarted:  # a pool's sandbox: running over the image
+            await self.stop(session_id)
+        await self.inner.set_layers(session_id, layers)
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        await self.inner.remove_snapshot(snapshot_id)
+
+    async def snapshot_ids(self) -> set[str]:
+        return await self.inner.snapshot_ids()
+
+    async def is_running(self, session_id: str) -> bool:
+        return await self.inner.is_running(session_id)
+
+    async def running_sandboxes(self) -> set[str]:
+        return await self.inner.running_sandboxes() - self.pooled()
+
+    async def list_sandboxes(self) -> set[str]:
+        return await self.inner.list_sandboxes() - self.pooled()
+
+    async def started_sandboxes(self) -> set[str]:
+        return await self.inner.started_sandboxes() - self.pooled()
+
+    async def usage(self, session_id: str) -> SandboxUsage:
+        return await self.inner.usage(session_id)
+
+    async def exec(self, session_id: str, spec: ExecSpec) -> Process:
+        return await self.inner.exec(session_id, spec)
+
+    async def attach(
+        self, session_id: str, job_id: str, stdout_offset: int, stderr_offset: int
+    ) -> Process:
+        return await self.inner.attach(session_id, job_id, stdout_offset, stderr_offset)
+
+    async def processes(self, session_id: str) -> list[SandboxProcess]:
+        return await self.inner.processes(session_id)
+
+    def files(self, session_id: str) -> SandboxFiles:
+        return self.inner.files(session_id)
+
+    def node_of(self, session_id: str) -> str | None:
+        return self.inner.node_of(session_id)
+
+    def sandbox_ref(self, session_id: str) -> str:
+        return self.inner.sandbox_ref(session_id)
+
+    async def hand_over(self, sandbox_id: str, session_id: str, image: SandboxImage) -> None:
+        await self.inner.hand_over(sandbox_id, session_id, image)
+
+    async def connect(self, session_id: str, network: NetworkPolicy | None) -> None:
+        await self.inner.connect(session_id, network)
