@@ -11,6 +11,7 @@ network (``--build-ca-file``, ``--build-network-allow``).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -31,6 +32,7 @@ import pytest
 from tests.conftest import KEY_A, KEY_B, ServerProcess
 
 from bastion import (
+    AsyncBastion,
     Bastion,
     ImageBuildError,
     ImageNotFoundError,
@@ -523,6 +525,33 @@ def test_an_oci_archive_imported_runs_in_a_session(client: Bastion) -> None:
     assert "already stored" in client.images.log("boxed2")
     for name in ("boxed", "boxed2"):
         client.images.delete(name)
+
+
+def test_the_async_client_waits_for_an_import_as_for_a_build(
+    image_server: ServerProcess,
+) -> None:
+    async def main() -> tuple[str, str, str]:
+        logged: list[str] = []
+        async with AsyncBastion(base_url=image_server.url) as c:
+            info = await c.images.import_archive(
+                "aboxed", _busybox_archive(b"async\n"), on_log=logged.append
+            )
+            started = await c.images.import_archive(
+                "aboxed2", _busybox_archive(b"async 2\n"), wait=False
+            )
+            waited = await c.images.build(
+                {"name": "aover", "from": "aboxed", "run": ["echo over > /etc/over"]}
+            )
+            for name in ("aover", "aboxed"):
+                await c.images.delete(name)
+            while (await c.images.get("aboxed2"))["status"] == "building":
+                await asyncio.sleep(0.1)
+            await c.images.delete("aboxed2")
+        return info["status"] + "".join(logged), started["status"], waited["status"]
+
+    log, started, over = asyncio.run(main())
+    assert log.startswith("ready") and "unpacking layer 2/2" in log
+    assert started == "building" and over == "ready"
 
 
 def test_a_hostile_archive_is_refused(client: Bastion, image_server: ServerProcess) -> None:
