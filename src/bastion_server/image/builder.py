@@ -14,6 +14,8 @@ Layout of an images directory (default ``/var/lib/bastion/images``)::
             image.json              the manifest (see ImageInfo)
             build.log               debootstrap's full log
             rootfs/                 the tree, owned by shifted ids, no setuid bits
+        debian.trixie-0a1b2c3d4e5f/ the same for a Debian suite a recipe starts from
+                                    (image/debian_base.py: made on first use, kept)
         .build-default-...          a build in progress (a stale one is removed)
 
 An image is only ever installed by renaming a finished build directory into place, so a
