@@ -5,9 +5,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import json
+import os
 import signal as signals
 import socket
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,9 +25,11 @@ from bastion_server.runtime.base import (
     SandboxError,
 )
 
-#: Given the agent's exit event, the event to report (the runtime adds what only the
-#: host knows, such as the job cgroup's OOM kills, and releases the job's cgroup).
-ExitHook = Callable[[ExitEvent], Awaitable[ExitEvent]]
+#: Given the agent's exit event and the OOM-kill count the job was started with (the
+#: agent keeps it: see ``oom_kills_before``; None if none came back), the event to
+#: report (the runtime adds what only the host knows, such as the job cgroup's OOM
+#: kills, and releases the job's cgroup).
+ExitHook = Callable[[ExitEvent, int | None], Awaitable[ExitEvent]]
 
 
 def _usage(raw: Any) -> JobUsage | None:
@@ -41,11 +46,57 @@ def _usage(raw: Any) -> JobUsage | None:
         return None
 
 
+def _open_socket_file(socket_path: str) -> int:
+    """An ``O_PATH`` descriptor of the agent's socket itself, never through a link.
+
+    The socket's directory is the sandbox's own (its root, and so a root job, may
+    write there): a symbolic link put in the socket's place would have the server,
+    root of the host, connect to whatever host socket it names and hand it the job's
+    request and cgroup descriptors.  Connecting to ``/proc/self/fd/N`` of this
+    descriptor reaches exactly the socket that was checked.
+    """
+    fd = os.open(socket_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "not a socket", socket_path)
+    return fd
+
+
+def _connect_blocking(sock: socket.socket, socket_path: str) -> None:
+    fd = _open_socket_file(socket_path)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+async def _open_connection(
+    socket_path: str, limit: int = 2**16
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream connection to the agent listening at ``socket_path`` (never a link)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        fd = _open_socket_file(socket_path)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock, limit=limit)
+
+
+def _count(raw: Any) -> int | None:
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None
+
+
 def _connect_and_send(socket_path: str, frame: bytes, fds: Sequence[int]) -> socket.socket:
     """Connect and send the exec frame, with ``fds`` as SCM_RIGHTS (blocking, brief)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(socket_path)
+        _connect_blocking(sock, socket_path)
         ancillary = (
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         )
@@ -62,9 +113,12 @@ def _connect_and_send(socket_path: str, frame: bytes, fds: Sequence[int]) -> soc
 _STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
 
 
-def exec_request(spec: ExecSpec, *, keep_open: bool = False) -> bytes:
+def exec_request(
+    spec: ExecSpec, *, keep_open: bool = False, oom_kills_before: int | None = None
+) -> bytes:
     """The frame that asks an agent to run ``spec`` (the sandbox's, or a node agent's);
-    ``keep_open``: the connection takes another request after this job."""
+    ``keep_open``: the connection takes another request after this job;
+    ``oom_kills_before``: kept by the agent and sent back with the job's end."""
     request: dict[str, Any] = {
         "op": "exec",
         "argv": spec.argv,
@@ -85,6 +139,8 @@ def exec_request(spec: ExecSpec, *, keep_open: bool = False) -> bytes:
         request.update(persist=True, job_id=spec.persist_as, spool_bytes=spec.spool_bytes)
     if keep_open:
         request["keep_open"] = True
+    if oom_kills_before is not None:
+        request["oom_kills_before"] = oom_kills_before
     return protocol.encode_json(request)
 
 
@@ -165,10 +221,13 @@ class AgentProcess(Process):
         spec: ExecSpec,
         fds: Sequence[int] = (),
         on_exit: ExitHook | None = None,
+        oom_kills_before: int | None = None,
     ) -> AgentProcess:
         """Start ``spec``; ``fds`` (cgroup.procs descriptors) go with the request, and
-        ``on_exit`` is given the exit event (also a lost one) before it is reported."""
-        frame = exec_request(spec, keep_open=True)
+        ``on_exit`` is given the exit event (also a lost one) before it is reported;
+        ``oom_kills_before`` is kept by the agent and handed to ``on_exit`` at the end
+        (also to a server that took the job up again after a restart)."""
+        frame = exec_request(spec, keep_open=True, oom_kills_before=oom_kills_before)
         limit = protocol.MAX_FRAME + protocol.FRAME_HEADER.size
         persistent = spec.persist_as is not None
         try:
@@ -180,7 +239,7 @@ class AgentProcess(Process):
             if kept is not None:
                 reader, writer = kept
             else:
-                reader, writer = await asyncio.open_unix_connection(socket_path, limit=limit)
+                reader, writer = await _open_connection(socket_path, limit=limit)
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
         writer.write(frame)
@@ -189,27 +248,33 @@ class AgentProcess(Process):
 
     @classmethod
     async def attach(
-        cls, socket_path: str, job_id: str, stdout_offset: int, stderr_offset: int
+        cls,
+        socket_path: str,
+        job_id: str,
+        stdout_offset: int,
+        stderr_offset: int,
+        on_exit: ExitHook | None = None,
     ) -> AgentProcess:
-        """Take up the persistent job ``job_id`` again (see Runtime.attach)."""
+        """Take up the persistent job ``job_id`` again (see Runtime.attach); ``on_exit``
+        as for :meth:`start`."""
         try:
-            reader, writer = await asyncio.open_unix_connection(
+            reader, writer = await _open_connection(
                 socket_path, limit=protocol.MAX_FRAME + protocol.FRAME_HEADER.size
             )
         except OSError as exc:
             raise SandboxError(f"sandbox agent unreachable: {exc}") from exc
         writer.write(attach_request(job_id, stdout_offset, stderr_offset))
         await writer.drain()
-        return cls(reader, writer)._persisting(True)
+        return cls(reader, writer, on_exit)._persisting(True)
 
     def _persisting(self, persistent: bool) -> AgentProcess:
         self.persistent = persistent
         return self
 
-    async def _exit(self, event: ExitEvent) -> ExitEvent:
+    async def _exit(self, event: ExitEvent, oom_kills_before: int | None = None) -> ExitEvent:
         self._exited = True
         hook, self._on_exit = self._on_exit, None
-        return await hook(event) if hook is not None else event
+        return await hook(event, oom_kills_before) if hook is not None else event
 
     async def _read_frame(self) -> tuple[bytes, bytes] | None:
         try:
@@ -255,7 +320,8 @@ class AgentProcess(Process):
                             kill_signal=msg.get("kill_signal"),
                             usage=_usage(msg.get("usage")),
                             output_bytes=_output_bytes(msg.get("output_bytes")),
-                        )
+                        ),
+                        _count(msg.get("oom_kills_before")),
                     )
                     return
         finally:
@@ -325,7 +391,7 @@ class AgentProcess(Process):
 async def ping(socket_path: str, timeout: float = 1.0) -> bool:
     """True if an agent answers on ``socket_path``."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket_path), timeout)
+        reader, writer = await asyncio.wait_for(_open_connection(socket_path), timeout)
     except (OSError, TimeoutError):
         return False
     try:
