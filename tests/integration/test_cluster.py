@@ -4,7 +4,8 @@ Ray's own multi-node helper starts a head and two worker nodes as real raylets, 
 named by a ``bastion_node_<name>`` resource (bastion_server/cluster/testing_cluster.py,
 in a process of its own); a real ``bastion serve --ray ADDRESS`` is the gateway.
 Health checks are tuned so a killed node is noticed in about two seconds (Ray's
-default: twelve).
+default: twelve).  The node w2 has an images directory of its own, holding the default
+image alone; head and w1 share the gateway's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 
 from bastion import Bastion, NotFoundError
-from bastion_server.testing import ServerProcess
+from bastion_server.image.store import ImageStore
+from bastion_server.testing import IMAGES_DIR, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -28,8 +30,12 @@ from bastion_server.cluster.testing_cluster import LocalRayCluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalRayCluster]:
-    c = LocalRayCluster(["head", "w1", "w2"])
+def cluster(data_root: Path) -> Iterator[LocalRayCluster]:
+    w2_images = data_root / "w2-images"
+    (w2_images / "layers").mkdir(parents=True)
+    base = ImageStore(IMAGES_DIR).base("default").path
+    (w2_images / base.name).symlink_to(base)  # the default image, and nothing else
+    c = LocalRayCluster(["head", "w1", f"w2={w2_images}"])
     yield c
     c.shutdown()
 
@@ -175,23 +181,30 @@ def test_snapshots_live_on_their_node_and_sessions_of_them_go_there(
                 bastion.snapshots.delete(s["snapshot_id"])
 
 
-def test_an_image_built_through_the_gateway_runs_sessions(
+def test_sessions_of_an_image_go_only_to_nodes_that_hold_it(
     gateway: ServerProcess, placed: dict[str, str]
 ) -> None:
     # The build's sandbox runs on the gateway's own node (head); its layer is stored in
-    # the images directory the nodes of this machine share, so every node holds it.
+    # the gateway's images directory, which w1 shares and w2 does not.  Three sessions
+    # would go one to each node by load alone: w2 takes none.
+    made: list[str] = []
     with Bastion(base_url=gateway.url) as bastion:
         info = bastion.images.build(
             {"name": "clustered", "from": "default", "run": ["echo built > /etc/clustered"]}
         )
         assert info["status"] == "ready", info
-        sid = bastion.sessions.create(image="clustered")["session_id"]
         try:
-            assert bastion.sessions.start(sid)["node"] in {"head", "w1", "w2"}
-            result = bastion.jobs.run_and_wait(sid, ["cat", "/etc/clustered"])
-            assert result["output"]["console_output"] == "built\n"
+            for _ in range(3):
+                made.append(bastion.sessions.create(image="clustered")["session_id"])
+                assert bastion.sessions.start(made[-1])["node"] in {"head", "w1"}
+                result = bastion.jobs.run_and_wait(made[-1], ["cat", "/etc/clustered"])
+                assert result["output"]["console_output"] == "built\n"
+            # The default image is on every node: the emptiest, w2, takes the next.
+            made.append(bastion.sessions.create()["session_id"])
+            assert bastion.sessions.get(made[-1])["node"] == "w2"
         finally:
-            bastion.sessions.delete(sid)
+            for sid in made:
+                bastion.sessions.delete(sid)
             bastion.images.delete("clustered")
 
 

@@ -7,6 +7,10 @@ single-machine :class:`~bastion_server.runtime.oci.OciRuntime` over a data direc
 of its own (``<data_dir>/nodes/<node name>``), answers the gateway's lifecycle calls
 over Ray, and serves the processes' bytes over its :mod:`.data_plane` port.
 
+A node's images are those of its own images directory: the gateway's
+``--images-dir`` path on the node, or the directory named by ``BASTION_NODE_IMAGES_DIR``
+in the environment of the node's ``ray start``.
+
 A node's name is stable across a restart of the node: the part after
 ``bastion_node_`` of a custom resource the node was started with
 (``ray start --resources='{"bastion_node_w1": 1}'``), else the node's IP address.  The
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -45,6 +50,8 @@ T = TypeVar("T")
 NAMESPACE = "bastion"
 #: A node named by the operator carries a custom resource ``bastion_node_<name>``.
 NODE_RESOURCE_PREFIX = "bastion_node_"
+#: Names a node's own images directory, where it is not the gateway's ``--images-dir``.
+NODE_IMAGES_ENV = "BASTION_NODE_IMAGES_DIR"
 #: The longest path a Unix socket's name holds (sun_path, less its NUL).
 UNIX_PATH_MAX = 107
 #: Longest a sandbox's writable layer stays mounted for the gateway (storing a built
@@ -85,7 +92,10 @@ class NodeAgent:
     def __init__(self, name: str, config: ServerConfig, secret: bytes) -> None:
         self.name = name
         self.config = dataclasses.replace(
-            config, data_dir=Path(config.data_dir) / "nodes" / name, ray=None
+            config,
+            data_dir=Path(config.data_dir) / "nodes" / name,
+            images_dir=Path(os.environ.get(NODE_IMAGES_ENV) or config.images_dir),
+            ray=None,
         )
         self.secret = secret
         self.runtime: Runtime | None = None

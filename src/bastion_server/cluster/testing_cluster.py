@@ -6,6 +6,8 @@ worker nodes with Ray's own multi-node helper (real raylets, each named by a
 prints the cluster's address, then obeys lines on stdin: ``kill NAME`` (SIGKILL of
 every Ray process of a worker node), ``add NAME`` (a worker node, again), and
 ``quit`` (or end of input: every node stopped).  Each command is answered ``ok``.
+``NAME=DIR`` in place of a worker's name gives that node its own images directory
+(``BASTION_NODE_IMAGES_DIR`` in its environment).
 
 It runs in a process of its own (:class:`LocalRayCluster` starts it): the nodes are its
 children, so a test process that dies takes nothing of the cluster's with it
@@ -20,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bastion_server.cluster.node_agent import NODE_IMAGES_ENV
+
 FAST_HEALTH_CHECKS = {
     "health_check_period_ms": 500,
     "health_check_timeout_ms": 500,
@@ -28,18 +32,21 @@ FAST_HEALTH_CHECKS = {
 }
 
 
-def _node_args(name: str) -> dict[str, Any]:
+def _node_args(name: str, images_dir: str | None = None) -> dict[str, Any]:
     return {
         "num_cpus": 1,
         "object_store_memory": 80 * 1024**2,
         "resources": {f"bastion_node_{name}": 1},
+        **({"env_vars": {NODE_IMAGES_ENV: images_dir}} if images_dir else {}),
     }
 
 
 def main(names: Sequence[str]) -> int:
     from ray.cluster_utils import Cluster
 
-    head, *workers = names
+    head, *named = names
+    images = {n: d for n, _, d in (w.partition("=") for w in named)}
+    workers = list(images)
     cluster = Cluster(
         initialize_head=True,
         connect=False,
@@ -49,7 +56,7 @@ def main(names: Sequence[str]) -> int:
             "_system_config": FAST_HEALTH_CHECKS,
         },
     )
-    nodes = {name: cluster.add_node(**_node_args(name)) for name in workers}
+    nodes = {name: cluster.add_node(**_node_args(name, images[name])) for name in workers}
     print(cluster.address, flush=True)
     try:
         for line in sys.stdin:
@@ -57,7 +64,7 @@ def main(names: Sequence[str]) -> int:
             if command == "kill":
                 cluster.remove_node(nodes.pop(name), allow_graceful=False)
             elif command == "add":
-                nodes[name] = cluster.add_node(**_node_args(name))
+                nodes[name] = cluster.add_node(**_node_args(name, images.get(name)))
             elif command == "quit":
                 break
             print("ok", flush=True)
