@@ -220,3 +220,27 @@ def test_idle_connections_are_bounded() -> None:
             peer.close()
 
     asyncio.run(main())
+
+
+# -- a count kept with the job -------------------------------------------------------
+
+
+def test_the_oom_count_a_job_started_with_comes_back_with_its_end(agent: Agent) -> None:
+    conn = agent.run(["true"], oom_kills_before=7)
+    assert conn.events[-1]["oom_kills_before"] == 7
+    with agent.connect() as conn:
+        _exec(conn, agent, ["true"], persist=True, job_id="oom-1", oom_kills_before=3)
+        _next_exit(conn, 0)
+    # a restarted server attaching gets it back from the kept exit event
+    with agent.connect() as again:
+        again.send({"op": "attach", "job_id": "oom-1"})
+        end = again.event("exit")
+        assert end["oom_kills_before"] == 3 and "keep_open" not in end
+        again.send({"op": "forget"})
+        again.read_until(lambda: again.eof)
+
+
+def test_a_bad_oom_count_is_refused(agent: Agent) -> None:
+    conn = agent.run(["true"], oom_kills_before=-1)
+    end = conn.events[-1]
+    assert end["error"] == "start_failed" and "oom_kills_before" in end["message"]

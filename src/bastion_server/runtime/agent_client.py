@@ -11,8 +11,8 @@ import os
 import signal as signals
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol
 
 from bastion_server.runtime import agent_protocol as protocol
 from bastion_server.runtime.agent_connections import idle_connections
@@ -25,11 +25,19 @@ from bastion_server.runtime.base import (
     SandboxError,
 )
 
-#: Given the agent's exit event and the OOM-kill count the job was started with (the
-#: agent keeps it: see ``oom_kills_before``; None if none came back), the event to
-#: report (the runtime adds what only the host knows, such as the job cgroup's OOM
-#: kills, and releases the job's cgroup).
-ExitHook = Callable[[ExitEvent, int | None], Awaitable[ExitEvent]]
+
+class ExitHook(Protocol):
+    """Given the agent's exit event, the event to report: the runtime adds what only
+    the host knows, such as the job cgroup's OOM kills, and releases the job's cgroup.
+
+    ``oom_kills_before`` is a count the hook wants the agent to keep with the job (the
+    sandbox's OOM kills at its start): sent with the exec request, and given back to
+    the hook at the end (``kept``), also to the hook of a server restarted meanwhile
+    that took the job up again."""
+
+    oom_kills_before: int | None
+
+    def __call__(self, event: ExitEvent, kept: int | None = None) -> Awaitable[ExitEvent]: ...
 
 
 def _usage(raw: Any) -> JobUsage | None:
@@ -221,13 +229,11 @@ class AgentProcess(Process):
         spec: ExecSpec,
         fds: Sequence[int] = (),
         on_exit: ExitHook | None = None,
-        oom_kills_before: int | None = None,
     ) -> AgentProcess:
         """Start ``spec``; ``fds`` (cgroup.procs descriptors) go with the request, and
-        ``on_exit`` is given the exit event (also a lost one) before it is reported;
-        ``oom_kills_before`` is kept by the agent and handed to ``on_exit`` at the end
-        (also to a server that took the job up again after a restart)."""
-        frame = exec_request(spec, keep_open=True, oom_kills_before=oom_kills_before)
+        ``on_exit`` is given the exit event (also a lost one) before it is reported."""
+        oom_kills = on_exit.oom_kills_before if on_exit is not None else None
+        frame = exec_request(spec, keep_open=True, oom_kills_before=oom_kills)
         limit = protocol.MAX_FRAME + protocol.FRAME_HEADER.size
         persistent = spec.persist_as is not None
         try:

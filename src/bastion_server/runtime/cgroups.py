@@ -155,6 +155,15 @@ class JobCgroup(Cgroup):
         """Whether any directory of the cgroup is still there (after :meth:`remove`)."""
         return any(path.exists() for path in self._made)
 
+    @classmethod
+    def existing(cls, sandbox: Cgroup, name: str) -> JobCgroup | None:
+        """The job cgroup ``name`` made earlier (by a server since restarted), to read
+        and remove; None if there is none."""
+        cgroup = cls(sandbox, name)
+        controllers = ("unified",) if cgroup.v2 else JOB_CONTROLLERS
+        cgroup._made = [p for p in map(cgroup.dir, controllers) if p.is_dir()]
+        return cgroup if cgroup._made else None
+
 
 def remove_job_cgroups(sandbox: Cgroup) -> None:
     """Remove every job cgroup left inside a sandbox's (blocking; once its processes

@@ -37,6 +37,10 @@
  * process and every descendant reaped before it ended (null if the supervisor died).
  * Closing the connection kills the job's whole tree, unless the job is persistent.
  *
+ * oom_kills_before (exec, a number): kept with the job and sent back in its exit event
+ * (also the one kept for attach): the server's count of the sandbox cgroup's OOM kills
+ * when the job started, for its verdict even if a restarted server takes the job up.
+ *
  * Kept connections: exec with "keep_open": true asks for the connection to outlive the
  * job.  Its exit event then carries "keep_open": true, and once the job's conversation
  * is over (after the exit event; for a persistent job after "forget") the connection
@@ -686,6 +690,7 @@ struct sess {
     int64_t replay_at;          /* attach: where in the spool the replay is */
     int64_t replay_skip[2];     /* attach: bytes of each stream the server has already */
     struct buf exit_ev;         /* the exit event's payload, once the job ended */
+    int64_t oom_before;         /* exec's "oom_kills_before", echoed at the exit; -1: none */
 };
 
 static struct sess *g_sessions;
@@ -766,6 +771,7 @@ static struct sess *new_sess(int fd) {
         s->w[k] = (struct watch){.s = s, .fd = -1, .kind = k};
     s->w[W_SOCK].fd = fd;
     s->spool_fd = -1;
+    s->oom_before = -1;
     s->next = g_sessions;
     if (g_sessions)
         g_sessions->prev = s;
@@ -908,6 +914,8 @@ static void send_exit(struct sess *s, bool has_code, int code, int sig, bool tim
         buf_printf(&b, "\"system_cpu_us\":%lld,", (long long)s->usage.stime_us);
         buf_printf(&b, "\"peak_rss_kb\":%lld}", (long long)s->usage.maxrss_kb);
     }
+    if (s->oom_before >= 0)
+        buf_printf(&b, ",\"oom_kills_before\":%lld", (long long)s->oom_before);
     if (s->persist) {
         buf_printf(&b, ",\"output_bytes\":{\"stdout\":%lld,", (long long)s->produced[0]);
         buf_printf(&b, "\"stderr\":%lld}", (long long)s->produced[1]);
@@ -1518,6 +1526,14 @@ static void do_exec(struct sess *s, const struct jv *req, struct arena *a) {
             }
             *slots[k] = (rlim_t)v->num;
         }
+    }
+    const struct jv *oom_v = jget(req, "oom_kills_before");
+    if (oom_v && oom_v->t != JNULL) {
+        if (oom_v->t != JNUM || oom_v->num < 0 || oom_v->num > 1e15) {
+            start_failed(s, "oom_kills_before must be a number from 0");
+            return;
+        }
+        s->oom_before = (int64_t)oom_v->num;
     }
     if (jtruthy(jget(req, "persist"))) {
         const struct jv *id_v = jget(req, "job_id"), *cap_v = jget(req, "spool_bytes");
