@@ -5,6 +5,7 @@ a server that dies mid-snapshot leaves a whole snapshot or none."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import subprocess
 import time
 from collections.abc import Iterator
@@ -164,26 +165,51 @@ def test_a_server_dying_mid_snapshot_leaves_none(private_server: ServerProcess, 
         assert c.sessions.snapshot(sid)["status"] == "ready"
 
 
+#: The torn-snapshot test's directories: each has 1 MiB of filler and a clock file.
+_CLOCKS = 60
+
+#: Each round writes the round's number to every clock in turn (a temp file renamed
+#: into place: a clock is always whole), as fast as it can.
+_CLOCK_WRITER = f"""
+import os
+dirs = [os.path.expanduser(f"~/clocks/d{{k}}") for k in range({_CLOCKS})]
+i = 0
+while True:
+    i += 1
+    for d in dirs:
+        with open(d + "/.c", "w") as f:
+            f.write(str(i))
+        os.replace(d + "/.c", d + "/c")
+"""
+
+
 def test_a_snapshot_of_a_writing_session_is_never_torn(
     client: Bastion, sid: str, cleanup: list[str]
 ) -> None:
-    # 60 files of 1 MiB beside a and b make the copy take a while between them; the
-    # writer renames a then b into place, each round with the round's number.  Frozen
-    # at any instant, b holds a's round or the one before; copied while the writer
-    # runs, they would be many rounds apart.
-    fill = "for n in $(seq 60); do head -c 1048576 /dev/urandom > ~/f$n; done"
-    client.jobs.run_and_wait(sid, ["sh", "-c", fill])
-    writer = (
-        "i=0; while :; do i=$((i+1)); echo $i > ~/.a; mv ~/.a ~/a;"
-        " echo $i > ~/.b; mv ~/.b ~/b; done"
+    # Frozen at any instant, the clocks read the round in progress up to some clock and
+    # the round before after it.  Each clock's directory has 1 MiB of filler, so a copy
+    # made while the writer runs, in whatever order it visits the directories, reads
+    # the first and last of them at least 58 MiB (many rounds) apart.
+    fill = (
+        f"for k in $(seq 0 {_CLOCKS - 1}); do mkdir -p ~/clocks/d$k &&"
+        " head -c 1048576 /dev/urandom > ~/clocks/d$k/fill || exit 1; done"
     )
-    client.jobs.run(sid, ["sh", "-c", writer])
-    time.sleep(1.0)
+    _sh(client, sid, fill)
+    client.jobs.run(sid, ["python3", "-c", _CLOCK_WRITER])
+    last = f"~/clocks/d{_CLOCKS - 1}/c"
+    deadline = time.monotonic() + 120
+    # Until the writer has gone round once (under load, its start may take a while).
+    while not _sh(client, sid, f"cat {last} 2>/dev/null; true"):
+        assert time.monotonic() < deadline, "the writer never wrote its last clock"
+        time.sleep(0.2)
+    read = f"for k in $(seq 0 {_CLOCKS - 1}); do cat ~/clocks/d$k/c; echo; done"
     for _ in range(2):
         snap = client.sessions.snapshot(sid)
         copy = client.sessions.create(snapshot=snap["snapshot_id"])["session_id"]
         cleanup.append(copy)
         client.sessions.start(copy)
-        a, b = (int(v) for v in _sh(client, copy, "cat ~/a ~/b").split())
-        assert a - b in (0, 1), (a, b)
+        clocks = [int(v) for v in _sh(client, copy, read).split()]
+        assert len(clocks) == _CLOCKS, clocks
+        in_order = all(a >= b for a, b in itertools.pairwise(clocks))
+        assert in_order and clocks[0] - clocks[-1] <= 1, f"torn: {clocks}"
         client.sessions.delete(copy)
