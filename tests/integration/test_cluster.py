@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bastion import Bastion, NotFoundError
+from bastion import Bastion, NotFoundError, SessionStartError
 from bastion_server.image.store import ImageStore
 from bastion_server.testing import IMAGES_DIR, ServerProcess
 
@@ -167,6 +167,12 @@ def test_snapshots_live_on_their_node_and_sessions_of_them_go_there(
             assert (restored["status"], restored["node"]) == ("running", "w1")
             result = bastion.jobs.run_and_wait(sid, ["cat", "/home/user/state"])
             assert result["output"]["console_output"] == "one\n"
+            # A snapshot of another node's session is not taken: it is not on w1.
+            other = bastion.sessions.snapshot(placed["head"])
+            with pytest.raises(SessionStartError, match="only take a snapshot of its own node"):
+                bastion.sessions.restore(sid, other["snapshot_id"])
+            if bastion.sessions.get(sid)["status"] != "running":
+                bastion.sessions.start(sid)
             # Pause and resume on the node.
             assert bastion.sessions.pause(sid)["status"] == "paused"
             assert bastion.sessions.resume(sid)["status"] == "running"

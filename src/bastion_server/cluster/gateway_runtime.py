@@ -96,6 +96,14 @@ def cluster_secret(data_dir: Path) -> bytes:
     return secret
 
 
+def _unwrapped(cause: SandboxError, message: str) -> SandboxError:
+    """The agent's error as its own kind (SandboxNotRunning stays one), with ``message``."""
+    try:
+        return type(cause)(message)
+    except TypeError:  # a kind made with other arguments
+        return SandboxError(message)
+
+
 @dataclass
 class Node:
     name: str
@@ -337,11 +345,15 @@ class ClusterRuntime(Runtime):
     async def _call(self, node: Node, method: str, *args: Any) -> Any:
         try:
             return await asyncio.wait_for(getattr(node.actor, method).remote(*args), CALL_TIMEOUT)
-        except SandboxError:
-            raise
         except Exception as exc:
             import ray.exceptions
 
+            cause = getattr(exc, "cause", None)
+            if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, SandboxError):
+                # The agent's own error, without Ray's wrapping (its actor, pid, traceback).
+                raise _unwrapped(cause, f"on node {node.name}: {cause}") from None
+            if isinstance(exc, SandboxError):
+                raise
             if isinstance(exc, ray.exceptions.RayActorError | TimeoutError):
                 raise NodeLost(f"the node {node.name} does not answer: {exc}") from exc
             raise
