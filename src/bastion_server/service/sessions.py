@@ -384,7 +384,7 @@ class SessionService:
                 record.sandbox = self.runtime.sandbox_ref(record.id)
             except BaseException as exc:
                 await self._roll_back_create(record.id)
-                if isinstance(exc, SandboxError | OSError):
+                if isinstance(exc, SandboxError):
                     raise ServiceError(
                         ErrorCode.SESSION_START_FAILED, f"could not allocate the session: {exc}"
                     ) from exc
@@ -472,7 +472,7 @@ class SessionService:
                     allow=tuple(record.network.get("allow") or ()),
                 ),
             )
-        except (SandboxError, OSError) as exc:
+        except SandboxError as exc:
             log.error("session start failed", extra={"session_id": session_id, "error": str(exc)})
             raise ServiceError(
                 ErrorCode.SESSION_START_FAILED,
@@ -503,14 +503,14 @@ class SessionService:
     async def _delete_locked(self, record: SessionRecord, reason: str | None = None) -> None:
         # Recorded first: from here on the delete is carried through, across a crash
         # too (reap_orphans finishes what a deleted session left, at the next start).
-        with contextlib.suppress(SandboxError, OSError):  # stop() thaws it anyway
+        with contextlib.suppress(SandboxError):  # stop() thaws it anyway
             await self._thaw_if_paused(record)
         self._set_status(record, SessionStatus.DELETED, reason)
         self._forget_activity(record.id)
         faults.point("delete.after_record")
         try:
             await self._remove(record.id)
-        except (SandboxError, OSError) as exc:  # recorded deleted: the sweep retries
+        except SandboxError as exc:  # recorded deleted: the sweep retries
             log.error(
                 "session's sandbox not removed yet",
                 extra={"session_id": record.id, "error": str(exc)},
@@ -592,7 +592,7 @@ class SessionService:
                 await self._stop_locked(record, "restored to a snapshot")
             try:
                 await self.runtime.set_layers(session_id, list(layers))
-            except (SandboxError, OSError) as exc:
+            except SandboxError as exc:
                 raise ServiceError(
                     ErrorCode.SESSION_START_FAILED,
                     f"session {session_id!r} could not be given snapshot {snapshot_id!r}'s "
@@ -729,7 +729,7 @@ class SessionService:
                 await self.runtime.pause(record.id)
             else:
                 await self.runtime.resume(record.id)
-        except (SandboxError, OSError) as exc:
+        except SandboxError as exc:
             log.error("sandbox freezer state not restored", extra={"session_id": record.id})
             await self._stop_locked(record, f"could not be adopted when the server started: {exc}")
 

@@ -145,7 +145,7 @@ class SnapshotService:
     async def _capture(self, record: SnapshotRecord) -> None:
         try:
             size = await self.sessions.capture(record.session_id, record.id)
-        except (SandboxError, OSError, ServiceError) as exc:
+        except (SandboxError, ServiceError) as exc:
             reason = exc.message if isinstance(exc, ServiceError) else str(exc)
             self._finish(record, SnapshotStatus.FAILED, f"the copy failed: {reason}")
             log.warning("snapshot failed", extra={"snapshot_id": record.id, "error": reason})
@@ -269,7 +269,7 @@ class SnapshotService:
                 continue
             try:
                 await self.runtime.remove_snapshot(record.id)
-            except (SandboxError, OSError) as exc:  # kept: the next collect retries
+            except SandboxError as exc:  # kept: the next collect retries
                 log.error(
                     "snapshot not removed", extra={"snapshot_id": record.id, "error": str(exc)}
                 )
