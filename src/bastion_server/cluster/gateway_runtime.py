@@ -375,7 +375,7 @@ class ClusterRuntime(Runtime):
                 True,
                 int(a["sessions"]) + self._placing.get(n.name, 0),
                 int(a["memory_available_mb"]),
-                frozenset(a["images"]),
+                frozenset(a.get("images", ())),
             )
             for n, a in zip(ready, answers, strict=True)
         ]
@@ -506,10 +506,17 @@ class ClusterRuntime(Runtime):
         self._snapshots.pop(snapshot_id, None)
 
     async def snapshot_ids(self) -> set[str]:
+        """Every node's snapshots; a node that does not answer is left out (its
+        snapshots are not taken for unowned)."""
         live = [n for n in self.nodes.values() if n.ready and n.alive]
-        answers = await asyncio.gather(*(self._call(n, "snapshot_ids") for n in live))
+        answers = await asyncio.gather(
+            *(self._call(n, "snapshot_ids") for n in live), return_exceptions=True
+        )
         found: set[str] = set()
         for node, ids in zip(live, answers, strict=True):
+            if isinstance(ids, BaseException):
+                log.warning("node did not list its snapshots", extra={"node": node.name})
+                continue
             for snapshot_id in ids:
                 self._snapshots[snapshot_id] = node.name
             found |= set(ids)
