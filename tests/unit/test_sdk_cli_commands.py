@@ -397,13 +397,14 @@ def test_sessions_list_filters_and_formats(
     assert capsys.readouterr() == ("", "no sessions\n")
 
 
-def test_sessions_list_shows_the_node_column_when_a_session_has_a_node(
+def test_sessions_list_shows_the_node_column_when_sessions_are_on_several_nodes(
     server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A cluster gateway (serve --ray) reports each session's node; one without (made
-    # before the gateway, say) shows "-".
+    # by an older server, say) shows "-".
     server.sessions["s1"]["node"] = "node-b7f3"
     server.add_session("s2", status="stopped", node=None)
+    server.add_session("s3", status="stopped", node="node-c214")
     assert cli(server, "sessions", "list") == 0
     lines = out_lines(capsys)
     assert lines[0].split() == [
@@ -419,12 +420,16 @@ def test_sessions_list_shows_the_node_column_when_a_session_has_a_node(
     ]
     assert lines[1].split()[:4] == ["s1", "running", "node-b7f3", "2024-05-01"]
     assert lines[2].split()[:4] == ["s2", "stopped", "-", "2024-05-01"]
+    assert lines[3].split()[:4] == ["s3", "stopped", "node-c214", "2024-05-01"]
     start = lines[0].index("NODE")
     assert lines[1][start:].startswith("node-b7f3") and lines[2][start:].startswith("- ")
-    # No session with a node (a server of one machine): no column.
-    server.sessions["s1"]["node"] = None
-    assert cli(server, "sessions", "list") == 0
-    assert "NODE" not in out_lines(capsys)[0].split()
+    # Every session on the one node of a server of one machine (or none named): the
+    # column would say the same on every line, so there is none.
+    for node in ("host-1", None):
+        for session in server.sessions.values():
+            session["node"] = node
+        assert cli(server, "sessions", "list") == 0
+        assert out_lines(capsys)[0].split()[:3] == ["SESSION", "STATUS", "CREATED"]
 
 
 def test_sessions_status_shows_the_node(

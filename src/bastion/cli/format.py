@@ -268,7 +268,7 @@ def session_details(session: Mapping[str, Any]) -> list[str]:
     if session.get("status_reason"):
         pairs.append(("reason", str(session["status_reason"])))
     if session.get("node"):
-        # Only a cluster gateway (``bastion serve --ray``) places sessions on nodes.
+        # A cluster's node, or the server's own name (an older server's: none).
         pairs.append(("node", str(session["node"])))
     pairs += [
         ("created", f"{format_time(created)} ({format_time_ago(created)})"),

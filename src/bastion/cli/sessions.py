@@ -192,7 +192,7 @@ def add_sessions(subparsers: Subparsers, common: list[argparse.ArgumentParser]) 
         (
             "status",
             "show a session",
-            "Show a session: its state, the cluster node that holds it (behind "
+            "Show a session: its state, the node that holds it (a cluster's, behind "
             "'bastion serve --ray'), limits, timeouts, network and labels, and what it "
             "uses now (CPU time, memory, processes, disk) while it runs.",
             "bastion sessions status $SID",
@@ -353,8 +353,9 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
     if args.quiet:
         print_lines([s["session_id"] for s in sessions])
         return
-    # The node column only where sessions have nodes (a cluster gateway's).
-    with_node = any(s.get("node") for s in sessions)
+    # Every server names the node of its sessions (its host's name by default); the
+    # column is shown only where it tells them apart: sessions spread over a cluster.
+    with_node = len({s.get("node") for s in sessions}) > 1
     rows = []
     for s in sessions:
         limits: Mapping[str, Any] = s.get("limits") or {}
