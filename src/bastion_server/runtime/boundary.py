@@ -21,9 +21,9 @@ _C = TypeVar("_C", bound=type)
 
 
 def _translated(name: str, args: tuple[Any, ...], exc: OSError) -> SandboxError:
-    target = f" sandbox {args[0]}" if args and isinstance(args[0], str) else ""
+    target = f"sandbox {args[0]}: " if args and isinstance(args[0], str) else ""
     cause = exc.strerror or type(exc).__name__
-    return SandboxError(f"cannot {name.replace('_', ' ')}{target}: {cause}")
+    return SandboxError(f"{target}{name.replace('_', ' ')} failed: {cause}")
 
 
 def _wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,164 @@
+"""The warm pool as a wrapper (runtime/warm_pool.py), over the in-memory backend.
+
+The real thing over the OCI backend (the rename, the id-range hand-over, a crash in
+the middle) is covered by tests/integration/test_crash_consistency.py and
+test_images.py; here, what the wrapper itself decides: which creates take a pooled
+sandbox, what a start of one does, what is listed, what close leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bastion_server.runtime.base import SandboxLimits, SandboxNotRunning
+from bastion_server.runtime.fake import FakeRuntime
+from bastion_server.runtime.network import NetworkPolicy
+from bastion_server.runtime.sandbox_image import SandboxImage
+from bastion_server.runtime.warm_pool import POOL_PREFIX, WarmPool, pool_key
+
+LIMITS = SandboxLimits(memory_mb=512, pids=256, cpus=1.0, disk_mb=1024)
+IMAGE = SandboxImage(("/layers/base",), 100000, 1000, 1000, "/home/user")
+OTHER = SandboxImage(("/layers/python", "/layers/base"), 100000, 1000, 1000, "/home/user",
+                     name="python")  # fmt: skip
+
+
+class HandingOver(FakeRuntime):
+    """The in-memory backend, able to hand a sandbox over as a pooled backend must."""
+
+    async def hand_over(self, sandbox_id: str, session_id: str, image: SandboxImage) -> None:
+        self.calls.append(("hand_over", sandbox_id))
+        self.sandboxes[session_id] = self.sandboxes.pop(sandbox_id)
+        self.images.pop(sandbox_id, None)
+        self.images[session_id] = image
+
+    async def connect(self, session_id: str, network: NetworkPolicy | None) -> None:
+        self.calls.append(("connect", session_id))
+        sandbox = self.sandboxes.get(session_id)
+        if sandbox is None or not sandbox.running:
+            raise SandboxNotRunning(f"sandbox {session_id} is not running")
+        sandbox.network = network
+
+
+@pytest.fixture
+def inner(tmp_path: Path) -> Iterator[HandingOver]:
+    yield HandingOver(tmp_path / "fake")
+
+
+async def _filled(pool: WarmPool) -> WarmPool:
+    await pool.prepare_host()
+    await pool.warm_up()
+    if pool._filler is not None:
+        await pool._filler
+    return pool
+
+
+def _pooled(inner: FakeRuntime) -> set[str]:
+    return {name for name in inner.sandboxes if name.startswith(POOL_PREFIX)}
+
+
+def test_the_pool_fills_and_its_sandboxes_are_no_sessions(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 2))
+        assert len(_pooled(inner)) == 2
+        assert all(inner.sandboxes[name].running for name in _pooled(inner))
+        assert await pool.list_sandboxes() == set()
+        assert await pool.running_sandboxes() == set()
+        assert await pool.started_sandboxes() == set()
+        await pool.close()
+        assert _pooled(inner) == set()
+
+    asyncio.run(run())
+
+
+def test_a_create_with_the_default_limits_takes_a_started_sandbox(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        (ready,) = _pooled(inner)
+        inner.calls.clear()
+        await pool.create("s1", LIMITS)
+        assert inner.calls == [("hand_over", ready)]
+        network = NetworkPolicy(enabled=True, allow=())
+        await pool.start("s1", LIMITS, network)
+        assert ("start", "s1") not in inner.calls
+        assert ("connect", "s1") in inner.calls
+        assert inner.sandboxes["s1"].network == network
+        assert await pool.list_sandboxes() == {"s1"}
+        assert pool._filler is not None
+        await pool._filler  # taken: the pool fills again
+        assert len(_pooled(inner)) == 1 and ready not in inner.sandboxes
+        await pool.close()
+        assert set(inner.sandboxes) == {"s1"}  # a session's sandbox is never the pool's
+
+    asyncio.run(run())
+
+
+def test_other_limits_or_other_layers_get_a_sandbox_of_their_own(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        inner.calls.clear()
+        await pool.create("big", dataclasses.replace(LIMITS, memory_mb=1024))
+        await pool.create("py", LIMITS, OTHER)
+        assert inner.calls == [("create", "big"), ("create", "py")]
+        await pool.start("py", LIMITS)
+        assert ("start", "py") in inner.calls
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_images_of_one_layer_set_share_a_pool(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        pool.add_pool(OTHER, 1)
+        assert pool._filler is not None
+        await pool._filler
+        renamed = dataclasses.replace(OTHER, name="my-python", env=(("A", "1"),))
+        assert pool_key(renamed) == pool_key(OTHER) != pool_key(IMAGE)
+        inner.calls.clear()
+        await pool.create("s2", LIMITS, renamed)
+        assert inner.calls[0][0] == "hand_over"
+        assert pool.image_of("s2") == renamed  # its own name and environment
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_handed_over_sandbox_that_died_is_started_afresh(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        await pool.create("s3", LIMITS)
+        inner.crash("s3")
+        await pool.start("s3", LIMITS)
+        assert ("start", "s3") in inner.calls
+        assert inner.sandboxes["s3"].running
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_snapshot_layers_stop_a_handed_over_sandbox_first(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        await pool.create("s4", LIMITS)
+        assert inner.sandboxes["s4"].running  # started ahead, over the image alone
+        await pool.set_layers("s4", [])
+        assert ("stop", "s4") in inner.calls
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_without_a_pool_every_create_is_the_backends(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        await pool.create("s5", LIMITS)
+        assert inner.calls[-1] == ("create", "s5")
+        assert _pooled(inner) == set()
+        await pool.close()
+
+    asyncio.run(run())
