@@ -364,7 +364,6 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
             [
                 s["session_id"],
                 str(s.get("status", "-")),
-                *([str(s.get("node") or "-")] if with_node else []),
                 format_time_ago(s.get("created_at")),
                 format_size(memory * 1024 * 1024) if isinstance(memory, int) else "-",
                 str(limits.get("pids", "-")),
@@ -373,27 +372,16 @@ def _print_sessions(result: SessionList, args: argparse.Namespace) -> None:
                 metadata_text(s.get("metadata")),
             ]
         )
+        if with_node:
+            rows[-1].insert(2, str(s.get("node") or "-"))
     if not rows:
         to_stderr("no sessions")
         return
-    print_lines(
-        table(
-            [
-                "SESSION",
-                "STATUS",
-                *(["NODE"] if with_node else []),
-                "CREATED",
-                "MEMORY",
-                "PIDS",
-                "CPUS",
-                "NETWORK",
-                "METADATA",
-            ],
-            rows,
-            right=["MEMORY", "PIDS", "CPUS"],
-            max_width=table_width(),
-        )
-    )
+    headers = ["SESSION", "STATUS", "CREATED", "MEMORY", "PIDS", "CPUS", "NETWORK", "METADATA"]
+    if with_node:
+        headers.insert(2, "NODE")
+    right = ["MEMORY", "PIDS", "CPUS"]
+    print_lines(table(headers, rows, right=right, max_width=table_width()))
 
 
 def _delete_sessions(client: Bastion, args: argparse.Namespace, ids: Sequence[str]) -> int:
