@@ -244,3 +244,41 @@ def test_a_bad_oom_count_is_refused(agent: Agent) -> None:
     conn = agent.run(["true"], oom_kills_before=-1)
     end = conn.events[-1]
     assert end["error"] == "start_failed" and "oom_kills_before" in end["message"]
+
+
+def _known(agent: Agent, job_id: str) -> bool:
+    """Whether the agent still keeps the job (an attach from a connection of its own)."""
+    with agent.connect() as conn:
+        conn.send({"op": "attach", "job_id": job_id})
+        end = conn.event("exit")
+        if end.get("error") != "unknown_job":
+            conn.send({"op": "forget"})
+        return end.get("error") != "unknown_job"
+
+
+def test_a_persistent_jobs_forget_goes_with_the_next_request(agent: Agent) -> None:
+    async def main() -> None:
+        persistent = _spec(["echo", "p"], persist_as="owed-1", spool_bytes=1024)
+        out, end = await _run(agent.socket_path, persistent)
+        assert (out, end.exit_code) == (b"p\n", 0)
+        out, end = await _run(agent.socket_path, _spec(["echo", "next"]))
+        assert (out, end.exit_code) == (b"next\n", 0)
+        await asyncio.sleep(0.05)  # (the agent has read both by now)
+        assert not _known(agent, "owed-1")
+        agent_connections.idle_connections().close_all()
+
+    asyncio.run(main())
+
+
+def test_a_forget_owed_is_sent_by_itself_when_no_job_follows(agent: Agent) -> None:
+    async def main() -> None:
+        await _run(agent.socket_path, _spec(["true"], persist_as="owed-2", spool_bytes=1024))
+        await asyncio.sleep(agent_connections.OWED_DELAY + 0.3)
+        assert not _known(agent, "owed-2")
+        # and a connection closed with a forget owed sends it first
+        await _run(agent.socket_path, _spec(["true"], persist_as="owed-3", spool_bytes=1024))
+        agent_connections.idle_connections().close_all()
+        await asyncio.sleep(0.05)
+        assert not _known(agent, "owed-3")
+
+    asyncio.run(main())

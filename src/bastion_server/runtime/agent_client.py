@@ -243,7 +243,8 @@ class AgentProcess(Process):
                 return cls(reader, writer, on_exit, socket_path)._persisting(persistent)
             kept = idle_connections().take(socket_path)
             if kept is not None:
-                reader, writer = kept
+                (reader, writer), owed = kept
+                frame = owed + frame  # one send: what the last job owed, then this one
             else:
                 reader, writer = await _open_connection(socket_path, limit=limit)
         except OSError as exc:
@@ -364,21 +365,26 @@ class AgentProcess(Process):
 
     async def forget(self) -> None:
         if self.persistent and self._exited and not self._writer.is_closing():
+            forget = protocol.encode_json({"op": "forget"})
+            if self._hand_back(owed=forget):  # sent with the next request on it
+                return
             with contextlib.suppress(ConnectionError, SandboxError):
-                await self._send(protocol.encode_json({"op": "forget"}))
+                await self._send(forget)
                 self._forgotten = True
         await self.close()
 
-    def _hand_back(self) -> bool:
+    def _hand_back(self, owed: bytes = b"") -> bool:
         """Give the connection back for the next job, if its agent keeps it open and
-        this job's conversation is over (the agent reads the rest in order)."""
+        this job's conversation is over but for ``owed`` (a persistent job's forget:
+        the agent reads it before the next request, which it goes with)."""
         if self._handed_back:
             return True
-        done = self._exited and self._keep_open and (self._forgotten or not self.persistent)
+        over = self._forgotten or not self.persistent or bool(owed)
+        done = self._exited and self._keep_open and over
         if not done or self._socket_path is None or self._on_exit is not None:
             return False
         self._handed_back = True
-        idle_connections().put(self._socket_path, (self._reader, self._writer))
+        idle_connections().put(self._socket_path, (self._reader, self._writer), owed)
         return True
 
     async def close(self) -> None:
