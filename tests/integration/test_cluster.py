@@ -245,6 +245,8 @@ def test_a_killed_node_has_its_sessions_reported_lost(
 ) -> None:
     doomed, survivors = placed["w2"], [placed["head"], placed["w1"]]
     with Bastion(base_url=gateway.url) as bastion:
+        bastion.jobs.run_and_wait(doomed, ["sh", "-c", "echo kept > /home/user/w2-state"])
+        snap = bastion.sessions.snapshot(doomed)["snapshot_id"]  # on w2
         running = bastion.jobs.run(doomed, ["sleep", "60"])
         survivor_job = bastion.jobs.run(survivors[0], ["sh", "-c", "sleep 4; echo alive"])
         time.sleep(0.5)
@@ -263,6 +265,9 @@ def test_a_killed_node_has_its_sessions_reported_lost(
         assert survived["output"]["console_output"] == "alive\n"
         for sid in survivors:
             assert bastion.sessions.get(sid)["status"] == "running"
+        # The snapshot went with its node: nothing can start from it meanwhile.
+        with pytest.raises(SessionStartError, match="w2, which left the cluster"):
+            bastion.sessions.create(snapshot=snap)
 
         # The node comes back under its name: nothing of the lost session is left on it.
         cluster.add("w2")
@@ -273,3 +278,10 @@ def test_a_killed_node_has_its_sessions_reported_lost(
             time.sleep(0.5)
         sid = bastion.sessions.create()["session_id"]
         assert bastion.sessions.start(sid)["node"] == "w2"  # the emptiest again
+        # Its snapshots came back with it (they outlive their sessions).
+        copy = bastion.sessions.create(snapshot=snap)["session_id"]
+        assert bastion.sessions.start(copy)["node"] == "w2"
+        result = bastion.jobs.run_and_wait(copy, ["cat", "/home/user/w2-state"])
+        assert result["output"]["console_output"] == "kept\n"
+        bastion.sessions.delete(copy)
+        bastion.snapshots.delete(snap)
