@@ -129,6 +129,11 @@ class OciRuntime(Runtime):
             self._containers[session_id] = name
         return name
 
+    def sandbox_ref(self, session_id: str) -> str:
+        """The OCI container's name: recorded on the session, it is the store's
+        mapping of a session to its sandbox (a warm pool's keeps its ``pool_*`` name)."""
+        return self._container(session_id)
+
     def _cgroup(self, session_id: str) -> str:
         return f"{self.cgroup_parent}/{self._container(session_id)}"
 
