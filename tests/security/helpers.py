@@ -9,6 +9,9 @@ import pytest
 
 from bastion import Bastion, JobFailedError, SessionLimits, SessionStateError
 
+#: Whom a job runs as: the sandbox user, or root of the session's user namespace.
+User = Literal["user", "root"]
+
 
 def run_status(
     client: Bastion,
@@ -16,10 +19,14 @@ def run_status(
     argv: list[str],
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    user: User | None = None,
 ) -> tuple[int | None, str, str]:
-    """Run ``argv`` in the session; (exit status, stdout, stderr), failed or not."""
+    """Run ``argv`` in the session (as ``user``); (exit status, stdout, stderr), failed
+    or not."""
     try:
-        result = client.jobs.run_and_wait(sid, argv, env=env, timeout=timeout, wait_timeout=120)
+        result = client.jobs.run_and_wait(
+            sid, argv, env=env, timeout=timeout, wait_timeout=120, user=user
+        )
     except JobFailedError as exc:
         return exc.status_code, exc.console_output, exc.errout
     output = result["output"]
@@ -33,7 +40,7 @@ def run_ok(
     argv: list[str],
     env: dict[str, str] | None = None,
     timeout: float | None = None,
-    user: Literal["user", "root"] | None = None,
+    user: User | None = None,
 ) -> str:
     """Run ``argv`` in the session (as ``user``); its stdout.  A failed job fails the
     test."""
@@ -56,15 +63,25 @@ def run_ok(
     return output["console_output"]
 
 
-def sh(client: Bastion, sid: str, script: str, env: dict[str, str] | None = None) -> str:
+def sh(
+    client: Bastion,
+    sid: str,
+    script: str,
+    env: dict[str, str] | None = None,
+    user: User | None = None,
+) -> str:
     """Stdout of ``sh -c script`` in the session (a failure fails the test)."""
-    return run_ok(client, sid, ["sh", "-c", script], env)
+    return run_ok(client, sid, ["sh", "-c", script], env, user=user)
 
 
 def sh_status(
-    client: Bastion, sid: str, script: str, env: dict[str, str] | None = None
+    client: Bastion,
+    sid: str,
+    script: str,
+    env: dict[str, str] | None = None,
+    user: User | None = None,
 ) -> tuple[int | None, str, str]:
-    return run_status(client, sid, ["sh", "-c", script], env)
+    return run_status(client, sid, ["sh", "-c", script], env, user=user)
 
 
 def py(
@@ -72,7 +89,7 @@ def py(
     sid: str,
     code: str,
     timeout: float | None = None,
-    user: Literal["user", "root"] | None = None,
+    user: User | None = None,
 ) -> str:
     """Stdout of a python3 program run in the session (a failure fails the test)."""
     return run_ok(client, sid, ["python3", "-c", code], timeout=timeout, user=user)

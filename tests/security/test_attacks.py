@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import ServerProcess
-from tests.security.helpers import Sessions, pid_holder, py, sh, sh_status
+from tests.security.helpers import Sessions, User, pid_holder, py, sh, sh_status
 
 from bastion import (
     Bastion,
@@ -54,11 +54,16 @@ MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # the server's default --max-output-bytes
 
 
 def assert_refused(
-    client: Bastion, sid: str, scripts: Iterable[str], errors: tuple[str, ...] = ()
+    client: Bastion,
+    sid: str,
+    scripts: Iterable[str],
+    errors: tuple[str, ...] = (),
+    user: User | None = None,
 ) -> None:
-    """Each ``sh -c`` script must fail; with ``errors``, its stderr must name one of them."""
+    """Each ``sh -c`` script (run as ``user``) must fail; with ``errors``, its stderr
+    must name one of them."""
     for script in scripts:
-        code, out, err = sh_status(client, sid, script)
+        code, out, err = sh_status(client, sid, script, user=user)
         assert code != 0, f"{script!r} succeeded: {out!r}"
         if errors:
             assert any(error in err for error in errors), (script, err)
@@ -343,7 +348,7 @@ def test_kernel_attack_surface_is_refused(
     assert got in refusals, f"{attack}: expected one of {sorted(refusals)}, got {got}"
 
 
-def test_mount_and_umount_commands_fail(client: Bastion, sid: str) -> None:
+def test_mount_and_umount_commands_fail(client: Bastion, sid: str, as_user: User) -> None:
     before = sh(client, sid, "cat /proc/self/mountinfo | wc -l")
     assert_refused(
         client,
@@ -356,8 +361,11 @@ def test_mount_and_umount_commands_fail(client: Bastion, sid: str) -> None:
             "umount /proc",
             "umount -l /dev/shm",
             "umount /run/bastion-agent",
+            "mount -o remount,rw /run/bastion-agent",
+            "mount -o remount,rw /sys",
         ),
         errors=("must be superuser", "ermission denied", "not permitted"),
+        user=as_user,
     )
     assert sh(client, sid, "cat /proc/self/mountinfo | wc -l") == before
     assert "bastion-agent" in sh(client, sid, "ls /run/bastion-agent").split()
@@ -426,10 +434,12 @@ print(json.dumps(r))
 """
 
 
-def test_32bit_system_calls_do_not_bypass_the_filter(client: Bastion, sid: str) -> None:
+def test_32bit_system_calls_do_not_bypass_the_filter(
+    client: Bastion, sid: str, as_user: User
+) -> None:
     if platform.machine() != "x86_64":
         pytest.skip("the i386 system call entry exists on x86_64 only")
-    result = json.loads(py(client, sid, COMPAT_PROBE, timeout=30))
+    result = json.loads(py(client, sid, COMPAT_PROBE, timeout=30, user=as_user))
     getpid = result.pop("control:getpid")
     inet = result.pop("control:socketcall AF_INET SOCK_STREAM")
     if getpid == "killed:SIGSYS":
@@ -447,7 +457,7 @@ def test_32bit_system_calls_do_not_bypass_the_filter(client: Bastion, sid: str) 
 # --------------------------------------------------------------------------- 2. writes refused
 
 
-def test_proc_sys_is_read_only(client: Bastion, sid: str) -> None:
+def test_proc_sys_is_read_only(client: Bastion, sid: str, as_user: User) -> None:
     # Control: /proc/sys is there and readable.
     assert sh(client, sid, "cat /proc/sys/kernel/hostname").strip() == "sandbox"
     assert_refused(
@@ -463,26 +473,27 @@ def test_proc_sys_is_read_only(client: Bastion, sid: str) -> None:
             )
         ],
         errors=("Read-only file system", "Permission denied"),
+        user=as_user,
     )
     assert sh(client, sid, "cat /proc/sys/kernel/hostname").strip() == "sandbox"
     assert "|" not in sh(client, sid, "cat /proc/sys/kernel/core_pattern")
 
 
-def test_sysrq_trigger_cannot_be_written(client: Bastion, sid: str) -> None:
+def test_sysrq_trigger_cannot_be_written(client: Bastion, sid: str, as_user: User) -> None:
     code, out, err = sh_status(
         client, sid, "test -e /proc/sysrq-trigger && echo present || echo absent"
     )
     assert code == 0, err
     if out.strip() == "present":
-        code, _, err = sh_status(client, sid, "echo h > /proc/sysrq-trigger")
+        code, _, err = sh_status(client, sid, "echo h > /proc/sysrq-trigger", user=as_user)
         assert code != 0 and ("Read-only" in err or "Permission denied" in err), err
     else:  # this kernel has no sysrq; the write must still fail, not create a file
-        code, _, _ = sh_status(client, sid, "echo h > /proc/sysrq-trigger")
+        code, _, _ = sh_status(client, sid, "echo h > /proc/sysrq-trigger", user=as_user)
         assert code != 0
         assert "absent" in sh(client, sid, "test -e /proc/sysrq-trigger && echo x || echo absent")
 
 
-def test_sysfs_is_read_only(client: Bastion, sid: str) -> None:
+def test_sysfs_is_read_only(client: Bastion, sid: str, as_user: User) -> None:
     assert sh(client, sid, "cat /sys/kernel/address_bits").strip().isdigit()  # control
     assert "/sys sysfs ro," in sh(client, sid, "grep ' /sys ' /proc/mounts")
     assert_refused(
@@ -497,11 +508,12 @@ def test_sysfs_is_read_only(client: Bastion, sid: str) -> None:
             "mkdir /sys/kernel/bastion-probe",
         ),
         errors=("Read-only file system", "Permission denied", "No such file or directory"),
+        user=as_user,
     )
 
 
 def test_cgroup_limits_cannot_be_changed_from_inside(
-    client: Bastion, sessions: Sessions, server: ServerProcess
+    client: Bastion, sessions: Sessions, server: ServerProcess, as_user: User
 ) -> None:
     sid = sessions.new({"memory_mb": 96, "pids": 48})
     # The host-side truth: the session's cgroup with its limits (v1 or v2 layout).
@@ -533,12 +545,13 @@ def test_cgroup_limits_cannot_be_changed_from_inside(
             "mount -t cgroup2 none /mnt",
             "mount -t cgroup -o memory none /mnt",
         ),
+        user=as_user,
     )
     assert limit_file.read_text().strip() == str(96 * MiB)
     assert pids_file.read_text().strip() == "48"
 
 
-def test_kernel_memory_and_keys_are_masked(client: Bastion, sid: str) -> None:
+def test_kernel_memory_and_keys_are_masked(client: Bastion, sid: str, as_user: User) -> None:
     # Control: /proc itself works.
     assert "Name:" in sh(client, sid, "cat /proc/self/status")
     out = py(
@@ -559,6 +572,7 @@ for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug
         r[path] = type(exc).__name__
 print(json.dumps(r))
 """,
+        user=as_user,
     )
     seen = json.loads(out)
     leaks = {path: got for path, got in seen.items() if isinstance(got, int) and got > 0}
@@ -567,16 +581,16 @@ print(json.dumps(r))
     assert seen["/proc/keys"] in (0, "FileNotFoundError", "PermissionError"), seen
 
 
-def test_clock_cannot_be_set(client: Bastion, sid: str) -> None:
-    code, _, err = sh_status(client, sid, "date -s '2001-01-01 00:00:00'")
+def test_clock_cannot_be_set(client: Bastion, sid: str, as_user: User) -> None:
+    code, _, err = sh_status(client, sid, "date -s '2001-01-01 00:00:00'", user=as_user)
     assert code != 0 and "Operation not permitted" in err, err
-    code, _, err = sh_status(client, sid, "date -s @$(( $(date +%s) + 3600 ))")
+    code, _, err = sh_status(client, sid, "date -s @$(( $(date +%s) + 3600 ))", user=as_user)
     assert code != 0, err
     inside = int(sh(client, sid, "date +%s"))
     assert abs(inside - time.time()) < 30, "the sandbox's clock moved"
 
 
-def test_hostname_cannot_be_set(client: Bastion, sid: str) -> None:
+def test_hostname_cannot_be_set(client: Bastion, sid: str, as_user: User) -> None:
     out = py(
         client,
         sid,
@@ -589,9 +603,10 @@ except PermissionError:
     print("EPERM")
 print(socket.gethostname())
 """,
+        user=as_user,
     )
     assert out.split() == ["EPERM", "sandbox"], out
-    code, _, err = sh_status(client, sid, "hostname evil")
+    code, _, err = sh_status(client, sid, "hostname evil", user=as_user)
     assert code != 0 and ("not permitted" in err or "must be root" in err), err
     assert sh(client, sid, "hostname; cat /proc/sys/kernel/hostname").split() == [
         "sandbox",
@@ -623,6 +638,38 @@ def test_system_files_cannot_be_chowned_or_chmodded(client: Bastion, sid: str) -
     assert sh(
         client, sid, "f=/home/user/own-$$; touch $f; chmod 600 $f; stat -c %a $f; rm $f"
     ).strip() == ("600")
+
+
+def test_root_changes_system_files_in_its_own_session_only(
+    client: Bastion, sessions: Sessions
+) -> None:
+    # Root of the session owns its root filesystem: what the sandbox user is refused
+    # above, root may do.  It must change the session's files and nothing else: not the
+    # host's, not the image every session stands on, not another session's.
+    sid, other = sessions.new(), sessions.new()
+    stat_cmd = "stat -c '%u %g %a %s' /etc/passwd /etc/shadow /usr/bin/python3"
+    before = sh(client, other, stat_cmd)
+    sh(
+        client,
+        sid,
+        "chmod 666 /etc/passwd && echo 'evil::0:0::/:/bin/sh' >> /etc/passwd && "
+        "chown 1000 /etc/shadow && chmod u+s /usr/bin/python3 && "
+        "echo evil > /usr/lib/bastion-root-probe",
+        user="root",
+    )
+    changed = sh(client, sid, stat_cmd).splitlines()
+    assert changed[0].split()[2] == "666" and changed[1].split()[0] == "1000", changed  # control
+    assert "evil::0:0" in sh(client, sid, "cat /etc/passwd")
+    assert sh(client, other, stat_cmd) == before
+    assert "evil" not in sh(client, other, "cat /etc/passwd")
+    code, _, _ = sh_status(client, other, "test -e /usr/lib/bastion-root-probe")
+    assert code == 1
+    assert b"evil::0:0" not in Path("/etc/passwd").read_bytes()
+    assert not Path("/usr/lib/bastion-root-probe").exists()
+    # The sandbox user still does not become root through root's changes (no su or
+    # setuid program works under no-new-privileges).
+    out = sh(client, sid, "python3 -c 'import os; print(os.geteuid())'")
+    assert out.strip() == "1000", out
 
 
 def test_no_way_to_become_root(client: Bastion, sid: str) -> None:
@@ -661,7 +708,7 @@ print(os.getuid(), os.geteuid())
 # --------------------------------------------------------------------------- 3. resources
 
 
-def test_disk_filler_is_contained(private_server: ServerProcess) -> None:
+def test_disk_filler_is_contained(private_server: ServerProcess, as_user: User) -> None:
     private_server.start()
     pid = server_pid(private_server)
     with Bastion(base_url=private_server.url, timeout=120) as c:
@@ -671,7 +718,9 @@ def test_disk_filler_is_contained(private_server: ServerProcess) -> None:
             other = pool.new()
             reset_peak_rss(pid)
             free_before = free_bytes(private_server.data_dir)
-            code, _, err = sh_status(c, full, "dd if=/dev/zero of=/home/user/fill bs=1M count=200")
+            code, _, err = sh_status(
+                c, full, "dd if=/dev/zero of=/home/user/fill bs=1M count=200", user=as_user
+            )
             assert code != 0 and "No space left on device" in err, (code, err)
             free_after = free_bytes(private_server.data_dir)
             usage = c.sessions.get(full)["usage"]
@@ -689,7 +738,7 @@ def test_disk_filler_is_contained(private_server: ServerProcess) -> None:
                 c, other, "dd if=/dev/zero of=/home/user/x bs=1M count=32 2>/dev/null && echo ok"
             ).strip() == ("ok")
             # Deleting the file gives the space back, and the full session writes again.
-            sh(c, full, "rm /home/user/fill")
+            sh(c, full, "rm /home/user/fill", user=as_user)
             freed = c.sessions.get(full)["usage"]
             assert freed is not None and freed["disk_bytes"] is not None
             assert freed["disk_bytes"] < 8 * MiB, freed
@@ -783,7 +832,7 @@ print(sum(os.times()[2:4]))
 
 
 def test_cpu_hog_is_held_to_its_quota(
-    client: Bastion, sessions: Sessions, server: ServerProcess
+    client: Bastion, sessions: Sessions, server: ServerProcess, as_user: User
 ) -> None:
     sid = sessions.new({"cpus": 0.5})
     cgroup = f"/bastion/{OciRuntime._tag(server.data_dir)}/{sid}"
@@ -799,7 +848,9 @@ def test_cpu_hog_is_held_to_its_quota(
 
     throttled_before = throttled()
     # Two busy processes for 3 s: 6 s of CPU if nothing held them back.
-    result = client.jobs.run_and_wait(sid, ["python3", "-c", CPU_HOG], timeout=30, wait_timeout=60)
+    result = client.jobs.run_and_wait(
+        sid, ["python3", "-c", CPU_HOG], timeout=30, wait_timeout=60, user=as_user
+    )
     assert result["output"] is not None
     reported_by_job = float(result["output"]["console_output"])
     usage = client.sessions.get(sid)["usage"]
@@ -813,13 +864,15 @@ def test_cpu_hog_is_held_to_its_quota(
     assert throttled() > throttled_before
 
 
-def test_process_count_is_capped_and_reported(client: Bastion, sessions: Sessions) -> None:
+def test_process_count_is_capped_and_reported(
+    client: Bastion, sessions: Sessions, as_user: User
+) -> None:
     limit = 32
     sid = sessions.new({"pids": limit})
     idle = client.sessions.get(sid)["usage"]
     assert idle is not None and idle["processes"] is not None and idle["processes"] < 8, idle
     hold = pid_holder(seconds=60)
-    job = client.jobs.run(sid, ["python3", "-c", hold], timeout=5)
+    job = client.jobs.run(sid, ["python3", "-c", hold], timeout=5, user=as_user)
     seen = []
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
@@ -858,11 +911,15 @@ sleep 1003
 """  # noqa: E501
 
 
-def test_job_timeout_kills_an_escaping_tree(client: Bastion, sessions: Sessions) -> None:
+def test_job_timeout_kills_an_escaping_tree(
+    client: Bastion, sessions: Sessions, as_user: User
+) -> None:
     sid = sessions.new()
     started = time.monotonic()
     with pytest.raises(JobFailedError) as info:
-        client.jobs.run_and_wait(sid, ["sh", "-c", ESCAPING_TREE], timeout=3, wait_timeout=60)
+        client.jobs.run_and_wait(
+            sid, ["sh", "-c", ESCAPING_TREE], timeout=3, wait_timeout=60, user=as_user
+        )
     assert info.value.failure_reason == "timeout", dict(info.value)
     assert time.monotonic() - started < 20
     # Control: the escape attempts were real (running, some in sessions of their own).
@@ -953,7 +1010,7 @@ def host_canary_dir() -> Iterator[tuple[Path, str]]:
 
 
 def test_file_api_races_with_symlink_swaps_stay_inside(
-    client: Bastion, sessions: Sessions, host_canary_dir: tuple[Path, str]
+    client: Bastion, sessions: Sessions, host_canary_dir: tuple[Path, str], as_user: User
 ) -> None:
     canary, secret = host_canary_dir
     sid = sessions.new()
@@ -970,6 +1027,7 @@ def test_file_api_races_with_symlink_swaps_stay_inside(
             "rm -rf race; mkdir race; rm -rf race; ln -s / race; done",
         ],
         timeout=60,
+        user=as_user,  # root's links are followed where the user's might not be
     )
     uploads = [f"/home/user/race/{name}", f"/home/user/race/etc/{name}"]
     uploads.append(f"/home/user/race{canary}/{name}")
@@ -1013,13 +1071,15 @@ def test_file_api_races_with_symlink_swaps_stay_inside(
     assert (canary / "secret").read_text() == secret + "\n"
 
 
-def test_hard_link_to_shadow_leaks_nothing_of_the_host(client: Bastion, sid: str) -> None:
+def test_hard_link_to_shadow_leaks_nothing_of_the_host(
+    client: Bastion, sid: str, as_user: User
+) -> None:
     host_shadow = Path("/etc/shadow").read_bytes()
     host_first = host_shadow.splitlines()[0]
     sandbox_shadow = client.files.download(sid, "/etc/shadow", user="root")
     assert sandbox_shadow.splitlines()[0] != host_first, "precondition: the two files differ"
     link = f"/home/user/h-{secrets.token_hex(4)}"
-    code, _, err = sh_status(client, sid, f"ln /etc/shadow {link}")
+    code, _, err = sh_status(client, sid, f"ln /etc/shadow {link}", user=as_user)
     try:
         if code != 0:
             # fs.protected_hardlinks: no link to a file the user can neither read nor write.
