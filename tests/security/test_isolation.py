@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServerProcess
-from tests.security.helpers import Sessions, pid_holder, py, sh, sh_status
+from tests.security.helpers import Sessions, User, pid_holder, py, sh, sh_status
 
 from bastion import Bastion, JobFailedError
 from bastion_server.runtime.idmap import FIRST_BASE
@@ -163,12 +163,12 @@ def test_job_has_no_capabilities_and_no_new_privileges(client: Bastion, shared_s
     }, fields
 
 
-def test_job_runs_under_a_seccomp_filter(client: Bastion, shared_sid: str) -> None:
-    out = sh(client, shared_sid, "grep -E '^Seccomp(_filters)?:' /proc/self/status")
+def test_job_runs_under_a_seccomp_filter(client: Bastion, shared_sid: str, as_user: User) -> None:
+    out = sh(client, shared_sid, "grep -E '^Seccomp(_filters)?:' /proc/self/status", user=as_user)
     fields = dict(line.split(":\t") for line in out.splitlines())
     assert fields.get("Seccomp") == "2", f"no seccomp filter on the job: {fields}"
     # New namespaces are a classic kernel attack surface; the job cannot make one.
-    code, out, err = sh_status(client, shared_sid, "unshare -U true")
+    code, out, err = sh_status(client, shared_sid, "unshare -U true", user=as_user)
     assert code != 0, f"the job created a user namespace: {out!r} {err!r}"
 
 
@@ -206,12 +206,13 @@ def host_canaries(server: ServerProcess) -> Iterator[tuple[str, list[str]]]:
 
 
 def test_host_files_are_invisible(
-    client: Bastion, shared_sid: str, host_canaries: tuple[str, list[str]]
+    client: Bastion, shared_sid: str, host_canaries: tuple[str, list[str]], as_user: User
 ) -> None:
+    # As root of the session too, which reads every file of the sandbox's (dac_override).
     secret, paths = host_canaries
     for path in paths:
         assert Path(path).read_text().strip() == secret  # it is really there, on the host
-        code, out, err = sh_status(client, shared_sid, 'cat "$P"', env={"P": path})
+        code, out, err = sh_status(client, shared_sid, 'cat "$P"', env={"P": path}, user=as_user)
         assert code != 0, f"{path} is readable inside the sandbox"
         assert secret not in out
         assert "No such file or directory" in err, err
@@ -228,6 +229,7 @@ def test_host_files_are_invisible(
             'timeout 90 grep -rlsF -e "$NEEDLE" -e "$CONTROL" --exclude-dir=proc '
             '--exclude-dir=sys --exclude-dir=dev / ; echo "grep-exit=$?"',
             env={"NEEDLE": secret, "CONTROL": control},
+            user=as_user,
         )
     finally:
         client.files.delete(shared_sid, control_file)
@@ -237,12 +239,14 @@ def test_host_files_are_invisible(
 
 
 def test_server_data_dir_is_not_in_the_sandbox(
-    client: Bastion, shared_sid: str, server: ServerProcess
+    client: Bastion, shared_sid: str, server: ServerProcess, as_user: User
 ) -> None:
-    code, out, err = sh_status(client, shared_sid, 'ls -a "$D"', env={"D": str(server.data_dir)})
+    code, out, err = sh_status(
+        client, shared_sid, 'ls -a "$D"', env={"D": str(server.data_dir)}, user=as_user
+    )
     assert code != 0 and "No such file or directory" in err, (out, err)
     # Only the agent's own read-only copy is shared: no database, logs or other sessions.
-    listing = sh(client, shared_sid, "ls -A /run/bastion-agent").split()
+    listing = sh(client, shared_sid, "ls -A /run/bastion-agent", user=as_user).split()
     assert listing and set(listing) <= {"bastion-agent", "resolv.conf"}
 
 
@@ -269,7 +273,7 @@ def test_only_loopback_and_no_route(client: Bastion, shared_sid: str) -> None:
 
 
 def test_host_api_port_is_not_reachable_from_the_sandbox(
-    client: Bastion, shared_sid: str, server: ServerProcess
+    client: Bastion, shared_sid: str, server: ServerProcess, as_user: User
 ) -> None:
     # The host can reach the port ...
     assert httpx.get(server.url + "/v1/health", timeout=10).status_code == 200
@@ -294,6 +298,7 @@ b.listen()
 c = socket.create_connection(("127.0.0.1", {server.port}), timeout=5)
 print("own-listener-ok")
 """,
+        user=as_user,
     )
     assert out.split() == ["ConnectionRefusedError", "own-listener-ok"], out
 
@@ -322,7 +327,10 @@ def test_job_sees_only_its_own_sandbox_processes(client: Bastion, sessions: Sess
     assert max(by_pid) < min(host_pids), rows
 
 
-def test_two_sessions_cannot_see_each_other(client: Bastion, sessions: Sessions) -> None:
+def test_two_sessions_cannot_see_each_other(
+    client: Bastion, sessions: Sessions, as_user: User
+) -> None:
+    # B looks for A as the sandbox user, then as root of B.
     a, b = sessions.new(), sessions.new()
     marker = secrets.token_hex(8)
     sh(client, a, f"echo {marker} > /home/user/a-{marker}.txt")
@@ -331,16 +339,18 @@ def test_two_sessions_cannot_see_each_other(client: Bastion, sessions: Sessions)
     assert f"a-{marker}.txt" in sh(client, a, "ls /home/user")
     assert "sleep 317" in sh(client, a, "ps -eo args"), "precondition: A's sleep runs"
 
-    code, out, _ = sh_status(client, b, f"cat /home/user/a-{marker}.txt")
+    code, out, _ = sh_status(client, b, f"cat /home/user/a-{marker}.txt", user=as_user)
     assert code != 0 and marker not in out
-    code, out, _ = sh_status(client, b, f"grep -rlsF {marker} /home /tmp /var/tmp")
+    code, out, _ = sh_status(
+        client, b, f"grep -rlsF {marker} /home /tmp /var/tmp /root", user=as_user
+    )
     assert out.strip() == "", out
-    assert "sleep 317" not in sh(client, b, "ps -eo args")
+    assert "sleep 317" not in sh(client, b, "ps -eo args", user=as_user)
     assert all(f"a-{marker}" not in f["name"] for f in client.files.list(b, "/home/user")["files"])
 
     kinds = ["pid", "net", "uts", "ipc", "mnt", "cgroup"]
     script = "for n in " + " ".join(kinds) + "; do readlink /proc/self/ns/$n; done"
-    ns_a, ns_b = sh(client, a, script).split(), sh(client, b, script).split()
+    ns_a, ns_b = sh(client, a, script).split(), sh(client, b, script, user=as_user).split()
     host = [os.readlink(f"/proc/self/ns/{n}") for n in kinds]
     for kind, in_a, in_b, on_host in zip(kinds, ns_a, ns_b, host, strict=True):
         assert in_a.startswith(kind + ":"), in_a
@@ -385,14 +395,16 @@ except OSError as exc:
 
 
 def test_memory_hog_is_killed_and_session_survives(
-    client: Bastion, sessions: Sessions, shared_sid: str
+    client: Bastion, sessions: Sessions, shared_sid: str, as_user: User
 ) -> None:
     sid = sessions.new({"memory_mb": 128})
     assert client.sessions.get(sid)["limits"]["memory_mb"] == 128
     hog = "b = b'x' * (256 * 1024 * 1024)\nprint('survived', len(b))"
     started = time.monotonic()
     with pytest.raises(JobFailedError) as info:
-        client.jobs.run_and_wait(sid, ["python3", "-c", hog], timeout=60, wait_timeout=90)
+        client.jobs.run_and_wait(
+            sid, ["python3", "-c", hog], timeout=60, wait_timeout=90, user=as_user
+        )
     err = info.value
     assert err.status_code == 137 or "MemoryError" in err.errout, repr(dict(err))
     assert "survived" not in err.console_output
@@ -409,7 +421,9 @@ def test_memory_hog_is_killed_and_session_survives(
     assert sh(client, shared_sid, "echo other").strip() == "other"
 
 
-def test_pids_limit_caps_the_number_of_processes(client: Bastion, sessions: Sessions) -> None:
+def test_pids_limit_caps_the_number_of_processes(
+    client: Bastion, sessions: Sessions, as_user: User
+) -> None:
     sid = sessions.new({"pids": 64})
     out = py(
         client,
@@ -437,6 +451,7 @@ for pid in children:
 print(len(children), failure)
 """,
         timeout=60,
+        user=as_user,
     )
     forked, failure = out.split()
     assert failure == "11", out  # EAGAIN
@@ -445,7 +460,7 @@ print(len(children), failure)
 
 
 def test_fork_bomb_is_contained(
-    client: Bastion, sessions: Sessions, shared_sid: str, server: ServerProcess
+    client: Bastion, sessions: Sessions, shared_sid: str, server: ServerProcess, as_user: User
 ) -> None:
     sid = sessions.new({"pids": 64})
     # The classic bash bomb, started by a job that stays alive, so every bomb process
@@ -457,7 +472,9 @@ def test_fork_bomb_is_contained(
     )
     started = time.monotonic()
     with pytest.raises(JobFailedError) as info:
-        client.jobs.run_and_wait(sid, ["python3", "-c", bomb], timeout=10, wait_timeout=60)
+        client.jobs.run_and_wait(
+            sid, ["python3", "-c", bomb], timeout=10, wait_timeout=60, user=as_user
+        )
     elapsed = time.monotonic() - started
     assert info.value.failure_reason == "timeout", repr(dict(info.value))
     assert elapsed < 40, f"the bomb's job took {elapsed:.1f}s to end"

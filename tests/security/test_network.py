@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import ServerProcess
+from tests.security.helpers import User, run_ok
 
-from bastion import Bastion, InvalidRequestError
+from bastion import Bastion, InvalidRequestError, JobFailedError
 from bastion_server.runtime.oci import OciRuntime
 
 pytestmark = [
@@ -141,7 +142,7 @@ def _session(client: Bastion, **network: object) -> str:
     return sid
 
 
-def _connect(client: Bastion, sid: str, host: str, port: int) -> str:
+def _connect(client: Bastion, sid: str, host: str, port: int, user: User | None = None) -> str:
     code = (
         "import socket,sys\n"
         "try:\n"
@@ -149,23 +150,25 @@ def _connect(client: Bastion, sid: str, host: str, port: int) -> str:
         "except OSError as e:\n"
         "    print(type(e).__name__, e.errno)\n"
     )
-    return client.jobs.run_and_wait(sid, ["python3", "-c", code])["output"]["console_output"]
+    result = client.jobs.run_and_wait(sid, ["python3", "-c", code], user=user)
+    return result["output"]["console_output"]
 
 
-def test_network_is_off_by_default(client: Bastion, testnet: FakeInternet) -> None:
+def test_network_is_off_by_default(client: Bastion, testnet: FakeInternet, as_user: User) -> None:
     sid = _session(client)
     try:
         info = client.sessions.get(sid)
         assert info["network"] == {"enabled": False, "allow": []}
         links = client.jobs.run_and_wait(sid, ["ip", "-o", "link"])["output"]["console_output"]
         assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
-        assert _connect(client, sid, TEST_HOST, testnet.web_port).startswith("OSError 101")
+        got = _connect(client, sid, TEST_HOST, testnet.web_port, as_user)
+        assert got.startswith("OSError 101"), got
     finally:
         client.sessions.delete(sid)
 
 
 def test_enabled_network_reaches_out_but_never_the_host(
-    client: Bastion, testnet: FakeInternet, server: ServerProcess
+    client: Bastion, testnet: FakeInternet, server: ServerProcess, as_user: User
 ) -> None:
     sid = _session(client, enabled=True)
     try:
@@ -182,15 +185,15 @@ def test_enabled_network_reaches_out_but_never_the_host(
         )
         assert fetch["output"]["console_output"] == "200\n"
         # The host's own service, on the host's address on that link: rejected.
-        assert _connect(client, sid, HOST_SIDE, testnet.host_port) != "open\n"
+        assert _connect(client, sid, HOST_SIDE, testnet.host_port, as_user) != "open\n"
         # slirp4netns's alias for the host's loopback is off, and so is the API port.
-        assert _connect(client, sid, "10.0.2.2", server.port) != "open\n"
-        assert _connect(client, sid, "10.0.2.2", testnet.host_port) != "open\n"
+        assert _connect(client, sid, "10.0.2.2", server.port, as_user) != "open\n"
+        assert _connect(client, sid, "10.0.2.2", testnet.host_port, as_user) != "open\n"
         # The sandbox's own loopback is its own.
-        assert _connect(client, sid, "127.0.0.1", server.port) != "open\n"
+        assert _connect(client, sid, "127.0.0.1", server.port, as_user) != "open\n"
         # Link-local (where cloud metadata services answer) is refused at once.
         start = time.monotonic()
-        assert _connect(client, sid, "169.254.169.254", 80) != "open\n"
+        assert _connect(client, sid, "169.254.169.254", 80, as_user) != "open\n"
         assert time.monotonic() - start < 5
     finally:
         client.sessions.delete(sid)
@@ -216,6 +219,37 @@ def test_allow_list_limits_destinations(client: Bastion, testnet: FakeInternet) 
                 client.sessions.delete(sid)
             except Exception:
                 pass
+
+
+def test_root_of_a_session_cannot_rewire_its_network(
+    client: Bastion, testnet: FakeInternet
+) -> None:
+    # Root of the session holds no CAP_NET_ADMIN: its network namespace's addresses,
+    # routes and links stay as the server made them, and the policy (judged on the
+    # host, on slirp4netns's sockets) holds for root's traffic as for the user's.
+    sid = _session(client, enabled=True, allow=[f"{TEST_HOST}/32"])
+    try:
+        script = "ip -o addr; ip route; ip -o link"
+        before = run_ok(client, sid, ["sh", "-c", script])
+        for change in (
+            "ip addr add 10.0.2.200/24 dev tap0",
+            "ip route replace default via 10.0.2.3 dev tap0",
+            "ip link set tap0 address 02:00:00:00:00:99",
+            "ip link set tap0 mtu 9000",
+            "ip link add dummy0 type dummy",
+            "ip link set lo down",
+        ):
+            result = client.jobs.run(sid, ["sh", "-c", change], user="root")
+            try:
+                client.jobs.wait(sid, result["job_id"], timeout=30)
+                pytest.fail(f"root of the session ran {change!r}")
+            except JobFailedError as exc:
+                assert "Operation not permitted" in exc.errout, (change, exc.errout)
+        assert run_ok(client, sid, ["sh", "-c", script]) == before
+        assert _connect(client, sid, TEST_HOST, testnet.web_port, "root") == "open\n"  # control
+        assert _connect(client, sid, PUBLIC_HOST, 8000, "root") != "open\n"
+    finally:
+        client.sessions.delete(sid)
 
 
 def test_bad_network_requests(client: Bastion) -> None:
