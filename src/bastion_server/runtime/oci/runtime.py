@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import resource
-import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -506,9 +505,10 @@ class OciRuntime(Runtime):
             **spec.env,
         }
         spec = dataclasses.replace(spec, env=env, cwd=spec.cwd or image.cwd)
-        # A job cgroup for memory/pids limits; the OOM facts at exit (job_limits.py).
+        # A job cgroup for memory/pids limits (named after a persistent job's id, for
+        # a restarted server to find); the OOM facts at exit (job_limits.py).
         fds, on_exit = await job_limits.prepare(
-            Cgroup(self._cgroup(session_id)), f"job_{secrets.token_hex(6)}", spec.limits
+            Cgroup(self._cgroup(session_id)), job_limits.cgroup_name(spec.persist_as), spec.limits
         )
         try:
             return await AgentProcess.start(path, spec, fds, on_exit)
@@ -524,7 +524,11 @@ class OciRuntime(Runtime):
         path = self.socket_path(session_id)
         if not os.path.exists(path):
             raise SandboxNotRunning(f"sandbox {session_id} is not running")
-        return await AgentProcess.attach(path, job_id, stdout_offset, stderr_offset)
+        # Its verdict as the server that started it would have given it.
+        on_exit = job_limits.reattached(
+            Cgroup(self._cgroup(session_id)), job_limits.cgroup_name(job_id)
+        )
+        return await AgentProcess.attach(path, job_id, stdout_offset, stderr_offset, on_exit)
 
     async def processes(self, session_id: str) -> list[SandboxProcess]:
         if not os.path.exists(self.socket_path(session_id)):
