@@ -308,6 +308,23 @@ ctypes.set_errno(0)
 ret = libc.process_vm_readv(1, local, 1, remote, 1, 0)
 r["process_vm_readv of the agent"] = "ok" if ret >= 0 else errno.errorcode.get(
     ctypes.get_errno(), "?")
+# The agent's processes (PID 1, its server, each job's supervisor: forks that never
+# exec, so their command line is the agent's): their memory (to take one over), their
+# descriptors (the host's log file, the spools of jobs, cgroup descriptors from the
+# host) and their environment.
+agents = sorted(
+    int(p) for p in os.listdir("/proc") if p.isdigit()
+    and open(f"/proc/{p}/cmdline", "rb").read().startswith(b"/run/bastion-agent/")
+)
+r["control:agent processes"] = len(agents)
+for i, pid in enumerate(agents[:3]):
+    who = "agent" if pid == 1 else f"agent process {i}"
+    attempt(f"open /proc/<{who}>/mem rw", lambda pid=pid: os.close(
+        os.open(f"/proc/{pid}/mem", os.O_RDWR)))
+    attempt(f"list /proc/<{who}>/fd", lambda pid=pid: [
+        os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")])
+    attempt(f"read /proc/<{who}>/environ", lambda pid=pid: open(
+        f"/proc/{pid}/environ", "rb").read())
 for sig in ("SIGSTOP", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGKILL"):
     attempt("kill agent " + sig, lambda sig=sig: os.kill(1, getattr(signal, sig)))
 time.sleep(0.3)
@@ -354,6 +371,12 @@ ROOT_EXPECTED: dict[str, frozenset[str]] = {
     "socket AF_PACKET": frozenset({"EPERM", "EAFNOSUPPORT"}),
     "socket AF_INET SOCK_RAW": frozenset({"EPERM"}),
     "process_vm_readv of the agent": frozenset({"EPERM"}),
+    "open /proc/<agent>/mem rw": frozenset({"EACCES", "EPERM"}),
+    "list /proc/<agent>/fd": frozenset({"EACCES", "EPERM"}),
+    "read /proc/<agent>/environ": frozenset({"EACCES", "EPERM"}),
+    "open /proc/<agent process 1>/mem rw": frozenset({"EACCES", "EPERM"}),
+    "list /proc/<agent process 1>/fd": frozenset({"EACCES", "EPERM"}),
+    "read /proc/<agent process 1>/environ": frozenset({"EACCES", "EPERM"}),
     # Signals to PID 1 from inside its PID namespace: the kernel drops those PID 1 has
     # no handler for (all of these), so the "ok" of kill(2) changes nothing.
     "kill agent SIGSTOP": frozenset({"ok"}),
@@ -386,6 +409,7 @@ def test_root_probe_runs_as_root_of_the_session(root_probe: tuple[str, dict[str,
     assert got["control:NoNewPrivs"] == "1"
     assert got["control:write own /etc"] == "ok"
     assert got["block devices in /dev"] == []
+    assert got["control:agent processes"] >= 2, got  # PID 1 and the agent's server
 
 
 @pytest.mark.parametrize("attack", sorted(ROOT_EXPECTED))

@@ -2310,6 +2310,14 @@ static long env_long(const char *name, long dflt) {
 }
 
 int main(void) {
+    /* Not dumpable: a root job (root of the same namespace, with the same capabilities)
+     * could otherwise open /proc/<agent>/mem and take the agent over, or reach its
+     * descriptors (the host's log file, the jobs' spools, the cgroup descriptors the
+     * server sends) through /proc/<agent>/fd.  Without CAP_SYS_PTRACE, which no
+     * sandbox holds, nobody inside passes ptrace's access check for a process that is
+     * not dumpable.  Inherited by the agent's forks; a job's exec makes it dumpable. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return 1;
     for (int fd = 0; fd < 3; fd++) /* pipes and sockets must never land on 0-2 */
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
             return 1;
