@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from tests.conftest import ServerProcess
-from tests.security.helpers import run_ok, sh
+from tests.security.helpers import User, run_ok, sh
 
 from bastion import Bastion
 from bastion_server.runtime.idmap import DEFAULT_REGISTRY
@@ -73,7 +73,7 @@ def test_other_host_users_read_no_records_and_no_session_files(
 
 
 def test_a_session_sees_no_host_path_and_no_other_session(
-    client: Bastion, server: ServerProcess
+    client: Bastion, server: ServerProcess, as_user: User
 ) -> None:
     first = client.sessions.create()["session_id"]
     second = client.sessions.create()["session_id"]
@@ -85,7 +85,10 @@ def test_a_session_sees_no_host_path_and_no_other_session(
             second,
             "cat /proc/self/mountinfo /proc/mounts;"
             " cat /sys/block/*/loop/backing_file /sys/devices/virtual/block/*/loop/backing_file"
-            " /sys/class/block/*/loop/backing_file 2>/dev/null; ls -R /sys/block /sys/dev 2>&1",
+            " /sys/class/block/*/loop/backing_file 2>/dev/null; ls -R /sys/block /sys/dev 2>&1;"
+            # every process's descriptors (the agent's stdout is a host file)
+            " ls -l /proc/[0-9]*/fd/ 2>&1; true",
+            user=as_user,
         )
         for secret in (str(server.data_dir), "/var/lib/bastion", "images", first, "disk.img"):
             assert secret not in seen, f"{secret!r} is visible inside a session"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from tests.conftest import KEY_A, KEY_B, ServerProcess
-from tests.security.helpers import py
+from tests.security.helpers import User, py
 
 from bastion import Bastion
 
@@ -110,9 +110,10 @@ def _session(client: Bastion) -> str:
     return sid
 
 
-def _hold(client: Bastion, sid: str, kind: str) -> str:
-    """Start a job that takes all of ``kind`` it can and keeps it; what it reported."""
-    job = client.jobs.run(sid, ["python3", "-c", PROBES + f"\ngrab({kind!r})\n"])
+def _hold(client: Bastion, sid: str, kind: str, user: User) -> str:
+    """Start a job (as ``user``) that takes all of ``kind`` it can and keeps it; what it
+    reported."""
+    job = client.jobs.run(sid, ["python3", "-c", PROBES + f"\ngrab({kind!r})\n"], user=user)
     seen = ""
     with client.jobs.stream(sid, job["job_id"]) as events:
         for event in events:
@@ -125,12 +126,14 @@ def _hold(client: Bastion, sid: str, kind: str) -> str:
 
 @pytest.mark.parametrize("kind", ["inotify", "mqueue", "pipes", "unix_fds"])
 def test_a_session_holding_a_shared_limit_starves_nobody(
-    clients: tuple[Bastion, Bastion], kind: str
+    clients: tuple[Bastion, Bastion], kind: str, as_user: User
 ) -> None:
+    # The holder runs as the sandbox user, then as root of its session (another id,
+    # whose counters the session's user namespace charges all the same).
     a, b = clients
     holder, victim = _session(a), _session(b)
     try:
-        held = _hold(a, holder, kind)
+        held = _hold(a, holder, kind, as_user)
         assert "held" in held and not held.startswith("held 0 "), held
         # Another tenant's session gets its own share in full.
         assert py(b, victim, PROBES + f"\nuse({kind!r})\n").strip() == "ok"
