@@ -8,7 +8,7 @@ sandboxes named by a session id, runs processes in them and exposes their files.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 class SandboxError(Exception):
     """A sandbox operation failed for a reason the caller cannot fix by retrying."""
+
+    #: The error code (a :class:`bastion.wire.ErrorCode` value) the service reports
+    #: this failure with: a kind that says more than the operation's own failure
+    #: (an image no machine holds, say) sets it.  None: the operation's code
+    #: (``session_start_failed`` for a create or a start...).
+    code: str | None = None
 
 
 class SandboxNotRunning(SandboxError):
@@ -185,11 +191,17 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None = None,
+        layers: Sequence[str] = (),
     ) -> None:
         """Allocate the sandbox's storage (of ``limits.disk_mb``) over ``image`` (None:
         the runtime's default image), and record the image for every later start;
-        nothing runs yet."""
+        nothing runs yet.  With ``layers`` (snapshots, top first) its files are those
+        snapshots' from the start, as after :meth:`set_layers` (a runtime of several
+        machines creates it on the one that holds them)."""
 
     def image_of(self, session_id: str) -> SandboxImage | None:
         """The image a sandbox was created from (None: a runtime without images)."""
@@ -233,6 +245,11 @@ class Runtime(abc.ABC):
         as snapshot ``snapshot_id``: whole or not at all, across a crash too.  A running
         sandbox is frozen for the copy, so no write is torn.  Returns its size in bytes."""
         raise SandboxError(f"the {self.name} runtime cannot snapshot a sandbox")
+
+    async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:  # noqa: B027
+        """Raise SandboxError if :meth:`set_layers` would refuse ``layers`` for this
+        sandbox for a reason known now (a snapshot on another machine than the
+        sandbox): asked before a restore stops the session.  Nothing by default."""
 
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         """Make a stopped (or created) sandbox's files those of the snapshots
@@ -306,6 +323,12 @@ class Runtime(abc.ABC):
         """Give a sandbox started ahead, then handed over, its session's network (None
         or not enabled: none); SandboxNotRunning if it does not run any more."""
         raise SandboxError(f"the {self.name} runtime cannot hand a sandbox over")
+
+    async def adopt_placements(self, nodes: Mapping[str, str]) -> None:  # noqa: B027
+        """Take the machine recorded for each session (the store's ``node``) when the
+        server starts, before it reconciles: a runtime of several machines routes by
+        it, and reports the sessions of a machine that is gone as lost.  Nothing to do
+        for one that runs everything where it is."""
 
     def node_of(self, session_id: str) -> str | None:
         """The name of the machine that holds the sandbox, for a runtime of several

@@ -23,7 +23,7 @@ import shutil
 import signal as signals
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -308,8 +308,7 @@ class FakeRuntime(Runtime):
 
     def fail(self, operation: str, error: SandboxError | None = None) -> None:
         """The next call of ``operation`` ("create", "start", "stop", "delete", "exec",
-        "pause", "resume")
-        raises ``error`` instead of doing anything."""
+        "pause", "resume", "check_layers", ...) raises ``error`` instead of doing anything."""
         self._faults[operation] = error or SandboxError(f"injected failure of {operation}")
 
     def crash(self, session_id: str) -> None:
@@ -353,7 +352,11 @@ class FakeRuntime(Runtime):
             shutil.rmtree(self.root, ignore_errors=True)
 
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None = None,
+        layers: Sequence[str] = (),
     ) -> None:
         self._enter("create", session_id)
         if image is not None:
@@ -363,6 +366,8 @@ class FakeRuntime(Runtime):
         root = self.root / session_id
         _empty_root(root)
         self.sandboxes[session_id] = FakeSandbox(root, limits)
+        if layers:
+            await self._copy_layers(self.sandboxes[session_id], layers)
 
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
@@ -410,11 +415,18 @@ class FakeRuntime(Runtime):
         await asyncio.to_thread(shutil.copytree, sandbox.root, target, symlinks=True)
         return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 
+    async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
+        self._enter("check_layers", session_id)
+
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         self._enter("set_layers", session_id)
         sandbox = self._sandbox(session_id)
         if sandbox.running:
             raise SandboxError(f"sandbox {session_id} is running: stop it first")
+        await self._copy_layers(sandbox, layers)
+
+    async def _copy_layers(self, sandbox: FakeSandbox, layers: Sequence[str]) -> None:
+        """The sandbox's files become the top snapshot's copy (none: empty again)."""
         if not all(self._snapshot_dir(name).is_dir() for name in layers):
             raise SandboxError(f"a snapshot of {layers} is missing")
         await asyncio.to_thread(shutil.rmtree, sandbox.root)

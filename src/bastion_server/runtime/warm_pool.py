@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion_server.runtime.base import (
@@ -159,14 +160,18 @@ class WarmPool(Runtime):
         await self.inner.close()
 
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None = None,
+        layers: Sequence[str] = (),
     ) -> None:
         image = image or self.image
         pool = self._pools.get(pool_key(image))
-        if limits == self.limits and pool:
+        if limits == self.limits and pool and not layers:  # a pool's runs the image alone
             await self._claim(session_id, pool, image)
             return
-        await self.inner.create(session_id, limits, image)
+        await self.inner.create(session_id, limits, image, layers)
 
     def image_of(self, session_id: str) -> SandboxImage | None:
         return self.inner.image_of(session_id)
@@ -205,6 +210,9 @@ class WarmPool(Runtime):
 
     async def capture(self, session_id: str, snapshot_id: str) -> int:
         return await self.inner.capture(session_id, snapshot_id)
+
+    async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
+        await self.inner.check_layers(session_id, layers)
 
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         if session_id in self._prestarted:  # a pool's sandbox: running over the image

@@ -186,7 +186,11 @@ class OciRuntime(Runtime):
     # -- lifecycle ------------------------------------------------------------------
 
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None = None,
+        layers: Sequence[str] = (),
     ) -> None:
         image = image or self.image
         base = self._dir(session_id)
@@ -197,6 +201,8 @@ class OciRuntime(Runtime):
         # nothing from anyone else.  Its root belongs to the sandbox's root.
         faults.point("create.before_mkfs")
         await storage.mkfs(base / storage.DISK, self.id_range(session_id))
+        if layers:
+            await asyncio.to_thread(self._set_layers, base, list(layers))
 
     def image_of(self, session_id: str) -> SandboxImage:
         """The image a session was created from (the default image for a session made
