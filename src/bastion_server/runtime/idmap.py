@@ -242,11 +242,13 @@ class UserNamespace:
 
     def close(self) -> None:
         if self._proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
             self._proc.kill()
         self._proc.wait()
+        # Closed whether or not the holder had exited by itself (then the pipe's file
+        # object would be left to the garbage collector: a ResourceWarning).
+        assert self._proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
 
 
 def idmapped_tree(path: str, userns_fd: int) -> int:
