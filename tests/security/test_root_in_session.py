@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import IMAGES_DIR, ServerProcess
-from tests.security.helpers import Sessions, py, run_ok
+from tests.security.helpers import Sessions, py, run_ok, run_status
 
 from bastion import Bastion
 
@@ -448,3 +448,28 @@ def test_a_setuid_file_root_made_gives_the_user_nothing(
     # ... but no new privileges: run by the sandbox user it stays the sandbox user.
     assert run_ok(client, sid, ["/tmp/id-suid", "-u"]).strip() == "1000"
     assert run_ok(client, sid, ["/tmp/id-suid", "-u"], user="root").strip() == "0"  # control
+
+
+def test_root_killing_the_agent_stops_its_own_session_only(
+    client: Bastion, sessions: Sessions
+) -> None:
+    # PID 1 ignores signals from inside (above), but the agent's server is an ordinary
+    # process of the session's root: root may kill it, which ends the sandbox.  That is
+    # the session's own loss: it is reported stopped, with why, starts again with its
+    # files, and no other session notices.
+    sid, other = sessions.new(), sessions.new()
+    run_ok(client, sid, ["sh", "-c", "echo kept > /home/user/kept.txt"])
+    kill = "for p in $(pgrep -f /run/bastion-agent/); do [ $p = 1 ] || kill -9 $p; done"
+    code, _, err = run_status(client, sid, ["sh", "-c", kill], user="root")
+    assert code is None and "went away" in err, (code, err)  # its own job went with it
+    # The next job finds no agent, and the server records the sandbox as gone.
+    code, _, err = run_status(client, sid, ["true"])
+    assert code is None and ("unreachable" in err or "went away" in err), (code, err)
+    deadline = time.monotonic() + 15
+    while (info := client.sessions.get(sid))["status"] != "stopped":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    assert "exited unexpectedly" in (info["status_reason"] or ""), info
+    assert run_ok(client, other, ["echo", "fine"]) == "fine\n"
+    client.sessions.start(sid)
+    assert run_ok(client, sid, ["cat", "/home/user/kept.txt"]) == "kept\n"
