@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from tests.conftest import IMAGES_DIR, ServerProcess
 from tests.security.helpers import Sessions, py, run_ok, run_status
@@ -93,7 +94,9 @@ def swap_agent_socket_for_link(client: Bastion, sid: str, target: str) -> None:
     assert f"-> {target}" in listing, listing  # control: the link is in place
 
 
-def fresh_agent_connections(client: Bastion, sid: str, argv: list[str]) -> list[str]:
+def fresh_agent_connections(
+    client: Bastion, sid: str, argv: list[str], wait: float = 30
+) -> list[str]:
     """Run ``argv`` so that the server connects to the agent anew: jobs with limits of
     their own (their cgroup goes with the request, on a connection of its own), and
     more at once than the idle connections kept.  Each job's outcome."""
@@ -102,7 +105,7 @@ def fresh_agent_connections(client: Bastion, sid: str, argv: list[str]) -> list[
     outcomes = []
     for job in jobs:
         try:
-            outcomes.append(client.jobs.wait(sid, job["job_id"], timeout=30)["status"])
+            outcomes.append(client.jobs.wait(sid, job["job_id"], timeout=wait)["status"])
         except Exception as exc:
             outcomes.append(type(exc).__name__)
     return outcomes
@@ -473,3 +476,43 @@ def test_root_killing_the_agent_stops_its_own_session_only(
     assert run_ok(client, other, ["echo", "fine"]) == "fine\n"
     client.sessions.start(sid)
     assert run_ok(client, sid, ["cat", "/home/user/kept.txt"]) == "kept\n"
+
+
+# A fake agent root may put in the real one's place: to every connection it answers a
+# frame that announces 2 GiB, or one of garbage, and hangs up.
+FAKE_AGENT = r"""
+import os, socket, struct
+path = "/run/bastion/agent.sock"
+os.unlink(path)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen(16)
+print("listening", flush=True)
+n = 0
+while True:
+    conn, _ = listener.accept()
+    n += 1
+    if n % 2:
+        conn.sendall(b"J" + struct.pack(">I", 2**31))
+    else:
+        conn.sendall(b"J" + struct.pack(">I", 9) + b"not json!")
+    conn.close()
+"""
+
+
+def test_a_fake_agent_put_in_place_by_root_fails_its_own_jobs_only(
+    client: Bastion, sessions: Sessions, server: ServerProcess
+) -> None:
+    sid, other = sessions.new(), sessions.new()
+    fake = client.jobs.run(sid, ["python3", "-c", FAKE_AGENT], user="root", timeout=60)
+    with client.jobs.stream(sid, fake["job_id"]) as events:
+        for event in events:
+            if "listening" in str(event.get("data", "")):
+                break
+    started = time.monotonic()
+    outcomes = fresh_agent_connections(client, sid, ["echo", "hello"], wait=20)
+    # No job "succeeds" against the fake; the server answers and stays small.
+    assert "completed" not in outcomes[:3], outcomes
+    assert time.monotonic() - started < 60, outcomes
+    assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+    assert run_ok(client, other, ["echo", "fine"]) == "fine\n"
