@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from bastion_server.cluster.gateway_runtime import ClusterRuntime, Node, NodeLost
+from bastion.wire import ErrorCode
+from bastion_server.cluster.gateway_runtime import (
+    ClusterRuntime,
+    ImageOnNoReadyNode,
+    Node,
+    NodeLost,
+    SnapshotOnAnotherNode,
+)
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import SandboxError, SandboxLimits
 from bastion_server.runtime.sandbox_image import SandboxImage
@@ -70,12 +77,10 @@ def test_a_session_given_a_snapshot_of_another_node_is_made_there(tmp_path: Path
         await rt.create("ses_src", LIMITS)  # b: the emptiest
         b.sessions = 9
         await rt.capture("ses_src", "snap_1")  # on b
-        await rt.create("ses_copy", LIMITS)  # a, by load
-        assert rt.node_of("ses_copy") == "a"
-        await rt.set_layers("ses_copy", ["snap_1"])
+        await rt.create("ses_copy", LIMITS, None, ["snap_1"])  # a by load, b by snapshot
         assert rt.node_of("ses_copy") == "b"
-        assert methods(a) == ["create", "delete"]
-        assert methods(b)[-2:] == ["create", "set_layers"]
+        assert methods(a) == []  # nothing made there first
+        assert b.calls[-1] == ("create", "ses_copy", LIMITS, None, False, ["snap_1"])
 
     run(test)
 
@@ -88,9 +93,13 @@ def test_a_session_that_ran_takes_only_a_snapshot_of_its_node(tmp_path: Path) ->
         await rt.create("ses_1", LIMITS)  # a
         await rt.start("ses_1", LIMITS)
         rt._snapshots["snap_b"] = "b"
-        with pytest.raises(SandboxError, match="only take a snapshot of its own node"):
-            await rt.set_layers("ses_1", ["snap_b"])
-        assert "delete" not in methods(a)
+        for refusal in (rt.check_layers, rt.set_layers):
+            with pytest.raises(SnapshotOnAnotherNode, match="only take a snapshot of its own"):
+                await refusal("ses_1", ["snap_b"])
+        assert methods(a) == ["create", "start"] and methods(b) == []
+        assert SnapshotOnAnotherNode.code == ErrorCode.SNAPSHOT_STATE
+        rt._snapshots["snap_a"] = "a"
+        await rt.check_layers("ses_1", ["snap_a"])
 
     run(test)
 
@@ -119,8 +128,9 @@ def test_a_session_of_an_image_goes_to_a_node_that_holds_it(tmp_path: Path) -> N
         await rt.create("ses_1", LIMITS, TOOLS)
         assert rt.node_of("ses_1") == "b"
         a.images = b.images = ()
-        with pytest.raises(SandboxError, match=r"holds image 'tools' \(sha256:tools\)"):
+        with pytest.raises(ImageOnNoReadyNode, match=r"holds image 'tools' \(sha256:tools\)"):
             await rt.create("ses_2", LIMITS, TOOLS)
+        assert ImageOnNoReadyNode.code == ErrorCode.IMAGE_STATE
 
     run(test)
 
@@ -133,10 +143,52 @@ def test_an_image_build_runs_on_the_gateways_own_node(tmp_path: Path) -> None:
         rt.private.add("build_1")
         await rt.create("build_1", LIMITS)
         assert rt.node_of("build_1") == "head"
-        assert head.calls[-1] == ("create", "build_1", LIMITS, None, True)
+        assert head.calls[-1] == ("create", "build_1", LIMITS, None, True, [])
         rt.nodes["head"].ready = False
         rt.private.add("build_2")
         with pytest.raises(SandboxError, match="gateway's own node"):
             await rt.create("build_2", LIMITS)
 
     run(test)
+
+
+def test_the_stores_nodes_route_and_a_node_gone_since_has_its_sessions_lost(
+    tmp_path: Path,
+) -> None:
+    a, b = Agent(), Agent()
+    rt = cluster(tmp_path, a=a, b=b)
+    rt._where = {"ses_a": "a", "ses_moved": "b"}  # what the agents listed at the join
+    lost: list[tuple[str, str]] = []
+
+    async def listener(session_id: str, reason: str) -> None:
+        lost.append((session_id, reason))
+
+    rt.lost_listeners.append(listener)
+
+    async def test() -> None:
+        await rt.adopt_placements(
+            {"ses_a": "a", "ses_moved": "a", "ses_quiet": "b", "ses_gone": "c", "ses_gone2": "c"}
+        )
+        assert lost == [
+            ("ses_gone", "lost: its node c left the cluster"),
+            ("ses_gone2", "lost: its node c left the cluster"),
+        ]
+        assert rt.node_of("ses_moved") == "b"  # the agent has its sandbox
+        assert rt.node_of("ses_quiet") == "b"  # no agent listed it: the store's word
+        assert rt.node_of("ses_gone") is None
+        await rt.stop("ses_quiet")
+        assert methods(b) == ["stop"]
+        await rt._lose("b")  # b dies: its sessions are found through the store's column too
+        assert [sid for sid, _ in lost[2:]] == ["ses_moved", "ses_quiet"]
+
+    run(test)
+
+
+def test_an_agent_that_reports_a_session_elsewhere_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = cluster(tmp_path, a=Agent())
+    rt._where["ses_1"] = "a"
+    rt._reported("ses_1", "b")
+    assert rt.node_of("ses_1") == "b"
+    assert "session found on another node than recorded" in caplog.text

@@ -262,3 +262,43 @@ def test_deleting_a_snapshot_being_made_is_refused(run: Run) -> None:
         )
 
     run(body)
+
+
+class _OnAnotherNode(SandboxError):
+    code = ErrorCode.SNAPSHOT_STATE
+
+
+def test_a_restore_the_runtime_refuses_leaves_the_session_running(
+    run: Run, runtime: FakeRuntime
+) -> None:
+    async def body(s: Services) -> None:
+        sid = await _running(s)
+        snap = await s.snapshots.snapshot(OWNER, sid)
+        job = await s.jobs.run(OWNER, sid, ["sleep", "60"])
+        async with asyncio.timeout(5):
+            while s.jobs.get(OWNER, sid, job.id).status != "running":
+                await asyncio.sleep(0.01)
+        runtime.fail("check_layers", _OnAnotherNode("snapshot on the node b, session on a"))
+        with pytest.raises(ServiceError) as caught:
+            await s.snapshots.restore(OWNER, sid, snap.id)
+        assert caught.value.code == ErrorCode.SNAPSHOT_STATE
+        assert "snapshot on the node b, session on a" in caught.value.message
+        assert s.sessions.get(OWNER, sid).status == SessionStatus.RUNNING
+        assert ("stop", sid) not in runtime.calls
+        assert s.jobs.get(OWNER, sid, job.id).status == "running"
+
+    run(body)
+
+
+def test_a_session_from_a_snapshot_is_created_with_its_layers(
+    run: Run, runtime: FakeRuntime
+) -> None:
+    """One create, given the layers (a cluster places it by them), no set_layers after."""
+
+    async def body(s: Services) -> None:
+        sid = await _running(s)
+        snap = await s.snapshots.snapshot(OWNER, sid)
+        copy = await s.snapshots.create_session(OWNER, snap.id)
+        assert [c for c in runtime.calls if c[1] == copy.id] == [("create", copy.id)]
+
+    run(body)

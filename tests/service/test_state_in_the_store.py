@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,3 +204,29 @@ def test_a_second_server_on_the_store_leaves_the_first_ones_sessions_alone(
             await a.close()
 
     assert asyncio.run(main()) == (SessionStatus.RUNNING, SessionStatus.CREATED)
+
+
+def test_a_restart_gives_the_runtime_each_sessions_recorded_node(
+    config: ServerConfig, runtime: FakeRuntime
+) -> None:
+    class Placing(FakeRuntime):
+        adopted: dict[str, str] | None = None
+
+        async def adopt_placements(self, nodes: Mapping[str, str]) -> None:
+            self.adopted = dict(nodes)
+
+    async def main() -> None:
+        named = replace(config, node_name="node-a")
+        s = await Services.start(named, runtime)
+        try:
+            kept = await _running(s)
+            gone = await s.sessions.create(OWNER)
+            await s.sessions.delete(OWNER, gone.id)
+        finally:
+            await s.close()
+        placing = Placing(runtime.root)
+        s = await Services.start(named, placing)  # a new server over the same store
+        await s.close()
+        assert placing.adopted == {kept: "node-a"}  # the deleted one is nowhere
+
+    asyncio.run(main())

@@ -7,13 +7,17 @@ node (:mod:`.placement`) and forwards each call about a session to the agent of 
 node that holds it, over Ray; the bytes of jobs and terminals go over the
 :mod:`.data_plane`, never through Ray's object store.
 
-Where a session is, is the node agents' to say: at start (and whenever a node
-joins) the gateway asks each agent which sandboxes it has, so a restarted gateway
-finds every session again.  A watcher polls Ray's view of the nodes; a node that
-Ray declares dead has each of its sessions reported to :attr:`lost_listeners`.
+Where a session is, is recorded in the store (its ``node``), which a restarted
+gateway takes up (:meth:`ClusterRuntime.adopt_placements`); at start (and whenever a
+node joins) the gateway also asks each agent which sandboxes it has, and logs where
+an agent and the store disagree (the agent, which has the sandbox, is followed).  A
+watcher polls Ray's view of the nodes; a node that Ray declares dead, or that a
+restarted gateway finds gone, has each of its sessions reported to
+:attr:`lost_listeners`.
 
 A snapshot lives on the node of the session it was taken of: a session made from one
-goes to that node, and a restore only takes a snapshot of the session's own node.
+is created on that node, and a restore only takes a snapshot of the session's own
+node (refused before the session is stopped: :meth:`ClusterRuntime.check_layers`).
 Jobs are started persistent on their nodes, so a restarted gateway takes them up
 again (:meth:`ClusterRuntime.attach`).  An image build's sandbox runs on the
 gateway's own node, whose images directory the gateway shares: the built layer is
@@ -28,15 +32,16 @@ import dataclasses
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bastion.wire import ErrorCode
 from bastion_server.cluster import data_plane
 from bastion_server.cluster.data_plane import attach_process, open_process
 from bastion_server.cluster.node_agent import NAMESPACE, NodeAgent, actor_name, node_name
-from bastion_server.cluster.placement import NoCapacity, NodeLoad, choose_node
+from bastion_server.cluster.placement import ImageOnNoNode, NoCapacity, NodeLoad, choose_node
 from bastion_server.cluster.remote_files import RemoteFiles
 from bastion_server.config import ServerConfig
 from bastion_server.runtime.base import (
@@ -78,6 +83,18 @@ LostListener = Callable[[str, str], Awaitable[None]]
 
 class NodeLost(SandboxError):
     """The session's node has left the cluster (its agent and sandboxes are gone)."""
+
+
+class ImageOnNoReadyNode(SandboxError):
+    """No ready node holds the session's image: the image cannot be used here now."""
+
+    code = ErrorCode.IMAGE_STATE
+
+
+class SnapshotOnAnotherNode(SandboxError):
+    """A session that ran can only be given a snapshot of its own node."""
+
+    code = ErrorCode.SNAPSHOT_STATE
 
 
 def cluster_secret(data_dir: Path) -> bytes:
@@ -168,15 +185,13 @@ class ClusterRuntime(Runtime):
         self.config = config
         self.secret = b""
         self.nodes: dict[str, Node] = {}
-        #: The node of each session, as the node agents report them.
+        #: The node of each session: as recorded in the store (adopt_placements) and
+        #: as the node agents report them.
         self._where: dict[str, str] = {}
         #: Sessions being placed on each node right now (counted as its load).
         self._placing: dict[str, int] = {}
         #: The node of each snapshot (where the session it was taken of ran).
         self._snapshots: dict[str, str] = {}
-        #: What each session not started yet was created with (to make it again on
-        #: the node of the snapshot it is then given).
-        self._made: dict[str, tuple[SandboxLimits, SandboxImage | None]] = {}
         #: Sandboxes of the server's own (image builds): on the gateway's own node.
         self.private: set[str] = set()
         #: The Ray id of the node the gateway runs on.
@@ -232,7 +247,7 @@ class ClusterRuntime(Runtime):
             alive[name] = info
         for name, node in list(self.nodes.items()):
             if node.alive and (name not in alive or alive[name]["NodeID"] != node.ray_id):
-                await self._lose(node)
+                await self._lose(name)
         joined = False
         for name, info in alive.items():
             known = self.nodes.get(name)
@@ -272,7 +287,7 @@ class ClusterRuntime(Runtime):
             self._homes.add(info["home"])
             if node.ready:
                 for session_id in await actor.list_sandboxes.remote():
-                    self._where[session_id] = name
+                    self._reported(session_id, name)
                 for snapshot_id in await actor.snapshot_ids.remote():
                     self._snapshots[snapshot_id] = name
         except Exception as exc:
@@ -282,13 +297,46 @@ class ClusterRuntime(Runtime):
             extra={"node": name, "ready": node.ready, "error": node.error, "ray_id": ray_id},
         )
 
-    async def _lose(self, node: Node) -> None:
-        node.alive = node.ready = False
-        lost = [sid for sid, where in self._where.items() if where == node.name]
-        log.error("node lost", extra={"node": node.name, "sessions": len(lost)})
+    def _reported(self, session_id: str, name: str) -> None:
+        """An agent has the session's sandbox on node ``name``: it is routed there (the
+        sandbox is there), and a disagreement with what was known is logged."""
+        known = self._where.get(session_id)
+        if known is not None and known != name:
+            log.warning(
+                "session found on another node than recorded",
+                extra={"session_id": session_id, "recorded": known, "reported": name},
+            )
+        self._where[session_id] = name
+
+    async def adopt_placements(self, nodes: Mapping[str, str]) -> None:
+        """The store's node for each session (the gateway's start, after joining the
+        cluster): a session no agent reported goes by it, one an agent reported on
+        another node by the agent (logged); the sessions of each node no longer in
+        the cluster are reported lost, as if it had died while this gateway ran."""
+        for session_id, recorded in nodes.items():
+            reported = self._where.get(session_id)
+            if reported is None:
+                self._where[session_id] = recorded
+            elif reported != recorded:
+                log.warning(
+                    "session found on another node than recorded",
+                    extra={"session_id": session_id, "recorded": recorded, "reported": reported},
+                )
+        gone = {n for n in self._where.values() if n not in self.nodes or not self.nodes[n].alive}
+        for name in sorted(gone):
+            await self._lose(name)
+
+    async def _lose(self, name: str) -> None:
+        """Node ``name`` left the cluster (or was gone before this gateway started):
+        each session placed on it is reported to the lost listeners."""
+        node = self.nodes.get(name)
+        if node is not None:
+            node.alive = node.ready = False
+        lost = [sid for sid, where in self._where.items() if where == name]
+        log.error("node lost", extra={"node": name, "sessions": len(lost)})
         for session_id in lost:
             del self._where[session_id]
-        reason = f"lost: its node {node.name} left the cluster"
+        reason = f"lost: its node {name} left the cluster"
         for session_id in lost:
             for listener in self.lost_listeners:
                 try:
@@ -387,8 +435,19 @@ class ClusterRuntime(Runtime):
     # -- the Runtime ---------------------------------------------------------------
 
     async def create(
-        self, session_id: str, limits: SandboxLimits, image: SandboxImage | None = None
+        self,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None = None,
+        layers: Sequence[str] = (),
     ) -> None:
+        """Place the session (see :mod:`.placement`), or with ``layers`` make it on
+        the node that holds the snapshots (no other can give it their files)."""
+        if layers:
+            holder = self._snapshot_node(layers[0])
+            await self._create_on(holder, session_id, limits, image, layers)
+            log.info("session placed", extra={"session_id": session_id, "node": holder.name})
+            return
         private = session_id in self.private
         loads = await self.loads()
         if private:  # an image build: its layer is stored where the gateway is
@@ -399,19 +458,24 @@ class ClusterRuntime(Runtime):
             name = choose_node(loads, limits.memory_mb, wanted)
         except NoCapacity as exc:
             where = " (an image build runs on the gateway's own node)" if private else ""
-            raise SandboxError(f"{exc}{where}") from exc
+            kind = ImageOnNoReadyNode if isinstance(exc, ImageOnNoNode) else SandboxError
+            raise kind(f"{exc}{where}") from exc
         await self._create_on(self.nodes[name], session_id, limits, image)
         log.info("session placed", extra={"session_id": session_id, "node": name})
 
     async def _create_on(
-        self, node: Node, session_id: str, limits: SandboxLimits, image: SandboxImage | None
+        self,
+        node: Node,
+        session_id: str,
+        limits: SandboxLimits,
+        image: SandboxImage | None,
+        layers: Sequence[str] = (),
     ) -> None:
         private = session_id in self.private
         self._placing[node.name] = self._placing.get(node.name, 0) + 1
         try:
             self._where[session_id] = node.name
-            await self._call(node, "create", session_id, limits, image, private)
-            self._made[session_id] = (limits, image)
+            await self._call(node, "create", session_id, limits, image, private, list(layers))
         except BaseException:
             self._where.pop(session_id, None)
             raise
@@ -421,7 +485,6 @@ class ClusterRuntime(Runtime):
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
     ) -> None:
-        self._made.pop(session_id, None)
         await self._call(self._live_node(session_id), "start", session_id, limits, network)
 
     async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
@@ -434,7 +497,6 @@ class ClusterRuntime(Runtime):
         await self._call(node, "stop", session_id)
 
     async def delete(self, session_id: str) -> None:
-        self._made.pop(session_id, None)
         node = self._node(session_id)
         if node is None or not node.alive:
             self._where.pop(session_id, None)
@@ -473,26 +535,23 @@ class ClusterRuntime(Runtime):
             )
         return node
 
-    async def set_layers(self, session_id: str, layers: list[str]) -> None:
-        """The session's files become the snapshots' (see Runtime.set_layers), on the
-        node that holds them: a session created a moment ago elsewhere is made again
-        there (nothing of it ran yet); one that ran stays where it is, and can only be
-        given a snapshot of its own node."""
+    async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
+        """A session stays on its node: it can only be given a snapshot of that node
+        (refused here, before a restore stops it)."""
         node = self._live_node(session_id)
         holder = self._snapshot_node(layers[0]) if layers else node
         if holder is not node:
-            made = self._made.get(session_id)
-            if made is None:
-                raise SandboxError(
-                    f"snapshot {layers[0]} is on the node {holder.name} and session "
-                    f"{session_id} on {node.name}: a session can only take a snapshot of "
-                    "its own node (start a new session from it instead)"
-                )
-            await self._call(node, "delete", session_id)
-            self._where.pop(session_id, None)
-            await self._create_on(holder, session_id, *made)
-            log.info("session moved to its snapshot's node", extra={"node": holder.name})
-        await self._call(holder, "set_layers", session_id, layers)
+            raise SnapshotOnAnotherNode(
+                f"snapshot {layers[0]} is on the node {holder.name} and session "
+                f"{session_id} on {node.name}: a session can only take a snapshot of its "
+                "own node (start a new session from it instead)"
+            )
+
+    async def set_layers(self, session_id: str, layers: list[str]) -> None:
+        """The session's files become the snapshots' (see Runtime.set_layers), on its
+        node, which must hold them (:meth:`check_layers`)."""
+        await self.check_layers(session_id, layers)
+        await self._call(self._live_node(session_id), "set_layers", session_id, layers)
 
     async def remove_snapshot(self, snapshot_id: str) -> None:
         """Remove the snapshot's layer on its node; a node away keeps it (an error: the

@@ -193,8 +193,10 @@ class NodeAgent:
         limits: SandboxLimits,
         image: SandboxImage | None,
         private: bool = False,
+        layers: list[str] | None = None,
     ) -> None:
-        """Create the sandbox over this node's own copy of ``image`` (by digest);
+        """Create the sandbox over this node's own copy of ``image`` (by digest), with
+        the files of the snapshots ``layers`` (kept on this node; see Runtime.create);
         ``private``: a sandbox of the server's own (an image build), never a session's."""
         runtime = self._rt()
         if image is not None:
@@ -202,7 +204,7 @@ class NodeAgent:
         if private:
             self._private(runtime).add(session_id)
         try:
-            await self._on_loop(runtime.create(session_id, limits, image))
+            await self._on_loop(runtime.create(session_id, limits, image, layers or ()))
         except BaseException:
             if private:
                 self._private(runtime).discard(session_id)

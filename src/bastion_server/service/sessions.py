@@ -95,6 +95,12 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def sandbox_failure(exc: SandboxError, code: ErrorCode, message: str) -> ServiceError:
+    """``message`` as a ServiceError of the code the runtime gave the failure (an image
+    no node holds: ``image_state``...), else of ``code``, the operation's own."""
+    return ServiceError(ErrorCode(exc.code) if exc.code else code, message)
+
+
 class StaleStatus(ServiceError):
     """A transition decided from a status the session no longer has: another process
     changed it meanwhile.  Nothing was written."""
@@ -376,18 +382,16 @@ class SessionService:
                     record.id,
                     SandboxLimits(**record.limits),
                     image.sandbox if image is not None else None,
+                    list(layers) if snapshot is not None else (),
                 )
-                if snapshot is not None:
-                    await self.runtime.set_layers(record.id, list(layers))
                 faults.point("create.after_storage")
                 record.node = self.runtime.node_of(record.id) or self.node
                 record.sandbox = self.runtime.sandbox_ref(record.id)
             except BaseException as exc:
                 await self._roll_back_create(record.id)
                 if isinstance(exc, SandboxError):
-                    raise ServiceError(
-                        ErrorCode.SESSION_START_FAILED, f"could not allocate the session: {exc}"
-                    ) from exc
+                    message = f"could not allocate the session: {exc}"
+                    raise sandbox_failure(exc, ErrorCode.SESSION_START_FAILED, message) from exc
                 raise
             record.status, record.updated_at = SessionStatus.CREATED, now_iso()
             record.last_active_at = time.time()
@@ -474,7 +478,8 @@ class SessionService:
             )
         except SandboxError as exc:
             log.error("session start failed", extra={"session_id": session_id, "error": str(exc)})
-            raise ServiceError(
+            raise sandbox_failure(
+                exc,
                 ErrorCode.SESSION_START_FAILED,
                 f"the sandbox of session {session_id!r} failed to start: {exc}",
             ) from exc
@@ -552,8 +557,8 @@ class SessionService:
             try:
                 await step(session_id)
             except SandboxError as exc:
-                raise ServiceError(
-                    ErrorCode.SESSION_STATE, f"cannot {action} session {session_id!r}: {exc}"
+                raise sandbox_failure(
+                    exc, ErrorCode.SESSION_STATE, f"cannot {action} session {session_id!r}: {exc}"
                 ) from exc
             now = time.monotonic()
             if action == "pause":
@@ -583,21 +588,32 @@ class SessionService:
     ) -> SessionRecord:
         """Reset a session's files to snapshot ``snapshot_id`` (``layers``, top first):
         a running or paused one is stopped (its jobs and terminals end, as at a stop),
-        given the snapshot's files and started again; another keeps its state."""
+        given the snapshot's files and started again; another keeps its state.  One the
+        runtime refuses the layers for (``check_layers``: a snapshot on another node)
+        is left as it was, not stopped."""
         async with self.locks.hold(session_id):
             record = self.get(owner, session_id)
             self._check_transition(record, "restore")
             was_up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
+
+            def refused(exc: SandboxError) -> ServiceError:
+                return sandbox_failure(
+                    exc,
+                    ErrorCode.SESSION_START_FAILED,
+                    f"session {session_id!r} could not be given snapshot {snapshot_id!r}'s "
+                    f"files: {exc}",
+                )
+
+            try:
+                await self.runtime.check_layers(session_id, list(layers))
+            except SandboxError as exc:
+                raise refused(exc) from exc
             if was_up:
                 await self._stop_locked(record, "restored to a snapshot")
             try:
                 await self.runtime.set_layers(session_id, list(layers))
             except SandboxError as exc:
-                raise ServiceError(
-                    ErrorCode.SESSION_START_FAILED,
-                    f"session {session_id!r} could not be given snapshot {snapshot_id!r}'s "
-                    f"files: {exc}",
-                ) from exc
+                raise refused(exc) from exc
             self.store.set_session_snapshot(session_id, snapshot_id)
             record.snapshot = snapshot_id
             if was_up:
@@ -777,13 +793,18 @@ class SessionService:
         A session recorded as running whose sandbox still runs is adopted, once its
         network (rules and helper) is checked against its recorded policy and put back
         where missing: one whose network cannot be restored is stopped, never left
-        running open.  One whose sandbox is gone is marked stopped (its files are kept).
+        running open.  One whose sandbox is gone is marked stopped (its files are kept),
+        or lost with its machine (a cluster's node gone: ``Runtime.adopt_placements``).
         A sandbox running for a session recorded as stopped is stopped; one that no live
         record owns is removed.  A create the crash cut short is rolled back (the
         session is not there), and a delete it cut short is finished.
         """
         for record in filter(self.owns, self.store.list_creating_sessions()):
             await self._roll_back_create(record.id)  # cut short by the crash: not made
+        # Where each session is, as recorded: a cluster's sessions of a node gone since
+        # are reported lost (sandbox_lost) here, before they could be taken for stopped.
+        owned = filter(self.owns, self.store.list_sessions())
+        await self.runtime.adopt_placements({r.id: r.node for r in owned if r.node is not None})
         running_now = await self.runtime.running_sandboxes()
         started = await self.runtime.started_sandboxes()
         for record in filter(self.owns, self.store.list_sessions()):
