@@ -162,3 +162,109 @@ def test_without_a_pool_every_create_is_the_backends(inner: HandingOver) -> None
         await pool.close()
 
     asyncio.run(run())
+
+
+# Standbys: a restore of a running session (stop, set_layers, start, in one task, as
+# service/sessions.py's restore does them) to the snapshot of its last restore.
+
+BIG = dataclasses.replace(LIMITS, memory_mb=2048)
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file()}
+
+
+async def _restore(pool: WarmPool, sid: str, layers: list[str], network: NetworkPolicy) -> None:
+    await pool.stop(sid)
+    await pool.set_layers(sid, layers)
+    await pool.start(sid, BIG, network)
+
+
+async def _trash_removed(pool: WarmPool) -> None:
+    for _ in range(100):
+        if not pool._trash:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"old sandboxes not removed: {pool._trash}")
+
+
+def test_a_restore_to_the_same_snapshot_takes_its_standby(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        network = NetworkPolicy(enabled=True, allow=())
+        await pool.create("s6", BIG, IMAGE)
+        await pool.start("s6", BIG, network)
+        (inner.sandboxes["s6"].root / "home" / "user" / "state").write_text("snapshot")
+        await pool.capture("s6", "snap1")
+        expected = _files(inner.sandboxes["s6"].root)
+        await _restore(pool, "s6", ["snap1"], network)  # the first: cold, keeps a standby
+        for _ in range(2):
+            standby = pool._standbys["s6"]
+            assert await standby.ready
+            assert standby.name not in await pool.list_sandboxes()  # no session's
+            root = inner.sandboxes["s6"].root
+            (root / "home" / "user" / "state").write_text("a later write")
+            (root / "tmp" / "more").write_text("another")
+            inner.calls.clear()
+            await _restore(pool, "s6", ["snap1"], network)
+            assert ("hand_over", standby.name) in inner.calls
+            assert ("start", "s6") not in inner.calls and ("connect", "s6") in inner.calls
+            restored = inner.sandboxes["s6"]
+            assert _files(restored.root) == expected  # the snapshot's, no later write
+            assert restored.running and restored.limits == BIG  # the session's limits
+            assert restored.network == network
+            await _trash_removed(pool)
+            assert await pool.list_sandboxes() == {"s6"}
+        standby = pool._standbys["s6"]
+        assert await standby.ready
+        await pool.delete("s6")
+        assert inner.sandboxes == {}  # its standby went with it
+        assert pool._standbys == {}
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_restore_of_a_stopped_session_or_to_other_layers_takes_no_standby(
+    inner: HandingOver,
+) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        network = NetworkPolicy(enabled=False, allow=())
+        await pool.create("s7", BIG, IMAGE)
+        await pool.start("s7", BIG, network)
+        await pool.capture("s7", "snap1")
+        await pool.capture("s7", "snap2")
+        await _restore(pool, "s7", ["snap1"], network)
+        first = pool._standbys["s7"]
+        assert await first.ready
+        inner.calls.clear()
+        await _restore(pool, "s7", ["snap2"], network)  # other layers: cold
+        assert ("start", "s7") in inner.calls and first.name not in inner.sandboxes
+        second = pool._standbys["s7"]
+        assert await second.ready and second.layers == ("snap2",)
+        await pool.stop("s7")  # a stop of its own (another task), then a restore
+        inner.calls.clear()
+        await asyncio.create_task(pool.set_layers("s7", ["snap2"]))
+        assert not any(call[0] == "hand_over" for call in inner.calls)
+        assert not inner.sandboxes["s7"].running  # stays stopped
+        assert second.name not in inner.sandboxes and pool._standbys == {}
+        await pool.close()
+        assert set(inner.sandboxes) == {"s7"}
+
+    asyncio.run(run())
+
+
+def test_close_leaves_no_standby(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        network = NetworkPolicy(enabled=False, allow=())
+        await pool.create("s8", BIG, IMAGE)
+        await pool.start("s8", BIG, network)
+        await pool.capture("s8", "snap1")
+        await _restore(pool, "s8", ["snap1"], network)
+        assert "s8" in pool._standbys  # being prepared: close cancels it
+        await pool.close()
+        assert set(inner.sandboxes) == {"s8"}
+
+    asyncio.run(run())

@@ -8,9 +8,19 @@ image of those layers gets one: the backend renames it to the session (crash-saf
 its ``hand_over``) and ``start`` then only gives it its network.  Any other create goes
 to the backend as it is.
 
-The pool's own sandboxes belong to no session: they are never listed as sandboxes
-(leftovers of an earlier run's pool are not in it, so they are listed, and reaped).
-Filling is an optimisation: a sandbox that cannot be prepared is logged, never fatal.
+Standbys, for the RL "reset" (a restore to one snapshot again and again): once a
+running session was restored to a snapshot, the wrapper keeps one sandbox of that
+snapshot's files started ahead, of the session's own limits (at most one a session,
+:data:`STANDBY_CAP` in all, dropped with the session).  The next restore of that
+running session to the same snapshot (its stop, ``set_layers`` and start, in one
+task) takes it: the session's old sandbox is renamed to a ``trash_*`` name and
+removed in the background, the standby renamed to the session (both crash-safe
+hand-overs) and ``start`` only connects it to the session's network.
+
+The pool's own sandboxes, standbys and trash belong to no session: they are never
+listed as sandboxes (an earlier run's leftovers are in no pool, so they are listed,
+and reaped).  Filling is an optimisation: a sandbox that cannot be prepared is logged,
+never fatal.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bastion_server.runtime.base import (
@@ -47,6 +58,21 @@ log = logging.getLogger("bastion.runtime")
 PoolKey = tuple[tuple[str, ...], int]
 #: The name a pool's sandbox is created under (until a session gets it).
 POOL_PREFIX = "pool_"
+#: The name a session's old sandbox takes when a standby replaced it, until removed.
+TRASH_PREFIX = "trash_"
+#: At most this many standby sandboxes at once (each is a running sandbox).
+STANDBY_CAP = 8
+
+
+@dataclass
+class _Standby:
+    """A sandbox started ahead with a session's limits over a snapshot's files."""
+
+    name: str
+    layers: tuple[str, ...]
+    limits: SandboxLimits
+    #: Creating, giving it the layers and starting it: True once it runs.
+    ready: asyncio.Task[bool]
 
 
 def pool_key(image: SandboxImage) -> PoolKey:
@@ -72,9 +98,19 @@ class WarmPool(Runtime):
         self._images: dict[PoolKey, SandboxImage] = {default: image}
         #: Being created and started for a pool: no session's either.
         self._preparing: set[str] = set()
-        #: Sessions given a pool's sandbox that have not been started yet.
-        self._prestarted: set[str] = set()
+        #: Sessions given a started sandbox (a pool's, a standby) not started yet, with
+        #: the limits that sandbox runs with.
+        self._prestarted: dict[str, SandboxLimits] = {}
         self._filler: asyncio.Task[None] | None = None
+        #: Per session, the standby for its next restore (see the module's docstring).
+        self._standbys: dict[str, _Standby] = {}
+        #: Sessions restored to snapshot layers, for a standby of them at their start.
+        self._restored: dict[str, tuple[str, ...]] = {}
+        #: The task that stopped each session last: a restore's set_layers in the same
+        #: task is of a session that was running (and will be started again).
+        self._stopped_by: dict[str, asyncio.Task[Any] | None] = {}
+        #: Old sandboxes being removed in the background.
+        self._trash: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         """What the backend offers beyond the contract (an OCI runtime's ``with_upper``,
@@ -98,7 +134,9 @@ class WarmPool(Runtime):
 
     def pooled(self) -> set[str]:
         """The ids of every sandbox that is the pools' (ready or being prepared)."""
-        return {name for pool in self._pools.values() for name in pool} | self._preparing
+        standbys = {standby.name for standby in self._standbys.values()}
+        pools = {name for pool in self._pools.values() for name in pool}
+        return pools | self._preparing | standbys | self._trash
 
     def _refill(self) -> None:
         if any(self._sizes.values()) and (self._filler is None or self._filler.done()):
@@ -136,7 +174,97 @@ class WarmPool(Runtime):
             raise
         finally:
             self._refill()
-        self._prestarted.add(session_id)
+        self._prestarted[session_id] = self.limits
+
+    # -- standbys -----------------------------------------------------------------------
+
+    def _keep_standby(
+        self, session_id: str, layers: tuple[str, ...], limits: SandboxLimits
+    ) -> None:
+        """Start preparing the session's standby of ``layers`` (if under the cap)."""
+        if len(self._standbys) >= STANDBY_CAP:
+            return
+        name = f"{POOL_PREFIX}{os.urandom(8).hex()}"
+        image = self.inner.image_of(session_id)
+        ready = spawn(self._prepare_standby(name, layers, limits, image), name="standby")
+        self._standbys[session_id] = _Standby(name, layers, limits, ready)
+
+    async def _prepare_standby(
+        self,
+        name: str,
+        layers: tuple[str, ...],
+        limits: SandboxLimits,
+        image: SandboxImage | None,
+    ) -> bool:
+        try:
+            await self.inner.create(name, limits, image, layers)
+            await self.inner.start(name, limits)
+        except asyncio.CancelledError:
+            await self.inner.delete(name)
+            raise
+        except Exception as exc:  # an optimisation: never fatal
+            log.warning("warm pool: could not prepare a standby: %s", exc)
+            await self.inner.delete(name)
+            return False
+        return True
+
+    async def _drop_standby(self, session_id: str) -> None:
+        """Remove the session's standby, whatever state its preparation is in."""
+        standby = self._standbys.pop(session_id, None)
+        if standby is None:
+            return
+        standby.ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await standby.ready
+        await self.inner.delete(standby.name)
+
+    async def _take_standby(self, session_id: str, layers: tuple[str, ...]) -> bool:
+        """Put the session's standby of ``layers`` in place of its stopped sandbox (the
+        old one renamed away and removed in the background); False: there is none
+        ready (or it could not be put in place), the session's sandbox as it was."""
+        standby = self._standbys.get(session_id)
+        if standby is None or standby.layers != layers:
+            return False
+        try:
+            ready = await asyncio.shield(standby.ready)
+        except Exception:
+            ready = False
+        image = self.inner.image_of(standby.name)
+        old_image = self.inner.image_of(session_id)
+        if not ready or image is None or old_image is None:
+            await self._drop_standby(session_id)
+            return False
+        del self._standbys[session_id]
+        trash = f"{TRASH_PREFIX}{os.urandom(8).hex()}"
+        self._trash.add(trash)
+        try:
+            # Two crash-safe renames (see the backend's hand_over): a crash leaves
+            # trash_* and pool_* sandboxes that no session owns (reaped at the next
+            # start) and the session's sandbox either the standby or none at all (a
+            # restore cut short: its next start fails cleanly, "no storage").
+            await self.inner.hand_over(session_id, trash, old_image)
+            try:
+                await self.inner.hand_over(standby.name, session_id, image)
+            except SandboxError as exc:
+                log.warning("warm pool: could not take a standby: %s", exc)
+                await self.inner.hand_over(trash, session_id, old_image)  # put back
+                self._trash.discard(trash)
+                await self.inner.delete(standby.name)
+                return False
+        except BaseException:
+            self._trash.discard(trash)
+            with contextlib.suppress(SandboxError):
+                await self.inner.delete(standby.name)
+            raise
+        self._prestarted[session_id] = standby.limits
+        spawn(self._remove_trash(trash), name="old sandbox removal")
+        return True
+
+    async def _remove_trash(self, name: str) -> None:
+        try:
+            await self.inner.delete(name)
+        finally:
+            self._trash.discard(name)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -157,6 +285,8 @@ class WarmPool(Runtime):
         for pool in self._pools.values():
             while pool:
                 await self.inner.delete(pool.pop())
+        for session_id in list(self._standbys):
+            await self._drop_standby(session_id)
         await self.inner.close()
 
     async def create(
@@ -179,27 +309,39 @@ class WarmPool(Runtime):
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
     ) -> None:
-        if session_id in self._prestarted:
-            self._prestarted.discard(session_id)
+        self._stopped_by.pop(session_id, None)
+        prestarted = self._prestarted.pop(session_id, None)
+        if prestarted == limits:
             try:
                 await self.inner.connect(session_id, network)
-                return
             except SandboxNotRunning:
-                pass  # it died since it was started: start it as any other
+                prestarted = None  # it died since it was started: start it as any other
             except BaseException:
                 await self.inner.stop(session_id)
                 raise
-        await self.inner.start(session_id, limits, network)
+        elif prestarted is not None:  # started with other limits: start it anew
+            await self.inner.stop(session_id)
+            prestarted = None
+        if prestarted is None:
+            await self.inner.start(session_id, limits, network)
+        layers = self._restored.pop(session_id, None)
+        if layers is not None:  # restored, and running: its next reset can be ready
+            self._keep_standby(session_id, layers, limits)
 
     async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
         await self.inner.restore_network(session_id, network)
 
     async def stop(self, session_id: str) -> None:
-        self._prestarted.discard(session_id)
+        self._prestarted.pop(session_id, None)
+        self._restored.pop(session_id, None)
         await self.inner.stop(session_id)
+        self._stopped_by[session_id] = asyncio.current_task()
 
     async def delete(self, session_id: str) -> None:
-        self._prestarted.discard(session_id)
+        self._prestarted.pop(session_id, None)
+        self._restored.pop(session_id, None)
+        self._stopped_by.pop(session_id, None)
+        await self._drop_standby(session_id)
         await self.inner.delete(session_id)
 
     async def pause(self, session_id: str) -> None:
@@ -217,7 +359,17 @@ class WarmPool(Runtime):
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         if session_id in self._prestarted:  # a pool's sandbox: running over the image
             await self.stop(session_id)
+        # A restore of a running session (stopped by this same task) to its standby's
+        # layers takes the standby; any other keeps no standby of other layers.
+        was_running = self._stopped_by.pop(session_id, None) is asyncio.current_task()
+        wanted = tuple(layers)
+        if was_running and await self._take_standby(session_id, wanted):
+            self._restored[session_id] = wanted
+            return
+        await self._drop_standby(session_id)
         await self.inner.set_layers(session_id, layers)
+        if was_running:
+            self._restored[session_id] = wanted
 
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.inner.remove_snapshot(snapshot_id)
