@@ -35,6 +35,8 @@
  * {"event":"exit","exit_code","signal","timed_out","error","kill_signal","usage"},
  * usage = {"wall_us","user_cpu_us","system_cpu_us","peak_rss_kb"} of the job's main
  * process and every descendant reaped before it ended (null if the supervisor died).
+ * Started goes in the same send as the job's first frame, or by itself once the job
+ * has run STARTED_DELAY_NS (5 ms) without one: a short job's events wake the server once.
  * Closing the connection kills the job's whole tree, unless the job is persistent.
  *
  * oom_kills_before (exec, a number): kept with the job and sent back in its exit event
@@ -129,6 +131,9 @@
 #define SOCK_READ (64 * 1024)
 #define DRAIN_NS (50LL * 1000000)  /* output drained after the main process exits */
 #define SWEEP_NS (2LL * 1000000)   /* pause between two sweeps of a tree */
+/* The started event waits this long for the job's first output or its exit, to go in
+ * the same send: each send wakes the server, the dearest part of a short job. */
+#define STARTED_DELAY_NS (5LL * 1000000)
 #define MAX_SWEEPS 200
 #define MAX_DEPTH 64               /* JSON nesting */
 #define SOCKET_NAME "agent.sock"
@@ -667,6 +672,8 @@ struct sess {
     bool pty, have_status, timed_out, killed, killing, sup_alive, dead;
     bool has_timeout, has_deadline;
     bool have_usage;
+    bool started_pending; /* the started event is owed (see STARTED_DELAY_NS) */
+    int64_t started_due;
     pid_t sup;
     int status;      /* as the supervisor reports it: exit code, or -signal */
     int kill_signal; /* the signal a kill request asked for (0: none) */
@@ -757,6 +764,7 @@ static void update(struct sess *s) {
 
 static void close_sock(struct sess *s) {
     wclose(&s->w[W_SOCK]);
+    s->started_pending = false; /* (an attach learns no pid: it never did) */
     buf_free(&s->in);
     buf_free(&s->out);
     s->closing = false;
@@ -828,17 +836,14 @@ static void disconnect(struct sess *s) {
     /* JOB_STARTING: killed as soon as it has started (see on_execerr). */
 }
 
-/* Queue or send one frame; the socket is non-blocking and what it does not take
+/* Send the iov in one sendmsg; the socket is non-blocking and what it does not take
  * waits in s->out (the caller stops reading output until that is sent). */
-static void send_frame(struct sess *s, char kind, const void *data, size_t n) {
+static void send_iov(struct sess *s, struct iovec *iov, int cnt) {
     if (!sock_open(s))
         return;
-    unsigned char h[FRAME_HDR] = {(unsigned char)kind, (unsigned char)(n >> 24),
-                                  (unsigned char)(n >> 16), (unsigned char)(n >> 8),
-                                  (unsigned char)n};
+    size_t sent = 0;
     if (!buf_avail(&s->out)) {
-        struct iovec iov[2] = {{h, FRAME_HDR}, {(void *)data, n}};
-        struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
         ssize_t w = sendmsg(s->w[W_SOCK].fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -847,23 +852,62 @@ static void send_frame(struct sess *s, char kind, const void *data, size_t n) {
             }
             w = 0;
         }
-        size_t sent = (size_t)w;
-        if (sent == n + FRAME_HDR)
-            return;
-        if (sent < FRAME_HDR) {
-            buf_put(&s->out, h + sent, FRAME_HDR - sent);
-            buf_put(&s->out, data, n);
-        } else {
-            buf_put(&s->out, (const char *)data + (sent - FRAME_HDR), n - (sent - FRAME_HDR));
+        sent = (size_t)w;
+    }
+    for (int i = 0; i < cnt; i++) {
+        if (sent >= iov[i].iov_len) {
+            sent -= iov[i].iov_len;
+            continue;
         }
-    } else {
-        buf_put(&s->out, h, FRAME_HDR);
-        buf_put(&s->out, data, n);
+        buf_put(&s->out, (const char *)iov[i].iov_base + sent, iov[i].iov_len - sent);
+        sent = 0;
     }
     if (s->out.oom) {
         logmsg("out of memory");
         disconnect(s);
     }
+}
+
+static void frame_header(unsigned char h[FRAME_HDR], char kind, size_t n) {
+    h[0] = (unsigned char)kind;
+    h[1] = (unsigned char)(n >> 24);
+    h[2] = (unsigned char)(n >> 16);
+    h[3] = (unsigned char)(n >> 8);
+    h[4] = (unsigned char)n;
+}
+
+/* Queue or send one frame, after the started event if it is owed (the same send). */
+static void send_frame(struct sess *s, char kind, const void *data, size_t n) {
+    unsigned char sh[FRAME_HDR], h[FRAME_HDR];
+    char started[64];
+    struct iovec iov[4];
+    int cnt = 0;
+    if (s->started_pending) {
+        s->started_pending = false;
+        int len = snprintf(started, sizeof started, "{\"event\":\"started\",\"pid\":%d}",
+                           (int)s->sup);
+        frame_header(sh, 'J', (size_t)len);
+        iov[cnt++] = (struct iovec){sh, FRAME_HDR};
+        iov[cnt++] = (struct iovec){started, (size_t)len};
+    }
+    frame_header(h, kind, n);
+    iov[cnt++] = (struct iovec){h, FRAME_HDR};
+    iov[cnt++] = (struct iovec){(void *)data, n};
+    send_iov(s, iov, cnt);
+}
+
+/* The started event, if still owed: by itself (the job ran STARTED_DELAY_NS quietly). */
+static void send_started(struct sess *s) {
+    if (!s->started_pending)
+        return;
+    s->started_pending = false;
+    char started[64];
+    unsigned char sh[FRAME_HDR];
+    int len = snprintf(started, sizeof started, "{\"event\":\"started\",\"pid\":%d}",
+                       (int)s->sup);
+    frame_header(sh, 'J', (size_t)len);
+    struct iovec iov[2] = {{sh, FRAME_HDR}, {started, (size_t)len}};
+    send_iov(s, iov, 2);
 }
 
 static void send_json(struct sess *s, struct buf *b) {
@@ -2038,7 +2082,9 @@ static void on_execerr(struct sess *s) {
         start_kill(s); /* the server left while it started */
         return;
     }
-    send_event_pid(s, "started", s->sup);
+    /* Owed, not sent: it goes with the job's first frame or after STARTED_DELAY_NS. */
+    s->started_pending = true;
+    s->started_due = now_ns() + STARTED_DELAY_NS;
     process_input(s); /* what came along with the request */
 }
 
@@ -2153,6 +2199,8 @@ static int64_t run_timers(void) {
             continue;
         if (s->killing && now >= s->next_sweep)
             sweep(s);
+        if (s->started_pending && now >= s->started_due)
+            send_started(s);
         if (s->job == JOB_RUNNING && s->has_deadline && !s->have_status && now >= s->deadline) {
             s->has_deadline = false;
             s->timed_out = true;
@@ -2164,6 +2212,8 @@ static int64_t run_timers(void) {
         int64_t due = -1;
         if (s->killing)
             due = s->next_sweep;
+        if (s->started_pending && (due < 0 || s->started_due < due))
+            due = s->started_due;
         if (s->job == JOB_RUNNING && s->has_deadline && !s->have_status &&
             (due < 0 || s->deadline < due))
             due = s->deadline;
