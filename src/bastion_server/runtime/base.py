@@ -224,6 +224,13 @@ class Runtime(abc.ABC):
     async def stop(self, session_id: str) -> None:
         """Kill every process; the sandbox's own files are kept."""
 
+    async def kill_all(self, session_id: str) -> None:
+        """Kill every process of a sandbox about to be replaced (renamed away by
+        :meth:`hand_over`, then deleted), leaving the rest of a stop (unmounts, the
+        runtime's records) to that :meth:`stop` or :meth:`delete`.  By default a
+        whole stop."""
+        await self.stop(session_id)
+
     @abc.abstractmethod
     async def delete(self, session_id: str) -> None:
         """Stop if needed and remove every trace of the sandbox."""
