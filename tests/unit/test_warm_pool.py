@@ -36,6 +36,10 @@ class HandingOver(FakeRuntime):
         self.images.pop(sandbox_id, None)
         self.images[session_id] = image
 
+    async def kill_all(self, session_id: str) -> None:
+        self.calls.append(("kill_all", session_id))
+        await self.stop(session_id)
+
     async def connect(self, session_id: str, network: NetworkPolicy | None) -> None:
         self.calls.append(("connect", session_id))
         sandbox = self.sandboxes.get(session_id)
@@ -175,6 +179,7 @@ def _files(root: Path) -> dict[str, str]:
 
 
 async def _restore(pool: WarmPool, sid: str, layers: list[str], network: NetworkPolicy) -> None:
+    await pool.check_layers(sid, layers)
     await pool.stop(sid)
     await pool.set_layers(sid, layers)
     await pool.start(sid, BIG, network)
@@ -208,6 +213,7 @@ def test_a_restore_to_the_same_snapshot_takes_its_standby(inner: HandingOver) ->
             inner.calls.clear()
             await _restore(pool, "s6", ["snap1"], network)
             assert ("hand_over", standby.name) in inner.calls
+            assert inner.calls[1] == ("kill_all", "s6")  # stopped at once, unmounted later
             assert ("start", "s6") not in inner.calls and ("connect", "s6") in inner.calls
             restored = inner.sandboxes["s6"]
             assert _files(restored.root) == expected  # the snapshot's, no later write
@@ -241,6 +247,7 @@ def test_a_restore_of_a_stopped_session_or_to_other_layers_takes_no_standby(
         inner.calls.clear()
         await _restore(pool, "s7", ["snap2"], network)  # other layers: cold
         assert ("start", "s7") in inner.calls and first.name not in inner.sandboxes
+        assert ("kill_all", "s7") not in inner.calls
         second = pool._standbys["s7"]
         assert await second.ready and second.layers == ("snap2",)
         await pool.stop("s7")  # a stop of its own (another task), then a restore

@@ -74,6 +74,12 @@ class _Standby:
     #: Creating, giving it the layers and starting it: True once it runs.
     ready: asyncio.Task[bool]
 
+    def is_ready(self, layers: tuple[str, ...]) -> bool:
+        """Whether it runs, started over ``layers``, now."""
+        task = self.ready
+        done = task.done() and not task.cancelled() and task.exception() is None
+        return done and task.result() and self.layers == layers
+
 
 def pool_key(image: SandboxImage) -> PoolKey:
     """The pool a sandbox of ``image`` can come from: one per layer set."""
@@ -111,6 +117,10 @@ class WarmPool(Runtime):
         self._stopped_by: dict[str, asyncio.Task[Any] | None] = {}
         #: Old sandboxes being removed in the background.
         self._trash: set[str] = set()
+        #: Per session, the task of a restore under way and its layers (check_layers).
+        self._restoring: dict[str, tuple[asyncio.Task[Any] | None, tuple[str, ...]]] = {}
+        #: Sessions whose processes were killed for their standby, not yet unmounted.
+        self._killed: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         """What the backend offers beyond the contract (an OCI runtime's ``with_upper``,
@@ -334,10 +344,27 @@ class WarmPool(Runtime):
     async def stop(self, session_id: str) -> None:
         self._prestarted.pop(session_id, None)
         self._restored.pop(session_id, None)
+        restoring = self._restoring.pop(session_id, None)
+        standby = self._standbys.get(session_id)
+        if (
+            restoring is not None
+            and restoring[0] is asyncio.current_task()
+            and standby is not None
+            and standby.is_ready(restoring[1])
+        ):
+            # A restore to its ready standby's layers: the sandbox is about to be
+            # renamed away, so its processes die now and its unmounts come later.
+            await self.inner.kill_all(session_id)
+            self._killed.add(session_id)
+            self._stopped_by[session_id] = asyncio.current_task()
+            return
+        self._killed.discard(session_id)
         await self.inner.stop(session_id)
         self._stopped_by[session_id] = asyncio.current_task()
 
     async def delete(self, session_id: str) -> None:
+        self._restoring.pop(session_id, None)
+        self._killed.discard(session_id)
         self._prestarted.pop(session_id, None)
         self._restored.pop(session_id, None)
         self._stopped_by.pop(session_id, None)
@@ -355,6 +382,8 @@ class WarmPool(Runtime):
 
     async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
         await self.inner.check_layers(session_id, layers)
+        # What a restore asks before it stops the session: its stop may be a kill.
+        self._restoring[session_id] = (asyncio.current_task(), tuple(layers))
 
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         if session_id in self._prestarted:  # a pool's sandbox: running over the image
@@ -364,8 +393,12 @@ class WarmPool(Runtime):
         was_running = self._stopped_by.pop(session_id, None) is asyncio.current_task()
         wanted = tuple(layers)
         if was_running and await self._take_standby(session_id, wanted):
+            self._killed.discard(session_id)  # its unmounts are the trash's now
             self._restored[session_id] = wanted
             return
+        if session_id in self._killed:  # not replaced after all: a whole stop first
+            self._killed.discard(session_id)
+            await self.inner.stop(session_id)
         await self._drop_standby(session_id)
         await self.inner.set_layers(session_id, layers)
         if was_running:

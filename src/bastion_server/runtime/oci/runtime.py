@@ -370,6 +370,12 @@ class OciRuntime(Runtime):
         await asyncio.to_thread(job_limits.remove_leftovers, Cgroup(self._cgroup(session_id)))
         await asyncio.to_thread(storage.unmount, self._dir(session_id))
 
+    async def kill_all(self, session_id: str) -> None:
+        with contextlib.suppress(OSError):  # a frozen process dies of the kill once thawed
+            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
+        await self.network.detach(session_id)
+        await self.binary.kill(self._container(session_id))
+
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
         faults.point("delete.after_stop")
