@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests.conftest import ServerProcess
@@ -19,6 +22,7 @@ from bastion import (
     SnapshotNotFoundError,
     SnapshotStateError,
 )
+from bastion_server.runtime.oci import OciRuntime
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -213,3 +217,114 @@ def test_a_snapshot_of_a_writing_session_is_never_torn(
         in_order = all(a >= b for a, b in itertools.pairwise(clocks))
         assert in_order and clocks[0] - clocks[-1] <= 1, f"torn: {clocks}"
         client.sessions.delete(copy)
+
+
+# Standbys (runtime/warm_pool.py): after a restore of a running session, a sandbox of
+# the snapshot's files is started ahead for the next restore to the same snapshot.
+
+
+def _standby_of(srv: ServerProcess, snapshot_id: str) -> Path | None:
+    """The running standby sandbox over ``snapshot_id``'s files, if any."""
+    for base in (srv.data_dir / "sessions").glob("pool_*"):
+        with contextlib.suppress(OSError):
+            layers = (base / "snapshot-layers").read_text().split()
+            if layers[:1] == [snapshot_id] and (base / "agent.log").exists():
+                if (base / "run" / "agent.sock").exists():
+                    return base
+    return None
+
+
+def _wait_for_standby(srv: ServerProcess, snapshot_id: str) -> Path:
+    deadline = time.monotonic() + 60
+    while (found := _standby_of(srv, snapshot_id)) is None:
+        assert time.monotonic() < deadline, "no standby was started"
+        time.sleep(0.05)
+    return found
+
+
+def _leftovers(srv: ServerProcess) -> dict[str, list[str]]:
+    """This server's containers, mounts under its data dir and sandbox directories."""
+    state_root = OciRuntime.state_root_for(srv.data_dir)
+    listed = subprocess.run(
+        ["crun", "--root", state_root, "list", "--quiet"], capture_output=True, text=True
+    )
+    prefix = f"{srv.data_dir.resolve()}/"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    sessions = srv.data_dir / "sessions"
+    dirs = sorted(p.name for p in sessions.iterdir()) if sessions.is_dir() else []
+    return {"containers": listed.stdout.split(), "mounts": mounts, "dirs": dirs}
+
+
+def _wait_until_clean(srv: ServerProcess) -> None:
+    deadline = time.monotonic() + 60
+    while any((left := _leftovers(srv)).values()):
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def standby_server(private_server: ServerProcess) -> ServerProcess:
+    """A server of its own with no warm pool: every pool_* sandbox is a standby."""
+    private_server.extra_args = ("--pool-size", "0")
+    private_server.start()
+    return private_server
+
+
+def test_a_restore_served_by_the_standby_has_exactly_the_snapshots_files(
+    standby_server: ServerProcess,
+) -> None:
+    srv = standby_server
+    with Bastion(base_url=srv.url) as c:
+        sid = c.sessions.create(limits={"memory_mb": 384, "pids": 200})["session_id"]
+        c.sessions.start(sid)
+        _sh(c, sid, "echo clean > ~/state; rm ~/.profile")
+        snap = c.sessions.snapshot(sid)["snapshot_id"]
+        c.sessions.restore(sid, snap)  # the first: a start of its own, then a standby
+        for n in range(2):
+            standby = _wait_for_standby(srv, snap)
+            _sh(c, sid, f"echo dirty{n} > ~/state; echo junk > ~/junk{n}; touch ~/.profile")
+            restored = c.sessions.restore(sid, snap)
+            assert restored["status"] == "running"
+            # The standby's sandbox is the session's now (its container name).
+            container = (srv.data_dir / "sessions" / sid / "container").read_text()
+            assert container == standby.name
+            seen = _sh(c, sid, "cat ~/state; ls -A ~ | grep -c junk; test -e ~/.profile || echo no")
+            assert seen == "clean\n0\nno\n"
+            # The session's own limits (what crun ran it with), not the server's defaults.
+            config = json.loads(
+                (srv.data_dir / "sessions" / sid / "bundle" / "config.json").read_text()
+            )
+            resources = config["linux"]["resources"]
+            assert resources["memory"]["limit"] == 384 * 1024 * 1024
+            assert resources["pids"]["limit"] == 200
+        c.sessions.delete(sid)
+        _wait_until_clean(srv)  # no standby, no old sandbox: nothing of it at all
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["restart", "crash"])
+def test_a_restart_with_a_standby_leaves_nothing_behind(
+    standby_server: ServerProcess, how: signal.Signals
+) -> None:
+    srv = standby_server
+    with Bastion(base_url=srv.url) as c:
+        sid = c.sessions.create()["session_id"]
+        c.sessions.start(sid)
+        snap = c.sessions.snapshot(sid)["snapshot_id"]
+        c.sessions.restore(sid, snap)
+        _wait_for_standby(srv, snap)
+    srv.stop(how)
+    srv.start()
+    with Bastion(base_url=srv.url) as c:
+        deadline = time.monotonic() + 60
+        while _standby_of(srv, snap) is not None or any(
+            p.name.startswith("pool_") for p in (srv.data_dir / "sessions").iterdir()
+        ):
+            assert time.monotonic() < deadline, _leftovers(srv)
+            time.sleep(0.1)
+        if c.sessions.get(sid)["status"] != "running":
+            c.sessions.start(sid)
+        c.sessions.restore(sid, snap)  # works as before: a start of its own
+        assert _sh(c, sid, "echo ok") == "ok\n"
+        c.sessions.delete(sid)
+        _wait_until_clean(srv)
