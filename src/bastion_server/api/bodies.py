@@ -114,13 +114,15 @@ class BodyLimits:
             )(scope, receive, send)
             return
         try:
-            app = scope.get("app")
-            if app is None or is_routed(app, scope):  # else routing says 404 or 405
-                check_body_text(body)
+            check_body_text(body)
         except TextProblem as problem:
-            code = ErrorCode.MALFORMED_JSON if problem.malformed else ErrorCode.INVALID_REQUEST
-            await error_response(code, problem.message)(scope, receive, send)
-            return
+            # (Routing is asked only about a bad body, the rare case: a request no
+            # route takes is answered 404 or 405 by the router, whatever its body.)
+            app = scope.get("app")
+            if app is None or is_routed(app, scope):
+                code = ErrorCode.MALFORMED_JSON if problem.malformed else ErrorCode.INVALID_REQUEST
+                await error_response(code, problem.message)(scope, receive, send)
+                return
         replayed = False
 
         async def replay() -> Message:
