@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bastion import Bastion, NotFoundError, SessionStartError
+from bastion import Bastion, NotFoundError, SessionStartError, SnapshotStateError
 from bastion_server.image.store import ImageStore
 from bastion_server.testing import IMAGES_DIR, ServerProcess
 
@@ -167,12 +167,12 @@ def test_snapshots_live_on_their_node_and_sessions_of_them_go_there(
             assert (restored["status"], restored["node"]) == ("running", "w1")
             result = bastion.jobs.run_and_wait(sid, ["cat", "/home/user/state"])
             assert result["output"]["console_output"] == "one\n"
-            # A snapshot of another node's session is not taken: it is not on w1.
+            # A snapshot of another node's session is not taken: it is not on w1.  The
+            # refusal comes before the restore would stop the session: it runs on.
             other = bastion.sessions.snapshot(placed["head"])
-            with pytest.raises(SessionStartError, match="only take a snapshot of its own node"):
+            with pytest.raises(SnapshotStateError, match="only take a snapshot of its own node"):
                 bastion.sessions.restore(sid, other["snapshot_id"])
-            if bastion.sessions.get(sid)["status"] != "running":
-                bastion.sessions.start(sid)
+            assert bastion.sessions.get(sid)["status"] == "running"
             # Pause and resume on the node.
             assert bastion.sessions.pause(sid)["status"] == "paused"
             assert bastion.sessions.resume(sid)["status"] == "running"
@@ -285,3 +285,30 @@ def test_a_killed_node_has_its_sessions_reported_lost(
         assert result["output"]["console_output"] == "kept\n"
         bastion.sessions.delete(copy)
         bastion.snapshots.delete(snap)
+
+
+def test_a_node_gone_while_the_gateway_was_down_has_its_sessions_lost(
+    cluster: LocalRayCluster, gateway: ServerProcess
+) -> None:
+    # The store's node column is where the next gateway finds each session: one on a
+    # node that died while no gateway ran is lost (as above), not taken for stopped.
+    with Bastion(base_url=gateway.url) as bastion:
+        on_w2 = [s for s in bastion.sessions.list()["sessions"] if s["node"] == "w2"]
+        assert on_w2, "the test before leaves a session on w2"
+        doomed = on_w2[0]["session_id"]
+        assert bastion.sessions.get(doomed)["status"] == "running"
+        kept = {
+            s["session_id"]: s["status"]
+            for s in bastion.sessions.list()["sessions"]
+            if s["node"] != "w2"
+        }
+    gateway.stop(signal.SIGKILL)
+    cluster.kill("w2")
+    time.sleep(3)  # Ray's health checks declare it dead (about 2 s)
+    gateway.start(timeout=180)
+    with Bastion(base_url=gateway.url) as bastion:
+        lost = bastion.sessions.get(doomed)
+        assert lost["status"] == "deleted", lost
+        assert lost["status_reason"] is not None and lost["status_reason"].startswith("lost:")
+        assert "w2" in lost["status_reason"]
+        assert kept and {sid: bastion.sessions.get(sid)["status"] for sid in kept} == kept
