@@ -19,7 +19,7 @@ from bastion_server.runtime.base import SandboxLimits, SandboxNotRunning
 from bastion_server.runtime.fake import FakeRuntime
 from bastion_server.runtime.network import NetworkPolicy
 from bastion_server.runtime.sandbox_image import SandboxImage
-from bastion_server.runtime.warm_pool import POOL_PREFIX, WarmPool, pool_key
+from bastion_server.runtime.warm_pool import POOL_PREFIX, STANDBY_CAP, WarmPool, pool_key
 
 LIMITS = SandboxLimits(memory_mb=512, pids=256, cpus=1.0, disk_mb=1024)
 IMAGE = SandboxImage(("/layers/base",), 100000, 1000, 1000, "/home/user")
@@ -273,5 +273,47 @@ def test_close_leaves_no_standby(inner: HandingOver) -> None:
         assert "s8" in pool._standbys  # being prepared: close cancels it
         await pool.close()
         assert set(inner.sandboxes) == {"s8"}
+
+    asyncio.run(run())
+
+
+def test_a_restore_before_its_standby_is_up_starts_afresh_and_keeps_it(
+    inner: HandingOver,
+) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        network = NetworkPolicy(enabled=False, allow=())
+        await pool.create("s9", BIG, IMAGE)
+        await pool.start("s9", BIG, network)
+        await pool.capture("s9", "snap1")
+        await _restore(pool, "s9", ["snap1"], network)
+        preparing = pool._standbys["s9"]
+        assert not preparing.ready.done()
+        inner.calls.clear()
+        await _restore(pool, "s9", ["snap1"], network)  # back to back: no waiting
+        assert ("start", "s9") in inner.calls and ("kill_all", "s9") not in inner.calls
+        assert pool._standbys["s9"] is preparing and await preparing.ready
+        inner.calls.clear()
+        await _restore(pool, "s9", ["snap1"], network)  # the next one takes it
+        assert ("hand_over", preparing.name) in inner.calls
+        await pool.close()
+        assert set(inner.sandboxes) == {"s9"}
+
+    asyncio.run(run())
+
+
+def test_standbys_are_capped(inner: HandingOver) -> None:
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+        network = NetworkPolicy(enabled=False, allow=())
+        sessions = [f"c{n}" for n in range(STANDBY_CAP + 2)]
+        for sid in sessions:
+            await pool.create(sid, BIG, IMAGE)
+            await pool.start(sid, BIG, network)
+            await pool.capture(sid, f"snap-{sid}")
+            await _restore(pool, sid, [f"snap-{sid}"], network)
+        assert len(pool._standbys) == STANDBY_CAP
+        await pool.close()
+        assert set(inner.sandboxes) == set(sessions)
 
     asyncio.run(run())

@@ -191,8 +191,9 @@ class WarmPool(Runtime):
     def _keep_standby(
         self, session_id: str, layers: tuple[str, ...], limits: SandboxLimits
     ) -> None:
-        """Start preparing the session's standby of ``layers`` (if under the cap)."""
-        if len(self._standbys) >= STANDBY_CAP:
+        """Start preparing the session's standby of ``layers`` (if under the cap, and
+        it has none: one of these layers is still being prepared)."""
+        if session_id in self._standbys or len(self._standbys) >= STANDBY_CAP:
             return
         name = f"{POOL_PREFIX}{os.urandom(8).hex()}"
         image = self.inner.image_of(session_id)
@@ -233,15 +234,13 @@ class WarmPool(Runtime):
         old one renamed away and removed in the background); False: there is none
         ready (or it could not be put in place), the session's sandbox as it was."""
         standby = self._standbys.get(session_id)
-        if standby is None or standby.layers != layers:
+        if standby is None or not standby.ready.done():
+            # Still being prepared: waiting for it costs more than a start of its own
+            # (back-to-back restores); it stays, for the next one.
             return False
-        try:
-            ready = await asyncio.shield(standby.ready)
-        except Exception:
-            ready = False
         image = self.inner.image_of(standby.name)
         old_image = self.inner.image_of(session_id)
-        if not ready or image is None or old_image is None:
+        if not standby.is_ready(layers) or image is None or old_image is None:
             await self._drop_standby(session_id)
             return False
         del self._standbys[session_id]
@@ -399,7 +398,9 @@ class WarmPool(Runtime):
         if session_id in self._killed:  # not replaced after all: a whole stop first
             self._killed.discard(session_id)
             await self.inner.stop(session_id)
-        await self._drop_standby(session_id)
+        standby = self._standbys.get(session_id)
+        if not (was_running and standby is not None and standby.layers == wanted):
+            await self._drop_standby(session_id)  # (one being prepared for them stays)
         await self.inner.set_layers(session_id, layers)
         if was_running:
             self._restored[session_id] = wanted
