@@ -16,7 +16,9 @@ come with it as SCM_RIGHTS) then optionally ``{"op": "kill", "signal"}`` /
 ``{"op": "resize", "rows", "cols"}`` / ``{"op": "close_stdin"}`` and input.  Events:
 ``{"event": "pong", "pid"}``; ``{"event": "started", "pid"}``, output frames, and last
 ``{"event": "exit", "exit_code", "signal", "timed_out", "error", "message",
-"kill_signal", "usage"}``.  The C agent's header comment is the full reference.  Closing the
+"kill_signal", "usage"}``.  The started event goes in the same send as the job's first
+output or its exit, or by itself after 5 ms without either (one wake-up of the server
+for a short job instead of two).  The C agent's header comment is the full reference.  Closing the
 connection kills the job's whole process tree, unless the job is persistent (exec with
 ``"persist": true, "job_id", "spool_bytes"``: what lets a job outlive the server): it
 runs on with its output spooled in the sandbox; ``{"op": "attach", "job_id",
