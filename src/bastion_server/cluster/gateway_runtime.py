@@ -121,6 +121,13 @@ def _unwrapped(cause: SandboxError, message: str) -> SandboxError:
         return SandboxError(message)
 
 
+def _log_disagreement(session_id: str, recorded: str, reported: str) -> None:
+    log.warning(
+        "session found on another node than recorded",
+        extra={"session_id": session_id, "recorded": recorded, "reported": reported},
+    )
+
+
 @dataclass
 class Node:
     name: str
@@ -302,10 +309,7 @@ class ClusterRuntime(Runtime):
         sandbox is there), and a disagreement with what was known is logged."""
         known = self._where.get(session_id)
         if known is not None and known != name:
-            log.warning(
-                "session found on another node than recorded",
-                extra={"session_id": session_id, "recorded": known, "reported": name},
-            )
+            _log_disagreement(session_id, known, name)
         self._where[session_id] = name
 
     async def adopt_placements(self, nodes: Mapping[str, str]) -> None:
@@ -314,14 +318,9 @@ class ClusterRuntime(Runtime):
         another node by the agent (logged); the sessions of each node no longer in
         the cluster are reported lost, as if it had died while this gateway ran."""
         for session_id, recorded in nodes.items():
-            reported = self._where.get(session_id)
-            if reported is None:
-                self._where[session_id] = recorded
-            elif reported != recorded:
-                log.warning(
-                    "session found on another node than recorded",
-                    extra={"session_id": session_id, "recorded": recorded, "reported": reported},
-                )
+            reported = self._where.setdefault(session_id, recorded)
+            if reported != recorded:
+                _log_disagreement(session_id, recorded, reported)
         gone = {n for n in self._where.values() if n not in self.nodes or not self.nodes[n].alive}
         for name in sorted(gone):
             await self._lose(name)
