@@ -8,7 +8,11 @@
 * ``fork10``: ``sessions.fork(sid, 10)`` of that session, until ten running copies
   are answered (the snapshot and ten create+start), the copies deleted after.
 * ``restore_small``: ``sessions.restore`` of a small running session to its snapshot
-  (stop, new files, start).
+  (stop, new files, start), back to back: from the second on, each waits for the
+  standby the one before started (runtime/warm_pool.py) to be up.
+* ``restore_reset_loop``: the RL reset loop: restore to the snapshot, then an episode
+  (a job that checks the snapshot's file, writes and runs for ``_EPISODE_S``), again
+  and again; only the restore is timed (its standby is up by then).
 * ``pause`` / ``resume``: one call each on a running session; ``get_floor`` is a
   ``sessions.get`` of it, the cost of any request on the same server and load.
 
@@ -28,6 +32,9 @@ from bench.context import Context
 from bench.stats import summarize
 
 _WRITE_100MB = "head -c 104857600 /dev/urandom > ~/data.bin && sync"
+#: How long an episode of the reset loop runs (an RL step does real work in between).
+_EPISODE_S = 0.3
+_EPISODE = f'test "$(cat ~/state)" = small && echo step >> ~/state && sleep {_EPISODE_S}'
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -70,12 +77,20 @@ def run(ctx: Context) -> dict[str, Any]:
     with ctx.client() as client, ctx.sessions(client, 1) as (sid,):
         client.jobs.run_and_wait(sid, ["sh", "-c", "echo small > ~/state"])
         snap = client.sessions.snapshot(sid)
-        restores, pauses, resumes = [], [], []
-        ctx.say(f"restore of a small session, {short // 5} times")
-        for _ in range(short // 5):
+        restores, loop, pauses, resumes = [], [], [], []
+        ctx.say(f"restore of a small session, {short // 2} times back to back")
+        for _ in range(short // 2):
             with ctx.timed() as t:
                 client.sessions.restore(sid, snap["snapshot_id"])
             restores.append(t[0])
+        ctx.say(f"reset loop: restore, then a {_EPISODE_S} s episode, {short // 2} times")
+        for _ in range(short // 2):
+            with ctx.timed() as t:
+                client.sessions.restore(sid, snap["snapshot_id"])
+            loop.append(t[0])
+            done = client.jobs.run_and_wait(sid, ["sh", "-c", _EPISODE])
+            if done["status"] != "completed":
+                raise RuntimeError(f"a restore did not give the snapshot's files: {done}")
         ctx.say(f"pause and resume, {short} times (and a status read, the request floor)")
         gets = []
         for _ in range(short):
@@ -90,6 +105,7 @@ def run(ctx: Context) -> dict[str, Any]:
             resumes.append(t[0])
         client.snapshots.delete(snap["snapshot_id"])
         out["restore_small"] = summarize(restores, "ms", 1)
+        out["restore_reset_loop"] = summarize(loop, "ms", 1)
         out["pause"] = summarize(pauses, "ms", 2)
         out["resume"] = summarize(resumes, "ms", 2)
         out["get_floor"] = summarize(gets, "ms", 2)
