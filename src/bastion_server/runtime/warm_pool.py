@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,21 @@ POOL_PREFIX = "pool_"
 TRASH_PREFIX = "trash_"
 #: At most this many standby sandboxes at once (each is a running sandbox).
 STANDBY_CAP = 8
+
+
+#: A task, weakly held: a stopped session must not keep its request's task alive.
+_TaskRef = weakref.ref[asyncio.Task[Any]]
+
+
+def _this_task() -> _TaskRef | None:
+    """The running task, weakly: two are equal while the task lives."""
+    task = asyncio.current_task()
+    return None if task is None else weakref.ref(task)
+
+
+def _same_task(ref: _TaskRef | None) -> bool:
+    """Whether ``ref`` is the running task."""
+    return ref is not None and ref() is asyncio.current_task()
 
 
 @dataclass
@@ -114,11 +130,11 @@ class WarmPool(Runtime):
         self._restored: dict[str, tuple[str, ...]] = {}
         #: The task that stopped each session last: a restore's set_layers in the same
         #: task is of a session that was running (and will be started again).
-        self._stopped_by: dict[str, asyncio.Task[Any] | None] = {}
+        self._stopped_by: dict[str, _TaskRef | None] = {}
         #: Old sandboxes being removed in the background.
         self._trash: set[str] = set()
         #: Per session, the task of a restore under way and its layers (check_layers).
-        self._restoring: dict[str, tuple[asyncio.Task[Any] | None, tuple[str, ...]]] = {}
+        self._restoring: dict[str, tuple[_TaskRef | None, tuple[str, ...]]] = {}
         #: Sessions whose processes were killed for their standby, not yet unmounted.
         self._killed: set[str] = set()
 
@@ -347,7 +363,7 @@ class WarmPool(Runtime):
         standby = self._standbys.get(session_id)
         if (
             restoring is not None
-            and restoring[0] is asyncio.current_task()
+            and _same_task(restoring[0])
             and standby is not None
             and standby.is_ready(restoring[1])
         ):
@@ -355,11 +371,11 @@ class WarmPool(Runtime):
             # renamed away, so its processes die now and its unmounts come later.
             await self.inner.kill_all(session_id)
             self._killed.add(session_id)
-            self._stopped_by[session_id] = asyncio.current_task()
+            self._stopped_by[session_id] = _this_task()
             return
         self._killed.discard(session_id)
         await self.inner.stop(session_id)
-        self._stopped_by[session_id] = asyncio.current_task()
+        self._stopped_by[session_id] = _this_task()
 
     async def delete(self, session_id: str) -> None:
         self._restoring.pop(session_id, None)
@@ -382,14 +398,14 @@ class WarmPool(Runtime):
     async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
         await self.inner.check_layers(session_id, layers)
         # What a restore asks before it stops the session: its stop may be a kill.
-        self._restoring[session_id] = (asyncio.current_task(), tuple(layers))
+        self._restoring[session_id] = (_this_task(), tuple(layers))
 
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         if session_id in self._prestarted:  # a pool's sandbox: running over the image
             await self.stop(session_id)
         # A restore of a running session (stopped by this same task) to its standby's
         # layers takes the standby; any other keeps no standby of other layers.
-        was_running = self._stopped_by.pop(session_id, None) is asyncio.current_task()
+        was_running = _same_task(self._stopped_by.pop(session_id, None))
         wanted = tuple(layers)
         if was_running and await self._take_standby(session_id, wanted):
             self._killed.discard(session_id)  # its unmounts are the trash's now
