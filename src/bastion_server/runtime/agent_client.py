@@ -78,6 +78,38 @@ def _connect_blocking(sock: socket.socket, socket_path: str) -> None:
         os.close(fd)
 
 
+#: What one receive from an agent takes at most (the agent's own socket reads are as big).
+RECEIVE_SIZE = 64 * 1024
+
+
+class _ReusedBufferProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """A stream reader's protocol that receives into one buffer of its own, reused:
+    asyncio's plain receive allocates 256 KiB for each one, most of a short job's
+    frames' cost to read."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._buffer = bytearray(RECEIVE_SIZE)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._buffer[:nbytes]))
+
+
+async def _streams(
+    sock: socket.socket, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The reader and writer of a connected socket (as ``asyncio.open_unix_connection``
+    makes them, but with :class:`_ReusedBufferProtocol`)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = _ReusedBufferProtocol(reader)
+    transport, _ = await loop.create_unix_connection(lambda: protocol, sock=sock)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
 async def _open_connection(
     socket_path: str, limit: int = 2**16
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -93,7 +125,7 @@ async def _open_connection(
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_unix_connection(sock=sock, limit=limit)
+    return await _streams(sock, limit)
 
 
 def _count(raw: Any) -> int | None:
@@ -239,7 +271,7 @@ class AgentProcess(Process):
         try:
             if fds:  # (descriptors go with the first byte: a connection of its own)
                 sock = await asyncio.to_thread(_connect_and_send, socket_path, frame, fds)
-                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
+                reader, writer = await _streams(sock, limit)
                 return cls(reader, writer, on_exit, socket_path)._persisting(persistent)
             kept = idle_connections().take(socket_path)
             if kept is not None:
