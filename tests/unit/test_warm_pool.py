@@ -172,17 +172,34 @@ def test_without_a_pool_every_create_is_the_backends(inner: HandingOver) -> None
 # service/sessions.py's restore does them) to the snapshot of its last restore.
 
 BIG = dataclasses.replace(LIMITS, memory_mb=2048)
+NO_NETWORK = NetworkPolicy(enabled=False, allow=())
 
 
 def _files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file()}
 
 
-async def _restore(pool: WarmPool, sid: str, layers: list[str], network: NetworkPolicy) -> None:
+async def _restore(
+    pool: WarmPool, sid: str, layers: list[str], network: NetworkPolicy = NO_NETWORK
+) -> None:
     await pool.check_layers(sid, layers)
     await pool.stop(sid)
     await pool.set_layers(sid, layers)
     await pool.start(sid, BIG, network)
+
+
+async def _running_with_snapshots(
+    inner: HandingOver, sid: str, *snapshots: str, network: NetworkPolicy = NO_NETWORK
+) -> WarmPool:
+    """A pool (of no size) with the running session ``sid`` of limits BIG and the
+    snapshots of it named, then restored to the first (which keeps a standby)."""
+    pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
+    await pool.create(sid, BIG, IMAGE)
+    await pool.start(sid, BIG, network)
+    for name in snapshots:
+        await pool.capture(sid, name)
+    await _restore(pool, sid, [snapshots[0]], network)
+    return pool
 
 
 async def _trash_removed(pool: WarmPool) -> None:
@@ -235,17 +252,11 @@ def test_a_restore_of_a_stopped_session_or_to_other_layers_takes_no_standby(
     inner: HandingOver,
 ) -> None:
     async def run() -> None:
-        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
-        network = NetworkPolicy(enabled=False, allow=())
-        await pool.create("s7", BIG, IMAGE)
-        await pool.start("s7", BIG, network)
-        await pool.capture("s7", "snap1")
-        await pool.capture("s7", "snap2")
-        await _restore(pool, "s7", ["snap1"], network)
+        pool = await _running_with_snapshots(inner, "s7", "snap1", "snap2")
         first = pool._standbys["s7"]
         assert await first.ready
         inner.calls.clear()
-        await _restore(pool, "s7", ["snap2"], network)  # other layers: cold
+        await _restore(pool, "s7", ["snap2"])  # other layers: cold
         assert ("start", "s7") in inner.calls and first.name not in inner.sandboxes
         assert ("kill_all", "s7") not in inner.calls
         second = pool._standbys["s7"]
@@ -264,12 +275,7 @@ def test_a_restore_of_a_stopped_session_or_to_other_layers_takes_no_standby(
 
 def test_close_leaves_no_standby(inner: HandingOver) -> None:
     async def run() -> None:
-        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
-        network = NetworkPolicy(enabled=False, allow=())
-        await pool.create("s8", BIG, IMAGE)
-        await pool.start("s8", BIG, network)
-        await pool.capture("s8", "snap1")
-        await _restore(pool, "s8", ["snap1"], network)
+        pool = await _running_with_snapshots(inner, "s8", "snap1")
         assert "s8" in pool._standbys  # being prepared: close cancels it
         await pool.close()
         assert set(inner.sandboxes) == {"s8"}
@@ -281,20 +287,15 @@ def test_a_restore_before_its_standby_is_up_starts_afresh_and_keeps_it(
     inner: HandingOver,
 ) -> None:
     async def run() -> None:
-        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
-        network = NetworkPolicy(enabled=False, allow=())
-        await pool.create("s9", BIG, IMAGE)
-        await pool.start("s9", BIG, network)
-        await pool.capture("s9", "snap1")
-        await _restore(pool, "s9", ["snap1"], network)
+        pool = await _running_with_snapshots(inner, "s9", "snap1")
         preparing = pool._standbys["s9"]
         assert not preparing.ready.done()
         inner.calls.clear()
-        await _restore(pool, "s9", ["snap1"], network)  # back to back: no waiting
+        await _restore(pool, "s9", ["snap1"])  # back to back: no waiting
         assert ("start", "s9") in inner.calls and ("kill_all", "s9") not in inner.calls
         assert pool._standbys["s9"] is preparing and await preparing.ready
         inner.calls.clear()
-        await _restore(pool, "s9", ["snap1"], network)  # the next one takes it
+        await _restore(pool, "s9", ["snap1"])  # the next one takes it
         assert ("hand_over", preparing.name) in inner.calls
         await pool.close()
         assert set(inner.sandboxes) == {"s9"}
@@ -305,13 +306,12 @@ def test_a_restore_before_its_standby_is_up_starts_afresh_and_keeps_it(
 def test_standbys_are_capped(inner: HandingOver) -> None:
     async def run() -> None:
         pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 0))
-        network = NetworkPolicy(enabled=False, allow=())
         sessions = [f"c{n}" for n in range(STANDBY_CAP + 2)]
         for sid in sessions:
             await pool.create(sid, BIG, IMAGE)
-            await pool.start(sid, BIG, network)
+            await pool.start(sid, BIG)
             await pool.capture(sid, f"snap-{sid}")
-            await _restore(pool, sid, [f"snap-{sid}"], network)
+            await _restore(pool, sid, [f"snap-{sid}"])
         assert len(pool._standbys) == STANDBY_CAP
         await pool.close()
         assert set(inner.sandboxes) == set(sessions)
