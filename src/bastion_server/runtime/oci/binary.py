@@ -8,7 +8,6 @@ apart from every other's.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from bastion_server.blocking import run_to_end
 from bastion_server.runtime import host
 from bastion_server.runtime.base import SandboxError
 
@@ -58,8 +58,10 @@ class OciBinary:
 
         Forking from the event loop's thread would stall every other request for the
         fork and exec (milliseconds in a large process); a thread keeps them flowing.
+        A caller cancelled meanwhile waits for the binary to finish first: a ``run``
+        left going would make its container after the caller's cleanup deleted it.
         """
-        proc = await asyncio.to_thread(
+        proc = await run_to_end(
             subprocess.run,
             self.argv(*args),
             stdin=subprocess.DEVNULL,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bastion_server import faults
+from bastion_server.blocking import run_to_end_or_undo
 from bastion_server.runtime import agent_protocol, freezer, host, job_limits, sandbox_procs
 from bastion_server.runtime.agent_build import BINARY_NAME, find_agent
 from bastion_server.runtime.agent_client import AgentProcess, ping
@@ -62,6 +63,12 @@ log = logging.getLogger("bastion.runtime")
 _T = TypeVar("_T")
 
 AGENT_START_TIMEOUT = 15.0
+
+
+def _close_namespace(userns: UserNamespace | None) -> None:
+    """Close what a start cut short had prepared (run_to_end_or_undo's undo)."""
+    if userns is not None:
+        userns.close()
 
 
 @sandbox_errors_only
@@ -284,7 +291,9 @@ class OciRuntime(Runtime):
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
         rng = self.id_range(session_id)
         try:
-            userns = await asyncio.to_thread(self._prepare_start, base, rng)
+            # Cancelled meanwhile (a shutdown while the pool fills): the mounts are made
+            # whole before the caller's cleanup undoes them, and the namespace closed.
+            userns = await run_to_end_or_undo(_close_namespace, self._prepare_start, base, rng)
         except OSError as exc:
             await self.stop(session_id)
             raise SandboxError(f"cannot prepare the sandbox's root: {exc}") from exc
