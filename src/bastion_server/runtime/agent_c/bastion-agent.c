@@ -876,20 +876,31 @@ static void frame_header(unsigned char h[FRAME_HDR], char kind, size_t n) {
     h[4] = (unsigned char)n;
 }
 
+struct started_frame {
+    unsigned char h[FRAME_HDR];
+    char json[64];
+};
+
+/* The owed started event as the first two iovs (it is no longer owed after): 0 if it
+ * was not owed. */
+static int take_started(struct sess *s, struct started_frame *f, struct iovec *iov) {
+    if (!s->started_pending)
+        return 0;
+    s->started_pending = false;
+    int len = snprintf(f->json, sizeof f->json, "{\"event\":\"started\",\"pid\":%d}",
+                       (int)s->sup);
+    frame_header(f->h, 'J', (size_t)len);
+    iov[0] = (struct iovec){f->h, FRAME_HDR};
+    iov[1] = (struct iovec){f->json, (size_t)len};
+    return 2;
+}
+
 /* Queue or send one frame, after the started event if it is owed (the same send). */
 static void send_frame(struct sess *s, char kind, const void *data, size_t n) {
-    unsigned char sh[FRAME_HDR], h[FRAME_HDR];
-    char started[64];
+    struct started_frame started;
+    unsigned char h[FRAME_HDR];
     struct iovec iov[4];
-    int cnt = 0;
-    if (s->started_pending) {
-        s->started_pending = false;
-        int len = snprintf(started, sizeof started, "{\"event\":\"started\",\"pid\":%d}",
-                           (int)s->sup);
-        frame_header(sh, 'J', (size_t)len);
-        iov[cnt++] = (struct iovec){sh, FRAME_HDR};
-        iov[cnt++] = (struct iovec){started, (size_t)len};
-    }
+    int cnt = take_started(s, &started, iov);
     frame_header(h, kind, n);
     iov[cnt++] = (struct iovec){h, FRAME_HDR};
     iov[cnt++] = (struct iovec){(void *)data, n};
@@ -898,16 +909,11 @@ static void send_frame(struct sess *s, char kind, const void *data, size_t n) {
 
 /* The started event, if still owed: by itself (the job ran STARTED_DELAY_NS quietly). */
 static void send_started(struct sess *s) {
-    if (!s->started_pending)
-        return;
-    s->started_pending = false;
-    char started[64];
-    unsigned char sh[FRAME_HDR];
-    int len = snprintf(started, sizeof started, "{\"event\":\"started\",\"pid\":%d}",
-                       (int)s->sup);
-    frame_header(sh, 'J', (size_t)len);
-    struct iovec iov[2] = {{sh, FRAME_HDR}, {started, (size_t)len}};
-    send_iov(s, iov, 2);
+    struct started_frame started;
+    struct iovec iov[2];
+    int cnt = take_started(s, &started, iov);
+    if (cnt)
+        send_iov(s, iov, cnt);
 }
 
 static void send_json(struct sess *s, struct buf *b) {
