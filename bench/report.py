@@ -144,7 +144,8 @@ def _snapshot_targets(results: Results) -> list[dict[str, Any]]:
     for name, key, most in (
         ("snapshot of 100 MiB written (p50)", "snapshot_100mb", 300),
         ("fork(count=10) to 10 running (p50)", "fork10", 1000),
-        ("restore of a small session (p50)", "restore_small", 50),
+        ("restore of a small session, back to back (p50)", "restore_small", 50),
+        ("restore in an RL reset loop (p50)", "restore_reset_loop", 50),
         ("pause (p50)", "pause", 10),
         ("resume (p50)", "resume", 10),
     ):
