@@ -17,15 +17,15 @@ come with it as SCM_RIGHTS) then optionally ``{"op": "kill", "signal"}`` /
 ``{"event": "pong", "pid"}``; ``{"event": "started", "pid"}``, output frames, and last
 ``{"event": "exit", "exit_code", "signal", "timed_out", "error", "message",
 "kill_signal", "usage"}``.  The started event goes in the same send as the job's first
-output or its exit, or by itself after 5 ms without either (one wake-up of the server
-for a short job instead of two).  The C agent's header comment is the full reference.  Closing the
-connection kills the job's whole process tree, unless the job is persistent (exec with
-``"persist": true, "job_id", "spool_bytes"``: what lets a job outlive the server): it
-runs on with its output spooled in the sandbox; ``{"op": "attach", "job_id",
-"stdout_offset", "stderr_offset"}`` on a new connection replays the spool past those
-offsets and goes on live (or sends the kept exit event, which then carries
-``"output_bytes"``), and ``{"op": "forget"}`` after the exit event lets the agent drop
-the job.
+output or its exit, or by itself after 2 ms without either (one wake-up of the server
+for a short job instead of two).  The C agent's header comment is the full reference.
+Closing the connection kills the job's whole process tree, unless the job is
+persistent (exec with ``"persist": true, "job_id", "spool_bytes"``: what lets a job
+outlive the server): it runs on with its output spooled in the sandbox;
+``{"op": "attach", "job_id", "stdout_offset", "stderr_offset"}`` on a new connection
+replays the spool past those offsets and goes on live (or sends the kept exit event,
+which then carries ``"output_bytes"``), and ``{"op": "forget"}`` after the exit event
+lets the agent drop the job.
 
 ``"keep_open": true`` in an exec asks the agent to keep the connection after the job:
 its exit event then says ``"keep_open": true``, and once the job's conversation is over

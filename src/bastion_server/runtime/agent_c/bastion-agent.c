@@ -36,7 +36,7 @@
  * usage = {"wall_us","user_cpu_us","system_cpu_us","peak_rss_kb"} of the job's main
  * process and every descendant reaped before it ended (null if the supervisor died).
  * Started goes in the same send as the job's first frame, or by itself once the job
- * has run STARTED_DELAY_NS (5 ms) without one: a short job's events wake the server once.
+ * has run STARTED_DELAY_NS (2 ms) without one: a short job's events wake the server once.
  * Closing the connection kills the job's whole tree, unless the job is persistent.
  *
  * oom_kills_before (exec, a number): kept with the job and sent back in its exit event
@@ -132,8 +132,10 @@
 #define DRAIN_NS (50LL * 1000000)  /* output drained after the main process exits */
 #define SWEEP_NS (2LL * 1000000)   /* pause between two sweeps of a tree */
 /* The started event waits this long for the job's first output or its exit, to go in
- * the same send: each send wakes the server, the dearest part of a short job. */
-#define STARTED_DELAY_NS (5LL * 1000000)
+ * the same send: each send wakes the server, the dearest part of a short job.  Short:
+ * until it comes, the server cannot tell the job's processes in a process list (a
+ * client's run, then its list, is a few ms apart even on loopback). */
+#define STARTED_DELAY_NS (2LL * 1000000)
 #define MAX_SWEEPS 200
 #define MAX_DEPTH 64               /* JSON nesting */
 #define SOCKET_NAME "agent.sock"
