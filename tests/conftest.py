@@ -8,6 +8,7 @@ that `make setup` built.
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,16 @@ import pytest
 from bastion_server.testing import IMAGES_DIR, ServerProcess, free_port
 
 __all__ = ["IMAGES_DIR", "ServerProcess", "free_port"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run as from a terminal even when started in the background: a shell hands a
+    background job SIGINT and SIGQUIT ignored, and every child (servers, CLIs) would keep
+    them so, which tests of Ctrl-C cannot see through."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

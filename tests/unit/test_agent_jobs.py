@@ -85,6 +85,11 @@ def test_kill_with_sigint_ends_an_unhandling_job_by_that_signal(agent: Agent) ->
     assert exit_event["error"] == "killed"
 
 
+def test_a_job_ignores_no_signal_the_agent_was_handed_ignored(agent: Agent) -> None:
+    conn = agent.run(["grep", "-E", "^Sig(Ign|Blk):", "/proc/self/status"])
+    assert bytes(conn.stdout).split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
+
+
 def test_usage_reports_cpu_time_memory_and_wall_time(agent: Agent) -> None:
     # ~64 MiB touched, then a busy loop of about 0.3 s of CPU, in a child of the shell.
     script = (

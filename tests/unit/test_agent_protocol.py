@@ -301,7 +301,9 @@ def c_agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def agent(c_agent_binary: Path) -> Iterator[Agent]:
-    command = [str(c_agent_binary)]
+    # Started with SIGINT and SIGQUIT ignored, as a shell hands them to a server it starts
+    # in the background: the agent must give its jobs every signal back.
+    command = ["sh", "-c", 'trap "" INT QUIT; exec "$0"', str(c_agent_binary)]
     # Short: a socket path has at most 107 bytes.
     sock_dir = Path(tempfile.mkdtemp(prefix="bastion-agent-"))
     log_path = sock_dir / "agent.log"

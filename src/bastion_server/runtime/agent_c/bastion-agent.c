@@ -1331,9 +1331,13 @@ static int exec_search(char **argv, char **envp) {
 }
 
 static _Noreturn void run_job(const struct spawn *sp) {
+    /* Every disposition back to its default: an exec keeps an ignored signal, and the
+     * agent may have been handed SIGINT and SIGQUIT ignored (a server started in the
+     * background by a shell) besides the SIGPIPE it ignores itself. */
     struct sigaction dfl = {.sa_handler = SIG_DFL};
-    sigaction(SIGPIPE, &dfl, NULL); /* the agent ignores it; an exec keeps that */
-    sigaction(SIGUSR1, &dfl, NULL);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            sigaction(sig, &dfl, NULL);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
