@@ -1333,11 +1333,16 @@ static int exec_search(char **argv, char **envp) {
 static _Noreturn void run_job(const struct spawn *sp) {
     /* Every disposition back to its default: an exec keeps an ignored signal, and the
      * agent may have been handed SIGINT and SIGQUIT ignored (a server started in the
-     * background by a shell) besides the SIGPIPE it ignores itself. */
-    struct sigaction dfl = {.sa_handler = SIG_DFL};
-    for (int sig = 1; sig < NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            sigaction(sig, &dfl, NULL);
+     * background by a shell) besides the SIGPIPE it ignores itself.  Through the system
+     * call: libc's sigaction refuses the real-time signals it keeps for itself (32, 33),
+     * which may have come ignored too.  An all-zero kernel sigaction is SIG_DFL, no
+     * flags, no mask, whatever the architecture's layout of it. */
+    for (int sig = 1; sig <= 64; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        unsigned long dfl[4] = {0};
+        syscall(SYS_rt_sigaction, sig, dfl, NULL, (size_t)8);
+    }
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
