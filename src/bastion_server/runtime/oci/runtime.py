@@ -175,6 +175,8 @@ class OciRuntime(Runtime):
         for path in (self.data_dir, self.sessions_dir):
             os.chmod(path, 0o711)
         await self.network.prepare()
+        if host.favor_cgroup_moves():
+            log.info("remounted cgroup v2 with favordynmods: sandbox starts skip a grace period")
         host_setup.check_reachable(self.data_dir)
         host_setup.check_reachable(Path(self.image.rootfs))
         host_setup.fill_share(self.share_dir, agent)
