@@ -134,6 +134,45 @@ def test_restore_resets_files_and_stops_jobs_first(run: Run, runtime: FakeRuntim
     run(body)
 
 
+def test_a_running_session_is_restored_in_one_runtime_operation(
+    run: Run, runtime: FakeRuntime
+) -> None:
+    """Runtime.restore, not a stop then a start: a backend keeps what it can (the OCI
+    runtime its disk and mounts, the warm pool a standby); the session stays running."""
+
+    async def body(s: Services) -> None:
+        sid = await _running(s)
+        snap = await s.snapshots.snapshot(OWNER, sid)
+        await s.sessions.pause(OWNER, sid)  # a paused one is thawed, then restored
+        runtime.calls.clear()
+        record = await s.snapshots.restore(OWNER, sid, snap.id)
+        assert record.status == SessionStatus.RUNNING
+        assert ("restore", sid) in runtime.calls
+        assert runtime.calls.index(("resume", sid)) < runtime.calls.index(("restore", sid))
+        assert s.sessions.get(OWNER, sid).status == SessionStatus.RUNNING
+
+    run(body)
+
+
+def test_a_restore_that_fails_leaves_the_session_stopped(run: Run, runtime: FakeRuntime) -> None:
+    async def body(s: Services) -> None:
+        sid = await _running(s)
+        snap = await s.snapshots.snapshot(OWNER, sid)
+        runtime.fail("restore", SandboxError("the disk went away"))
+        with pytest.raises(ServiceError) as caught:
+            await s.snapshots.restore(OWNER, sid, snap.id)
+        assert caught.value.code == ErrorCode.SESSION_START_FAILED
+        assert "the disk went away" in caught.value.message
+        stopped = s.sessions.get(OWNER, sid)
+        assert stopped.status == SessionStatus.STOPPED
+        assert stopped.status_reason == "restore failed"
+        assert not runtime.sandboxes[sid].running
+        await s.sessions.start(OWNER, sid)  # and it can be started again
+        assert s.sessions.get(OWNER, sid).status == SessionStatus.RUNNING
+
+    run(body)
+
+
 def test_fork_starts_copies_that_diverge(run: Run, runtime: FakeRuntime) -> None:
     async def body(s: Services) -> None:
         sid = await _running(s, metadata={"task": "7"}, env={"SECRET": "s"})

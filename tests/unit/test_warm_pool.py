@@ -168,8 +168,8 @@ def test_without_a_pool_every_create_is_the_backends(inner: HandingOver) -> None
     asyncio.run(run())
 
 
-# Standbys: a restore of a running session (stop, set_layers, start, in one task, as
-# service/sessions.py's restore does them) to the snapshot of its last restore.
+# Standbys: a restore of a running session (Runtime.restore, as service/sessions.py's
+# restore asks it, after check_layers) to the snapshot of its last restore.
 
 BIG = dataclasses.replace(LIMITS, memory_mb=2048)
 NO_NETWORK = NetworkPolicy(enabled=False, allow=())
@@ -183,9 +183,7 @@ async def _restore(
     pool: WarmPool, sid: str, layers: list[str], network: NetworkPolicy = NO_NETWORK
 ) -> None:
     await pool.check_layers(sid, layers)
-    await pool.stop(sid)
-    await pool.set_layers(sid, layers)
-    await pool.start(sid, BIG, network)
+    await pool.restore(sid, layers, BIG, network)
 
 
 async def _running_with_snapshots(
@@ -231,6 +229,7 @@ def test_a_restore_to_the_same_snapshot_takes_its_standby(inner: HandingOver) ->
             await _restore(pool, "s6", ["snap1"], network)
             assert ("hand_over", standby.name) in inner.calls
             assert inner.calls[1] == ("kill_all", "s6")  # stopped at once, unmounted later
+            assert ("restore", "s6") not in inner.calls  # not the backend's own
             assert ("start", "s6") not in inner.calls and ("connect", "s6") in inner.calls
             restored = inner.sandboxes["s6"]
             assert _files(restored.root) == expected  # the snapshot's, no later write
@@ -256,14 +255,14 @@ def test_a_restore_of_a_stopped_session_or_to_other_layers_takes_no_standby(
         first = pool._standbys["s7"]
         assert await first.ready
         inner.calls.clear()
-        await _restore(pool, "s7", ["snap2"])  # other layers: cold
+        await _restore(pool, "s7", ["snap2"])  # other layers: the backend's restore
         assert ("start", "s7") in inner.calls and first.name not in inner.sandboxes
         assert ("kill_all", "s7") not in inner.calls
         second = pool._standbys["s7"]
         assert await second.ready and second.layers == ("snap2",)
-        await pool.stop("s7")  # a stop of its own (another task), then a restore
+        await pool.stop("s7")  # stopped, then given the same layers again
         inner.calls.clear()
-        await asyncio.create_task(pool.set_layers("s7", ["snap2"]))
+        await pool.set_layers("s7", ["snap2"])
         assert not any(call[0] == "hand_over" for call in inner.calls)
         assert not inner.sandboxes["s7"].running  # stays stopped
         assert second.name not in inner.sandboxes and pool._standbys == {}

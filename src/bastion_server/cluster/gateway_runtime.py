@@ -552,6 +552,19 @@ class ClusterRuntime(Runtime):
         await self.check_layers(session_id, layers)
         await self._call(self._live_node(session_id), "set_layers", session_id, layers)
 
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None = None,
+    ) -> None:
+        """The node's own restore (its standby, its kept mounts), of snapshots it
+        holds (:meth:`check_layers`)."""
+        await self.check_layers(session_id, layers)
+        node = self._live_node(session_id)
+        await self._call(node, "restore", session_id, layers, limits, network)
+
     async def remove_snapshot(self, snapshot_id: str) -> None:
         """Remove the snapshot's layer on its node; a node away keeps it (an error: the
         caller retries), one not known to hold it is asked, as every node is."""

@@ -276,6 +276,15 @@ class NodeAgent:
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         await self._on_loop(self._rt().set_layers(session_id, layers))
 
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None,
+    ) -> None:
+        await self._on_loop(self._rt().restore(session_id, layers, limits, network))
+
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self._on_loop(self._rt().remove_snapshot(snapshot_id))
 

@@ -8,6 +8,7 @@ sandboxes named by a session id, runs processes in them and exposes their files.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -262,6 +263,29 @@ class Runtime(abc.ABC):
         """Make a stopped (or created) sandbox's files those of the snapshots
         ``layers`` (top first: a snapshot, then its parent's...), its own writes gone."""
         raise SandboxError(f"the {self.name} runtime cannot start a sandbox from a snapshot")
+
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None = None,
+    ) -> None:
+        """Start a running sandbox again over the snapshots ``layers`` (as
+        :meth:`set_layers`): every process ended, its own writes gone, the snapshots'
+        files and nothing else, then running with ``limits`` and ``network`` (the RL
+        "reset").  If it fails, the sandbox is left stopped.  By default a stop, a
+        :meth:`set_layers` and a start; a backend may keep what a start would make the
+        same again (the OCI runtime keeps the disk and its mounts, a warm pool swaps in
+        a sandbox started ahead)."""
+        try:
+            await self.stop(session_id)
+            await self.set_layers(session_id, layers)
+            await self.start(session_id, limits, network)
+        except SandboxError:
+            with contextlib.suppress(SandboxError):
+                await self.stop(session_id)
+            raise
 
     async def remove_snapshot(self, snapshot_id: str) -> None:  # noqa: B027 - nothing by default
         """Remove a snapshot's layer (nothing if it is not there)."""

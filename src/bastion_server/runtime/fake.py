@@ -425,6 +425,20 @@ class FakeRuntime(Runtime):
             raise SandboxError(f"sandbox {session_id} is running: stop it first")
         await self._copy_layers(sandbox, layers)
 
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None = None,
+    ) -> None:
+        try:
+            self._enter("restore", session_id)
+        except SandboxError:
+            await self.stop(session_id)  # a restore that fails leaves it stopped
+            raise
+        await super().restore(session_id, layers, limits, network)
+
     async def _copy_layers(self, sandbox: FakeSandbox, layers: Sequence[str]) -> None:
         """The sandbox's files become the top snapshot's copy (none: empty again)."""
         if not all(self._snapshot_dir(name).is_dir() for name in layers):

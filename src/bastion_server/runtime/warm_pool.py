@@ -9,13 +9,15 @@ its ``hand_over``) and ``start`` then only gives it its network.  Any other crea
 to the backend as it is.
 
 Standbys, for the RL "reset" (a restore to one snapshot again and again): once a
-running session was restored to a snapshot, the wrapper keeps one sandbox of that
-snapshot's files started ahead, of the session's own limits (at most one a session,
-:data:`STANDBY_CAP` in all, dropped with the session).  The next restore of that
-running session to the same snapshot (its stop, ``set_layers`` and start, in one
-task) takes it: the session's old sandbox is renamed to a ``trash_*`` name and
-removed in the background, the standby renamed to the session (both crash-safe
-hand-overs) and ``start`` only connects it to the session's network.
+running session was restored to a snapshot (:meth:`Runtime.restore`), the wrapper
+keeps one sandbox of that snapshot's files started ahead, of the session's own limits
+(at most one a session, :data:`STANDBY_CAP` in all, dropped with the session).  The
+next restore of that session to the same snapshot takes it: the session's old
+sandbox's processes are killed, it is renamed to a ``trash_*`` name and removed in
+the background, the standby renamed to the session (both crash-safe hand-overs) and
+connected to the session's network.  A restore that finds no standby ready (back to
+back, the one before still starting) is the backend's own restore, and the standby
+being prepared for those layers stays for the next.
 
 The pool's own sandboxes, standbys and trash belong to no session: they are never
 listed as sandboxes (an earlier run's leftovers are in no pool, so they are listed,
@@ -29,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,21 +64,6 @@ POOL_PREFIX = "pool_"
 TRASH_PREFIX = "trash_"
 #: At most this many standby sandboxes at once (each is a running sandbox).
 STANDBY_CAP = 8
-
-
-#: A task, weakly held: a stopped session must not keep its request's task alive.
-_TaskRef = weakref.ref[asyncio.Task[Any]]
-
-
-def _this_task() -> _TaskRef | None:
-    """The running task, weakly: two are equal while the task lives."""
-    task = asyncio.current_task()
-    return None if task is None else weakref.ref(task)
-
-
-def _same_task(ref: _TaskRef | None) -> bool:
-    """Whether ``ref`` is the running task."""
-    return ref is not None and ref() is asyncio.current_task()
 
 
 @dataclass
@@ -126,17 +112,8 @@ class WarmPool(Runtime):
         self._filler: asyncio.Task[None] | None = None
         #: Per session, the standby for its next restore (see the module's docstring).
         self._standbys: dict[str, _Standby] = {}
-        #: Sessions restored to snapshot layers, for a standby of them at their start.
-        self._restored: dict[str, tuple[str, ...]] = {}
-        #: The task that stopped each session last: a restore's set_layers in the same
-        #: task is of a session that was running (and will be started again).
-        self._stopped_by: dict[str, _TaskRef | None] = {}
         #: Old sandboxes being removed in the background.
         self._trash: set[str] = set()
-        #: Per session, the task of a restore under way and its layers (check_layers).
-        self._restoring: dict[str, tuple[_TaskRef | None, tuple[str, ...]]] = {}
-        #: Sessions whose processes were killed for their standby, not yet unmounted.
-        self._killed: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         """What the backend offers beyond the contract (an OCI runtime's ``with_upper``,
@@ -245,14 +222,22 @@ class WarmPool(Runtime):
             await standby.ready
         await self.inner.delete(standby.name)
 
-    async def _take_standby(self, session_id: str, layers: tuple[str, ...]) -> bool:
-        """Put the session's standby of ``layers`` in place of its stopped sandbox (the
-        old one renamed away and removed in the background); False: there is none
-        ready (or it could not be put in place), the session's sandbox as it was."""
+    async def _take_standby(
+        self,
+        session_id: str,
+        layers: tuple[str, ...],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None,
+    ) -> bool:
+        """Put the session's standby of ``layers`` and ``limits``, if it runs, in place
+        of its sandbox (killed, renamed away and removed in the background) and connect
+        it; False: none is ready (one still being prepared stays for the next restore)
+        or it could not be put in place, and the session's sandbox is where it was
+        (its processes maybe killed: the backend's restore ends them anyway)."""
         standby = self._standbys.get(session_id)
         if standby is None or not standby.ready.done():
-            # Still being prepared: waiting for it costs more than a start of its own
-            # (back-to-back restores); it stays, for the next one.
+            # Still being prepared: waiting for it costs more than a restore of the
+            # backend's own (back-to-back restores).
             return False
         image = self.inner.image_of(standby.name)
         old_image = self.inner.image_of(session_id)
@@ -260,6 +245,7 @@ class WarmPool(Runtime):
             await self._drop_standby(session_id)
             return False
         del self._standbys[session_id]
+        await self.inner.kill_all(session_id)  # the rest of its stop is the trash's delete
         trash = f"{TRASH_PREFIX}{os.urandom(8).hex()}"
         self._trash.add(trash)
         try:
@@ -281,8 +267,12 @@ class WarmPool(Runtime):
             with contextlib.suppress(SandboxError):
                 await self.inner.delete(standby.name)
             raise
-        self._prestarted[session_id] = standby.limits
         spawn(self._remove_trash(trash), name="old sandbox removal")
+        try:
+            await self.inner.connect(session_id, network)
+        except SandboxNotRunning:  # it died since it was started: start it as any other
+            await self.inner.stop(session_id)
+            await self.inner.start(session_id, limits, network)
         return True
 
     async def _remove_trash(self, name: str) -> None:
@@ -334,7 +324,6 @@ class WarmPool(Runtime):
     async def start(
         self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None = None
     ) -> None:
-        self._stopped_by.pop(session_id, None)
         prestarted = self._prestarted.pop(session_id, None)
         if prestarted == limits:
             try:
@@ -349,40 +338,35 @@ class WarmPool(Runtime):
             prestarted = None
         if prestarted is None:
             await self.inner.start(session_id, limits, network)
-        layers = self._restored.pop(session_id, None)
-        if layers is not None:  # restored, and running: its next reset can be ready
-            self._keep_standby(session_id, layers, limits)
 
     async def restore_network(self, session_id: str, network: NetworkPolicy) -> None:
         await self.inner.restore_network(session_id, network)
 
     async def stop(self, session_id: str) -> None:
         self._prestarted.pop(session_id, None)
-        self._restored.pop(session_id, None)
-        restoring = self._restoring.pop(session_id, None)
-        standby = self._standbys.get(session_id)
-        if (
-            restoring is not None
-            and _same_task(restoring[0])
-            and standby is not None
-            and standby.is_ready(restoring[1])
-        ):
-            # A restore to its ready standby's layers: the sandbox is about to be
-            # renamed away, so its processes die now and its unmounts come later.
-            await self.inner.kill_all(session_id)
-            self._killed.add(session_id)
-            self._stopped_by[session_id] = _this_task()
-            return
-        self._killed.discard(session_id)
         await self.inner.stop(session_id)
-        self._stopped_by[session_id] = _this_task()
+
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None = None,
+    ) -> None:
+        """The session's standby, if one of these layers and limits runs; else the
+        backend's restore (the standby being prepared for them stays).  Either way the
+        next restore to these layers can find one ready."""
+        wanted = tuple(layers)
+        self._prestarted.pop(session_id, None)
+        standby = self._standbys.get(session_id)
+        if standby is not None and (standby.layers, standby.limits) != (wanted, limits):
+            await self._drop_standby(session_id)  # of other layers: of no use
+        if not await self._take_standby(session_id, wanted, limits, network):
+            await self.inner.restore(session_id, layers, limits, network)
+        self._keep_standby(session_id, wanted, limits)
 
     async def delete(self, session_id: str) -> None:
-        self._restoring.pop(session_id, None)
-        self._killed.discard(session_id)
         self._prestarted.pop(session_id, None)
-        self._restored.pop(session_id, None)
-        self._stopped_by.pop(session_id, None)
         await self._drop_standby(session_id)
         await self.inner.delete(session_id)
 
@@ -397,29 +381,13 @@ class WarmPool(Runtime):
 
     async def check_layers(self, session_id: str, layers: Sequence[str]) -> None:
         await self.inner.check_layers(session_id, layers)
-        # What a restore asks before it stops the session: its stop may be a kill.
-        self._restoring[session_id] = (_this_task(), tuple(layers))
 
     async def set_layers(self, session_id: str, layers: list[str]) -> None:
         if session_id in self._prestarted:  # a pool's sandbox: running over the image
             await self.stop(session_id)
-        # A restore of a running session (stopped by this same task) to its standby's
-        # layers takes the standby; any other keeps no standby of other layers.
-        was_running = _same_task(self._stopped_by.pop(session_id, None))
-        wanted = tuple(layers)
-        if was_running and await self._take_standby(session_id, wanted):
-            self._killed.discard(session_id)  # its unmounts are the trash's now
-            self._restored[session_id] = wanted
-            return
-        if session_id in self._killed:  # not replaced after all: a whole stop first
-            self._killed.discard(session_id)
-            await self.inner.stop(session_id)
-        standby = self._standbys.get(session_id)
-        if not (was_running and standby is not None and standby.layers == wanted):
-            await self._drop_standby(session_id)  # (one being prepared for them stays)
+        # A stopped session's new files: a standby (started for a running one) goes.
+        await self._drop_standby(session_id)
         await self.inner.set_layers(session_id, layers)
-        if was_running:
-            self._restored[session_id] = wanted
 
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.inner.remove_snapshot(snapshot_id)

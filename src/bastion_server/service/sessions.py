@@ -95,6 +95,14 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def _network_of(record: SessionRecord) -> NetworkPolicy:
+    """The network policy a session's sandbox runs with."""
+    return NetworkPolicy(
+        enabled=bool(record.network.get("enabled")),
+        allow=tuple(record.network.get("allow") or ()),
+    )
+
+
 def sandbox_failure(exc: SandboxError, code: ErrorCode, message: str) -> ServiceError:
     """``message`` as a ServiceError of the code the runtime gave the failure (an image
     no node holds: ``image_state``...), else of ``code``, the operation's own."""
@@ -469,12 +477,7 @@ class SessionService:
         session_id = record.id
         try:
             await self.runtime.start(
-                session_id,
-                SandboxLimits(**record.limits),
-                NetworkPolicy(
-                    enabled=bool(record.network.get("enabled")),
-                    allow=tuple(record.network.get("allow") or ()),
-                ),
+                session_id, SandboxLimits(**record.limits), _network_of(record)
             )
         except SandboxError as exc:
             log.error("session start failed", extra={"session_id": session_id, "error": str(exc)})
@@ -609,18 +612,40 @@ class SessionService:
             except SandboxError as exc:
                 raise refused(exc) from exc
             if was_up:
-                await self._stop_locked(record, "restored to a snapshot")
-            try:
-                await self.runtime.set_layers(session_id, list(layers))
-            except SandboxError as exc:
-                raise refused(exc) from exc
+                await self._restart_over(record, layers, refused)
+            else:
+                try:
+                    await self.runtime.set_layers(session_id, list(layers))
+                except SandboxError as exc:
+                    raise refused(exc) from exc
             self.store.set_session_snapshot(session_id, snapshot_id)
             record.snapshot = snapshot_id
-            if was_up:
-                with self.quotas.starting(record.owner):
-                    await self._start_locked(record)
             log.info("session restored", extra={"session_id": session_id, "snapshot": snapshot_id})
             return record
+
+    async def _restart_over(
+        self,
+        record: SessionRecord,
+        layers: Sequence[str],
+        refused: Callable[[SandboxError], ServiceError],
+    ) -> None:
+        """A running (or paused) session's restore, its lock held: its jobs and
+        terminals end as at a stop, then the runtime starts its sandbox again over
+        ``layers`` in one operation (``Runtime.restore``); it stays ``running`` (one
+        store write), or is recorded ``stopped`` if that failed."""
+        await self._thaw_if_paused(record)
+        await self._halt(record.id, "session_stopped")
+        try:
+            with self.quotas.starting(record.owner):
+                await self.runtime.restore(
+                    record.id, list(layers), SandboxLimits(**record.limits), _network_of(record)
+                )
+        except SandboxError as exc:
+            self._set_status(record, SessionStatus.STOPPED, "restore failed")
+            raise refused(exc) from exc
+        self._set_status(
+            record, SessionStatus.RUNNING, "restored to a snapshot", active_at=time.monotonic()
+        )
 
     async def delete(self, owner: str, session_id: str) -> SessionRecord:
         async with self.locks.hold(session_id):
@@ -822,12 +847,8 @@ class SessionService:
         """reconcile for one session (``running``: its sandbox runs)."""
         up = record.status in (SessionStatus.RUNNING, SessionStatus.PAUSED)
         if up and running:
-            policy = NetworkPolicy(
-                enabled=bool(record.network.get("enabled")),
-                allow=tuple(record.network.get("allow") or ()),
-            )
             try:
-                await self.runtime.restore_network(record.id, policy)
+                await self.runtime.restore_network(record.id, _network_of(record))
             except Exception as exc:  # any failure: the sandbox must not stay up
                 log.error(
                     "session network not restored",
