@@ -611,3 +611,34 @@ def test_kill_during_concurrent_creates(pooled: ServerProcess) -> None:
         assert len(after) == count
         for sid in random.sample(sorted(set(after) - before), k=min(3, len(set(after) - before))):
             _check_usable(c, srv, sid)
+
+
+# -- restore ----------------------------------------------------------------------------
+
+
+def _aside(srv: ServerProcess, sid: str) -> list[str]:
+    """A restore's old writes still on the session's disk (if it is mounted)."""
+    return glob.glob(str(_sessions_dir(srv) / sid / "layer" / ".restored-*"))
+
+
+def test_restore_interrupted_leaves_the_snapshots_files_and_no_old_writes(
+    srv: ServerProcess,
+) -> None:
+    _start_with_fault(srv, "restore.after_set_aside")
+    ack = Acknowledged()
+    with _client(srv) as c:
+        sid = _running_session(c, ack)
+        write = {"command": ["sh", "-c", "echo clean > ~/state"]}
+        assert c.post(f"/v1/sessions/{sid}/jobs", params={"wait": 30}, json=write).is_success
+        snap = c.post(f"/v1/sessions/{sid}/snapshots").json()["snapshot_id"]
+        dirty = {"command": ["sh", "-c", "echo dirty > ~/state; head -c 8M /dev/zero > ~/big"]}
+        assert c.post(f"/v1/sessions/{sid}/jobs", params={"wait": 30}, json=dirty).is_success
+        restore = {"snapshot_id": snap}
+        assert _attempt(c.post, f"/v1/sessions/{sid}/restore", json=restore) is None
+    _die_and_restart(srv)
+    check_invariants(srv, ack)  # started again if it had to be, and usable
+    with _client(srv) as c:
+        probe = {"command": ["sh", "-c", "cat ~/state; ls ~"]}
+        r = c.post(f"/v1/sessions/{sid}/jobs", params={"wait": 30}, json=probe)
+        assert r.json()["output"]["console_output"] == "clean\nstate\n"
+    assert _aside(srv, sid) == []

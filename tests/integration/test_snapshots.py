@@ -102,6 +102,33 @@ def test_restore_resets_files_and_stops_jobs_first(
     )
 
 
+def test_a_restore_ends_every_process_and_frees_the_old_writes(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    """The OCI runtime's own restore (the first of a session: no standby yet) keeps
+    the disk mounted; what a stop and a start would give must be there all the same:
+    no process of before (a detached one in a job cgroup of its own either), a fresh
+    /run/bastion, the old writes' space given back."""
+    snap = client.sessions.snapshot(sid)["snapshot_id"]
+    _sh(client, sid, "head -c 64M /dev/zero > ~/big; setsid sleep 600 > /dev/null 2>&1 &")
+    client.jobs.run_and_wait(
+        sid, ["sh", "-c", "setsid sleep 700 &"], limits={"memory_mb": 64}, user="root"
+    )
+    client.jobs.run_and_wait(sid, ["touch", "/run/bastion/left-by-root"], user="root")
+    before = {" ".join(p["command"]) for p in client.sessions.processes(sid)}
+    assert {"sleep 600", "sleep 700"} <= before, before
+    client.sessions.restore(sid, snap)
+    after = [" ".join(p["command"]) for p in client.sessions.processes(sid)]
+    assert not any(c.startswith("sleep") for c in after), after
+    listed = client.jobs.run_and_wait(sid, ["ls", "-A", "/run/bastion"], user="root")
+    assert "left-by-root" not in (listed["output"] or {}).get("console_output", "")
+    deadline = time.monotonic() + 30
+    while int(_sh(client, sid, "df -k --output=used / | tail -1")) > 32 * 1024:
+        assert time.monotonic() < deadline, "the old writes' space was not given back"
+        time.sleep(0.2)
+    assert _sh(client, sid, "ls ~; echo ok") == "ok\n"
+
+
 def test_snapshot_of_stopped_and_paused_sessions(
     client: Bastion, sid: str, cleanup: list[str]
 ) -> None:

@@ -297,6 +297,25 @@ def _reach(client: Bastion, sid: str, hosts: list[str], port: int = 8000) -> dic
     return {host: flag == "1" for host, flag in pairs}
 
 
+def test_a_restored_session_has_its_network_policy_again(
+    client: Bastion, testnet: FakeInternet
+) -> None:
+    """A restore runs the sandbox anew (a new network namespace): the session's policy
+    is applied to it again, the allowed address reachable, the others not."""
+    sid = _session(client, enabled=True, allow=["10.213.77.0/24"])
+    try:
+        snap = client.sessions.snapshot(sid)["snapshot_id"]
+        hosts = [PUBLIC_HOST, "10.213.77.2", METADATA]
+        expected = {PUBLIC_HOST: False, "10.213.77.2": True, METADATA: False}
+        assert _reach(client, sid, hosts) == expected
+        for _ in range(2):  # the runtime's own restore, then (maybe) a standby's
+            client.sessions.restore(sid, snap)
+            assert _reach(client, sid, hosts) == expected
+    finally:
+        client.sessions.delete(sid)
+        client.snapshots.delete(snap)
+
+
 def test_private_ranges_are_blocked_unless_allowed_by_name(
     client: Bastion, testnet: FakeInternet
 ) -> None:

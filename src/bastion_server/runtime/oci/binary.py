@@ -97,11 +97,6 @@ class OciBinary:
         """``delete --force``: kill and forget the container (nothing if there is none)."""
         await self.run("delete", "--force", container, check=False)
 
-    async def kill(self, container: str) -> None:
-        """SIGKILL the container's first process, so every process of its pid
-        namespace (nothing if there is none); ``delete`` still has it to forget."""
-        await self.run("kill", container, "KILL", check=False)
-
     async def pid(self, container: str) -> int:
         """The container's init pid (its agent's, on the host)."""
         _, out = await self.run("state", container)

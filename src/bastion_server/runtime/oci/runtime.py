@@ -52,12 +52,13 @@ from bastion_server.runtime.files import SandboxFiles
 from bastion_server.runtime.host_files import HostFiles
 from bastion_server.runtime.idmap import IdRange, IdRangeRegistry, UserNamespace
 from bastion_server.runtime.network import NetworkManager, NetworkPolicy
-from bastion_server.runtime.oci import host_setup, storage
+from bastion_server.runtime.oci import host_setup, sandbox_kill, storage
 from bastion_server.runtime.oci import spec as oci_spec
 from bastion_server.runtime.oci.binary import UP, OciBinary
 from bastion_server.runtime.sandbox_fs import SandboxFS
 from bastion_server.runtime.sandbox_image import SandboxImage
 from bastion_server.runtime.snapshots import SnapshotLayer, SnapshotStore
+from bastion_server.tasks import spawn
 
 log = logging.getLogger("bastion.runtime")
 _T = TypeVar("_T")
@@ -105,6 +106,8 @@ class OciRuntime(Runtime):
         self.private: set[str] = set()
         self._containers: dict[str, str] = {}
         self._images: dict[str, SandboxImage] = {}
+        #: A restore's old writes being removed, by session (see :meth:`restore`).
+        self._clearing: dict[str, asyncio.Task[None]] = {}
         self.network = NetworkManager(Path(self.state_root))
         self.snapshots = SnapshotStore(data_dir / "snapshots")
 
@@ -186,8 +189,11 @@ class OciRuntime(Runtime):
         # Sandboxes adopted while running have their disk mounted since before a crash
         # (the others are swept as they start).
         for session_id in await asyncio.to_thread(self._on_disk):
-            if os.path.ismount(self._dir(session_id) / "rootfs"):
+            base = self._dir(session_id)
+            if os.path.ismount(base / "rootfs"):
                 await asyncio.to_thread(self._sweep_temp_names, session_id)
+            if os.path.ismount(base / "layer"):  # a restore's old writes a crash left
+                await asyncio.to_thread(storage.remove_set_aside, base)
 
     async def close(self) -> None:
         await self.network.close()
@@ -232,6 +238,7 @@ class OciRuntime(Runtime):
         process work.  Its container keeps its name, recorded in the directory; the id
         range is registered to both names across the rename, so a crash at any point
         leaves what a delete of either name removes whole."""
+        await self._cleared(sandbox_id)
         old, new = self._dir(sandbox_id), self._dir(session_id)
         (old / "container").write_text(self._container(sandbox_id))
         if image != self.image_of(sandbox_id):  # same layers, another name or env
@@ -291,6 +298,14 @@ class OciRuntime(Runtime):
         base = self._dir(session_id)
         if not (base / storage.DISK).is_file():
             raise SandboxError(f"sandbox {session_id} has no storage (was it created?)")
+        await self._launch(session_id, limits, network)
+
+    async def _launch(
+        self, session_id: str, limits: SandboxLimits, network: NetworkPolicy | None
+    ) -> None:
+        """Mount what is not mounted, run the container, wait for its agent and give it
+        its network; stopped again if any of it fails."""
+        base = self._dir(session_id)
         rng = self.id_range(session_id)
         try:
             # Cancelled meanwhile (a shutdown while the pool fills): the mounts are made
@@ -372,8 +387,76 @@ class OciRuntime(Runtime):
     async def resume(self, session_id: str) -> None:
         await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
 
+    async def restore(
+        self,
+        session_id: str,
+        layers: list[str],
+        limits: SandboxLimits,
+        network: NetworkPolicy | None = None,
+    ) -> None:
+        """A running sandbox started again over ``layers``, keeping its disk mounted:
+        its processes killed through its first one (:mod:`.sandbox_kill`), its writes
+        set aside (a rename; removed in the background) and its container run anew
+        while the old one's records go.  Saves a stop's and a start's mounts, the
+        old writes' removal and ``crun delete --force``'s polling wait."""
+        base = self._dir(session_id)
+        if not os.path.ismount(base / "layer"):  # not started: nothing to keep
+            await super().restore(session_id, layers, limits, network)
+            return
+        try:
+            found = await asyncio.to_thread(self._layers_found, layers)
+            await self._end_processes(session_id)
+            _, aside = await asyncio.gather(
+                self.binary.delete(self._container(session_id)),
+                asyncio.to_thread(self._reset_root, base, layers, found),
+            )
+            self._clearing[session_id] = spawn(
+                asyncio.to_thread(shutil.rmtree, aside, True), name="old writes removal"
+            )
+            faults.point("restore.after_set_aside")
+        except BaseException:
+            with contextlib.suppress(SandboxError, OSError):
+                await self.stop(session_id)
+            raise
+        await self._launch(session_id, limits, network)
+
+    async def _end_processes(self, session_id: str) -> None:
+        """Every process of a sandbox killed and gone, its network and job cgroups
+        with them; its container's records and its mounts are left."""
+        cgroup = Cgroup(self._cgroup(session_id))
+        with contextlib.suppress(OSError):  # a frozen process dies of the kill once thawed
+            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
+        await self.network.detach(session_id)
+        try:
+            await asyncio.to_thread(sandbox_kill.kill_sandbox, cgroup)
+        except TimeoutError as exc:
+            raise SandboxError(f"sandbox {session_id}: {exc}") from exc
+        await asyncio.to_thread(job_limits.remove_leftovers, cgroup)
+
+    def _reset_root(self, base: Path, layers: list[str], found: list[SnapshotLayer]) -> Path:
+        """Unmount a killed sandbox's root and run directory, set its writes aside
+        (returned: to remove) and record ``layers`` as what it stands on."""
+        for name in ("rootfs", "run"):
+            host.umount(str(base / name))
+        aside = storage.set_writes_aside(base)
+        image = found[0].image if found else None
+        if image is not None:  # the snapshot's files stand on its own image
+            image.save(base)
+            self._images[base.name] = image
+        storage.record_layers(base, layers)
+        return aside
+
+    async def _cleared(self, session_id: str) -> None:
+        """Wait for the removal of a restore's old writes (before the disk is unmounted
+        or the sandbox renamed)."""
+        task = self._clearing.pop(session_id, None)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
     async def stop(self, session_id: str) -> None:
         # A frozen sandbox is thawed first: its processes then die at once of the kill.
+        await self._cleared(session_id)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
         await self.network.detach(session_id)
@@ -382,10 +465,7 @@ class OciRuntime(Runtime):
         await asyncio.to_thread(storage.unmount, self._dir(session_id))
 
     async def kill_all(self, session_id: str) -> None:
-        with contextlib.suppress(OSError):  # a frozen process dies of the kill once thawed
-            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
-        await self.network.detach(session_id)
-        await self.binary.kill(self._container(session_id))
+        await self._end_processes(session_id)
 
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
@@ -424,8 +504,12 @@ class OciRuntime(Runtime):
             raise SandboxError(f"sandbox {session_id} is running: stop it first")
         await asyncio.to_thread(self._set_layers, base, layers)
 
+    def _layers_found(self, layers: list[str]) -> list[SnapshotLayer]:
+        """The snapshot layers named, each there and whole (SandboxError if not)."""
+        return [self.snapshots.layer(name) for name in layers]
+
     def _set_layers(self, base: Path, layers: list[str]) -> None:
-        found = [self.snapshots.layer(name) for name in layers]  # each there, whole
+        found = self._layers_found(layers)
         image = found[0].image if found else None
         # A sandbox never started has written nothing: its disk need not be opened.
         started = (base / "agent.log").exists()

@@ -44,6 +44,8 @@ MOUNT_POINTS = ("rootfs", "layer", "run")
 LAYERS_FILE = "snapshot-layers"
 #: The disk image: the sandbox's writable layer.
 DISK = "disk.img"
+#: In a mounted disk: a restore's old writes, set aside until removed.
+ASIDE_PREFIX = ".restored-"
 
 
 def make_dir(base: Path, disk_mb: int, image: SandboxImage, id_ranges: IdRangeRegistry) -> None:
@@ -107,6 +109,27 @@ def upper_of(layer: Path) -> Path | None:
     return upper if upper.is_dir() else None
 
 
+def set_writes_aside(base: Path) -> Path:
+    """Move the session's own writes (the overlay's upper and work directories of its
+    mounted disk, its root not mounted) aside, for :func:`remove_set_aside`: a rename,
+    however much was written.  The next :func:`mount_layers` makes them anew, empty."""
+    layer = base / "layer"
+    aside = layer / f"{ASIDE_PREFIX}{os.urandom(6).hex()}"
+    aside.mkdir(mode=0o700)
+    for sub in ("upper", "work"):
+        with contextlib.suppress(FileNotFoundError):  # never written: nothing there
+            os.rename(layer / sub, aside / sub)
+    return aside
+
+
+def remove_set_aside(base: Path) -> None:
+    """Remove every restore's old writes left on the session's mounted disk."""
+    layer = base / "layer"
+    for entry in os.scandir(layer):
+        if entry.name.startswith(ASIDE_PREFIX):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def mount_layers(base: Path, rng: IdRange, lowers: Sequence[tuple[Path, int]]) -> None:
     """Mount the session's disk, its overlay root over ``lowers`` (each a layer
     directory and the host id its files' container id 0 is, top first) and its run
@@ -114,6 +137,7 @@ def mount_layers(base: Path, rng: IdRange, lowers: Sequence[tuple[Path, int]]) -
     layer, rootfs, run = base / "layer", base / "rootfs", base / "run"
     if not os.path.ismount(layer):
         mount_disk(base)
+        remove_set_aside(base)  # what a crash left of a restore
     for sub in ("upper", "work"):
         path = layer / sub
         if not path.is_dir():
