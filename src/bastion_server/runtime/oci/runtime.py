@@ -455,11 +455,13 @@ class OciRuntime(Runtime):
                 await asyncio.shield(task)
 
     async def stop(self, session_id: str) -> None:
-        # A frozen sandbox is thawed first: its processes then die at once of the kill.
         await self._cleared(session_id)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(freezer.thaw, self._cgroup(session_id))
-        await self.network.detach(session_id)
+        try:
+            await self._end_processes(session_id)
+        except SandboxError as exc:  # (a process stuck in the kernel) the runtime's kill
+            log.warning(
+                "sandbox processes not ended", extra={"session_id": session_id, "error": str(exc)}
+            )
         await self.binary.delete(self._container(session_id))
         await asyncio.to_thread(job_limits.remove_leftovers, Cgroup(self._cgroup(session_id)))
         await asyncio.to_thread(storage.unmount, self._dir(session_id))
