@@ -7,9 +7,10 @@
   random bytes written (freeze, copy, thaw, record), each deleted after.
 * ``fork10``: ``sessions.fork(sid, 10)`` of that session, until ten running copies
   are answered (the snapshot and ten create+start), the copies deleted after.
-* ``restore_small``: ``sessions.restore`` of a small running session to its snapshot
-  (stop, new files, start), back to back: from the second on, each waits for the
-  standby the one before started (runtime/warm_pool.py) to be up.
+* ``restore_small``: ``sessions.restore`` of a small running session to its snapshot,
+  back to back: a restore mostly finds the standby the one before started
+  (runtime/warm_pool.py) still starting, and is then the OCI runtime's own restore
+  (processes killed, writes set aside, the container run anew on the kept disk).
 * ``restore_reset_loop``: the RL reset loop: restore to the snapshot, then an episode
   (a job that checks the snapshot's file, writes and runs for ``_EPISODE_S``), again
   and again; only the restore is timed (its standby is up by then).
