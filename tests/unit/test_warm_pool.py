@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion_server.runtime.base import SandboxLimits, SandboxNotRunning
+from bastion_server.runtime.base import SandboxError, SandboxLimits, SandboxNotRunning
 from bastion_server.runtime.fake import FakeRuntime
 from bastion_server.runtime.network import NetworkPolicy
 from bastion_server.runtime.sandbox_image import SandboxImage
@@ -37,7 +37,7 @@ class HandingOver(FakeRuntime):
         self.images[session_id] = image
 
     async def kill_all(self, session_id: str) -> None:
-        self.calls.append(("kill_all", session_id))
+        self._enter("kill_all", session_id)
         await self.stop(session_id)
 
     async def connect(self, session_id: str, network: NetworkPolicy | None) -> None:
@@ -314,5 +314,24 @@ def test_standbys_are_capped(inner: HandingOver) -> None:
         assert len(pool._standbys) == STANDBY_CAP
         await pool.close()
         assert set(inner.sandboxes) == set(sessions)
+
+    asyncio.run(run())
+
+
+def test_a_standby_restore_that_fails_leaves_no_standby_and_the_session_stopped(
+    inner: HandingOver,
+) -> None:
+    async def run() -> None:
+        pool = await _running_with_snapshots(inner, "s10", "snap1")
+        standby = pool._standbys["s10"]
+        assert await standby.ready
+        inner.fail("kill_all", SandboxError("processes stuck"))
+        with pytest.raises(SandboxError, match="processes stuck"):
+            await _restore(pool, "s10", ["snap1"])
+        assert standby.name not in inner.sandboxes  # removed, not leaked
+        assert not inner.sandboxes["s10"].running
+        assert pool._trash == set()
+        await pool.close()
+        assert set(inner.sandboxes) == {"s10"}
 
     asyncio.run(run())

@@ -245,10 +245,10 @@ class WarmPool(Runtime):
             await self._drop_standby(session_id)
             return False
         del self._standbys[session_id]
-        await self.inner.kill_all(session_id)  # the rest of its stop is the trash's delete
         trash = f"{TRASH_PREFIX}{os.urandom(8).hex()}"
         self._trash.add(trash)
         try:
+            await self.inner.kill_all(session_id)  # the rest of its stop: the trash's delete
             # Two crash-safe renames (see the backend's hand_over): a crash leaves
             # trash_* and pool_* sandboxes that no session owns (reaped at the next
             # start) and the session's sandbox either the standby or none at all (a
@@ -361,8 +361,13 @@ class WarmPool(Runtime):
         standby = self._standbys.get(session_id)
         if standby is not None and (standby.layers, standby.limits) != (wanted, limits):
             await self._drop_standby(session_id)  # of other layers: of no use
-        if not await self._take_standby(session_id, wanted, limits, network):
-            await self.inner.restore(session_id, layers, limits, network)
+        try:
+            if not await self._take_standby(session_id, wanted, limits, network):
+                await self.inner.restore(session_id, layers, limits, network)
+        except SandboxError:
+            with contextlib.suppress(SandboxError):  # a restore that fails leaves it stopped
+                await self.inner.stop(session_id)
+            raise
         self._keep_standby(session_id, wanted, limits)
 
     async def delete(self, session_id: str) -> None:
