@@ -297,6 +297,7 @@ def test_a_node_gone_while_the_gateway_was_down_has_its_sessions_lost(
         assert on_w2, "the test before leaves a session on w2"
         doomed = on_w2[0]["session_id"]
         assert bastion.sessions.get(doomed)["status"] == "running"
+        running = bastion.jobs.run(doomed, ["sleep", "600"])["job_id"]
         kept = {
             s["session_id"]: s["status"]
             for s in bastion.sessions.list()["sessions"]
@@ -311,4 +312,6 @@ def test_a_node_gone_while_the_gateway_was_down_has_its_sessions_lost(
         assert lost["status"] == "deleted", lost
         assert lost["status_reason"] is not None and lost["status_reason"].startswith("lost:")
         assert "w2" in lost["status_reason"]
+        job = bastion.jobs.get(doomed, running)  # its end seen by no gateway: the node's
+        assert job["status"] == "failed" and job["failure_reason"] == "node_lost", job
         assert kept and {sid: bastion.sessions.get(sid)["status"] for sid in kept} == kept

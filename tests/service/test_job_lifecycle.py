@@ -173,3 +173,37 @@ def test_restart_recovery_fails_unfinished_jobs_of_a_runtime_that_cannot_keep_th
         return done.status, done.failure_reason
 
     assert run(second) == (JobStatus.FAILED, "server_restarted")
+
+
+def test_a_session_lost_with_its_node_ends_every_job_of_it_node_lost(
+    run: Run, runtime: FakeRuntime
+) -> None:
+    """Its live jobs, and one recorded running by an earlier server that this one has
+    not taken up (a node found gone at a gateway's restart, before jobs are recovered)."""
+    gate = asyncio.Event()
+
+    async def held(p: FakeProcess) -> int:
+        await gate.wait()
+        return 0
+
+    runtime.program("held", held)
+
+    async def body(s: Services) -> list[tuple[str, str | None]]:
+        sid = await _running_session(s)
+        live = await s.jobs.run(OWNER, sid, ["held"])
+        earlier = JobRecord(
+            id="job_of_an_earlier_server",
+            session_id=sid,
+            status=JobStatus.QUEUED,
+            command=["held"],
+            spec={},
+            created_at=live.created_at,
+        )
+        s.store.insert_job(earlier)
+        earlier.status, earlier.started_at = JobStatus.RUNNING, live.created_at
+        assert s.store.update_job(earlier)
+        await s.sessions.sandbox_lost(sid, "its node left the cluster")
+        ended = [s.store.get_job(job_id) for job_id in (live.id, earlier.id)]
+        return [(job.status, job.failure_reason) for job in ended if job is not None]
+
+    assert run(body) == [(JobStatus.FAILED, "node_lost")] * 2

@@ -568,7 +568,13 @@ class JobService:
         return f"{newline}bastion: {record.error_message}\n"
 
     async def stop_session_jobs(self, session_id: str, reason: str) -> None:
-        """Kill every running job of a session and wait until each is recorded."""
+        """Kill every running job of a session and wait until each is recorded.  A job
+        recorded unfinished that this server does not run (an earlier server's, not
+        taken up yet: a session lost with its node while the gateway was down) is
+        recorded ended for the same ``reason``."""
+        for record in self.store.list_unfinished_jobs(session_id):
+            if record.id not in self._live:
+                self._finish(record, exit_code=None, reason=reason)
         victims = [j for j in self._live.values() if j.record.session_id == session_id]
         for live in victims:
             live.stop_reason = reason

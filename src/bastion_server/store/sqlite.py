@@ -803,6 +803,14 @@ class Store:
         ).fetchall()
         return [self._job(r) for r in rows]
 
+    def list_unfinished_jobs(self, session_id: str) -> list[JobRecord]:
+        """The session's jobs recorded queued or running."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE session_id = ? AND status IN ('queued', 'running')",
+            (session_id,),
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
     # -- images ---------------------------------------------------------------------
 
     @staticmethod
