@@ -129,6 +129,28 @@ def test_a_restore_ends_every_process_and_frees_the_old_writes(
     assert _sh(client, sid, "ls ~; echo ok") == "ok\n"
 
 
+def test_restores_of_a_paused_session_between_two_snapshots(
+    client: Bastion, sid: str, cleanup: list[str]
+) -> None:
+    """In place, the layers change from one restore to the next (A, B, A): each gives
+    exactly its snapshot's files; a paused session with a job running is thawed, the
+    job ended, and the session runs again."""
+    _sh(client, sid, "echo a > ~/state")
+    a = client.sessions.snapshot(sid)["snapshot_id"]
+    _sh(client, sid, "echo b > ~/state; echo only-b > ~/b")
+    b = client.sessions.snapshot(sid)["snapshot_id"]
+    job = client.jobs.run(sid, ["sleep", "600"])
+    client.sessions.pause(sid)
+    assert client.sessions.restore(sid, a)["status"] == "running"
+    ended = client.jobs.get(sid, job["job_id"])
+    assert ended["status"] == "failed" and ended["failure_reason"] == "session_stopped"
+    for snap, files in ((a, "a\nstate\n"), (b, "b\nb\nstate\n"), (a, "a\nstate\n")):
+        _sh(client, sid, "echo later > ~/state; echo junk > ~/junk")
+        restored = client.sessions.restore(sid, snap)
+        assert restored["status"] == "running" and restored["snapshot"] == snap
+        assert _sh(client, sid, "cat ~/state; ls ~") == files
+
+
 def test_snapshot_of_stopped_and_paused_sessions(
     client: Bastion, sid: str, cleanup: list[str]
 ) -> None:
