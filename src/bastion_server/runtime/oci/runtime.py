@@ -439,12 +439,16 @@ class OciRuntime(Runtime):
         for name in ("rootfs", "run"):
             host.umount(str(base / name))
         aside = storage.set_writes_aside(base)
+        self._record_layers(base, layers, found)
+        return aside
+
+    def _record_layers(self, base: Path, layers: list[str], found: list[SnapshotLayer]) -> None:
+        """Record ``layers`` as what the sandbox's files stand on, and their image."""
         image = found[0].image if found else None
         if image is not None:  # the snapshot's files stand on its own image
             image.save(base)
             self._images[base.name] = image
         storage.record_layers(base, layers)
-        return aside
 
     async def _cleared(self, session_id: str) -> None:
         """Wait for the removal of a restore's old writes (before the disk is unmounted
@@ -512,17 +516,13 @@ class OciRuntime(Runtime):
 
     def _set_layers(self, base: Path, layers: list[str]) -> None:
         found = self._layers_found(layers)
-        image = found[0].image if found else None
         # A sandbox never started has written nothing: its disk need not be opened.
         started = (base / "agent.log").exists()
         with storage.disk_mounted(base, needed=started) as layer:
             # The session's own writes go: its files are the snapshot's alone.
             for sub in ("upper", "work") if started else ():
                 shutil.rmtree(layer / sub, ignore_errors=True)
-            if image is not None:  # the snapshot's files stand on its own image
-                image.save(base)
-                self._images[base.name] = image
-            storage.record_layers(base, layers)
+            self._record_layers(base, layers, found)
 
     async def capture(self, session_id: str, snapshot_id: str) -> int:
         base = self._dir(session_id)
