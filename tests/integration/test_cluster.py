@@ -288,7 +288,7 @@ def test_a_killed_node_has_its_sessions_reported_lost(
 
 
 def test_a_node_gone_while_the_gateway_was_down_has_its_sessions_lost(
-    cluster: LocalRayCluster, gateway: ServerProcess
+    cluster: LocalRayCluster, gateway: ServerProcess, data_root: Path
 ) -> None:
     # The store's node column is where the next gateway finds each session: one on a
     # node that died while no gateway ran is lost (as above), not taken for stopped.
@@ -315,3 +315,11 @@ def test_a_node_gone_while_the_gateway_was_down_has_its_sessions_lost(
         job = bastion.jobs.get(doomed, running)  # its end seen by no gateway: the node's
         assert job["status"] == "failed" and job["failure_reason"] == "node_lost", job
         assert kept and {sid: bastion.sessions.get(sid)["status"] for sid in kept} == kept
+        # The node comes back: the lost session's sandbox, still running on this one
+        # machine (a real node's died with it), is removed.
+        cluster.add("w2")
+        leftover = data_root / "gw" / "nodes" / "w2" / "sessions" / doomed
+        deadline = time.monotonic() + 60
+        while leftover.exists():
+            assert time.monotonic() < deadline, "the lost session's sandbox was left on w2"
+            time.sleep(0.5)
