@@ -335,3 +335,28 @@ def test_a_standby_restore_that_fails_leaves_no_standby_and_the_session_stopped(
         assert set(inner.sandboxes) == {"s10"}
 
     asyncio.run(run())
+
+
+def test_a_claim_in_flight_at_close_starts_no_new_sandbox(inner: HandingOver) -> None:
+    """A create that takes a pooled sandbox while the server shuts down: its refill
+    would make a sandbox after close removed the pool's, left running for nobody."""
+    gate = asyncio.Event()
+    hand_over = inner.hand_over
+
+    async def slow_hand_over(sandbox_id: str, session_id: str, image: SandboxImage) -> None:
+        await gate.wait()  # the rename still under way when close comes
+        await hand_over(sandbox_id, session_id, image)
+
+    async def run() -> None:
+        pool = await _filled(WarmPool(inner, IMAGE, LIMITS, 1))
+        inner.hand_over = slow_hand_over  # type: ignore[method-assign]
+        claim = asyncio.create_task(pool.create("late", LIMITS))
+        await asyncio.sleep(0.01)
+        await pool.close()
+        gate.set()
+        await claim  # ends with the claim's refill
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # a filler, had one been started, would fill now
+        assert _pooled(inner) == set()
+
+    asyncio.run(run())

@@ -114,6 +114,8 @@ class WarmPool(Runtime):
         self._standbys: dict[str, _Standby] = {}
         #: Old sandboxes being removed in the background.
         self._trash: set[str] = set()
+        #: Closed (or closing): no pool is filled and no standby prepared any more.
+        self._closing = False
 
     def __getattr__(self, name: str) -> Any:
         """What the backend offers beyond the contract (an OCI runtime's ``with_upper``,
@@ -142,6 +144,8 @@ class WarmPool(Runtime):
         return pools | self._preparing | standbys | self._trash
 
     def _refill(self) -> None:
+        if self._closing:  # (a claim in flight at shutdown) nothing new after close
+            return
         if any(self._sizes.values()) and (self._filler is None or self._filler.done()):
             self._filler = spawn(self._fill(), name="sandbox pool")
 
@@ -186,7 +190,7 @@ class WarmPool(Runtime):
     ) -> None:
         """Start preparing the session's standby of ``layers`` (if under the cap, and
         it has none: one of these layers is still being prepared)."""
-        if session_id in self._standbys or len(self._standbys) >= STANDBY_CAP:
+        if self._closing or session_id in self._standbys or len(self._standbys) >= STANDBY_CAP:
             return
         name = f"{POOL_PREFIX}{os.urandom(8).hex()}"
         image = self.inner.image_of(session_id)
@@ -292,7 +296,8 @@ class WarmPool(Runtime):
 
     async def close(self) -> None:
         """Remove the pools' sandboxes (they belong to no session), then close the
-        backend."""
+        backend.  From here on nothing is prepared ahead any more."""
+        self._closing = True
         if self._filler is not None:
             self._filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
